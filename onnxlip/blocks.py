@@ -1,0 +1,207 @@
+"""The chain of blocks: affine(-ReLU), max-pooling and lone ReLU blocks.
+
+`build_blocks` groups the layers of consecutive nodes: affine layers compose
+into one map (where the composition keeps row norms exact and cheap), a ReLU
+closes an affine-ReLU block, and a MaxPool is a block of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from .layers import Affine, Layer, MaxPool, Relu, Reshape
+from .operators.base import LinearMap
+from .operators.chain import apply_bias, chain
+from .operators.matrix import SparseMap, sparse_bytes
+from .operators.ort import NodeSession
+
+
+@dataclass
+class Block:
+    """Common part of every block: its name, the ONNX nodes folded into it, its shapes."""
+
+    name: str
+    ops: list[str]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @property
+    def kind(self) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return "-"
+
+
+@dataclass
+class AffineBlock(Block):
+    """z = A y + b, followed by a ReLU when `relu` is set."""
+
+    map: LinearMap = None
+    bias: np.ndarray = None
+    relu: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "affine-relu" if self.relu else "affine"
+
+    def describe(self) -> str:
+        return self.map.describe()
+
+    def pre_activation(self, x: np.ndarray) -> np.ndarray:
+        return self.map.matvec(x) + self.bias
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        pre = self.pre_activation(x)
+        return np.maximum(pre, 0.0) if self.relu else pre
+
+
+@dataclass
+class MaxPoolBlock(Block):
+    """Max-pooling: Lipschitz constant sqrt(most windows sharing one input)."""
+
+    layer: MaxPool = None
+
+    kind = "maxpool"
+
+    @cached_property
+    def _session(self) -> NodeSession:
+        p = self.layer
+        return NodeSession("MaxPool", {}, len(p.in_shape), kernel_shape=list(p.kernel),
+                           strides=list(p.strides), pads=list(p.pads),
+                           dilations=list(p.dilations), ceil_mode=p.ceil_mode,
+                           dtype=np.float64)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self._session(x.reshape(self.in_shape)).ravel()
+
+    def pool_mask(self, d: np.ndarray) -> np.ndarray:
+        """Outputs that can change: those with any changeable input in their window."""
+        return (self._session(d.reshape(self.in_shape)).ravel() > 0).astype(float)
+
+    @cached_property
+    def lipschitz(self) -> float:
+        """sqrt of the largest number of windows that contain one input element."""
+        p = self.layer
+        most = 1
+        for axis, size in enumerate(p.in_shape[2:]):
+            count = np.zeros(size + p.pads[axis] + p.pads[len(p.kernel) + axis] + p.kernel[axis]
+                             * p.dilations[axis], dtype=np.int64)
+            for o in range(p.out_shape[2 + axis]):
+                start = o * p.strides[axis]
+                count[start:start + p.kernel[axis] * p.dilations[axis]:p.dilations[axis]] += 1
+            most *= int(count.max())
+        return math.sqrt(most)
+
+
+@dataclass
+class ReluBlock(Block):
+    """A ReLU that follows a non-affine block (e.g. MaxPool then Relu): 1-Lipschitz."""
+
+    kind = "relu"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return np.maximum(x, 0.0)
+
+
+@dataclass
+class BlockOptions:
+    """How affine maps are held: 'auto' keeps each map's natural form (dense for
+    Gemm, matrix-free onnxruntime kernels for convolutions); 'sparse' builds the
+    exact CSR matrix wherever it fits in `memory_budget` bytes; 'matrix-free'
+    never builds matrices beyond the dense weights the model already has."""
+
+    operators: str = "auto"
+    memory_budget: float = 1e9
+
+
+@dataclass
+class _Pending:
+    """Affine layers waiting for the ReLU (or the block boundary) that closes them."""
+
+    maps: list = field(default_factory=list)
+    biases: list = field(default_factory=list)
+    ops: list = field(default_factory=list)
+    names: list = field(default_factory=list)
+
+
+def build_blocks(
+    lowered: list[tuple[str, str, list[Layer]]], input_shape, options: BlockOptions
+) -> list[Block]:
+    """Group (node name, op type, layers) triples into the chain of blocks."""
+    blocks: list[Block] = []
+    pending = _Pending()
+    shape = tuple(input_shape)
+    for node_name, op, layers in lowered:
+        for layer in layers:
+            shape = _add_layer(blocks, pending, layer, node_name, op, shape, options)
+    if pending.maps:
+        blocks.append(_close(pending, relu=False, shape=shape, options=options))
+    elif pending.ops and blocks:
+        blocks[-1].ops.extend(pending.ops)
+        blocks[-1].out_shape = shape
+    return blocks
+
+
+def _add_layer(blocks, pending, layer, node_name, op, shape, options):
+    label = f"{op}"
+    if isinstance(layer, Reshape):
+        pending.ops.append(label)
+        return layer.shape
+    if isinstance(layer, Affine):
+        if not layer.map.monomial and any(not m.monomial for m in pending.maps):
+            blocks.append(_close(pending, relu=False, shape=shape, options=options))
+        pending.maps.append(layer.map)
+        pending.biases.append(layer.bias)
+        pending.ops.append(label)
+        pending.names.append((node_name, layer.map.monomial))
+        return layer.map.out_shape
+    if isinstance(layer, Relu):
+        if pending.maps:
+            pending.ops.append(label)
+            blocks.append(_close(pending, relu=True, shape=shape, options=options))
+        elif blocks and isinstance(blocks[-1], AffineBlock) and blocks[-1].relu and not pending.ops:
+            blocks[-1].ops.append(label)
+        else:
+            blocks.append(ReluBlock(node_name, _take_ops(pending) + [label], shape, shape))
+        return shape
+    if isinstance(layer, MaxPool):
+        if pending.maps:
+            blocks.append(_close(pending, relu=False, shape=shape, options=options))
+        blocks.append(MaxPoolBlock(node_name, _take_ops(pending) + [label], layer.in_shape,
+                                   layer.out_shape, layer=layer))
+        return layer.out_shape
+    raise TypeError(f"unknown layer {layer!r}")
+
+
+def _take_ops(pending: _Pending) -> list[str]:
+    ops = list(pending.ops)
+    pending.ops.clear()
+    return ops
+
+
+def _close(pending: _Pending, relu: bool, shape, options: BlockOptions) -> AffineBlock:
+    maps, biases = list(pending.maps), list(pending.biases)
+    heavy = [n for n, mono in pending.names if not mono]
+    name = heavy[0] if heavy else pending.names[0][0]
+    linear = _represent(chain(maps), options)
+    bias = apply_bias(maps, biases)
+    block = AffineBlock(name, _take_ops(pending), maps[0].in_shape, shape,
+                        map=linear, bias=bias, relu=relu)
+    pending.maps.clear()
+    pending.biases.clear()
+    pending.names.clear()
+    return block
+
+
+def _represent(linear: LinearMap, options: BlockOptions) -> LinearMap:
+    """Build the CSR form where asked for and within the memory budget."""
+    if options.operators != "sparse" or isinstance(linear, SparseMap):
+        return linear
+    if sparse_bytes(linear.sparse_nnz_estimate(), linear.out_size) > options.memory_budget:
+        return linear
+    return SparseMap(linear.to_sparse(), linear.in_shape, linear.out_shape)

@@ -1,0 +1,169 @@
+"""Local and global Lipschitz bounds of a chain of blocks (METHOD.md).
+
+Local: for each affine-ReLU block, the reachable pre-activation
+ȳ = y0 + ε_k·||a_iᵀ D||, the ReLU chord slopes r, and L_k = ||R A D||; ε is
+carried as ε_{k+1} = L_k ε_k and D (the inputs that can change) is tracked
+through ReLU, max-pooling and reshapes. Global: the product of ||A_k||.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .blocks import AffineBlock, Block, MaxPoolBlock
+from .spectral import SpectralNorm, spectral_norm
+
+
+@dataclass
+class LayerRecord:
+    """What one block contributed to a bound."""
+
+    index: int
+    name: str
+    kind: str
+    ops: list[str]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    representation: str
+    bound: float
+    eps_in: float | None = None
+    active: int | None = None
+    inactive: int | None = None
+    uncertain: int | None = None
+    iterations: int = 0
+    residual: float = 0.0
+    converged: bool = True
+    seconds: float = 0.0
+
+
+@dataclass
+class BoundResult:
+    """A Lipschitz bound with its per-block record."""
+
+    bound: float
+    layers: list[LayerRecord]
+    seconds: float
+    eps: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Trace:
+    """The nominal forward pass: each block's input and pre-activation."""
+
+    inputs: list[np.ndarray]
+    pre: list[np.ndarray | None]
+    output: np.ndarray
+
+
+def trace(blocks: list[Block], x: np.ndarray) -> Trace:
+    inputs, pre = [], []
+    for block in blocks:
+        inputs.append(x)
+        if isinstance(block, AffineBlock):
+            y = block.pre_activation(x)
+            pre.append(y)
+            x = np.maximum(y, 0.0) if block.relu else y
+        else:
+            pre.append(None)
+            x = block.forward(x)
+    return Trace(inputs, pre, x)
+
+
+def chord_slopes(y0: np.ndarray, ybar: np.ndarray) -> np.ndarray:
+    """Slope of the ReLU chord between y0 and ȳ ≥ y0 (0 where they coincide below 0)."""
+    r = np.zeros_like(y0)
+    r[y0 >= 0] = 1.0
+    mixed = (y0 < 0) & (ybar > 0)
+    r[mixed] = ybar[mixed] / (ybar[mixed] - y0[mixed])
+    return r
+
+
+def masked_norm(block: AffineBlock, rows: np.ndarray, cols: np.ndarray, tol: float,
+                seed: int = 0) -> SpectralNorm:
+    """||diag(rows) A diag(cols)|| by Lanczos, matrix-free."""
+    if not rows.any() or not cols.any():
+        return SpectralNorm(0.0, 0, 0.0, True)
+    linear = block.map
+    return spectral_norm(
+        lambda x: rows * linear.matvec(cols * x),
+        lambda u: cols * linear.rmatvec(rows * u),
+        linear.in_size, linear.out_size, tol=tol, seed=seed,
+    )
+
+
+def local_bound(blocks: list[Block], nominal: Trace, eps: float, tol: float) -> BoundResult:
+    """Upper bound of the local Lipschitz constant in the L2 ball of radius eps."""
+    start = time.perf_counter()
+    mask = np.ones(nominal.inputs[0].size)
+    eps_k, total, records = eps, 1.0, []
+    for k, block in enumerate(blocks):
+        tic = time.perf_counter()
+        record = _record(k, block)
+        record.eps_in = eps_k
+        if isinstance(block, AffineBlock):
+            mask = _affine_local(block, nominal.pre[k], mask, eps_k, tol, record)
+        elif isinstance(block, MaxPoolBlock):
+            record.bound = block.lipschitz
+            mask = block.pool_mask(mask)
+        else:
+            record.bound = 1.0
+        record.seconds = time.perf_counter() - tic
+        records.append(record)
+        total *= record.bound
+        eps_k *= record.bound
+    return BoundResult(total, records, time.perf_counter() - start, eps)
+
+
+def _affine_local(block: AffineBlock, y0, mask, eps_k, tol, record: LayerRecord) -> np.ndarray:
+    """Fill the record with L_k = ||R A D||; return the next block's mask."""
+    reach = np.sqrt(np.maximum(block.map.sq_matvec(mask), 0.0))
+    if block.relu:
+        ybar = y0 + eps_k * reach
+        rows = chord_slopes(y0, ybar)
+        record.active = int(np.count_nonzero(y0 >= 0))
+        record.inactive = int(np.count_nonzero(ybar <= 0))
+        record.uncertain = y0.size - record.active - record.inactive
+        next_mask = (ybar > 0).astype(float)
+    else:
+        rows = np.ones_like(y0)
+        next_mask = (reach > 0).astype(float)
+    _fill(record, masked_norm(block, rows, mask, tol))
+    return next_mask
+
+
+def global_bound(blocks: list[Block], tol: float) -> BoundResult:
+    """Product of the blocks' global Lipschitz constants (spectral norms)."""
+    start = time.perf_counter()
+    total, records = 1.0, []
+    for k, block in enumerate(blocks):
+        tic = time.perf_counter()
+        record = _record(k, block)
+        if isinstance(block, AffineBlock):
+            ones_out, ones_in = np.ones(block.map.out_size), np.ones(block.map.in_size)
+            _fill(record, masked_norm(block, ones_out, ones_in, tol))
+        elif isinstance(block, MaxPoolBlock):
+            record.bound = block.lipschitz
+        else:
+            record.bound = 1.0
+        record.seconds = time.perf_counter() - tic
+        records.append(record)
+        total *= record.bound
+    return BoundResult(total, records, time.perf_counter() - start)
+
+
+def _record(index: int, block: Block) -> LayerRecord:
+    return LayerRecord(index, block.name, block.kind, list(block.ops), tuple(block.in_shape),
+                       tuple(block.out_shape), block.describe(), 1.0)
+
+
+def _fill(record: LayerRecord, norm: SpectralNorm) -> None:
+    record.bound = norm.value
+    record.iterations = norm.iterations
+    record.residual = norm.residual
+    record.converged = norm.converged

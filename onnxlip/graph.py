@@ -1,0 +1,287 @@
+"""Load an ONNX model and reduce it to a chain of compute nodes.
+
+Loading runs the ONNX checker and shape inference; the graph is held as a
+networkx DiGraph; constant subgraphs (initializers, Constant nodes and the
+Shape -> Gather -> Concat -> Reshape chains exporters emit) are folded with
+onnx's reference evaluator; no-op nodes are dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+from onnx.reference import ReferenceEvaluator
+
+from .errors import OnnxlipError
+
+NO_OPS = {"Identity", "Dropout"}
+
+
+@dataclass
+class ChainGraph:
+    """The model reduced to a chain: nodes in order from input to output."""
+
+    path: str
+    model: onnx.ModelProto
+    input_name: str
+    input_shape: tuple[int, ...]
+    output_name: str
+    nodes: list[onnx.NodeProto]
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+    opset: int = 0
+
+
+def load_chain(
+    path: str | os.PathLike,
+    input_shape: tuple[int, ...] | None = None,
+    input_name: str | None = None,
+    output_name: str | None = None,
+) -> ChainGraph:
+    """Load, check and fold the model at `path` into a ChainGraph."""
+    model = read_model(path)
+    name = _choose(_graph_inputs(model), input_name, "input", path)
+    out = _choose([o.name for o in model.graph.output], output_name, "output", path)
+    shape = _static_input_shape(model, name, input_shape, path)
+    _fix_input_shape(model, name, shape)
+    model = _infer_shapes(model, path)
+    graph = _build_digraph(model)
+    constants = _fold_constants(model, graph, path)
+    nodes = _chain_nodes(model, graph, constants, name, out, path)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return ChainGraph(str(path), model, name, shape, out, nodes, constants, opset)
+
+
+def read_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read the protobuf and its external data safely, and run the checker."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxlipError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise OnnxlipError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+    if not model.graph.node:
+        raise OnnxlipError(f"{path}: not an ONNX model (the graph has no nodes)")
+    _load_external_data(model, path)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise OnnxlipError(f"{path}: fails the ONNX checker: {_first_line(exc)}") from None
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Load external tensors, refusing locations outside the model's folder."""
+    base = path.resolve().parent
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or base not in target.parents:
+            raise OnnxlipError(
+                f"{path}: tensor {tensor.name!r} points outside the model's folder "
+                f"({location!r}); refused"
+            )
+        if not target.is_file():
+            raise OnnxlipError(
+                f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing"
+            )
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(base))
+    except Exception as exc:
+        raise OnnxlipError(f"{path}: cannot read external data ({_first_line(exc)})") from None
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[str]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def _choose(names: list[str], wanted: str | None, what: str, path) -> str:
+    if wanted is not None:
+        if wanted not in names:
+            raise OnnxlipError(f"{path}: no graph {what} named {wanted!r} (it has {names})")
+        return wanted
+    if len(names) != 1:
+        raise OnnxlipError(
+            f"{path}: the model has {len(names)} {what}s {names}; choose one with --{what}-name"
+        )
+    return names[0]
+
+
+def _static_input_shape(model, name: str, override, path) -> tuple[int, ...]:
+    """The input's shape with a batch of 1; symbolic dims need `override`."""
+    value = next(i for i in model.graph.input if i.name == name)
+    dims = value.type.tensor_type.shape.dim
+    if override is not None:
+        shape = tuple(int(d) for d in override)
+        if any(d <= 0 for d in shape):
+            raise OnnxlipError(f"--input-shape {shape}: every dimension must be positive")
+        if len(dims) and len(shape) != len(dims):
+            raise OnnxlipError(
+                f"{path}: --input-shape {shape} has rank {len(shape)}, input {name!r} has rank {len(dims)}"
+            )
+        for i, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value != shape[i]:
+                raise OnnxlipError(
+                    f"{path}: --input-shape {shape} disagrees with input {name!r} in dim {i} "
+                    f"({d.dim_value})"
+                )
+        if shape[0] != 1:
+            raise OnnxlipError(f"--input-shape {shape}: the batch dimension must be 1")
+        return shape
+    shape = []
+    for i, d in enumerate(dims):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            shape.append(d.dim_value)
+        elif i == 0:
+            shape.append(1)
+        else:
+            raise OnnxlipError(
+                f"{path}: input {name!r} has symbolic dimension {i} ({d.dim_param or '?'}); "
+                "give the shape with --input-shape"
+            )
+    if not shape:
+        raise OnnxlipError(f"{path}: input {name!r} has no declared shape; use --input-shape")
+    if shape[0] != 1:
+        raise OnnxlipError(f"{path}: input {name!r} has batch {shape[0]}; only batch 1 is bounded")
+    return tuple(shape)
+
+
+def _fix_input_shape(model: onnx.ModelProto, name: str, shape: tuple[int, ...]) -> None:
+    value = next(i for i in model.graph.input if i.name == name)
+    tshape = value.type.tensor_type.shape
+    del tshape.dim[:]
+    for d in shape:
+        tshape.dim.add().dim_value = d
+
+
+def _infer_shapes(model: onnx.ModelProto, path) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        raise OnnxlipError(f"{path}: shape inference failed: {_first_line(exc)}") from None
+
+
+def _build_digraph(model: onnx.ModelProto) -> nx.DiGraph:
+    """Nodes are ONNX nodes (by index); edges are the tensors between them."""
+    graph = nx.DiGraph()
+    producer: dict[str, int] = {}
+    for i, node in enumerate(model.graph.node):
+        graph.add_node(i, node=node)
+        for out in node.output:
+            producer[out] = i
+    for i, node in enumerate(model.graph.node):
+        for name in node.input:
+            if name in producer:
+                graph.add_edge(producer[name], i, tensor=name)
+    return graph
+
+
+def _fold_constants(model: onnx.ModelProto, graph: nx.DiGraph, path) -> dict[str, np.ndarray]:
+    """Evaluate every node whose inputs are all known before the data arrives."""
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    shapes = _known_shapes(model)
+    for i in nx.topological_sort(graph):
+        node = graph.nodes[i]["node"]
+        if node.op_type == "Shape" and node.input[0] not in consts and node.input[0] in shapes:
+            consts[node.output[0]] = _shape_of(node, shapes[node.input[0]])
+        elif node.op_type == "Constant" or (
+            node.input and all(n == "" or n in consts for n in node.input)
+        ):
+            consts.update(_evaluate(node, consts, model, path))
+    return consts
+
+
+def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims) and v.type.tensor_type.HasField("shape"):
+            shapes[v.name] = tuple(d.dim_value for d in dims)
+    return shapes
+
+
+def _shape_of(node: onnx.NodeProto, shape: tuple[int, ...]) -> np.ndarray:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    start, end = attrs.get("start", 0), attrs.get("end", len(shape))
+    return np.array(shape[start:end], dtype=np.int64)
+
+
+def _evaluate(node: onnx.NodeProto, consts: dict, model: onnx.ModelProto, path) -> dict:
+    """Run one constant node through onnx's reference evaluator."""
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    inputs = [onnx.helper.make_tensor_value_info(n, 1, None) for n in node.input if n]
+    outputs = [onnx.helper.make_tensor_value_info(n, 1, None) for n in node.output if n]
+    graph = onnx.helper.make_graph([node], "fold", inputs, outputs)
+    sub = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()]
+    )
+    feeds = {n: consts[n] for n in node.input if n}
+    try:
+        values = ReferenceEvaluator(sub).run(None, feeds)
+    except Exception as exc:
+        raise OnnxlipError(
+            f"{path}: cannot fold constant node {node.name!r} ({node.op_type}): {_first_line(exc)}"
+        ) from None
+    return {n: np.asarray(v) for n, v in zip([o for o in node.output if o], values)}
+
+
+def _chain_nodes(model, graph, consts, input_name, output_name, path) -> list[onnx.NodeProto]:
+    """Follow the data from the input to the output; it must not branch."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for i in graph.nodes:
+        node = graph.nodes[i]["node"]
+        if all(o in consts for o in node.output if o):
+            continue
+        for name in node.input:
+            if name and name not in consts:
+                consumers.setdefault(name, []).append(node)
+    chain, tensor = [], input_name
+    while tensor != output_name:
+        users = consumers.get(tensor, [])
+        if not users:
+            raise OnnxlipError(f"{path}: tensor {tensor!r} is not connected to output {output_name!r}")
+        if len(users) > 1 or (tensor != input_name and _is_output(model, tensor)):
+            names = ", ".join(f"{u.name!r} ({u.op_type})" for u in users)
+            raise OnnxlipError(
+                f"{path}: tensor {tensor!r} feeds {names}: only chain graphs are supported "
+                "(no branches or residual connections)"
+            )
+        node = users[0]
+        data_inputs = [n for n in node.input if n and n not in consts]
+        if len(data_inputs) > 1:
+            raise OnnxlipError(
+                f"{path}: node {node.name!r} ({node.op_type}) combines {len(data_inputs)} "
+                "data tensors: only chain graphs are supported (no residual connections)"
+            )
+        if not _is_no_op(node, model):
+            chain.append(node)
+        tensor = node.output[0]
+    return chain
+
+
+def _is_output(model, tensor: str) -> bool:
+    return any(o.name == tensor for o in model.graph.output)
+
+
+def _is_no_op(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
+    if node.op_type in NO_OPS:
+        return len([o for o in node.output if o]) == 1 or node.op_type == "Dropout"
+    if node.op_type == "Cast":
+        to = next(a.i for a in node.attribute if a.name == "to")
+        return to in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,47 @@
+"""The pieces a lowering turns an ONNX node into, before blocks are formed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .operators.base import LinearMap
+
+
+@dataclass
+class Affine:
+    """x -> map(x) + bias."""
+
+    map: LinearMap
+    bias: np.ndarray
+
+
+@dataclass
+class Relu:
+    """Elementwise max(x, 0)."""
+
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Reshape:
+    """A change of shape that keeps the C-order flat vector as it is."""
+
+    shape: tuple[int, ...]
+
+
+@dataclass
+class MaxPool:
+    """N-d max-pooling with explicit pads (begin..., end...)."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilations: tuple[int, ...]
+    ceil_mode: int
+
+
+Layer = Affine | Relu | Reshape | MaxPool

@@ -1,0 +1,76 @@
+"""Shape ops: Flatten, Reshape, Squeeze, Unsqueeze (free) and Transpose (a permutation)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..layers import Affine, Reshape
+from ..operators.monomial import MonomialMap
+from .registry import NodeContext, lowering
+
+
+@lowering("Flatten")
+def lower_flatten(ctx: NodeContext) -> list[Reshape]:
+    axis = ctx.attr("axis", 1)
+    axis = axis + len(ctx.in_shape) if axis < 0 else axis
+    if not 0 <= axis <= len(ctx.in_shape):
+        raise ctx.fail(f"axis {ctx.attr('axis')} is out of range for shape {ctx.in_shape}")
+    return [Reshape((math.prod(ctx.in_shape[:axis]), math.prod(ctx.in_shape[axis:])))]
+
+
+@lowering("Reshape")
+def lower_reshape(ctx: NodeContext) -> list[Reshape]:
+    target = [int(v) for v in ctx.require_const(1, "shape").ravel()]
+    if not ctx.attr("allowzero", 0):
+        target = [ctx.in_shape[i] if v == 0 and i < len(ctx.in_shape) else v for i, v in enumerate(target)]
+    try:
+        shape = np.empty(ctx.in_shape, dtype=np.bool_).reshape(target).shape
+    except ValueError:
+        raise ctx.fail(f"cannot reshape {ctx.in_shape} to {target}") from None
+    return [Reshape(shape)]
+
+
+def _axes(ctx: NodeContext) -> list[int] | None:
+    axes = ctx.attr("axes")
+    if axes is None and ctx.const(1) is not None:
+        axes = ctx.const(1).ravel().tolist()
+    return axes
+
+
+@lowering("Squeeze")
+def lower_squeeze(ctx: NodeContext) -> list[Reshape]:
+    axes = _axes(ctx)
+    rank = len(ctx.in_shape)
+    if axes is None:
+        axes = [i for i, d in enumerate(ctx.in_shape) if d == 1 and i > 0]
+    axes = {a % rank for a in axes}
+    if any(ctx.in_shape[a] != 1 for a in axes):
+        raise ctx.fail(f"cannot squeeze axes {sorted(axes)} of shape {ctx.in_shape}")
+    return [Reshape(tuple(d for i, d in enumerate(ctx.in_shape) if i not in axes))]
+
+
+@lowering("Unsqueeze")
+def lower_unsqueeze(ctx: NodeContext) -> list[Reshape]:
+    axes = _axes(ctx)
+    if axes is None:
+        raise ctx.fail("no axes given")
+    rank = len(ctx.in_shape) + len(axes)
+    axes = sorted(a % rank for a in axes)
+    shape = list(ctx.in_shape)
+    for a in axes:
+        shape.insert(a, 1)
+    return [Reshape(tuple(shape))]
+
+
+@lowering("Transpose")
+def lower_transpose(ctx: NodeContext) -> list[Affine]:
+    rank = len(ctx.in_shape)
+    perm = list(ctx.attr("perm", list(range(rank))[::-1]))
+    if sorted(perm) != list(range(rank)):
+        raise ctx.fail(f"perm {perm} is not a permutation of the {rank} axes")
+    source = np.arange(math.prod(ctx.in_shape)).reshape(ctx.in_shape).transpose(perm)
+    out_shape = source.shape
+    permutation = MonomialMap(source.ravel(), None, ctx.in_shape, out_shape)
+    return [Affine(permutation, np.zeros(permutation.out_size))]

@@ -1,0 +1,45 @@
+"""Attribute handling shared by convolution and pooling lowerings."""
+
+from __future__ import annotations
+
+import math
+
+from .registry import NodeContext
+
+
+def window_attrs(ctx: NodeContext, kernel: tuple[int, ...]) -> tuple[tuple, tuple, tuple]:
+    """(strides, pads, dilations) with auto_pad resolved to explicit pads."""
+    rank = len(kernel)
+    strides = tuple(ctx.attr("strides", [1] * rank))
+    dilations = tuple(ctx.attr("dilations", [1] * rank))
+    pads = tuple(ctx.attr("pads", [0] * 2 * rank))
+    if len(strides) != rank or len(dilations) != rank or len(pads) != 2 * rank:
+        raise ctx.fail(f"strides/pads/dilations do not match kernel rank {rank}")
+    if min(strides) <= 0 or min(dilations) <= 0 or min(kernel) <= 0:
+        raise ctx.fail(f"kernel {kernel}, strides {strides} and dilations {dilations} must be positive")
+    if min(pads) < 0:
+        raise ctx.fail(f"negative pads {pads} are not supported")
+    auto = ctx.attr("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = _same_pads(ctx.in_shape[2:], kernel, strides, dilations, auto == "SAME_UPPER")
+    elif auto == "VALID":
+        pads = (0,) * 2 * rank
+    elif auto != "NOTSET":
+        raise ctx.fail(f"auto_pad {auto!r} is not supported")
+    return strides, pads, dilations
+
+
+def _same_pads(spatial, kernel, strides, dilations, upper: bool) -> tuple[int, ...]:
+    begin, end = [], []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+        total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
+        small = total // 2
+        begin.append(small if upper else total - small)
+        end.append(total - begin[-1])
+    return tuple(begin + end)
+
+
+def check_spatial_input(ctx: NodeContext, rank: int) -> None:
+    if len(ctx.in_shape) != rank + 2:
+        raise ctx.fail(f"input shape {ctx.in_shape} is not (N, C, ...) with {rank} spatial dims")

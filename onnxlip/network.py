@@ -1,0 +1,122 @@
+"""The Python API: a loaded network with its forward pass and bounds."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+
+import numpy as np
+
+from . import bounds
+from .blocks import Block, BlockOptions, build_blocks
+from .errors import OnnxlipError
+from .graph import ChainGraph, load_chain
+from .lowering import NodeContext, lower
+
+OPERATOR_MODES = ("auto", "sparse", "matrix-free")
+
+
+class Network:
+    """An ONNX model lowered to a chain of affine-ReLU, max-pooling and ReLU blocks."""
+
+    def __init__(self, graph: ChainGraph, blocks: list[Block], tol: float = 1e-6):
+        self.graph = graph
+        self.blocks = blocks
+        self.tol = tol
+        self._global: bounds.BoundResult | None = None
+
+    @property
+    def path(self) -> str:
+        return self.graph.path
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.graph.input_shape
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.blocks[-1].out_shape if self.blocks else self.input_shape
+
+    def check_input(self, x) -> np.ndarray:
+        """x as a flat float64 vector, after checking its size and values."""
+        x = np.asarray(x)
+        if x.dtype.kind not in "fiu":
+            raise OnnxlipError(f"input has dtype {x.dtype}; expected numbers")
+        if x.size != math.prod(self.input_shape):
+            raise OnnxlipError(
+                f"input of shape {x.shape} does not match the model's input {self.input_shape}"
+            )
+        x = x.astype(np.float64).ravel()
+        if not np.all(np.isfinite(x)):
+            raise OnnxlipError("input contains NaN or Inf")
+        return x
+
+    def forward(self, x) -> np.ndarray:
+        """The model's output at x (through the engine's own blocks)."""
+        return self.trace(x).output.reshape(self.output_shape)
+
+    def trace(self, x) -> bounds.Trace:
+        return bounds.trace(self.blocks, self.check_input(x))
+
+    def local_bound(self, x0, eps: float) -> bounds.BoundResult:
+        """Upper bound of the local Lipschitz constant at x0 in the L2 ball of radius eps."""
+        return self.local_bounds(x0, [eps])[0]
+
+    def local_bounds(self, x0, eps_values: Iterable[float]) -> list[bounds.BoundResult]:
+        """Local bounds at several radii, sharing one forward pass."""
+        eps_values = [check_eps(e) for e in eps_values]
+        nominal = self.trace(x0)
+        return [bounds.local_bound(self.blocks, nominal, e, self.tol) for e in eps_values]
+
+    def global_bound(self) -> bounds.BoundResult:
+        """Product of the blocks' spectral norms (and max-pooling constants)."""
+        if self._global is None:
+            self._global = bounds.global_bound(self.blocks, self.tol)
+        return self._global
+
+
+def check_eps(eps) -> float:
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise OnnxlipError(f"eps {eps!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise OnnxlipError(f"eps must be a positive finite number, got {eps!r}")
+    return value
+
+
+def load(
+    path: str | os.PathLike,
+    input_shape: tuple[int, ...] | None = None,
+    input_name: str | None = None,
+    output_name: str | None = None,
+    operators: str = "auto",
+    memory_budget: float = 1e9,
+    tol: float = 1e-6,
+) -> Network:
+    """Load an ONNX model and lower it to a Network.
+
+    operators: 'auto' (dense Gemm weights, matrix-free onnxruntime convolutions),
+    'sparse' (exact CSR wherever it fits in memory_budget bytes) or 'matrix-free'.
+    tol: relative tolerance of the Lanczos eigensolver on σ².
+    """
+    if operators not in OPERATOR_MODES:
+        raise OnnxlipError(f"operators must be one of {OPERATOR_MODES}, got {operators!r}")
+    graph = load_chain(path, input_shape, input_name, output_name)
+    lowered, shape = [], graph.input_shape
+    for node in graph.nodes:
+        ctx = NodeContext(node, shape, graph.constants, graph.opset, graph.path)
+        layers = lower(ctx)
+        lowered.append((node.name or node.output[0], node.op_type, layers))
+        shape = _out_shape(layers, shape)
+    blocks = build_blocks(lowered, graph.input_shape, BlockOptions(operators, memory_budget))
+    if not blocks:
+        raise OnnxlipError(f"{graph.path}: the model has no layers to bound")
+    return Network(graph, blocks, tol)
+
+
+def _out_shape(layers, shape):
+    for layer in layers:
+        shape = getattr(layer, "shape", None) or getattr(layer, "out_shape", None) or layer.map.out_shape
+    return tuple(shape)

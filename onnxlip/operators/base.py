@@ -1,0 +1,85 @@
+"""The linear-map interface every affine block is built from.
+
+Vectors are the C-order flattening of a tensor with batch 1; a batch of k
+vectors is an (n, k) array, as in scipy's LinearOperator.matmat.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import LinearOperator
+
+
+class LinearMap(ABC):
+    """A linear map A from in_shape to out_shape."""
+
+    #: True for monomial maps (diagonal, permutation, padding): at most one
+    #: nonzero in each row and column, so they compose with row norms exactly.
+    monomial = False
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]):
+        self.in_shape = tuple(in_shape)
+        self.out_shape = tuple(out_shape)
+
+    @property
+    def in_size(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def out_size(self) -> int:
+        return math.prod(self.out_shape)
+
+    @abstractmethod
+    def matmat(self, x: np.ndarray) -> np.ndarray:
+        """A @ x for x of shape (in_size, k)."""
+
+    @abstractmethod
+    def rmatmat(self, u: np.ndarray) -> np.ndarray:
+        """A.T @ u for u of shape (out_size, k)."""
+
+    @abstractmethod
+    def sq_matvec(self, d: np.ndarray) -> np.ndarray:
+        """(A∘A) @ d: squared row norms of A restricted to the mask d."""
+
+    @property
+    @abstractmethod
+    def representation(self) -> str:
+        """How the map is held, for reports: 'sparse', 'dense', 'matrix-free', ..."""
+
+    def nnz(self) -> int | None:
+        """Stored nonzeros, where the map is held as a matrix."""
+        return None
+
+    def to_sparse(self) -> sp.csr_matrix:
+        """The exact CSR matrix of the map."""
+        eye = np.eye(self.in_size)
+        return sp.csr_matrix(self.matmat(eye))
+
+    def sparse_nnz_estimate(self) -> int:
+        """Nonzeros the CSR form would hold (an upper estimate)."""
+        return self.in_size * self.out_size
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        return self.matmat(x.reshape(-1, 1))[:, 0]
+
+    def rmatvec(self, u: np.ndarray) -> np.ndarray:
+        return self.rmatmat(u.reshape(-1, 1))[:, 0]
+
+    def as_operator(self) -> LinearOperator:
+        """The map as a scipy LinearOperator (matvec, rmatvec, matmat)."""
+        return LinearOperator(
+            (self.out_size, self.in_size),
+            matvec=self.matvec,
+            rmatvec=self.rmatvec,
+            matmat=self.matmat,
+            rmatmat=self.rmatmat,
+            dtype=np.float64,
+        )
+
+    def describe(self) -> str:
+        nnz = self.nnz()
+        return self.representation if nnz is None else f"{self.representation} nnz={nnz}"

@@ -1,0 +1,70 @@
+"""Composition of linear maps applied one after the other."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import LinearMap
+
+
+class ChainMap(LinearMap):
+    """maps[-1] ∘ … ∘ maps[0], with at most one map that is not monomial.
+
+    That restriction keeps (A∘A) d exact: squaring a product entrywise equals
+    the product of the entrywise squares when every other factor has at most
+    one nonzero in each row and column.
+    """
+
+    def __init__(self, maps: list[LinearMap]):
+        heavy = [m for m in maps if not m.monomial]
+        if len(heavy) > 1:
+            raise ValueError("a ChainMap holds at most one non-monomial map")
+        super().__init__(maps[0].in_shape, maps[-1].out_shape)
+        self.maps = list(maps)
+        self.monomial = not heavy
+        self._core = heavy[0] if heavy else maps[0]
+
+    @property
+    def representation(self) -> str:
+        return self._core.representation
+
+    def nnz(self) -> int | None:
+        return self._core.nnz()
+
+    def matmat(self, x):
+        for m in self.maps:
+            x = m.matmat(x)
+        return x
+
+    def rmatmat(self, u):
+        for m in reversed(self.maps):
+            u = m.rmatmat(u)
+        return u
+
+    def sq_matvec(self, d):
+        for m in self.maps:
+            d = m.sq_matvec(d)
+        return d
+
+    def to_sparse(self):
+        result = self.maps[0].to_sparse()
+        for m in self.maps[1:]:
+            result = m.to_sparse() @ result
+        return result.tocsr()
+
+    def sparse_nnz_estimate(self) -> int:
+        return self._core.sparse_nnz_estimate()
+
+
+def chain(maps: list[LinearMap]) -> LinearMap:
+    """One map for a list of maps (the map itself when there is one)."""
+    return maps[0] if len(maps) == 1 else ChainMap(maps)
+
+
+def apply_bias(maps: list[LinearMap], biases: list[np.ndarray]) -> np.ndarray:
+    """The total bias of x -> maps[k](… maps[0](x) + biases[0] …) + biases[k]."""
+    total = np.zeros(maps[0].out_size)
+    total += biases[0]
+    for m, b in zip(maps[1:], biases[1:]):
+        total = m.matvec(total) + b
+    return total

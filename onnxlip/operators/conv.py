@@ -1,0 +1,130 @@
+"""Convolution as a linear map: matrix-free through onnxruntime, or exact CSR."""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import numpy as np
+import scipy.sparse as sp
+
+from .base import LinearMap
+from .ort import NodeSession
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    """Output length of one spatial axis of a convolution (floor mode)."""
+    return (size + pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+class ConvMap(LinearMap):
+    """A bias-free N-d convolution with explicit pads (begin..., end...)."""
+
+    representation = "matrix-free"
+
+    def __init__(self, weight, in_shape, strides, pads, dilations, group: int):
+        weight = np.asarray(weight, dtype=np.float32)
+        rank = weight.ndim - 2
+        spatial = in_shape[2:]
+        out_spatial = tuple(
+            conv_output_size(spatial[i], weight.shape[2 + i], strides[i],
+                             pads[i] + pads[rank + i], dilations[i])
+            for i in range(rank)
+        )
+        super().__init__(in_shape, (1, weight.shape[0], *out_spatial))
+        self.weight, self.strides, self.pads = weight, tuple(strides), tuple(pads)
+        self.dilations, self.group = tuple(dilations), group
+
+    @property
+    def rank(self) -> int:
+        return self.weight.ndim - 2
+
+    def _attrs(self) -> dict:
+        return dict(strides=list(self.strides), pads=list(self.pads),
+                    dilations=list(self.dilations), group=self.group)
+
+    @cached_property
+    def _forward(self) -> NodeSession:
+        return NodeSession("Conv", {"W": self.weight}, self.rank + 2, **self._attrs())
+
+    @cached_property
+    def _squared(self) -> NodeSession:
+        return NodeSession("Conv", {"W": self.weight**2}, self.rank + 2, **self._attrs())
+
+    @cached_property
+    def _transpose(self) -> NodeSession:
+        """Aᵀ: a flipped convolution for stride 1, else a ConvTranspose."""
+        reach = [d * (k - 1) for d, k in zip(self.dilations, self.weight.shape[2:])]
+        flip_pads = [reach[i % self.rank] - p for i, p in enumerate(self.pads)]
+        if all(s == 1 for s in self.strides) and min(flip_pads) >= 0:
+            return NodeSession("Conv", {"W": self._flipped_weight()}, self.rank + 2,
+                               strides=list(self.strides), pads=flip_pads,
+                               dilations=list(self.dilations), group=self.group)
+        full = [
+            self.strides[i] * (self.out_shape[2 + i] - 1) + reach[i] + 1
+            - self.pads[i] - self.pads[self.rank + i]
+            for i in range(self.rank)
+        ]
+        extra = [self.in_shape[2 + i] - full[i] for i in range(self.rank)]
+        return NodeSession("ConvTranspose", {"W": self.weight}, self.rank + 2,
+                           output_padding=extra, **self._attrs())
+
+    def _flipped_weight(self) -> np.ndarray:
+        m, cg = self.weight.shape[:2]
+        w = self.weight.reshape(self.group, m // self.group, cg, *self.weight.shape[2:])
+        w = np.swapaxes(w, 1, 2).reshape(cg * self.group, m // self.group, *self.weight.shape[2:])
+        return np.ascontiguousarray(np.flip(w, axis=tuple(range(2, 2 + self.rank))))
+
+    def matmat(self, x):
+        return _run(self._forward, x, self.in_shape, self.out_size)
+
+    def rmatmat(self, u):
+        return _run(self._transpose, u, self.out_shape, self.in_size)
+
+    def sq_matvec(self, d):
+        return _run(self._squared, d.reshape(-1, 1), self.in_shape, self.out_size)[:, 0]
+
+    def sparse_nnz_estimate(self) -> int:
+        return self.out_size * math.prod(self.weight.shape[1:])
+
+    def to_sparse(self) -> sp.csr_matrix:
+        """The exact matrix, built by vectorized index arithmetic."""
+        rows, cols, vals = conv_matrix_entries(self)
+        return sp.csr_matrix((vals, (rows, cols)), shape=(self.out_size, self.in_size))
+
+
+def _run(session: NodeSession, x: np.ndarray, shape, out_size: int) -> np.ndarray:
+    batch = x.shape[1]
+    images = np.ascontiguousarray(x.T).reshape(batch, *shape[1:])
+    return session(images).reshape(batch, out_size).T.astype(np.float64)
+
+
+def conv_matrix_entries(conv: ConvMap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, value) of every nonzero of a convolution's matrix."""
+    w = conv.weight
+    m, cg = w.shape[:2]
+    out_sp, in_sp, ker = conv.out_shape[2:], conv.in_shape[2:], w.shape[2:]
+    grids = np.meshgrid(
+        np.arange(m), np.arange(cg), *[np.arange(k) for k in ker], *[np.arange(o) for o in out_sp],
+        indexing="ij", sparse=True,
+    )
+    oc, ic, kpos, opos = grids[0], grids[1], grids[2:2 + conv.rank], grids[2 + conv.rank:]
+    channel = (oc // (m // conv.group)) * cg + ic
+    valid = np.ones((), dtype=bool)
+    ipos = []
+    for i in range(conv.rank):
+        p = opos[i] * conv.strides[i] - conv.pads[i] + kpos[i] * conv.dilations[i]
+        valid = valid & (p >= 0) & (p < in_sp[i])
+        ipos.append(p)
+    shape = np.broadcast_shapes(*(g.shape for g in grids))
+    valid = np.broadcast_to(valid, shape)
+    row = np.ravel_multi_index(
+        [np.broadcast_to(oc, shape)[valid]] + [np.broadcast_to(o, shape)[valid] for o in opos],
+        (m, *out_sp),
+    )
+    col = np.ravel_multi_index(
+        [np.broadcast_to(channel, shape)[valid]] + [np.broadcast_to(p, shape)[valid] for p in ipos],
+        (conv.in_shape[1], *in_sp),
+    )
+    values = np.broadcast_to(w.reshape(m, cg, *ker, *([1] * conv.rank)), shape)[valid]
+    return row, col, values.astype(np.float64)

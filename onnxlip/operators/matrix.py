@@ -1,0 +1,72 @@
+"""Maps held as explicit matrices: dense numpy arrays and scipy CSR."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from .base import LinearMap
+
+
+class DenseMap(LinearMap):
+    """A dense weight matrix W of shape (out_size, in_size) (Gemm, MatMul)."""
+
+    def __init__(self, weight: np.ndarray, in_shape, out_shape):
+        super().__init__(in_shape, out_shape)
+        self.weight = np.ascontiguousarray(weight, dtype=np.float64)
+        self._squared = self.weight**2
+
+    representation = "dense"
+
+    def nnz(self) -> int:
+        return int(self.weight.size)
+
+    def matmat(self, x):
+        return self.weight @ x
+
+    def rmatmat(self, u):
+        return self.weight.T @ u
+
+    def sq_matvec(self, d):
+        return self._squared @ d
+
+    def to_sparse(self):
+        return sp.csr_matrix(self.weight)
+
+    def sparse_nnz_estimate(self) -> int:
+        return int(self.weight.size)
+
+
+class SparseMap(LinearMap):
+    """An exact scipy CSR matrix."""
+
+    def __init__(self, matrix: sp.spmatrix, in_shape, out_shape):
+        super().__init__(in_shape, out_shape)
+        self.matrix = sp.csr_matrix(matrix, dtype=np.float64)
+        self._transpose = self.matrix.T.tocsr()
+        self._squared = self.matrix.multiply(self.matrix).tocsr()
+
+    representation = "sparse"
+
+    def nnz(self) -> int:
+        return int(self.matrix.nnz)
+
+    def matmat(self, x):
+        return np.asarray(self.matrix @ x)
+
+    def rmatmat(self, u):
+        return np.asarray(self._transpose @ u)
+
+    def sq_matvec(self, d):
+        return np.asarray(self._squared @ d)
+
+    def to_sparse(self):
+        return self.matrix
+
+    def sparse_nnz_estimate(self) -> int:
+        return int(self.matrix.nnz)
+
+
+def sparse_bytes(nnz: int, rows: int) -> int:
+    """Memory of a float64 CSR matrix with its transpose and square kept too."""
+    return 3 * (12 * nnz + 8 * (rows + 1))

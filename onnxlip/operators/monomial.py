@@ -1,0 +1,61 @@
+"""Monomial maps: out[i] = scale[i] * in[source[i]], or 0 where source[i] < 0.
+
+Each input feeds at most one output, so these cover diagonal scalings
+(batch-norm, input normalization), permutations (Transpose), zero padding and
+cropping, and they compose with any map while keeping row norms exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from .base import LinearMap
+
+
+class MonomialMap(LinearMap):
+    """out = scale * in[source] with source = -1 meaning a constant-zero output."""
+
+    monomial = True
+    representation = "monomial"
+
+    def __init__(self, source: np.ndarray, scale: np.ndarray | None, in_shape, out_shape):
+        super().__init__(in_shape, out_shape)
+        self.source = np.asarray(source, dtype=np.int64).ravel()
+        self.scale = np.ones(self.out_size) if scale is None else np.broadcast_to(
+            np.asarray(scale, dtype=np.float64).ravel(), (self.out_size,)
+        ).copy()
+        self.scale[self.source < 0] = 0.0
+        self._valid = self.source >= 0
+        self._rows = np.flatnonzero(self._valid)
+        self._cols = self.source[self._valid]
+
+    @classmethod
+    def diagonal(cls, scale: np.ndarray, shape) -> MonomialMap:
+        n = int(np.prod(shape))
+        return cls(np.arange(n), np.broadcast_to(scale, shape), shape, shape)
+
+    def nnz(self) -> int:
+        return int(self._rows.size)
+
+    def matmat(self, x):
+        out = np.zeros((self.out_size, x.shape[1]))
+        out[self._rows] = x[self._cols] * self.scale[self._rows, None]
+        return out
+
+    def rmatmat(self, u):
+        out = np.zeros((self.in_size, u.shape[1]))
+        out[self._cols] = u[self._rows] * self.scale[self._rows, None]
+        return out
+
+    def sq_matvec(self, d):
+        out = np.zeros(self.out_size)
+        out[self._rows] = d[self._cols] * self.scale[self._rows] ** 2
+        return out
+
+    def to_sparse(self):
+        shape = (self.out_size, self.in_size)
+        return sp.csr_matrix((self.scale[self._rows], (self._rows, self._cols)), shape=shape)
+
+    def sparse_nnz_estimate(self) -> int:
+        return self.nnz()

@@ -1,0 +1,43 @@
+"""Single-node onnxruntime sessions: the fast float32 kernels behind conv maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+OPSET = 17
+
+
+class NodeSession:
+    """One ONNX node over an input 'x' with a dynamic batch dimension.
+
+    float32 by default (onnxruntime's fast kernels); float64 where the op has a
+    double kernel and exactness matters (max-pooling selects values).
+    """
+
+    def __init__(self, op_type: str, weights: dict[str, np.ndarray], rank: int,
+                 dtype: type = np.float32, **attrs):
+        self._dtype = np.dtype(dtype)
+        elem = onnx.helper.np_dtype_to_tensor_dtype(self._dtype)
+        node = helper.make_node(op_type, ["x", *weights], ["y"], **attrs)
+        graph = helper.make_graph(
+            [node],
+            op_type.lower(),
+            [helper.make_tensor_value_info("x", elem, ["N"] + [None] * (rank - 1))],
+            [helper.make_tensor_value_info("y", elem, None)],
+            [numpy_helper.from_array(np.asarray(w, self._dtype), n) for n, w in weights.items()],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = min(model.ir_version, onnx.IR_VERSION)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # Spinning worker threads would steal the cores from numpy's BLAS between runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self._session.run(None, {"x": np.ascontiguousarray(x, dtype=self._dtype)})[0]
