@@ -16,7 +16,7 @@ import numpy as np
 from .layers import Affine, Layer, MaxPool, Relu, Reshape
 from .operators.base import LinearMap
 from .operators.chain import apply_bias, chain
-from .operators.matrix import SparseMap, sparse_bytes
+from .operators.matrix import DenseMap, SparseMap, sparse_bytes
 from .operators.ort import NodeSession
 
 
@@ -154,6 +154,9 @@ def _add_layer(blocks, pending, layer, node_name, op, shape, options):
         return layer.shape
     if isinstance(layer, Affine):
         if not layer.map.monomial and any(not m.monomial for m in pending.maps):
+            if _merge_dense(pending, layer, options):
+                pending.ops.append(label)
+                return layer.map.out_shape
             blocks.append(_close(pending, relu=False, shape=shape, options=options))
         pending.maps.append(layer.map)
         pending.biases.append(layer.bias)
@@ -176,6 +179,25 @@ def _add_layer(blocks, pending, layer, node_name, op, shape, options):
                                    layer.out_shape, layer=layer))
         return layer.out_shape
     raise TypeError(f"unknown layer {layer!r}")
+
+
+def _merge_dense(pending: _Pending, layer: Affine, options: BlockOptions) -> bool:
+    """Compose two non-monomial maps into one dense matrix when one of them is
+    dense and the product fits the memory budget (e.g. AveragePool then Gemm)."""
+    first, second = chain(pending.maps), layer.map
+    if not (isinstance(first, DenseMap) or isinstance(second, DenseMap)):
+        return False
+    if 16 * first.in_size * second.out_size > options.memory_budget:
+        return False
+    if isinstance(second, DenseMap):
+        weight = np.asarray((first.to_sparse().T @ second.weight.T).T)
+    else:
+        weight = np.asarray(second.to_sparse() @ first.weight)
+    bias = second.matvec(apply_bias(pending.maps, pending.biases)) + layer.bias
+    pending.maps[:] = [DenseMap(weight, first.in_shape, second.out_shape)]
+    pending.biases[:] = [bias]
+    pending.names.append((pending.names[0][0] if pending.names else "", False))
+    return True
 
 
 def _take_ops(pending: _Pending) -> list[str]:

@@ -1,0 +1,152 @@
+"""The `onnxlip` command line: inspect a model, bound it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import OnnxlipError
+from .inputs import read_input
+from .network import OPERATOR_MODES, Network, load
+from .report import BLOCK_HEADERS, LAYER_HEADERS, block_rows, layer_rows, shape_text, table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: exit 0 on success, 2 with a one-line message on a user error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except OnnxlipError as exc:
+        print(f"onnxlip: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxlip: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("onnxlip: error: out of memory (try --operators matrix-free)", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug: say so in one line unless asked for the traceback
+        if os.environ.get("ONNXLIP_DEBUG"):
+            raise
+        print(f"onnxlip: internal error: {type(exc).__name__}: {exc} "
+              "(set ONNXLIP_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnxlip", description="Local and global Lipschitz bounds of ONNX ReLU networks.")
+    parser.add_argument("--version", action="version", version=f"onnxlip {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = sub.add_parser("inspect", help="show the chain of blocks of a model")
+    _model_options(inspect)
+    inspect.add_argument("--norms", action="store_true", help="also compute each block's spectral norm")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(run=run_inspect)
+
+    bound = sub.add_parser("bound", help="local bounds at radii eps, and the global bound")
+    _model_options(bound)
+    bound.add_argument("--input", "-x", required=True, help="nominal input x0 (.npy, .npz, .pb)")
+    bound.add_argument("--eps", "-e", required=True, nargs="+", type=_number, metavar="E",
+                       help="L2 radii of the input ball")
+    bound.add_argument("--verbose", "-v", action="store_true", help="per-block table")
+    bound.add_argument("--json", action="store_true", help="print one JSON object")
+    bound.set_defaults(run=run_bound)
+    return parser
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--input-shape", type=_shape, help="input shape, e.g. 1,3,32,32 (symbolic dims)")
+    p.add_argument("--input-name", help="graph input to use when there are several")
+    p.add_argument("--output-name", help="graph output to use when there are several")
+    p.add_argument("--operators", choices=OPERATOR_MODES, default="auto",
+                   help="how affine maps are held (default: auto)")
+    p.add_argument("--memory-budget", type=_bytes, default=1e9,
+                   help="largest sparse matrix per block, e.g. 500M, 2G (default 1G)")
+    p.add_argument("--tol", type=_number, default=1e-6,
+                   help="relative tolerance of the eigensolver on sigma^2 (default 1e-6)")
+
+
+def _load(args) -> Network:
+    return load(args.model, input_shape=args.input_shape, input_name=args.input_name,
+                output_name=args.output_name, operators=args.operators,
+                memory_budget=args.memory_budget, tol=args.tol)
+
+
+def run_inspect(args) -> int:
+    net = _load(args)
+    norms = [r.bound for r in net.global_bound().layers] if args.norms else None
+    if args.json:
+        blocks = [dict(zip(["index", "name", "kind", "ops", "input_shape", "output_shape",
+                            "operator", "norm"], row)) for row in block_rows(net.blocks, norms)]
+        print(json.dumps({"model": args.model, "input_shape": list(net.input_shape),
+                          "output_shape": list(net.output_shape), "blocks": blocks}))
+        return 0
+    print(f"{args.model}: input {shape_text(net.input_shape)} -> output "
+          f"{shape_text(net.output_shape)}, {len(net.blocks)} blocks")
+    headers = BLOCK_HEADERS + (["norm"] if norms is not None else [])
+    print(table(headers, block_rows(net.blocks, norms)))
+    if norms is not None:
+        print(f"global bound (product of norms): {net.global_bound().bound:.6g}")
+    return 0
+
+
+def run_bound(args) -> int:
+    start = time.perf_counter()
+    net = _load(args)
+    x0 = read_input(args.input)
+    results = net.local_bounds(x0, args.eps)
+    glob = net.global_bound()
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({
+            "model": args.model, "input_shape": list(net.input_shape),
+            "global_bound": glob.bound,
+            "local": [{"eps": r.eps, "bound": r.bound, "seconds": r.seconds,
+                       "layers": r.to_dict()["layers"]} for r in results],
+            "seconds": seconds,
+        }))
+        return 0
+    print(f"{args.model}: input {shape_text(net.input_shape)}, {len(net.blocks)} blocks")
+    print(table(["eps", "local bound", "global bound", "local/global", "seconds"],
+                [[r.eps, r.bound, glob.bound, r.bound / glob.bound, r.seconds] for r in results]))
+    if args.verbose:
+        for r in results:
+            print(f"\neps = {r.eps:g}: local bound {r.bound:.6g}")
+            print(table(LAYER_HEADERS, layer_rows(r.layers)))
+    return 0
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    parts = [p for p in re.split(r"[,x×\s]+", text.strip()) if p]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,3,32,32")
+    return tuple(int(p) for p in parts)
+
+
+def _bytes(text: str) -> float:
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500M or 2G")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[match.group(2).lower()]
+    return float(match.group(1)) * scale
+
+
+if __name__ == "__main__":
+    sys.exit(main())
