@@ -26,6 +26,7 @@ class SpectralNorm:
     iterations: int
     residual: float
     converged: bool
+    vector: np.ndarray | None = None  # top Ritz vector of the Gram operator
 
 
 def spectral_norm(
@@ -46,16 +47,28 @@ def spectral_norm(
         def gram(x):
             return adjoint(forward(x))
         n = n_in
-    rng = np.random.default_rng(seed)
-    v = rng.standard_normal(n) if start is None or start.size != n else start.astype(float)
+    v = start_vector(n, seed, start)
     result = lanczos_max(gram, v, tol, max_iter)
     return SpectralNorm(float(np.sqrt(max(result.value, 0.0))), result.iterations,
-                        result.residual, result.converged)
+                        result.residual, result.converged, result.vector)
+
+
+def start_vector(n: int, seed: int, start: np.ndarray | None) -> np.ndarray:
+    """A seeded random unit vector, plus `start` (normalized) where one is given.
+
+    The random part keeps every eigenvector represented: a start vector alone
+    could sit on an eigenvector that is not the top one, where Lanczos settles
+    on the wrong value before its Krylov space grows towards the right one.
+    """
+    v = np.random.default_rng(seed).standard_normal(n)
+    v /= np.linalg.norm(v)
+    if start is None or start.size != n or not np.linalg.norm(start):
+        return v
+    return v + start.ravel() / np.linalg.norm(start)
 
 
 def lanczos_max(gram: Apply, v: np.ndarray, tol: float, max_iter: int) -> SpectralNorm:
     """Largest eigenvalue of a symmetric positive semi-definite operator."""
-    v = gram(v) if np.linalg.norm(v) else v  # one step of smoothing into the range
     norm = np.linalg.norm(v)
     if norm == 0.0 or not np.isfinite(norm):
         return SpectralNorm(0.0, 1, 0.0, bool(norm == 0.0))
@@ -75,10 +88,10 @@ def lanczos_max(gram: Apply, v: np.ndarray, tol: float, max_iter: int) -> Spectr
         theta = new_theta
         exhausted = beta <= 1e-12 * max(abs(theta), 1e-300) or step >= v.size
         if settled >= 3 or residual <= tol or exhausted:
-            return SpectralNorm(theta, step, residual, True)
+            return SpectralNorm(theta, step, residual, True, basis.combine(vectors[:, -1]))
         betas.append(beta)
         basis.append(w / beta)
-    return SpectralNorm(theta, max_iter, residual, False)
+    return SpectralNorm(theta, max_iter, residual, False, basis.combine(vectors[:, -1]))
 
 
 class _Basis:
@@ -99,6 +112,9 @@ class _Basis:
         self._rows[self._count] = v
         self._count += 1
 
+    def combine(self, coefficients: np.ndarray) -> np.ndarray:
+        return self._rows[: self._count].T @ coefficients
+
     def orthogonalize(self, w: np.ndarray) -> np.ndarray:
         """Full reorthogonalization against the basis (twice is enough)."""
         rows = self._rows[: self._count]
@@ -108,6 +124,7 @@ class _Basis:
 
 
 def _ritz(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The largest Ritz value and its eigenvector of the tridiagonal matrix."""
     k = len(alphas)
     return eigh_tridiagonal(np.array(alphas), np.array(betas[: k - 1]),
                             select="i", select_range=(k - 1, k - 1))
