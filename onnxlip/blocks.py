@@ -17,6 +17,7 @@ from .layers import Affine, Layer, MaxPool, Relu, Reshape
 from .operators.base import LinearMap
 from .operators.chain import apply_bias, chain
 from .operators.matrix import DenseMap, SparseMap, sparse_bytes
+from .operators.monomial import MonomialMap
 from .operators.ort import NodeSession
 
 
@@ -74,10 +75,15 @@ class MaxPoolBlock(Block):
         return NodeSession("MaxPool", {}, len(p.in_shape), kernel_shape=list(p.kernel),
                            strides=list(p.strides), pads=list(p.pads),
                            dilations=list(p.dilations), ceil_mode=p.ceil_mode,
-                           dtype=np.float64)
+                           dtype=np.float64, outputs=("y", "argmax"))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return self._session(x.reshape(self.in_shape)).ravel()
+
+    def selection(self, x: np.ndarray) -> MonomialMap:
+        """The linear map that max-pooling is at x: each output picks its window's argmax."""
+        argmax = self._session.run_all(x.reshape(self.in_shape))[1]
+        return MonomialMap(argmax.ravel(), None, self.in_shape, self.out_shape)
 
     def pool_mask(self, d: np.ndarray) -> np.ndarray:
         """Outputs that can change: those with any changeable input in their window."""

@@ -15,6 +15,7 @@ from .errors import OnnxlipError
 from .inputs import read_input
 from .network import OPERATOR_MODES, Network, load
 from .report import BLOCK_HEADERS, LAYER_HEADERS, block_rows, layer_rows, shape_text, table
+from .sweep import eps_grid, plot, run_sweep, write_csv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,6 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     bound.add_argument("--verbose", "-v", action="store_true", help="per-block table")
     bound.add_argument("--json", action="store_true", help="print one JSON object")
     bound.set_defaults(run=run_bound)
+
+    sweep = sub.add_parser("sweep", help="bounds against eps: local, global and lower bounds")
+    _model_options(sweep)
+    sweep.add_argument("--input", "-x", required=True, help="nominal input x0 (.npy, .npz, .pb)")
+    sweep.add_argument("--eps-min", type=_number, default=1e-3, help="smallest radius (1e-3)")
+    sweep.add_argument("--eps-max", type=_number, default=1.0, help="largest radius (1)")
+    sweep.add_argument("-n", type=int, default=30, help="number of radii (30)")
+    sweep.add_argument("--spacing", choices=("log", "linear"), default="log")
+    sweep.add_argument("--no-lower", action="store_true", help="skip the lower bounds")
+    sweep.add_argument("--json", action="store_true", help="print one JSON object")
+    sweep.add_argument("--csv", help="write the table to this CSV file")
+    sweep.add_argument("--plot", help="write the figure to this PNG/SVG/PDF file")
+    sweep.set_defaults(run=run_sweep_command)
     return parser
 
 
@@ -123,6 +137,27 @@ def run_bound(args) -> int:
         for r in results:
             print(f"\neps = {r.eps:g}: local bound {r.bound:.6g}")
             print(table(LAYER_HEADERS, layer_rows(r.layers)))
+    return 0
+
+
+def run_sweep_command(args) -> int:
+    net = _load(args)
+    x0 = read_input(args.input)
+    grid = eps_grid(args.eps_min, args.eps_max, args.n, args.spacing)
+    result = run_sweep(net, x0, grid, lower=not args.no_lower, progress=sys.stderr.isatty(),
+                       input_name=os.path.basename(args.input))
+    if args.csv:
+        write_csv(result, args.csv)
+    if args.plot:
+        plot(result, args.plot)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    columns = ["eps", "local_bound", "lower_best", "lower_jacobian_norm", "global_bound"]
+    rows = [[row.get(c) for c in columns] for row in result.rows()]
+    print(f"{args.model}: input {shape_text(net.input_shape)}, x0 = {args.input}, "
+          f"{len(grid)} radii in {result.seconds:.3g} s (upper bounds {result.upper_seconds:.3g} s)")
+    print(table(["eps", "local bound", "lower bound", "||J(x0)||", "global bound"], rows))
     return 0
 
 

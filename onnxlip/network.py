@@ -11,7 +11,10 @@ import numpy as np
 from . import bounds
 from .blocks import Block, BlockOptions, build_blocks
 from .errors import OnnxlipError
+from .evaluate import ModelRunner
 from .graph import ChainGraph, load_chain
+from .jacobian import Jacobian
+from .lower import LowerBounds, LowerBoundSearch
 from .lowering import NodeContext, lower
 
 OPERATOR_MODES = ("auto", "sparse", "matrix-free")
@@ -25,6 +28,7 @@ class Network:
         self.blocks = blocks
         self.tol = tol
         self._global: bounds.BoundResult | None = None
+        self._runner: ModelRunner | None = None
 
     @property
     def path(self) -> str:
@@ -68,6 +72,27 @@ class Network:
         eps_values = [check_eps(e) for e in eps_values]
         nominal = self.trace(x0)
         return [bounds.local_bound(self.blocks, nominal, e, self.tol) for e in eps_values]
+
+    def jacobian(self, x0) -> Jacobian:
+        """J(x0), matrix-free (matvec / rmatvec / dense)."""
+        return Jacobian(self.blocks, self.trace(x0))
+
+    def jacobian_norm(self, x0) -> float:
+        """||J(x0)||: a lower bound of L(x0, ε) for every ε when no ReLU is at its kink."""
+        return self.jacobian(x0).norm()[0].value
+
+    def lower_bounds(self, x0, eps_values: Iterable[float], samples: int = 64,
+                     ascent_steps: int = 20, seed: int = 0) -> list[LowerBounds]:
+        """Lower bounds of L(x0, ε) from onnxruntime evaluations (see onnxlip.lower)."""
+        eps_values = [check_eps(e) for e in eps_values]
+        search = self.lower_bound_search(x0, seed)
+        return [search.at(e, samples, ascent_steps) for e in eps_values]
+
+    def lower_bound_search(self, x0, seed: int = 0) -> LowerBoundSearch:
+        """The ε-independent part of the lower bounds at x0 (f(x0), J(x0), its top direction)."""
+        if self._runner is None:
+            self._runner = ModelRunner(self.graph)
+        return LowerBoundSearch(self.blocks, self._runner, self.check_input(x0), seed)
 
     def global_bound(self) -> bounds.BoundResult:
         """Product of the blocks' spectral norms (and max-pooling constants)."""

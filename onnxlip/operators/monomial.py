@@ -1,8 +1,10 @@
-"""Monomial maps: out[i] = scale[i] * in[source[i]], or 0 where source[i] < 0.
+"""Selection maps: out[i] = scale[i] * in[source[i]], or 0 where source[i] < 0.
 
-Each input feeds at most one output, so these cover diagonal scalings
-(batch-norm, input normalization), permutations (Transpose), zero padding and
-cropping, and they compose with any map while keeping row norms exact.
+When each input feeds at most one output (the map is monomial) they cover
+diagonal scalings (batch-norm, input normalization), permutations (Transpose),
+zero padding and cropping, and compose with any map keeping row norms exact.
+An input may also feed several outputs (max-pooling's selection of its argmax
+in overlapping windows, in the Jacobian); then the transpose adds them up.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from .base import LinearMap
 class MonomialMap(LinearMap):
     """out = scale * in[source] with source = -1 meaning a constant-zero output."""
 
-    monomial = True
     representation = "monomial"
 
     def __init__(self, source: np.ndarray, scale: np.ndarray | None, in_shape, out_shape):
@@ -29,6 +30,7 @@ class MonomialMap(LinearMap):
         self._valid = self.source >= 0
         self._rows = np.flatnonzero(self._valid)
         self._cols = self.source[self._valid]
+        self.monomial = np.unique(self._cols).size == self._cols.size
 
     @classmethod
     def diagonal(cls, scale: np.ndarray, shape) -> MonomialMap:
@@ -45,7 +47,11 @@ class MonomialMap(LinearMap):
 
     def rmatmat(self, u):
         out = np.zeros((self.in_size, u.shape[1]))
-        out[self._cols] = u[self._rows] * self.scale[self._rows, None]
+        values = u[self._rows] * self.scale[self._rows, None]
+        if self.monomial:
+            out[self._cols] = values
+        else:
+            np.add.at(out, self._cols, values)
         return out
 
     def sq_matvec(self, d):

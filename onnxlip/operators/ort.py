@@ -18,15 +18,16 @@ class NodeSession:
     """
 
     def __init__(self, op_type: str, weights: dict[str, np.ndarray], rank: int,
-                 dtype: type = np.float32, **attrs):
+                 dtype: type = np.float32, outputs: tuple[str, ...] = ("y",), **attrs):
         self._dtype = np.dtype(dtype)
         elem = onnx.helper.np_dtype_to_tensor_dtype(self._dtype)
-        node = helper.make_node(op_type, ["x", *weights], ["y"], **attrs)
+        node = helper.make_node(op_type, ["x", *weights], list(outputs), **attrs)
         graph = helper.make_graph(
             [node],
             op_type.lower(),
             [helper.make_tensor_value_info("x", elem, ["N"] + [None] * (rank - 1))],
-            [helper.make_tensor_value_info("y", elem, None)],
+            [helper.make_tensor_value_info(name, elem if i == 0 else onnx.TensorProto.INT64, None)
+             for i, name in enumerate(outputs)],
             [numpy_helper.from_array(np.asarray(w, self._dtype), n) for n, w in weights.items()],
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
@@ -40,4 +41,8 @@ class NodeSession:
         )
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self._session.run(None, {"x": np.ascontiguousarray(x, dtype=self._dtype)})[0]
+        return self.run_all(x)[0]
+
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every output of the node."""
+        return self._session.run(None, {"x": np.ascontiguousarray(x, dtype=self._dtype)})

@@ -1,0 +1,117 @@
+"""Lower bounds of the true local Lipschitz constant, from real evaluations.
+
+Three kinds, each below L(x0, ε):
+- ||J(x0)||, when no ReLU input sits exactly on its kink at x0 (then f is
+  affine near x0 and the ratio tends to ||J v|| along every direction v);
+- ratios ||f(x) − f(x0)|| / ||x − x0|| at points of the ball, along the top
+  singular vector of J(x0) and in random directions, evaluated by onnxruntime
+  on the user's model;
+- projected gradient ascent on that ratio inside the ball, driven by the
+  engine's Jacobian products, every iterate's ratio checked by onnxruntime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .blocks import Block
+from .bounds import trace
+from .evaluate import ModelRunner
+from .jacobian import Jacobian
+
+
+@dataclass
+class LowerBounds:
+    """Lower bounds of L(x0, ε); `best` is the largest that is valid."""
+
+    eps: float
+    jacobian_norm: float
+    jacobian_exact: bool
+    sampled: float
+    ascent: float
+    evaluations: int
+
+    @property
+    def best(self) -> float:
+        return max(self.sampled, self.ascent, self.jacobian_norm if self.jacobian_exact else 0.0)
+
+    def to_dict(self) -> dict:
+        return {"eps": self.eps, "jacobian_norm": self.jacobian_norm,
+                "jacobian_exact": self.jacobian_exact, "sampled": self.sampled,
+                "ascent": self.ascent, "best": self.best, "evaluations": self.evaluations}
+
+
+class LowerBoundSearch:
+    """Everything about x0 that does not depend on ε: f(x0), J(x0), its top direction."""
+
+    def __init__(self, blocks: list[Block], runner: ModelRunner, x0: np.ndarray, seed: int = 0):
+        self.blocks, self.runner, self.x0 = blocks, runner, x0
+        self.f0 = runner(x0)
+        nominal = trace(blocks, x0)
+        self.engine_f0 = nominal.output
+        # What one evaluation may be off by: its disagreement with the float64
+        # engine, plus a margin of float32 rounding of the output.
+        self.noise = 4 * (np.linalg.norm(self.f0 - self.engine_f0)
+                          + np.finfo(np.float32).eps * np.linalg.norm(self.f0))
+        jacobian = Jacobian(blocks, nominal)
+        norm, self.direction = jacobian.norm()
+        self.jacobian_norm, self.jacobian_exact = norm.value, jacobian.ties == 0
+        self.rng = np.random.default_rng(seed)
+        self.evaluations = 0
+
+    def ratio(self, x: np.ndarray, eps: float) -> float:
+        """A lower estimate of ||f(x) − f(x0)|| / ||x − x0|| by onnxruntime.
+
+        The point is rounded to the model's input type first (the ratio uses
+        the point actually evaluated, and 0 if rounding left the ball), and the
+        numerator is reduced by the onnxruntime noise floor, so that float32
+        rounding cannot lift the ratio above the truth at small radii.
+        """
+        x = self.runner.representable(x)
+        step = np.linalg.norm(x - self.x0)
+        if step == 0 or step > eps:
+            return 0.0
+        self.evaluations += 1
+        change = np.linalg.norm(self.runner(x) - self.f0) - self.noise
+        return float(max(change, 0.0) / step)
+
+    def at(self, eps: float, samples: int = 64, ascent_steps: int = 20) -> LowerBounds:
+        self.evaluations = 0
+        sampled = self.sample(eps, samples)
+        ascent = max(self.ascend(eps, start, ascent_steps)
+                     for start in (self.direction, -self.direction))
+        return LowerBounds(eps, self.jacobian_norm, self.jacobian_exact, sampled, ascent,
+                           self.evaluations)
+
+    def sample(self, eps: float, count: int) -> float:
+        """Best ratio along ±(top singular vector) at a few radii, and at random points."""
+        radii = eps * np.array([1.0, 0.5, 0.1, 0.01])
+        best = max(self.ratio(self.x0 + s * r * self.direction, eps) for r in radii for s in (1, -1))
+        for _ in range(count):
+            d = self.rng.standard_normal(self.x0.size)
+            r = eps * self.rng.uniform(0.0, 1.0) ** (1.0 / 8)
+            best = max(best, self.ratio(self.x0 + r * d / np.linalg.norm(d), eps))
+        return best
+
+    def ascend(self, eps: float, direction: np.ndarray, steps: int) -> float:
+        """Projected normalized-gradient ascent of the ratio from x0 + ε·direction."""
+        delta, step, best = eps * direction, eps / 4, 0.0
+        for _ in range(steps):
+            at = trace(self.blocks, self.x0 + delta)
+            diff = at.output - self.engine_f0
+            a, b = np.linalg.norm(diff), np.linalg.norm(delta)
+            best = max(best, self.ratio(self.x0 + delta, eps))
+            if a == 0 or b == 0:
+                break
+            grad = Jacobian(self.blocks, at).rmatvec(diff) / (a * b) - a * delta / b**3
+            size = np.linalg.norm(grad)
+            if not size:
+                break
+            delta = delta + step * grad / size
+            length = np.linalg.norm(delta)
+            if length > eps:
+                delta *= eps / length
+            step *= 0.8
+        return best
