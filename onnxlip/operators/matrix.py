@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -9,29 +11,39 @@ from .base import LinearMap
 
 
 class DenseMap(LinearMap):
-    """A dense weight matrix W of shape (out_size, in_size) (Gemm, MatMul)."""
+    """A dense weight matrix W of shape (out_size, in_size) (Gemm, MatMul).
+
+    Matrices above FLOAT32_ABOVE entries are kept in float32 (the model's own
+    precision), products computed in float32 and returned in float64: a VGG16
+    classifier in float64 with its square would take 3 GB.
+    """
+
+    FLOAT32_ABOVE = 1 << 20
+    representation = "dense"
 
     def __init__(self, weight: np.ndarray, in_shape, out_shape):
         super().__init__(in_shape, out_shape)
-        self.weight = np.ascontiguousarray(weight, dtype=np.float64)
-        self._squared = self.weight**2
+        dtype = np.float32 if np.size(weight) > self.FLOAT32_ABOVE else np.float64
+        self.weight = np.ascontiguousarray(weight, dtype=dtype)
 
-    representation = "dense"
+    @cached_property
+    def _squared(self) -> np.ndarray:
+        return self.weight**2
 
     def nnz(self) -> int:
         return int(self.weight.size)
 
     def matmat(self, x):
-        return self.weight @ x
+        return (self.weight @ x.astype(self.weight.dtype, copy=False)).astype(np.float64)
 
     def rmatmat(self, u):
-        return self.weight.T @ u
+        return (self.weight.T @ u.astype(self.weight.dtype, copy=False)).astype(np.float64)
 
     def sq_matvec(self, d):
-        return self._squared @ d
+        return (self._squared @ d.astype(self.weight.dtype, copy=False)).astype(np.float64)
 
     def to_sparse(self):
-        return sp.csr_matrix(self.weight)
+        return sp.csr_matrix(self.weight.astype(np.float64))
 
     def sparse_nnz_estimate(self) -> int:
         return int(self.weight.size)
