@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 
 from . import __version__
+from .dataset import certify_dataset, plot_certified_accuracy, read_batch, write_rows
 from .errors import OnnxlipError
 from .inputs import read_input
 from .network import OPERATOR_MODES, Network, load
@@ -74,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--csv", help="write the table to this CSV file")
     sweep.add_argument("--plot", help="write the figure to this PNG/SVG/PDF file")
     sweep.set_defaults(run=run_sweep_command)
+
+    cert = sub.add_parser("certify", help="certified L2 radius of the top class")
+    _model_options(cert)
+    source = cert.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", "-x", help="one input (.npy, .npz, .pb)")
+    source.add_argument("--inputs", help="a batch (.npy, .npz with inputs and labels) or a folder of .npy")
+    cert.add_argument("--labels", help="integer labels (.npy) for --inputs")
+    cert.add_argument("--rel-tol", type=_number, default=1e-3, help="bisection tolerance (1e-3)")
+    cert.add_argument("--workers", type=int, default=0, help="processes for --inputs (default: cores)")
+    cert.add_argument("--radii", type=_number, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.5],
+                      help="radii for certified accuracy in the summary")
+    cert.add_argument("--out", help="per-input rows to this .csv or .json file")
+    cert.add_argument("--plot", help="certified accuracy against radius to this image")
+    cert.add_argument("--json", action="store_true", help="print one JSON object")
+    cert.set_defaults(run=run_certify)
     return parser
 
 
@@ -158,6 +174,44 @@ def run_sweep_command(args) -> int:
     print(f"{args.model}: input {shape_text(net.input_shape)}, x0 = {args.input}, "
           f"{len(grid)} radii in {result.seconds:.3g} s (upper bounds {result.upper_seconds:.3g} s)")
     print(table(["eps", "local bound", "lower bound", "||J(x0)||", "global bound"], rows))
+    return 0
+
+
+def run_certify(args) -> int:
+    if args.inputs is None:
+        net = _load(args)
+        cert = net.certify(read_input(args.input), rel_tol=args.rel_tol)
+        if args.json:
+            print(json.dumps({"model": args.model, **cert.to_dict()}))
+            return 0
+        print(table(["class", "margin", "certified radius (local)", "radius (global)",
+                     "attack distance", "local/global", "seconds"],
+                    [[cert.top_class, cert.margin, cert.radius_local, cert.radius_global,
+                      cert.attack_distance, cert.radius_local / cert.radius_global, cert.seconds]]))
+        return 0
+    load_kwargs = dict(path=args.model, input_shape=args.input_shape, input_name=args.input_name,
+                       output_name=args.output_name, operators=args.operators,
+                       memory_budget=args.memory_budget, tol=args.tol)
+    net = load(**load_kwargs)
+    batch, labels = read_batch(args.inputs, args.labels, net.input_shape)
+    result = certify_dataset(load_kwargs, batch, labels, args.rel_tol, args.workers or None,
+                             progress=sys.stderr.isatty())
+    summary = result.summary(args.radii)
+    if args.out:
+        write_rows(result, args.out)
+    if args.plot:
+        plot_certified_accuracy(result, args.plot, f"{os.path.basename(args.model)}: "
+                                f"{len(batch)} inputs from {os.path.basename(args.inputs)}")
+    if args.json:
+        print(json.dumps({"model": args.model, "summary": summary,
+                          "inputs": [c.to_dict() for c in result.certificates]}))
+        return 0
+    print(f"{args.model}: {summary['inputs']} inputs, accuracy {summary['accuracy']:.3f}, "
+          f"median certified radius {summary['median_radius_local']:.4g} (local bound) vs "
+          f"{summary['median_radius_global']:.4g} (global), median attack distance "
+          f"{summary['median_attack_distance']:.4g}, {summary['seconds']:.3g} s")
+    rows = [[float(r), v["local"], v["global"]] for r, v in summary["certified_accuracy"].items()]
+    print(table(["radius", "certified accuracy (local)", "certified accuracy (global)"], rows))
     return 0
 
 

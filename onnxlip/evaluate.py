@@ -8,6 +8,7 @@ import onnxruntime as ort
 
 from .errors import OnnxlipError
 from .graph import ChainGraph
+from .operators import ort as ort_settings
 
 _NUMPY_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
                 onnx.TensorProto.FLOAT16: np.float16}
@@ -19,6 +20,7 @@ class ModelRunner:
     def __init__(self, graph: ChainGraph):
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = ort_settings.THREADS
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(graph.model.SerializeToString(), options,

@@ -71,7 +71,11 @@ class Network:
         """Local bounds at several radii, sharing one forward pass."""
         eps_values = [check_eps(e) for e in eps_values]
         nominal = self.trace(x0)
-        return [bounds.local_bound(self.blocks, nominal, e, self.tol) for e in eps_values]
+        return [self.local_bound_from(nominal, e) for e in eps_values]
+
+    def local_bound_from(self, nominal: bounds.Trace, eps: float) -> bounds.BoundResult:
+        """The local bound at eps around an already computed forward pass."""
+        return bounds.local_bound(self.blocks, nominal, check_eps(eps), self.tol)
 
     def jacobian(self, x0) -> Jacobian:
         """J(x0), matrix-free (matvec / rmatvec / dense)."""
@@ -90,9 +94,19 @@ class Network:
 
     def lower_bound_search(self, x0, seed: int = 0) -> LowerBoundSearch:
         """The ε-independent part of the lower bounds at x0 (f(x0), J(x0), its top direction)."""
+        return LowerBoundSearch(self.blocks, self.runner(), self.check_input(x0), seed)
+
+    def runner(self) -> ModelRunner:
+        """onnxruntime on the user's own model: the reference evaluations."""
         if self._runner is None:
             self._runner = ModelRunner(self.graph)
-        return LowerBoundSearch(self.blocks, self._runner, self.check_input(x0), seed)
+        return self._runner
+
+    def certify(self, x0, rel_tol: float = 1e-3, label: int | None = None):
+        """Certified L2 radius of x0's top class (see onnxlip.certify)."""
+        from .certify import certify
+
+        return certify(self, x0, rel_tol=rel_tol, label=label)
 
     def global_bound(self) -> bounds.BoundResult:
         """Product of the blocks' spectral norms (and max-pooling constants)."""

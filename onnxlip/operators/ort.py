@@ -9,6 +9,10 @@ from onnx import helper, numpy_helper
 
 OPSET = 17
 
+#: onnxruntime threads per session (0: its default, one per core); a process
+#: pool sets 1 so that its workers do not compete for the cores.
+THREADS = 0
+
 
 class NodeSession:
     """One ONNX node over an input 'x' with a dynamic batch dimension.
@@ -34,6 +38,7 @@ class NodeSession:
         model.ir_version = min(model.ir_version, onnx.IR_VERSION)
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = THREADS
         # Spinning worker threads would steal the cores from numpy's BLAS between runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(
