@@ -82,7 +82,8 @@ class ConvMap(LinearMap):
         return _run(self._transpose, u, self.out_shape, self.in_size)
 
     def sq_matvec(self, d):
-        return _run(self._squared, d.reshape(-1, 1), self.in_shape, self.out_size)[:, 0]
+        d = d.reshape(-1, 1).astype(np.float64)
+        return _run(self._squared, d, self.in_shape, self.out_size)[:, 0]
 
     def sparse_nnz_estimate(self) -> int:
         return self.out_size * math.prod(self.weight.shape[1:])
@@ -96,7 +97,7 @@ class ConvMap(LinearMap):
 def _run(session: NodeSession, x: np.ndarray, shape, out_size: int) -> np.ndarray:
     batch = x.shape[1]
     images = np.ascontiguousarray(x.T).reshape(batch, *shape[1:])
-    return session(images).reshape(batch, out_size).T.astype(np.float64)
+    return session(images).reshape(batch, out_size).T.astype(x.dtype)
 
 
 def conv_matrix_entries(conv: ConvMap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

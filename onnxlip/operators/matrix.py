@@ -34,10 +34,10 @@ class DenseMap(LinearMap):
         return int(self.weight.size)
 
     def matmat(self, x):
-        return (self.weight @ x.astype(self.weight.dtype, copy=False)).astype(np.float64)
+        return (self.weight @ x.astype(self.weight.dtype, copy=False)).astype(x.dtype, copy=False)
 
     def rmatmat(self, u):
-        return (self.weight.T @ u.astype(self.weight.dtype, copy=False)).astype(np.float64)
+        return (self.weight.T @ u.astype(self.weight.dtype, copy=False)).astype(u.dtype, copy=False)
 
     def sq_matvec(self, d):
         return (self._squared @ d.astype(self.weight.dtype, copy=False)).astype(np.float64)
@@ -64,10 +64,10 @@ class SparseMap(LinearMap):
         return int(self.matrix.nnz)
 
     def matmat(self, x):
-        return np.asarray(self.matrix @ x)
+        return np.asarray(self.matrix @ x).astype(x.dtype, copy=False)
 
     def rmatmat(self, u):
-        return np.asarray(self._transpose @ u)
+        return np.asarray(self._transpose @ u).astype(u.dtype, copy=False)
 
     def sq_matvec(self, d):
         return np.asarray(self._squared @ d)

@@ -41,12 +41,12 @@ class MonomialMap(LinearMap):
         return int(self._rows.size)
 
     def matmat(self, x):
-        out = np.zeros((self.out_size, x.shape[1]))
+        out = np.zeros((self.out_size, x.shape[1]), dtype=x.dtype)
         out[self._rows] = x[self._cols] * self.scale[self._rows, None]
         return out
 
     def rmatmat(self, u):
-        out = np.zeros((self.in_size, u.shape[1]))
+        out = np.zeros((self.in_size, u.shape[1]), dtype=u.dtype)
         values = u[self._rows] * self.scale[self._rows, None]
         if self.monomial:
             out[self._cols] = values
