@@ -1,11 +1,15 @@
 """Time onnxlip against onnxruntime's forward pass, all in one run.
 
-    python tools/bench.py                      # the reference networks in ../shared/reference
-    python tools/bench.py --model m.onnx --input x.npy --name mine
-    python tools/bench.py --json bench.json
+    python tools/bench.py                          # reference networks + AlexNet/VGG16 if cached
+    python tools/bench.py --networks cifar10_avant alexnet --sweep-points 30
+    python tools/bench.py --model m.onnx --input x.npy --name mine --json bench.json
 
-For each network: one onnxruntime forward pass, one local bound, one global
-bound, a 30-point sweep, peak memory, and each time's ratio to the forward pass.
+For each network (each in its own process, so that peak memory is its own):
+one onnxruntime forward pass, one local bound, one global bound, an ε sweep,
+peak memory (RSS), and each time's ratio to the forward pass; per-block
+eigensolver iterations and residuals; and, with --tolerance-check, each block's
+bound against a run at a 10x tighter tolerance. Large models come from
+`python tools/make_models.py --large` (in $ONNXLIP_CACHE or ~/.cache/onnxlip).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,9 +30,24 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onnxlip  # noqa: E402
+from onnxlip import bounds  # noqa: E402
 from onnxlip.report import table  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+CACHE = Path(os.environ.get("ONNXLIP_CACHE", Path.home() / ".cache" / "onnxlip"))
+
+
+def known_networks() -> dict[str, tuple[Path, Path, Path | None]]:
+    """name -> (model, x0, published JSON or None), for the files that exist."""
+    found = {}
+    for name in ("mnist_avant", "cifar10_avant"):
+        if (REFERENCE / f"{name}.onnx").is_file():
+            found[name] = (REFERENCE / f"{name}.onnx", REFERENCE / f"{name}_x0.npy",
+                           REFERENCE / f"{name}_published.json")
+    for name in ("alexnet", "vgg16"):
+        if (CACHE / f"{name}.onnx").is_file():
+            found[name] = (CACHE / f"{name}.onnx", CACHE / f"{name}_x0.npy", None)
+    return found
 
 
 def median_time(func, repeat: int) -> float:
@@ -40,90 +60,112 @@ def median_time(func, repeat: int) -> float:
 
 
 def forward_time(path: str, x0: np.ndarray, repeat: int) -> float:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    feed = {name: x0.astype(np.float32)}
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x0.astype(np.float32)}
     session.run(None, feed)
     return median_time(lambda: session.run(None, feed), repeat)
 
 
-def bench(name: str, path: str, x0: np.ndarray, eps: float, sweep: list[float],
-          repeat: int, published: dict | None) -> dict:
-    fwd = forward_time(path, x0, max(repeat, 20))
+def bench_one(name: str, model: str, x0_path: str, published: str | None, eps: float,
+              sweep_points: int, repeat: int, tolerance_check: bool) -> dict:
+    x0 = np.load(x0_path, allow_pickle=False)
+    fwd = forward_time(model, x0, max(repeat, 10))
     start = time.perf_counter()
-    net = onnxlip.load(path)
+    net = onnxlip.load(model)
     load_s = time.perf_counter() - start
-    net.local_bound(x0, eps)  # warm-up: sessions, caches
-    local = net.local_bound(x0, eps)
-    local_s = median_time(lambda: net.local_bound(x0, eps), repeat)
-    start = time.perf_counter()
-    glob = onnxlip.bounds.global_bound(net.blocks, net.tol)
-    global_s = time.perf_counter() - start
+    nominal = net.trace(x0)
+    local = bounds.local_bound(net.blocks, nominal, eps, net.tol)  # also warms sessions up
+    local_s = median_time(lambda: bounds.local_bound(net.blocks, nominal, eps, net.tol), repeat)
+    glob = bounds.global_bound(net.blocks, net.tol)
+    reference = json.loads(Path(published).read_text()) if published else None
+    sweep = reference["eps"][:sweep_points] if reference else list(
+        np.geomspace(eps, 1.0, sweep_points))
     start = time.perf_counter()
     net.local_bounds(x0, sweep)
     sweep_s = time.perf_counter() - start
     row = {
-        "network": name, "forward_s": fwd, "load_s": load_s,
-        "local_bound": local.bound, "local_s": local_s, "global_bound": glob.bound,
-        "global_s": global_s, "sweep_points": len(sweep), "sweep_s": sweep_s,
-        "local_over_forward": local_s / fwd, "global_over_forward": global_s / fwd,
-        "sweep_over_forward": sweep_s / fwd, "sweep_over_local": sweep_s / local_s,
-        "iterations": [r.iterations for r in local.layers],
-        "max_residual": max(r.residual for r in local.layers),
+        "network": name, "forward_s": fwd, "load_s": load_s, "eps": eps,
+        "local_bound": local.bound, "local_s": local_s,
+        "global_bound": glob.bound, "global_s": glob.seconds,
+        "sweep_points": len(sweep), "sweep_s": sweep_s,
+        "local_over_forward": local_s / fwd, "global_over_forward": glob.seconds / fwd,
+        "sweep_over_local": sweep_s / local_s,
+        "blocks": [{"name": r.name, "bound": r.bound, "iterations": r.iterations,
+                    "residual": r.residual, "seconds": r.seconds}
+                   for r in local.layers if r.iterations],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    if published:
-        row["published_local_bound"] = published["local_bound"][0]
-        row["local_over_published"] = local.bound / published["local_bound"][0]
-        ref_s = published.get("reference_seconds_per_eps_2core_cpu")
-        if ref_s:
-            row["reference_s"] = ref_s
-            row["speedup_vs_reference"] = ref_s / local_s
+    if tolerance_check:
+        tight = bounds.local_bound(net.blocks, nominal, eps, net.tol / 10)
+        row["tolerance_check"] = {"tol": net.tol, "tight_tol": net.tol / 10, "max_rel_diff": max(
+            abs(a.bound - b.bound) / b.bound for a, b in zip(local.layers, tight.layers) if b.bound)}
+    if reference:
+        row["published_local_bound"] = reference["local_bound"][0]
+        row["local_over_published"] = local.bound / reference["local_bound"][0]
+        row["reference_s"] = reference["reference_seconds_per_eps_2core_cpu"]
+        row["speedup_vs_reference"] = row["reference_s"] / local_s
     return row
 
 
 def machine() -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "onnxruntime": ort.__version__, "onnxlip": onnxlip.__version__}
+            "onnxruntime": ort.__version__, "onnxlip": onnxlip.__version__,
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
-def reference_cases() -> list[tuple[str, str, np.ndarray, dict]]:
-    cases = []
-    for name in ("mnist_avant", "cifar10_avant"):
-        model = REFERENCE / f"{name}.onnx"
-        if model.is_file():
-            published = json.loads((REFERENCE / f"{name}_published.json").read_text())
-            cases.append((name, str(model), np.load(REFERENCE / f"{name}_x0.npy"), published))
-    return cases
+def run_in_subprocess(args: list[str]) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--one", *args], capture_output=True,
+                          text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"bench: {args[0]} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--networks", nargs="*", help="names among the known networks (default all)")
     parser.add_argument("--model", action="append", default=[], help="extra ONNX model")
     parser.add_argument("--input", action="append", default=[], help="its x0 (.npy)")
     parser.add_argument("--name", action="append", default=[], help="its name in the table")
     parser.add_argument("--eps", type=float, default=1e-3, help="radius of the single bound")
-    parser.add_argument("--repeat", type=int, default=5, help="repetitions per timing (median)")
-    parser.add_argument("--no-reference", action="store_true", help="skip ../shared/reference")
+    parser.add_argument("--sweep-points", type=int, default=30)
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions per timing (median)")
+    parser.add_argument("--tolerance-check", action="store_true",
+                        help="compare every block with a 10x tighter tolerance")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--one", nargs=4, metavar=("NAME", "MODEL", "X0", "PUBLISHED"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
-    cases = [] if args.no_reference else reference_cases()
+    if args.one:
+        name, model, x0, published = args.one
+        print(json.dumps(bench_one(name, model, x0, None if published == "-" else published,
+                                   args.eps, args.sweep_points, args.repeat, args.tolerance_check)))
+        return 0
+    cases = known_networks()
+    if args.networks is not None:
+        cases = {k: v for k, v in cases.items() if k in args.networks}
     for i, model in enumerate(args.model):
         name = args.name[i] if i < len(args.name) else Path(model).stem
-        cases.append((name, model, np.load(args.input[i], allow_pickle=False), None))
+        cases[name] = (Path(model), Path(args.input[i]), None)
+    common = ["--eps", str(args.eps), "--sweep-points", str(args.sweep_points),
+              "--repeat", str(args.repeat)] + (["--tolerance-check"] if args.tolerance_check else [])
     rows = []
-    for name, path, x0, published in cases:
-        sweep = published["eps"] if published else list(np.geomspace(1e-3, 1.0, 30))
-        rows.append(bench(name, path, x0, args.eps, sweep, args.repeat, published))
+    for name, (model, x0, published) in cases.items():
+        rows.append(run_in_subprocess([name, str(model), str(x0), str(published or "-"), *common]))
         print(f"{name}: done", file=sys.stderr)
-    result = {"machine": machine(), "eps": args.eps, "results": rows}
-    headers = ["network", "forward_s", "local_s", "global_s", "sweep_s", "local_over_forward",
-               "sweep_over_local", "speedup_vs_reference", "local_over_published", "peak_rss_mb"]
+    result = {"machine": machine(), "results": rows}
     print(json.dumps(result["machine"]))
+    headers = ["network", "forward_s", "local_s", "global_s", "sweep_points", "sweep_s",
+               "local_over_forward", "sweep_over_local", "speedup_vs_reference",
+               "local_over_published", "peak_rss_mb"]
     print(table(headers, [[r.get(h) for h in headers] for r in rows]))
+    for r in rows:
+        check = r.get("tolerance_check")
+        blocks = ", ".join(f"{b['name']} {b['iterations']} it, res {b['residual']:.1e}"
+                           for b in r["blocks"])
+        print(f"{r['network']}: {blocks}" + (
+            f"; max per-block change at tol/10: {check['max_rel_diff']:.2e}" if check else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
