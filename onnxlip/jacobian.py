@@ -64,7 +64,7 @@ class Jacobian:
     def norm(self, tol: float = 1e-8) -> tuple[SpectralNorm, np.ndarray]:
         """||J|| and its top right singular vector (unit, in the input space)."""
         result = spectral_norm(self.matvec, self.rmatvec, self.in_size, self.out_size, tol=tol,
-                               want_vector=True)
+                               want_vector=True, upper=False)
         vector = result.vector
         if vector is not None and vector.size != self.in_size:
             vector = self.rmatvec(vector)

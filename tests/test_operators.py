@@ -1,0 +1,192 @@
+"""ConvMap (matrix-free, onnxruntime float32) against its exact CSR matrix, onnxruntime's
+Conv run directly and a float64 numpy convolution; sparse vs matrix-free networks."""
+
+from __future__ import annotations
+
+import math
+
+import netgen
+import numpy as np
+import onnxruntime as ort
+import pytest
+import scipy.sparse as sp
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxlip
+from onnxlip.blocks import AffineBlock
+from onnxlip.operators.conv import ConvMap
+
+RTOL = 1e-5
+
+# (in_shape, out_channels, group, kernel, strides, pads, dilations)
+FIXED = [
+    ((1, 3, 7, 7), 4, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((1, 2, 8, 7), 3, 1, (3, 3), (2, 2), (0, 2, 1, 0), (1, 1)),
+    ((1, 2, 11, 11), 2, 1, (5, 5), (3, 3), (2, 2, 2, 2), (1, 1)),
+    ((1, 1, 9, 9), 3, 1, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2)),
+    ((1, 2, 10, 9), 2, 1, (3, 3), (2, 2), (1, 0, 2, 1), (2, 2)),
+    ((1, 4, 6, 6), 6, 2, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((1, 3, 6, 6), 3, 3, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # depthwise
+    ((1, 3, 7, 7), 6, 3, (3, 3), (2, 2), (0, 1, 1, 0), (1, 2)),  # depthwise, multiplier 2
+    ((1, 2, 5, 5), 3, 1, (1, 1), (1, 1), (1, 1, 1, 1), (1, 1)),  # pad beyond the kernel's reach
+    ((1, 2, 6, 8), 2, 1, (1, 3), (1, 3), (0, 1, 0, 2), (1, 1)),
+    ((1, 1, 9, 6), 2, 1, (5, 2), (2, 1), (2, 0, 1, 1), (1, 2)),
+    ((1, 2, 10, 10), 3, 1, (4, 4), (3, 3), (0, 0, 0, 0), (1, 1)),  # unused trailing rows
+    ((1, 2, 9, 9), 2, 2, (2, 2), (3, 3), (2, 2, 0, 0), (2, 2)),
+    ((1, 1, 4, 4), 1, 1, (4, 4), (1, 1), (0, 0, 0, 0), (1, 1)),  # one output pixel
+    ((1, 2, 12), 3, 1, (3,), (1,), (1, 1), (1,)),
+    ((1, 2, 13), 4, 2, (5,), (2,), (2, 0), (1,)),
+    ((1, 3, 14), 3, 3, (3,), (3,), (0, 2), (2,)),
+    ((1, 1, 9), 2, 1, (2,), (2,), (1, 1), (2,)),
+    ((1, 4, 10), 2, 1, (1,), (3,), (0, 0), (1,)),
+    ((1, 2, 4, 5, 5), 2, 1, (2, 3, 3), (1, 2, 1), (0, 1, 1, 1, 0, 1), (1, 1, 2)),  # 3-D
+]
+
+
+def _random_config(seed: int):
+    rng = np.random.default_rng(300 + seed)
+    rank = int(rng.integers(1, 3))
+    while True:
+        c_in = int(rng.choice([1, 2, 3, 4, 6]))
+        group = int(rng.choice([g for g in (1, 2, c_in) if c_in % g == 0]))
+        c_out = group * int(rng.integers(1, 4))
+        kernel = tuple(int(v) for v in rng.integers(1, 6, rank))
+        strides = tuple(int(v) for v in rng.integers(1, 4, rank))
+        dilations = tuple(int(v) for v in rng.integers(1, 3, rank))
+        pads = tuple(int(v) for v in rng.integers(0, 3, 2 * rank))
+        spatial = tuple(int(v) for v in rng.integers(4, 12 if rank == 2 else 20, rank))
+        out = [(spatial[i] + pads[i] + pads[rank + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+               for i in range(rank)]
+        if min(out) >= 1:
+            return (1, c_in, *spatial), c_out, group, kernel, strides, pads, dilations
+
+
+CONFIGS = FIXED + [_random_config(s) for s in range(30)]
+
+
+def _conv_map(config, seed=0):
+    in_shape, c_out, group, kernel, strides, pads, dilations = config
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((c_out, in_shape[1] // group, *kernel)).astype(np.float32)
+    return ConvMap(weight, in_shape, strides, pads, dilations, group), weight
+
+
+def _ort_conv(weight, config, images: np.ndarray) -> np.ndarray:
+    """onnxruntime's own Conv on a batch of images (float32), built here from scratch."""
+    in_shape, _, group, kernel, strides, pads, dilations = config
+    node = helper.make_node("Conv", ["x", "W"], ["y"], kernel_shape=list(kernel), strides=list(strides),
+                            pads=list(pads), dilations=list(dilations), group=group)
+    graph = helper.make_graph(
+        [node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, *in_shape[1:]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": images.astype(np.float32)})[0]
+
+
+def _close(actual, expected, rtol=RTOL):
+    """Entrywise agreement relative to the largest entry (float32 kernels round each sum)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape
+    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-30)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[f"c{i}" for i in range(len(CONFIGS))])
+def test_conv_map(config):
+    conv, weight = _conv_map(config)
+    in_shape, group = config[0], config[2]
+    n_in = math.prod(in_shape)
+
+    # the exact matrix: CSR by index arithmetic == the float64 numpy convolution of the identity
+    eye = np.eye(n_in).reshape(n_in, *in_shape[1:])
+    dense = netgen.conv_nd(eye, weight, config[4], config[5], config[6], group).reshape(n_in, -1).T
+    csr = conv.to_sparse()
+    assert sp.issparse(csr) and csr.shape == (conv.out_size, conv.in_size) == dense.shape
+    assert conv.out_shape == (1, *netgen.conv_nd(eye[:1], weight, *config[4:], group).shape[1:])
+    np.testing.assert_allclose(csr.toarray(), dense, rtol=0, atol=1e-12)
+    assert csr.nnz <= conv.sparse_nnz_estimate()
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((conv.in_size, 4))
+    u = rng.standard_normal((conv.out_size, 4))
+    ax, atu = conv.matmat(x), conv.rmatmat(u)
+    _close(ax, csr @ x)
+    _close(atu, csr.T @ u)
+    _close(conv.matvec(x[:, 0]), csr @ x[:, 0])
+    _close(conv.rmatvec(u[:, 0]), csr.T @ u[:, 0])
+    op = conv.as_operator()
+    _close(op.matvec(x[:, 1]), csr @ x[:, 1])
+    _close(op.rmatvec(u[:, 1]), csr.T @ u[:, 1])
+
+    # onnxruntime's Conv run directly on the same weights and float32 inputs
+    images = np.ascontiguousarray(x.T).reshape(4, *in_shape[1:]).astype(np.float32)
+    direct = _ort_conv(weight, config, images).reshape(4, -1).T
+    _close(ax, direct)
+    _close(conv.matmat(images.reshape(4, -1).T.astype(np.float64)), direct, rtol=1e-6)
+
+    # the transpose: <A x, u> == <x, A^T u>
+    for k in range(4):
+        lhs, rhs = float(ax[:, k] @ u[:, k]), float(x[:, k] @ atu[:, k])
+        scale = np.linalg.norm(ax[:, k]) * np.linalg.norm(u[:, k])
+        assert abs(lhs - rhs) <= RTOL * scale
+
+    # (A∘A) d for a 0/1 mask and for a positive vector
+    squared = csr.multiply(csr)
+    for d in (rng.integers(0, 2, conv.in_size).astype(float), rng.uniform(0, 1, conv.in_size)):
+        _close(conv.sq_matvec(d), squared @ d)
+
+
+# ---------------------------------------------------------------------- whole networks
+
+
+def _conv_models(tmp_path):
+    nets = [netgen.conv_net(s) for s in (1, 3, 6, 9)]
+    assert any(op.kind == "maxpool" for net in nets for op in net.ops)
+    assert any(op.kind == "bn" for net in nets for op in net.ops)
+    return [(net, net.save(tmp_path / f"{net.name}.onnx")) for net in nets]
+
+
+def test_sparse_and_matrix_free_agree(tmp_path):
+    """Same forward, same local bounds at three radii and same global bound (1e-6 rel)."""
+    for net, path in _conv_models(tmp_path):
+        sparse = onnxlip.load(path, operators="sparse")
+        free = onnxlip.load(path, operators="matrix-free")
+        reps = {b.map.representation for b in sparse.blocks if isinstance(b, AffineBlock)}
+        assert reps == {"sparse"}
+        assert "matrix-free" in {b.map.representation for b in free.blocks if isinstance(b, AffineBlock)}
+        x0 = np.random.default_rng(0).standard_normal(net.input_shape)
+        assert netgen.rel_err(sparse.forward(x0), free.forward(x0)) <= 1e-6
+        assert netgen.rel_err(sparse.forward(x0), net(x0)[0]) <= 1e-6
+        radii = [level * np.linalg.norm(x0) for level in (0.01, 0.1, 1.0)]
+        for a, b in zip(sparse.local_bounds(x0, radii), free.local_bounds(x0, radii)):
+            assert a.bound == pytest.approx(b.bound, rel=1e-6, abs=1e-12), net.name
+        assert sparse.global_bound().bound == pytest.approx(free.global_bound().bound, rel=1e-6)
+
+
+def test_sparse_mode_falls_back_to_matrix_free(tmp_path):
+    """With a memory budget too small for any CSR matrix, 'sparse' keeps the original forms."""
+    for net, path in _conv_models(tmp_path):
+        tiny = onnxlip.load(path, operators="sparse", memory_budget=1)
+        affine = [b for b in tiny.blocks if isinstance(b, AffineBlock)]
+        assert affine
+        for block in affine:
+            assert block.map.representation in ("matrix-free", "dense", "monomial"), block.ops
+            if "Conv" in block.ops:
+                assert block.map.representation == "matrix-free"
+        # the budget also stops dense compositions, so compare with matrix-free at the same budget
+        free = onnxlip.load(path, operators="matrix-free", memory_budget=1)
+        assert [b.ops for b in free.blocks] == [b.ops for b in tiny.blocks]
+        x0 = np.random.default_rng(1).standard_normal(net.input_shape)
+        assert netgen.rel_err(tiny.forward(x0), net(x0)[0]) <= 1e-6
+        eps = 0.1 * np.linalg.norm(x0)
+        bound = tiny.local_bound(x0, eps).bound
+        assert bound == pytest.approx(free.local_bound(x0, eps).bound, rel=1e-6)
+        assert bound >= np.linalg.norm(net.jacobian(x0), 2) * (1 - 1e-6)
+
+
+def test_operator_mode_is_checked(tmp_path):
+    net, path = _conv_models(tmp_path)[0]
+    with pytest.raises(onnxlip.OnnxlipError):
+        onnxlip.load(path, operators="csr")
