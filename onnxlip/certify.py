@@ -92,29 +92,55 @@ def _local_radius(net: Network, x: np.ndarray, margin: float, floor: float,
 
 
 def attack_distance(net: Network, x0: np.ndarray, top: int, steps: int = 50) -> float:
-    """Distance to the nearest point found whose class onnxruntime confirms is not `top`."""
+    """Distance to the nearest point found whose class onnxruntime confirms is not `top`.
+
+    For each rival class: DeepFool steps across its boundary, else a ray along
+    the margin's descent direction at x0; every end point is then pulled back
+    towards x0 by bisection, keeping the class change confirmed.
+    """
     runner = net.runner()
     best = math.inf
     logits0 = net.forward(x0).ravel()
-    rivals = [int(j) for j in np.argsort(logits0)[::-1] if j != top][:3]
-    for rival in rivals:
+    for rival in [int(j) for j in np.argsort(logits0)[::-1] if j != top][:9]:
         point = _deepfool(net, x0, top, rival, steps)
+        if point is None:
+            point = _ray(runner, x0, top, _margin_gradient(net, x0, top, rival))
         if point is not None:
             best = min(best, _shrink(runner, x0, point, top))
     return best
+
+
+def _margin_gradient(net: Network, x: np.ndarray, top: int, rival: int) -> np.ndarray:
+    at = trace(net.blocks, x)
+    seed = np.zeros(at.output.size)
+    seed[top], seed[rival] = 1.0, -1.0
+    return Jacobian(net.blocks, at).rmatvec(seed)
+
+
+def _ray(runner, x0: np.ndarray, top: int, gradient: np.ndarray) -> np.ndarray | None:
+    """The first point along −gradient, at doubling distances, of another class."""
+    size = np.linalg.norm(gradient)
+    if not size:
+        return None
+    direction = -gradient / size
+    t = 1e-3 * max(1.0, np.linalg.norm(x0))
+    for _ in range(40):
+        point = x0 + t * direction
+        if int(np.argmax(runner(runner.representable(point)))) != top:
+            return point
+        t *= 2
+    return None
 
 
 def _deepfool(net: Network, x0, top: int, rival: int, steps: int) -> np.ndarray | None:
     """Linearized steps across the boundary between `top` and `rival`."""
     x = x0.copy()
     for _ in range(steps):
-        at = trace(net.blocks, x)
-        gap = at.output[top] - at.output[rival]
+        logits = trace(net.blocks, x).output
+        gap = logits[top] - logits[rival]
         if gap < 0:
             return x
-        seed = np.zeros(at.output.size)
-        seed[top], seed[rival] = 1.0, -1.0
-        grad = Jacobian(net.blocks, at).rmatvec(seed)
+        grad = _margin_gradient(net, x, top, rival)
         size = grad @ grad
         if not size:
             return None

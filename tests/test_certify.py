@@ -1,0 +1,95 @@
+"""Robustness certificates: never above a confirmed adversarial distance."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import netgen
+import numpy as np
+import pytest
+
+import onnxlip
+from onnxlip.certify import SQRT2
+from onnxlip.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+REFERENCE = ROOT.parent / "shared" / "reference"
+
+
+def _classifier(tmp_path, seed: int):
+    family = netgen.dense_net if seed % 2 else netgen.conv_net
+    net = family(seed)
+    engine = onnxlip.load(net.save(tmp_path / f"{net.name}.onnx"))
+    x0 = np.random.default_rng(seed).standard_normal(net.input_size).astype(np.float32)
+    return net, engine, x0.astype(np.float64)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_certificate_below_confirmed_attack(tmp_path, seed):
+    """The certified radius is below every adversarial example the attack confirms,
+    and no point sampled inside the certified ball changes the class."""
+    net, engine, x0 = _classifier(tmp_path, seed)
+    cert = engine.certify(x0, rel_tol=1e-2)
+    logits = np.ravel(net(x0))
+    assert cert.top_class == int(np.argmax(logits))
+    assert cert.margin == pytest.approx(np.sort(logits)[-1] - np.sort(logits)[-2], rel=1e-4, abs=1e-6)
+    assert 0 < cert.radius_global <= cert.radius_local * (1 + 1e-9)
+    assert cert.radius_local < cert.attack_distance
+    bound = engine.local_bound(x0, cert.radius_local).bound
+    assert SQRT2 * cert.radius_local * bound < cert.margin
+    rng = np.random.default_rng(seed)
+    points = netgen.ball_points(rng, x0, cert.radius_local, 200, 200, [])
+    assert all(int(np.argmax(net(p))) == cert.top_class for p in points)
+    if math.isfinite(cert.attack_distance):  # the attack's point really changes the class
+        assert cert.attack_distance > cert.radius_local
+
+
+@pytest.mark.skipif(not (REFERENCE / "mnist_avant.onnx").is_file(), reason="../shared/reference absent")
+@pytest.mark.parametrize("name", ["mnist_avant", "cifar10_avant"])
+def test_reference_certified_radius_matches_paper(name):
+    published = json.loads((REFERENCE / f"{name}_published.json").read_text())
+    net = onnxlip.load(REFERENCE / f"{name}.onnx")
+    cert = net.certify(np.load(REFERENCE / f"{name}_x0.npy"))
+    assert cert.margin == pytest.approx(published["margin"], rel=1e-4)
+    assert cert.radius_local >= published["certified_radius_paper_method"] * (1 - 1e-3)
+    assert cert.radius_global == pytest.approx(published["certified_radius_global"], rel=1e-2)
+    assert cert.radius_local < cert.attack_distance
+
+
+def test_certify_command_single_and_dataset(tmp_path, capsys):
+    model = str(MODELS / "digits_mlp.onnx")
+    assert main(["certify", model, "-x", str(MODELS / "digits_mlp_x0.npy"), "--json"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single["radius_global"] <= single["radius_local"] < single["attack_distance"]
+    data = np.load(MODELS / "digits_test.npz")
+    batch = tmp_path / "batch.npz"
+    labels = data["y"][:6].copy()
+    labels[0] = (labels[0] + 1) % 10  # a deliberately wrong label: reported, not certified
+    np.savez(batch, x=data["x"][:6], y=labels)
+    rows, png = tmp_path / "rows.csv", tmp_path / "acc.png"
+    code = main(["certify", model, "--inputs", str(batch), "--workers", "2", "--out", str(rows),
+                 "--plot", str(png), "--radii", "0.001", "0.01", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["summary"]["inputs"] == 6
+    assert out["inputs"][0]["correct"] is False
+    assert out["summary"]["certified_accuracy"]["0.001"]["local"] <= 5 / 6
+    assert len(rows.read_text().splitlines()) == 7 and png.stat().st_size > 0
+
+
+def test_certify_folder_and_bad_labels(tmp_path, capsys):
+    data = np.load(MODELS / "digits_test.npz")
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for i in range(3):
+        np.save(folder / f"{i}.npy", data["x"][i])
+    model = str(MODELS / "digits_mlp.onnx")
+    assert main(["certify", model, "--inputs", str(folder), "--workers", "1"]) == 0
+    assert "3 inputs" in capsys.readouterr().out
+    bad = tmp_path / "labels.npy"
+    np.save(bad, np.zeros(5, np.int64))
+    code = main(["certify", model, "--inputs", str(folder), "--labels", str(bad)])
+    err = capsys.readouterr().err
+    assert code == 2 and "labels" in err and err.count("\n") == 1
