@@ -90,6 +90,24 @@ class MaxPoolBlock(Block):
         return (self._session(d.reshape(self.in_shape)).ravel() > 0).astype(float)
 
     @cached_property
+    def windows(self) -> np.ndarray:
+        """(outputs, window size) flat input indices of every window, -1 for padding."""
+        p, rank = self.layer, len(self.layer.kernel)
+        in_sp, out_sp = p.in_shape[2:], p.out_shape[2:]
+        grids = np.meshgrid(*[np.arange(o) for o in out_sp], *[np.arange(k) for k in p.kernel],
+                            indexing="ij")
+        valid, positions = np.ones(grids[0].shape, dtype=bool), []
+        for i in range(rank):
+            q = grids[i] * p.strides[i] - p.pads[i] + grids[rank + i] * p.dilations[i]
+            valid &= (q >= 0) & (q < in_sp[i])
+            positions.append(np.clip(q, 0, in_sp[i] - 1))
+        spatial = np.where(valid, np.ravel_multi_index(positions, in_sp), -1)
+        spatial = spatial.reshape(math.prod(out_sp), math.prod(p.kernel))
+        offsets = np.arange(p.in_shape[1])[:, None, None] * math.prod(in_sp)
+        members = np.where(spatial[None] >= 0, spatial[None] + offsets, -1)
+        return members.reshape(-1, spatial.shape[1])
+
+    @cached_property
     def lipschitz(self) -> float:
         """sqrt of the largest number of windows that contain one input element."""
         p = self.layer

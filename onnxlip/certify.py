@@ -46,7 +46,7 @@ class Certificate:
 
 
 def certify(net: Network, x0, rel_tol: float = 1e-3, attack_steps: int = 50,
-            label: int | None = None) -> Certificate:
+            label: int | None = None, method: str = "paper") -> Certificate:
     """Certified radii (local and global bound) and an attack distance at x0."""
     import time
 
@@ -58,14 +58,14 @@ def certify(net: Network, x0, rel_tol: float = 1e-3, attack_steps: int = 50,
     top = int(np.argmax(logits))
     margin = float(logits[top] - np.max(np.delete(logits, top)))
     radius_global = margin / (SQRT2 * net.global_bound().bound)
-    radius_local, evaluations = _local_radius(net, x, margin, radius_global, rel_tol)
+    radius_local, evaluations = _local_radius(net, x, margin, radius_global, rel_tol, method)
     attack = attack_distance(net, x, top, attack_steps)
     return Certificate(top, margin, radius_local, radius_global, attack, label, evaluations,
                        time.perf_counter() - start)
 
 
 def _local_radius(net: Network, x: np.ndarray, margin: float, floor: float,
-                  rel_tol: float) -> tuple[float, int]:
+                  rel_tol: float, method: str) -> tuple[float, int]:
     """Largest ε (to rel_tol) with √2·ε·L(x0, ε) < margin, and the bounds computed."""
     if margin <= 0:
         return 0.0, 0
@@ -75,7 +75,7 @@ def _local_radius(net: Network, x: np.ndarray, margin: float, floor: float,
     def certified(eps: float) -> bool:
         nonlocal count
         count += 1
-        return SQRT2 * eps * net.local_bound_from(nominal, eps).bound < margin
+        return SQRT2 * eps * net.local_bound_from(nominal, eps, method).bound < margin
 
     low = floor * (1 - 1e-9)
     if not certified(low):  # cannot happen with a sound global bound; stay safe

@@ -104,6 +104,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="largest sparse matrix per block, e.g. 500M, 2G (default 1G)")
     p.add_argument("--tol", type=_number, default=1e-6,
                    help="relative tolerance of the eigensolver on sigma^2 (default 1e-6)")
+    if p.prog.split()[-1] in ("bound", "sweep", "certify"):
+        p.add_argument("--method", choices=("paper", "tight"), default="paper",
+                       help="local bound: the paper's product of per-block bounds (default), or "
+                            "'tight', the norm of the product (slower, never looser)")
 
 
 def _load(args) -> Network:
@@ -134,7 +138,7 @@ def run_bound(args) -> int:
     start = time.perf_counter()
     net = _load(args)
     x0 = read_input(args.input)
-    results = net.local_bounds(x0, args.eps)
+    results = net.local_bounds(x0, args.eps, args.method)
     glob = net.global_bound()
     seconds = time.perf_counter() - start
     if args.json:
@@ -161,7 +165,7 @@ def run_sweep_command(args) -> int:
     x0 = read_input(args.input)
     grid = eps_grid(args.eps_min, args.eps_max, args.n, args.spacing)
     result = run_sweep(net, x0, grid, lower=not args.no_lower, progress=sys.stderr.isatty(),
-                       input_name=os.path.basename(args.input))
+                       input_name=os.path.basename(args.input), method=args.method)
     if args.csv:
         write_csv(result, args.csv)
     if args.plot:
@@ -180,7 +184,7 @@ def run_sweep_command(args) -> int:
 def run_certify(args) -> int:
     if args.inputs is None:
         net = _load(args)
-        cert = net.certify(read_input(args.input), rel_tol=args.rel_tol)
+        cert = net.certify(read_input(args.input), rel_tol=args.rel_tol, method=args.method)
         if args.json:
             print(json.dumps({"model": args.model, **cert.to_dict()}))
             return 0
@@ -195,7 +199,7 @@ def run_certify(args) -> int:
     net = load(**load_kwargs)
     batch, labels = read_batch(args.inputs, args.labels, net.input_shape)
     result = certify_dataset(load_kwargs, batch, labels, args.rel_tol, args.workers or None,
-                             progress=sys.stderr.isatty())
+                             progress=sys.stderr.isatty(), method=args.method)
     summary = result.summary(args.radii)
     if args.out:
         write_rows(result, args.out)

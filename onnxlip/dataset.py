@@ -81,8 +81,8 @@ def _init_worker(load_kwargs: dict) -> None:
 
 
 def _certify_one(args) -> Certificate:
-    x, label, rel_tol = args
-    return _WORKER["net"].certify(x[None], rel_tol=rel_tol, label=label)
+    x, label, rel_tol, method = args
+    return _WORKER["net"].certify(x[None], rel_tol=rel_tol, label=label, method=method)
 
 
 @dataclass
@@ -112,13 +112,14 @@ class DatasetResult:
 
 def certify_dataset(load_kwargs: dict, batch: np.ndarray, labels: np.ndarray | None,
                     rel_tol: float = 1e-3, workers: int | None = None,
-                    progress: bool = False) -> DatasetResult:
+                    progress: bool = False, method: str = "paper") -> DatasetResult:
     """Certify every input, in a pool of `workers` processes (default: one per core)."""
     import time
 
     start = time.perf_counter()
     workers = workers or os.cpu_count() or 1
-    jobs = [(batch[i], None if labels is None else int(labels[i]), rel_tol) for i in range(len(batch))]
+    jobs = [(batch[i], None if labels is None else int(labels[i]), rel_tol, method)
+            for i in range(len(batch))]
     bar = dict(total=len(jobs), desc="certify", unit="input", disable=not progress)
     if workers == 1:
         _init_worker(load_kwargs)

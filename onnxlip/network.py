@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -16,6 +17,7 @@ from .graph import ChainGraph, load_chain
 from .jacobian import Jacobian
 from .lower import LowerBounds, LowerBoundSearch
 from .lowering import NodeContext, lower
+from .tight import tight_local_bound
 
 OPERATOR_MODES = ("auto", "sparse", "matrix-free")
 
@@ -63,18 +65,29 @@ class Network:
     def trace(self, x) -> bounds.Trace:
         return bounds.trace(self.blocks, self.check_input(x))
 
-    def local_bound(self, x0, eps: float) -> bounds.BoundResult:
-        """Upper bound of the local Lipschitz constant at x0 in the L2 ball of radius eps."""
-        return self.local_bounds(x0, [eps])[0]
+    def local_bound(self, x0, eps: float, method: str = "paper") -> bounds.BoundResult:
+        """Upper bound of the local Lipschitz constant at x0 in the L2 ball of radius eps.
 
-    def local_bounds(self, x0, eps_values: Iterable[float]) -> list[bounds.BoundResult]:
+        method: 'paper' (Avant & Morgansen: the product of per-block bounds) or
+        'tight' (the norm of the product with its uncertain neurons bounded
+        apart, never above 'paper'; see onnxlip.tight).
+        """
+        return self.local_bounds(x0, [eps], method)[0]
+
+    def local_bounds(self, x0, eps_values: Iterable[float],
+                     method: str = "paper") -> list[bounds.BoundResult]:
         """Local bounds at several radii, sharing one forward pass."""
         eps_values = [check_eps(e) for e in eps_values]
         nominal = self.trace(x0)
-        return [self.local_bound_from(nominal, e) for e in eps_values]
+        return [self.local_bound_from(nominal, e, method) for e in eps_values]
 
-    def local_bound_from(self, nominal: bounds.Trace, eps: float) -> bounds.BoundResult:
+    def local_bound_from(self, nominal: bounds.Trace, eps: float,
+                         method: str = "paper") -> bounds.BoundResult:
         """The local bound at eps around an already computed forward pass."""
+        if method == "tight":
+            return tight_local_bound(self.blocks, nominal, check_eps(eps), self.tol)
+        if method != "paper":
+            raise OnnxlipError(f"method must be 'paper' or 'tight', got {method!r}")
         return bounds.local_bound(self.blocks, nominal, check_eps(eps), self.tol)
 
     def jacobian(self, x0) -> Jacobian:
@@ -102,11 +115,12 @@ class Network:
             self._runner = ModelRunner(self.graph)
         return self._runner
 
-    def certify(self, x0, rel_tol: float = 1e-3, label: int | None = None):
+    def certify(self, x0, rel_tol: float = 1e-3, label: int | None = None,
+                method: str = "paper"):
         """Certified L2 radius of x0's top class (see onnxlip.certify)."""
         from .certify import certify
 
-        return certify(self, x0, rel_tol=rel_tol, label=label)
+        return certify(self, x0, rel_tol=rel_tol, label=label, method=method)
 
     def global_bound(self) -> bounds.BoundResult:
         """Product of the blocks' spectral norms (and max-pooling constants)."""
@@ -142,6 +156,8 @@ def load(
     """
     if operators not in OPERATOR_MODES:
         raise OnnxlipError(f"operators must be one of {OPERATOR_MODES}, got {operators!r}")
+    _check_positive(tol, "tol")
+    _check_positive(memory_budget, "memory budget")
     graph = load_chain(path, input_shape, input_name, output_name)
     lowered, shape = [], graph.input_shape
     for node in graph.nodes:
@@ -149,10 +165,65 @@ def load(
         layers = lower(ctx)
         lowered.append((node.name or node.output[0], node.op_type, layers))
         shape = _out_shape(layers, shape)
-    blocks = build_blocks(lowered, graph.input_shape, BlockOptions(operators, memory_budget))
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        blocks = build_blocks(lowered, graph.input_shape, BlockOptions(operators, memory_budget))
     if not blocks:
         raise OnnxlipError(f"{graph.path}: the model has no layers to bound")
+    for block in blocks:
+        _check_magnitude(block, graph.path)
     return Network(graph, blocks, tol)
+
+
+#: The largest norm (and bias) of one block: its Gram operator, applied in
+#: float32 by onnxruntime's convolution kernels, must stay finite.
+MAX_BLOCK_NORM = 1e18
+
+
+def _check_magnitude(block: Block, path: str) -> None:
+    """Refuse a block whose bias overflowed or whose map is too large for float arithmetic."""
+    where = f"{path}: block {block.name!r} ({'+'.join(block.ops)})"
+    bias = getattr(block, "bias", None)
+    if bias is not None and not np.all(np.isfinite(bias)):
+        raise OnnxlipError(f"{where}: its composed bias overflows to Inf or NaN "
+                           "(check the magnitude of the weights)")
+    if bias is not None and bias.size and np.max(np.abs(bias)) > MAX_BLOCK_NORM:
+        raise OnnxlipError(f"{where}: its bias reaches {np.max(np.abs(bias)):.3g}, beyond the "
+                           f"{MAX_BLOCK_NORM:g} onnxlip computes with")
+    linear = getattr(block, "map", None)
+    bound = _norm_bound(linear) if linear is not None else 0.0
+    if not bound <= MAX_BLOCK_NORM:
+        raise OnnxlipError(f"{where}: its weights are too large for floating-point arithmetic "
+                           f"(norm up to {bound:.3g}; onnxlip handles up to {MAX_BLOCK_NORM:g})")
+
+
+def _norm_bound(linear) -> float:
+    """A cheap upper bound of a map's spectral norm, from its stored coefficients."""
+    parts = getattr(linear, "maps", None)
+    if parts is not None:
+        return math.prod(_norm_bound(m) for m in parts)
+    with np.errstate(all="ignore"):
+        if getattr(linear, "scale", None) is not None:
+            scale = np.abs(linear.scale)
+            widest = 1 if linear.monomial else np.bincount(linear.source[linear.source >= 0]).max()
+            return float(scale.max(initial=0.0)) * math.sqrt(widest)
+        if hasattr(linear, "matrix"):
+            return float(np.linalg.norm(linear.matrix.data))
+        weight = getattr(linear, "weight", None)
+        if weight is None:
+            return 0.0
+        if weight.ndim > 2:  # a convolution: Schur's test, both sums at most sum |w|
+            return float(np.abs(weight).sum(dtype=np.float64))
+        return float(np.linalg.norm(weight.ravel()))  # Frobenius, in the stored precision
+
+
+def _check_positive(value, what: str) -> None:
+    try:
+        ok = math.isfinite(float(value)) and float(value) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise OnnxlipError(f"{what} must be a positive finite number, got {value!r}")
 
 
 def _out_shape(layers, shape):

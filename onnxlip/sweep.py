@@ -61,7 +61,7 @@ def eps_grid(eps_min: float, eps_max: float, count: int, spacing: str = "log") -
 
 
 def run_sweep(net: Network, x0, eps_values: list[float], lower: bool = True,
-              progress: bool = False, input_name: str = "x0") -> Sweep:
+              progress: bool = False, input_name: str = "x0", method: str = "paper") -> Sweep:
     """Local bound (and lower bounds) at every ε, sharing the forward pass and J(x0)."""
     start = time.perf_counter()
     eps_values = [check_eps(e) for e in eps_values]
@@ -69,7 +69,7 @@ def run_sweep(net: Network, x0, eps_values: list[float], lower: bool = True,
     search = net.lower_bound_search(x0) if lower else None
     points, upper = [], 0.0
     for eps in tqdm(eps_values, desc="sweep", unit="eps", disable=not progress, leave=False):
-        local = bounds.local_bound(net.blocks, nominal, eps, net.tol)
+        local = net.local_bound_from(nominal, eps, method)
         upper += local.seconds
         points.append(SweepPoint(eps, local, search.at(eps) if search else None))
     glob = net.global_bound()

@@ -196,3 +196,40 @@ def test_two_tap_convolution_norm(tmp_path):
     assert ratio == pytest.approx(exact, rel=1e-9)
     assert engine.global_bound().bound >= ratio * (1 - 1e-6)
     assert engine.local_bound(x0, 1.0).bound >= ratio * (1 - 1e-6)
+
+
+# ---------------------------------------------------------------------- method="tight"
+
+TIGHT_CASES = [("dense", s) for s in range(40)] + [("conv", s) for s in range(40)]
+TIGHT_LEVELS = (0.001, 0.01, 0.1)  # small radii, where the tight method differs
+
+
+@pytest.mark.parametrize(("family", "seed"), TIGHT_CASES, ids=[f"{f}{s}" for f, s in TIGHT_CASES])
+def test_tight_bound_is_sound(tmp_path, family, seed):
+    """||J(x0)|| <= sampled ratios <= tight bound <= paper bound, at small radii."""
+    net = _network(family, seed)
+    engine = onnxlip.load(net.save(tmp_path / f"{net.name}.onnx"))
+    rng = np.random.default_rng(1000 + seed)
+    x0 = rng.standard_normal(net.input_shape)
+    _, sv, vt = np.linalg.svd(net.jacobian(x0))
+    radii = [level * float(np.linalg.norm(x0)) for level in TIGHT_LEVELS]
+    tight = engine.local_bounds(x0, radii, method="tight")
+    paper = engine.local_bounds(x0, radii)
+    for eps, t, p in zip(radii, tight, paper):
+        assert t.bound <= p.bound
+        assert sv[0] <= t.bound * SLACK
+        points = netgen.ball_points(rng, x0, eps, N_SPHERE, N_INSIDE, list(vt[:3]))
+        ratio = netgen.max_ratio(net, x0, points)
+        assert ratio <= t.bound * SLACK, f"eps={eps:.4g}: ratio {ratio!r} above the tight bound {t.bound!r}"
+
+
+def test_tight_bound_is_much_tighter_on_a_trained_cnn():
+    """On the shipped digits CNN at a small radius the tight bound is well below the paper's."""
+    from pathlib import Path
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    engine = onnxlip.load(models / "digits_cnn.onnx")
+    x0 = np.load(models / "digits_cnn_x0.npy")
+    tight = engine.local_bound(x0, 1e-3, method="tight").bound
+    paper = engine.local_bound(x0, 1e-3).bound
+    assert engine.jacobian_norm(x0) <= tight < paper / 2
