@@ -6,56 +6,38 @@ max-pooling replaced by its selection of each window's argmax at the point.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from .blocks import AffineBlock, Block, MaxPoolBlock
 from .bounds import Trace
-from .operators.base import LinearMap
+from .operators.gated import Gated, apply_steps, apply_steps_t
 from .spectral import SpectralNorm, spectral_norm
-
-
-@dataclass
-class _Step:
-    linear: LinearMap | None  # None for a lone ReLU
-    gate: np.ndarray | None  # 0/1 after the map, None for none
 
 
 class Jacobian:
     """J(x) of a chain of blocks, from the trace of a forward pass at x."""
 
     def __init__(self, blocks: list[Block], at: Trace):
-        self.steps: list[_Step] = []
+        self.steps: list[Gated] = []
         self.ties = 0  # pre-activations exactly at a ReLU kink
         for block, x_in, pre in zip(blocks, at.inputs, at.pre):
             if isinstance(block, AffineBlock):
                 gate = (pre > 0).astype(float) if block.relu else None
                 self.ties += int(np.count_nonzero(pre == 0)) if block.relu else 0
-                self.steps.append(_Step(block.map, gate))
+                self.steps.append(Gated(block.map, gate))
             elif isinstance(block, MaxPoolBlock):
-                self.steps.append(_Step(block.selection(x_in), None))
+                self.steps.append(Gated(block.selection(x_in), None))
             else:
                 self.ties += int(np.count_nonzero(x_in == 0))
-                self.steps.append(_Step(None, (x_in > 0).astype(float)))
+                self.steps.append(Gated(None, (x_in > 0).astype(float)))
         self.in_size = at.inputs[0].size
         self.out_size = at.output.size
 
     def matvec(self, v: np.ndarray) -> np.ndarray:
-        for step in self.steps:
-            if step.linear is not None:
-                v = step.linear.matvec(v)
-            if step.gate is not None:
-                v = step.gate * v
-        return v
+        return apply_steps(self.steps, v)
 
     def rmatvec(self, u: np.ndarray) -> np.ndarray:
-        for step in reversed(self.steps):
-            if step.gate is not None:
-                u = step.gate * u
-            if step.linear is not None:
-                u = step.linear.rmatvec(u)
-        return u
+        return apply_steps_t(self.steps, u)
 
     def dense(self) -> np.ndarray:
         """The full matrix (out_size x in_size), for small networks and tests."""

@@ -35,35 +35,21 @@ import numpy as np
 from .blocks import AffineBlock, Block, MaxPoolBlock
 from .bounds import BoundResult, Trace, chord_slopes, local_bound
 from .operators.base import LinearMap
+from .operators.gated import Gated, apply_steps, apply_steps_t
 from .operators.monomial import MonomialMap
 from .spectral import spectral_norm
 
 
 @dataclass
-class _Step:
-    """One block of the stable product, and what is uncertain in it."""
+class _Step(Gated):
+    """One block of the stable product (its gate: the stable slopes, 0/1), and
+    what is uncertain in it."""
 
-    linear: LinearMap | None  # None for a lone ReLU
-    gate: np.ndarray | None  # stable slopes (0/1) after the map; None: none
-    in_mask: np.ndarray  # inputs that can change
+    in_mask: np.ndarray = None  # inputs that can change
     uncertain: np.ndarray | None = None  # outputs with an uncertain slope / unstable window
     slopes: np.ndarray | None = None  # ReLU: chord slopes of the uncertain rows (0 elsewhere)
     members: np.ndarray | None = None  # max-pooling: inputs of the unstable windows
     overlap: float = 1.0  # max-pooling: √c
-
-
-def _apply(steps: list[_Step], v: np.ndarray) -> np.ndarray:
-    for s in steps:
-        v = v if s.linear is None else s.linear.matvec(v)
-        v = v if s.gate is None else v * s.gate
-    return v
-
-
-def _apply_t(steps: list[_Step], u: np.ndarray) -> np.ndarray:
-    for s in reversed(steps):
-        u = u if s.gate is None else u * s.gate
-        u = u if s.linear is None else s.linear.rmatvec(u)
-    return u
 
 
 def _norm(steps: list[_Step], in_size: int, in_mask: np.ndarray | None,
@@ -74,14 +60,14 @@ def _norm(steps: list[_Step], in_size: int, in_mask: np.ndarray | None,
 
     def forward(v):
         v = v if in_mask is None else v * in_mask
-        v = _apply(steps, v)
+        v = apply_steps(steps, v)
         v = v if head is None else head.matvec(v)
         return v if out_rows is None else v * out_rows
 
     def adjoint(u):
         u = u if out_rows is None else u * out_rows
         u = u if head is None else head.rmatvec(u)
-        u = _apply_t(steps, u)
+        u = apply_steps_t(steps, u)
         return u if in_mask is None else u * in_mask
 
     out_size = forward(np.zeros(in_size)).size
