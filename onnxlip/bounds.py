@@ -12,11 +12,14 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from .blocks import AffineBlock, Block, MaxPoolBlock
 from .operators.matrix import DenseMap
 from .spectral import SpectralNorm, gram_norm
+
+#: Found once: threadpool_limits() would inspect the loaded libraries at every call (~1 ms).
+_THREADPOOLS = ThreadpoolController()
 
 
 @dataclass
@@ -113,7 +116,7 @@ def masked_norm(block: AffineBlock, rows: np.ndarray, cols: np.ndarray, tol: flo
     # With onnxruntime kernels doing the products, numpy's BLAS threads (which
     # spin between calls) only steal its cores: 9.3 s -> 5.5 s on AlexNet.
     blas_threads = None if isinstance(linear, DenseMap) else 1
-    with threadpool_limits(limits=blas_threads, user_api="blas"):
+    with _THREADPOOLS.limit(limits=blas_threads, user_api="blas"):
         return gram_norm(gram, size, tol=tol, seed=seed, mask=mask)
 
 
