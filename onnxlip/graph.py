@@ -8,7 +8,10 @@ onnx's reference evaluator; no-op nodes are dropped.
 
 from __future__ import annotations
 
+import math
+import operator
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +22,15 @@ from onnx import numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
 
 from .errors import OnnxlipError
+from .lowering.registry import MAX_ELEMENTS, check_size
 
 NO_OPS = {"Identity", "Dropout"}
+
+#: Input element types that are real numbers onnxlip can perturb.
+INPUT_TYPES = {
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+}
 
 
 @dataclass
@@ -43,16 +53,22 @@ def load_chain(
     input_name: str | None = None,
     output_name: str | None = None,
 ) -> ChainGraph:
-    """Load, check and fold the model at `path` into a ChainGraph."""
-    model = read_model(path)
-    name = _choose(_graph_inputs(model), input_name, "input", path)
-    out = _choose([o.name for o in model.graph.output], output_name, "output", path)
-    shape = _static_input_shape(model, name, input_shape, path)
-    _fix_input_shape(model, name, shape)
-    model = _infer_shapes(model, path)
-    graph = _build_digraph(model)
-    constants = _fold_constants(model, graph, path)
-    nodes = _chain_nodes(model, graph, constants, name, out, path)
+    """Load, check and fold the model at `path` into a ChainGraph.
+
+    Only the nodes the chosen output depends on are considered: other outputs
+    and the branches that feed only them are ignored.
+    """
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        model = read_model(path)
+        name = _choose(_graph_inputs(model), input_name, "input", path)
+        out = _choose([o.name for o in model.graph.output], output_name, "output", path)
+        shape = _static_input_shape(model, name, input_shape, path)
+        _fix_input_shape(model, name, shape)
+        model = _infer_shapes(model, path)
+        graph = _needed_by(_build_digraph(model), out)
+        constants = _fold_constants(model, graph, path)
+        nodes = _chain_nodes(graph, constants, name, out, path)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ChainGraph(str(path), model, name, shape, out, nodes, constants, opset)
 
@@ -60,6 +76,8 @@ def load_chain(
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read the protobuf and its external data safely, and run the checker."""
     path = Path(path)
+    if path.is_dir():
+        raise OnnxlipError(f"{path}: is a directory, not an ONNX file")
     if not path.is_file():
         raise OnnxlipError(f"{path}: no such file")
     try:
@@ -68,6 +86,8 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise OnnxlipError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
     if not model.graph.node:
         raise OnnxlipError(f"{path}: not an ONNX model (the graph has no nodes)")
+    if not model.graph.output:
+        raise OnnxlipError(f"{path}: the graph has no outputs")
     _load_external_data(model, path)
     try:
         onnx.checker.check_model(model)
@@ -84,8 +104,15 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
             continue
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
-        target = (base / location).resolve()
-        if os.path.isabs(location) or base not in target.parents:
+        if not isinstance(location, str):  # protobuf hands back bytes that are not UTF-8
+            raise OnnxlipError(
+                f"{path}: tensor {tensor.name!r} has an undecodable external data location; refused"
+            )
+        try:
+            target = (base / location).resolve()
+        except (OSError, ValueError, RuntimeError, TypeError):
+            target = base
+        if not location or os.path.isabs(location) or base not in target.parents:
             raise OnnxlipError(
                 f"{path}: tensor {tensor.name!r} points outside the model's folder "
                 f"({location!r}); refused"
@@ -120,9 +147,32 @@ def _choose(names: list[str], wanted: str | None, what: str, path) -> str:
 def _static_input_shape(model, name: str, override, path) -> tuple[int, ...]:
     """The input's shape with a batch of 1; symbolic dims need `override`."""
     value = next(i for i in model.graph.input if i.name == name)
+    _check_input_type(value, path)
+    shape = _input_dims(value, name, override, path)
+    check_size(shape, f"{path}: input {name!r}")
+    return shape
+
+
+def _check_input_type(value: onnx.ValueInfoProto, path) -> None:
+    if not value.type.HasField("tensor_type"):
+        raise OnnxlipError(f"{path}: input {value.name!r} is not a tensor")
+    elem = value.type.tensor_type.elem_type
+    if elem not in INPUT_TYPES:
+        kind = onnx.TensorProto.DataType.Name(elem) if elem in onnx.TensorProto.DataType.values() else elem
+        raise OnnxlipError(
+            f"{path}: input {value.name!r} has element type {kind}; onnxlip bounds float inputs"
+        )
+
+
+def _input_dims(value: onnx.ValueInfoProto, name: str, override, path) -> tuple[int, ...]:
     dims = value.type.tensor_type.shape.dim
     if override is not None:
-        shape = tuple(int(d) for d in override)
+        try:
+            shape = tuple(operator.index(d) if not isinstance(d, str) else int(d) for d in override)
+        except (TypeError, ValueError):
+            raise OnnxlipError(f"--input-shape {override!r} is not a list of integers") from None
+        if not shape:
+            raise OnnxlipError("--input-shape: give at least one dimension")
         if any(d <= 0 for d in shape):
             raise OnnxlipError(f"--input-shape {shape}: every dimension must be positive")
         if len(dims) and len(shape) != len(dims):
@@ -186,19 +236,91 @@ def _build_digraph(model: onnx.ModelProto) -> nx.DiGraph:
     return graph
 
 
+def _needed_by(graph: nx.DiGraph, output: str) -> nx.DiGraph:
+    """The subgraph of the nodes the output depends on."""
+    producer = next((i for i in graph.nodes if output in graph.nodes[i]["node"].output), None)
+    if producer is None:
+        return graph.subgraph([]).copy()
+    return graph.subgraph(nx.ancestors(graph, producer) | {producer}).copy()
+
+
 def _fold_constants(model: onnx.ModelProto, graph: nx.DiGraph, path) -> dict[str, np.ndarray]:
     """Evaluate every node whose inputs are all known before the data arrives."""
-    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    consts = {}
+    for t in model.graph.initializer:
+        try:
+            consts[t.name] = numpy_helper.to_array(t)
+        except Exception as exc:
+            raise OnnxlipError(f"{path}: initializer {t.name!r} is unreadable ({_first_line(exc)})") from None
     shapes = _known_shapes(model)
     for i in nx.topological_sort(graph):
         node = graph.nodes[i]["node"]
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise OnnxlipError(
+                f"{path}: node {node.name!r} ({node.op_type}): control flow (subgraphs) is not supported"
+            )
         if node.op_type == "Shape" and node.input[0] not in consts and node.input[0] in shapes:
             consts[node.output[0]] = _shape_of(node, shapes[node.input[0]])
         elif node.op_type == "Constant" or (
             node.input and all(n == "" or n in consts for n in node.input)
         ):
+            _check_folded_size(node, consts, shapes, path)
             consts.update(_evaluate(node, consts, model, path))
     return consts
+
+
+def _check_folded_size(node: onnx.NodeProto, consts: dict, shapes: dict, path) -> None:
+    """Refuse, before evaluating it, a constant node whose output would be too large."""
+    where = f"{path}: constant node {node.name!r} ({node.op_type}): output"
+    for out in node.output:
+        if out in shapes:
+            check_size(shapes[out], where, allow_empty=True)
+    try:
+        size = _generated_size(node, [consts.get(n) for n in node.input])
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError):
+        return  # the evaluator reports malformed inputs itself
+    if size is not None and size > MAX_ELEMENTS:
+        raise OnnxlipError(f"{where} would have {size:,} elements, more than the {MAX_ELEMENTS:,} "
+                           "onnxlip handles (too large for memory)")
+
+
+def _generated_size(node: onnx.NodeProto, inputs: list) -> int | None:
+    """The output size of the ops that can make large tensors from small inputs."""
+    op = node.op_type
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    dims = [np.asarray(v).ravel() if v is not None else None for v in inputs]
+    if op == "ConstantOfShape":
+        return math.prod(int(d) for d in dims[0]) if inputs and dims[0] is not None else 1
+    if op == "Expand":
+        return math.prod(np.broadcast_shapes(np.shape(inputs[0]), tuple(int(d) for d in dims[1])))
+    if op == "Tile":
+        return math.prod(int(a) * int(b) for a, b in zip(np.shape(inputs[0]), dims[1]))
+    if op == "Range":
+        start, limit, delta = (float(d[0]) for d in dims[:3])
+        return max(math.ceil((limit - start) / delta), 0)
+    if op == "Pad":
+        shape = np.shape(inputs[0])
+        pads = [int(p) for p in (attrs["pads"] if "pads" in attrs else dims[1])]
+        if len(pads) != 2 * len(shape):
+            return None
+        return math.prod(max(d + pads[i] + pads[len(shape) + i], 0) for i, d in enumerate(shape))
+    if op in ("Resize", "Upsample"):
+        return _resize_size(np.shape(inputs[0]), dims)
+    if op == "OneHot":
+        return int(np.size(inputs[0])) * int(dims[1][0])
+    if op in ("RandomNormal", "RandomUniform"):
+        return math.prod(int(d) for d in attrs.get("shape", []))
+    return None
+
+
+def _resize_size(shape: tuple[int, ...], dims: list) -> int | None:
+    sizes = dims[3] if len(dims) > 3 and dims[3] is not None and dims[3].size else None
+    if sizes is not None:
+        return math.prod(int(d) for d in sizes)
+    scales = next((d for d in dims[1:3] if d is not None and d.size == len(shape)), None)
+    if scales is None:
+        return None
+    return math.prod(int(math.floor(s * float(k))) for s, k in zip(shape, scales))
 
 
 def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
@@ -235,7 +357,7 @@ def _evaluate(node: onnx.NodeProto, consts: dict, model: onnx.ModelProto, path) 
     return {n: np.asarray(v) for n, v in zip([o for o in node.output if o], values)}
 
 
-def _chain_nodes(model, graph, consts, input_name, output_name, path) -> list[onnx.NodeProto]:
+def _chain_nodes(graph, consts, input_name, output_name, path) -> list[onnx.NodeProto]:
     """Follow the data from the input to the output; it must not branch."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for i in graph.nodes:
@@ -250,38 +372,38 @@ def _chain_nodes(model, graph, consts, input_name, output_name, path) -> list[on
         users = consumers.get(tensor, [])
         if not users:
             raise OnnxlipError(f"{path}: tensor {tensor!r} is not connected to output {output_name!r}")
-        if len(users) > 1 or (tensor != input_name and _is_output(model, tensor)):
+        if len(users) > 1:
             names = ", ".join(f"{u.name!r} ({u.op_type})" for u in users)
             raise OnnxlipError(
                 f"{path}: tensor {tensor!r} feeds {names}: only chain graphs are supported "
                 "(no branches or residual connections)"
             )
         node = users[0]
+        if len(chain) > len(graph):
+            raise OnnxlipError(f"{path}: node {node.name!r} ({node.op_type}) is on a cycle")
         data_inputs = [n for n in node.input if n and n not in consts]
         if len(data_inputs) > 1:
             raise OnnxlipError(
                 f"{path}: node {node.name!r} ({node.op_type}) combines {len(data_inputs)} "
                 "data tensors: only chain graphs are supported (no residual connections)"
             )
-        if not _is_no_op(node, model):
-            chain.append(node)
+        chain.append(node)
         tensor = node.output[0]
-    return chain
+    return [node for node in chain if not _is_no_op(node)]
 
 
-def _is_output(model, tensor: str) -> bool:
-    return any(o.name == tensor for o in model.graph.output)
-
-
-def _is_no_op(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
+def _is_no_op(node: onnx.NodeProto) -> bool:
+    if node.domain not in ("", "ai.onnx"):
+        return False
     if node.op_type in NO_OPS:
         return len([o for o in node.output if o]) == 1 or node.op_type == "Dropout"
     if node.op_type == "Cast":
-        to = next(a.i for a in node.attribute if a.name == "to")
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
         return to in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
     return False
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    """The exception's message on one line (whitespace collapsed, at most 300 characters)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -14,11 +14,14 @@ from .spatial import check_spatial_input, window_attrs
 def lower_conv(ctx: NodeContext) -> list[Affine]:
     if not ctx.is_data(0) or ctx.is_data(1):
         raise ctx.fail("only a data input convolved with a constant kernel is supported")
-    weight = ctx.require_const(1, "kernel").astype(np.float32)
+    weight = ctx.require_const(1, "kernel")
+    if weight.ndim < 3:
+        raise ctx.fail(f"kernel of shape {weight.shape} is not (M, C/group, k1, ...)")
+    weight = _as_float32(ctx, weight, "kernel")
     rank = weight.ndim - 2
     check_spatial_input(ctx, rank)
     kernel = tuple(ctx.attr("kernel_shape", weight.shape[2:]))
-    if rank < 1 or kernel != weight.shape[2:]:
+    if kernel != weight.shape[2:]:
         raise ctx.fail(f"kernel shape {kernel} does not match weight shape {weight.shape}")
     group = ctx.attr("group", 1)
     channels = ctx.in_shape[1]
@@ -28,8 +31,7 @@ def lower_conv(ctx: NodeContext) -> list[Affine]:
         )
     strides, pads, dilations = window_attrs(ctx, kernel)
     conv = ConvMap(weight, ctx.in_shape, strides, pads, dilations, group)
-    if min(conv.out_shape) <= 0:
-        raise ctx.fail(f"the output shape {conv.out_shape} is empty for input {ctx.in_shape}")
+    ctx.check_size(conv.out_shape)
     bias = np.zeros(conv.out_shape)
     if ctx.const(2) is not None:
         b = ctx.require_const(2, "bias").astype(np.float64)
@@ -37,3 +39,10 @@ def lower_conv(ctx: NodeContext) -> list[Affine]:
             raise ctx.fail(f"bias shape {b.shape} does not match {weight.shape[0]} output channels")
         bias += b.reshape((1, -1) + (1,) * rank)
     return [Affine(conv, bias.ravel())]
+
+
+def _as_float32(ctx: NodeContext, value: np.ndarray, what: str) -> np.ndarray:
+    """float32 (onnxruntime's Conv kernels), with the squares still finite."""
+    if value.size and np.max(np.abs(value)) > 1e19:
+        raise ctx.fail(f"{what} has values of magnitude above 1e19, beyond float32 arithmetic")
+    return value.astype(np.float32)

@@ -25,13 +25,14 @@ def lower_gemm(ctx: NodeContext) -> list[Affine]:
         b = b.T
     if b.ndim != 2 or b.shape[0] != n:
         raise ctx.fail(f"matrix B of shape {b.shape} does not fit input shape {ctx.in_shape}")
-    weight = ctx.attr("alpha", 1.0) * b.T
+    weight = ctx.float_attr("alpha", 1.0) * b.T
     out_shape = (1, b.shape[1])
+    ctx.check_size(out_shape)
     bias = np.zeros(out_shape)
     if ctx.const(2) is not None:
         c = ctx.require_const(2, "bias C").astype(np.float64)
         try:
-            bias = bias + ctx.attr("beta", 1.0) * np.broadcast_to(c, out_shape)
+            bias = bias + ctx.float_attr("beta", 1.0) * np.broadcast_to(c, out_shape)
         except ValueError:
             raise ctx.fail(f"bias C of shape {c.shape} does not broadcast to {out_shape}") from None
     return [Affine(DenseMap(weight, ctx.in_shape, out_shape), bias.ravel())]
@@ -52,4 +53,5 @@ def lower_matmul(ctx: NodeContext) -> list[Affine]:
     if b.ndim != 2 or b.shape[0] != n:
         raise ctx.fail(f"matrix of shape {b.shape} does not fit input shape {ctx.in_shape}")
     out_shape = (1, b.shape[1])
+    ctx.check_size(out_shape)
     return [Affine(DenseMap(b.T, ctx.in_shape, out_shape), np.zeros(b.shape[1]))]

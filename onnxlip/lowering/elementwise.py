@@ -15,7 +15,11 @@ def _constant_operand(ctx: NodeContext) -> tuple[np.ndarray, bool]:
         raise ctx.fail("exactly one operand must be a constant")
     data_first = ctx.is_data(0)
     value = ctx.require_const(1 if data_first else 0, "constant operand").astype(np.float64)
-    if np.broadcast_shapes(value.shape, ctx.in_shape) != ctx.in_shape:
+    try:
+        fits = np.broadcast_shapes(value.shape, ctx.in_shape) == ctx.in_shape
+    except ValueError:
+        fits = False
+    if not fits:
         raise ctx.fail(f"constant of shape {value.shape} would change the data shape {ctx.in_shape}")
     return np.broadcast_to(value, ctx.in_shape), data_first
 
@@ -67,8 +71,9 @@ def lower_batchnorm(ctx: NodeContext) -> list[Affine]:
     channels = ctx.in_shape[1]
     if any(v.shape != (channels,) for v in (gamma, beta, mean, var)):
         raise ctx.fail(f"parameters do not all have {channels} channels")
-    if np.any(var + ctx.attr("epsilon", 1e-5) <= 0):
+    epsilon = ctx.float_attr("epsilon", 1e-5)
+    if np.any(var + epsilon <= 0):
         raise ctx.fail("variance + epsilon is not positive")
-    scale = gamma / np.sqrt(var + ctx.attr("epsilon", 1e-5))
+    scale = gamma / np.sqrt(var + epsilon)
     per_channel = (1, channels) + (1,) * (len(ctx.in_shape) - 2)
     return _affine(ctx, scale.reshape(per_channel), (beta - mean * scale).reshape(per_channel))

@@ -23,24 +23,32 @@ def _kernel(ctx: NodeContext) -> tuple[int, ...]:
     return kernel
 
 
+def _pool_window(ctx: NodeContext, kernel) -> tuple[tuple, tuple, tuple]:
+    """window_attrs, plus onnxruntime's rule for pooling: pads smaller than the kernel."""
+    strides, pads, dilations = window_attrs(ctx, kernel)
+    rank = len(kernel)
+    if any(pads[i] >= kernel[i % rank] for i in range(2 * rank)):
+        raise ctx.fail(f"pads {pads} must be smaller than the kernel {kernel}")
+    return strides, pads, dilations
+
+
 @lowering("MaxPool")
 def lower_maxpool(ctx: NodeContext) -> list[MaxPool]:
     kernel = _kernel(ctx)
-    strides, pads, dilations = window_attrs(ctx, kernel)
+    strides, pads, dilations = _pool_window(ctx, kernel)
     ceil_mode = ctx.attr("ceil_mode", 0)
     session = NodeSession("MaxPool", {}, len(ctx.in_shape), kernel_shape=list(kernel),
                           strides=list(strides), pads=list(pads), dilations=list(dilations),
                           ceil_mode=ceil_mode)
     out_shape = session(np.zeros(ctx.in_shape, dtype=np.float32)).shape
-    if min(out_shape) <= 0:
-        raise ctx.fail(f"the output shape {out_shape} is empty for input {ctx.in_shape}")
+    ctx.check_size(out_shape)
     return [MaxPool(ctx.in_shape, out_shape, kernel, strides, pads, dilations, ceil_mode)]
 
 
 @lowering("AveragePool")
 def lower_averagepool(ctx: NodeContext) -> list[Affine]:
     kernel = _kernel(ctx)
-    strides, pads, dilations = window_attrs(ctx, kernel)
+    strides, pads, dilations = _pool_window(ctx, kernel)
     pool = _window_sum(ctx, kernel, strides, pads, dilations)
     if ctx.attr("ceil_mode", 0):
         exact = NodeSession("AveragePool", {}, len(ctx.in_shape), kernel_shape=list(kernel),
@@ -69,10 +77,10 @@ def lower_global_averagepool(ctx: NodeContext) -> list[Affine]:
 
 def _window_sum(ctx: NodeContext, kernel, strides, pads, dilations) -> ConvMap:
     channels = ctx.in_shape[1]
+    ctx.check_size((channels, *kernel), "kernel")
     pool = ConvMap(np.ones((channels, 1, *kernel)), ctx.in_shape, strides, pads, dilations,
                    channels)
-    if min(pool.out_shape) <= 0:
-        raise ctx.fail(f"the output shape {pool.out_shape} is empty for input {ctx.in_shape}")
+    ctx.check_size(pool.out_shape)
     return pool
 
 

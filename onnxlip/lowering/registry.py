@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -9,7 +12,12 @@ import numpy as np
 import onnx
 
 from ..errors import OnnxlipError
-from ..layers import Layer
+from ..layers import Affine, Layer, MaxPool, Relu, Reshape
+from ..operators.base import LinearMap
+
+#: The most elements of any activation, bias or generated constant: larger
+#: tensors stop with an error before anything of that size is allocated.
+MAX_ELEMENTS = 1 << 28
 
 LOWERINGS: dict[str, Callable[[NodeContext], list[Layer]]] = {}
 
@@ -48,6 +56,22 @@ class NodeContext:
                 return onnx.helper.get_attribute_value(a)
         return default
 
+    def str_attr(self, name: str, default: str) -> str:
+        """A string attribute, decoded (undecodable bytes replaced)."""
+        value = self.attr(name, default)
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+    def float_attr(self, name: str, default: float) -> float:
+        """A float attribute, which must be finite."""
+        value = self.attr(name, default)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(f"attribute {name}={value!r} is not a finite number")
+        return float(value)
+
+    def check_size(self, shape, what: str = "output") -> None:
+        """Stop before allocating a tensor of `shape` that is empty or too large."""
+        check_size(shape, f"{self.path}: {self.label}: {what}")
+
     def const(self, index: int) -> np.ndarray | None:
         """The constant value of input `index`, None if absent or not constant."""
         if index >= len(self.node.input) or not self.node.input[index]:
@@ -60,17 +84,89 @@ class NodeContext:
         return bool(name) and name not in self.constants
 
     def require_const(self, index: int, what: str) -> np.ndarray:
+        """The constant input `index`: integers, or finite real numbers."""
         value = self.const(index)
         if value is None:
             raise self.fail(f"{what} (input {index}) must be a constant")
-        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+        if value.dtype.kind in "biu":
+            return value
+        if value.dtype.kind not in "fV":
+            raise self.fail(f"{what} has dtype {value.dtype}; expected real numbers")
+        if value.dtype.kind == "V":  # bfloat16 and other ml_dtypes floats
+            try:
+                value = value.astype(np.float64)
+            except (TypeError, ValueError):
+                raise self.fail(f"{what} has dtype {value.dtype}; expected real numbers") from None
+        if not np.all(np.isfinite(value)):
             raise self.fail(f"{what} contains NaN or Inf")
         return value
 
 
+def check_size(shape, where: str, allow_empty: bool = False) -> None:
+    """Refuse a tensor shape that is empty or holds more than MAX_ELEMENTS."""
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape) or (not allow_empty and 0 in shape):
+        raise OnnxlipError(f"{where} shape {shape} is empty")
+    size = math.prod(shape)
+    if size > MAX_ELEMENTS:
+        raise OnnxlipError(
+            f"{where} shape {shape} has {size:,} elements, more than the {MAX_ELEMENTS:,} onnxlip "
+            "handles (too large for memory)"
+        )
+
+
 def lower(ctx: NodeContext) -> list[Layer]:
-    """Lower one node, or stop with an error that names it and what is supported."""
+    """Lower one node, or stop with an error that names it and what is supported.
+
+    Unexpected exceptions inside a lowering become an OnnxlipError naming the
+    node (set ONNXLIP_DEBUG=1 to let them through), and every layer produced
+    is checked for a sane size and finite constants.
+    """
+    if ctx.node.domain not in ("", "ai.onnx"):
+        raise ctx.fail(f"op {ctx.node.op_type} of domain {ctx.node.domain!r} is not supported "
+                       "(only standard ONNX ops)")
     func = LOWERINGS.get(ctx.node.op_type)
     if func is None:
         raise ctx.fail(f"op {ctx.node.op_type} is not supported (supported: {', '.join(sorted(LOWERINGS))})")
-    return func(ctx)
+    ctx.check_size(ctx.in_shape, "input")
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            layers = func(ctx)
+    except OnnxlipError:
+        raise
+    except MemoryError:
+        raise ctx.fail("out of memory while lowering") from None
+    except Exception as exc:
+        if os.environ.get("ONNXLIP_DEBUG"):
+            raise
+        text = " ".join(str(exc).split())[:200]
+        raise ctx.fail(f"cannot be lowered ({type(exc).__name__}: {text})") from None
+    for layer in layers:
+        _check_layer(ctx, layer)
+    return layers
+
+
+def _check_layer(ctx: NodeContext, layer: Layer) -> None:
+    if isinstance(layer, Affine):
+        ctx.check_size(layer.map.out_shape)
+        if not np.all(np.isfinite(layer.bias)):
+            raise ctx.fail("the bias it computes contains NaN or Inf (check its constants)")
+        if not _finite_map(layer.map):
+            raise ctx.fail("its linear map contains NaN or Inf (check its constants)")
+    elif isinstance(layer, MaxPool):
+        ctx.check_size(layer.out_shape)
+    elif isinstance(layer, (Relu, Reshape)):
+        ctx.check_size(layer.shape)
+
+
+def _finite_map(linear: LinearMap) -> bool:
+    """Whether the stored coefficients of a map (and of its factors) are finite."""
+    parts = getattr(linear, "maps", None)
+    if parts is not None:
+        return all(_finite_map(m) for m in parts)
+    for attr in ("weight", "scale"):
+        value = getattr(linear, attr, None)
+        if value is not None and not np.all(np.isfinite(value)):
+            return False
+    return True

@@ -39,12 +39,18 @@ def _axes(ctx: NodeContext) -> list[int] | None:
     return axes
 
 
+def _check_axes(ctx: NodeContext, axes: list[int], rank: int) -> None:
+    if any(not -rank <= int(a) < rank for a in axes):
+        raise ctx.fail(f"axes {list(axes)} are out of range for rank {rank}")
+
+
 @lowering("Squeeze")
 def lower_squeeze(ctx: NodeContext) -> list[Reshape]:
     axes = _axes(ctx)
     rank = len(ctx.in_shape)
     if axes is None:
         axes = [i for i, d in enumerate(ctx.in_shape) if d == 1 and i > 0]
+    _check_axes(ctx, axes, rank)
     axes = {a % rank for a in axes}
     if any(ctx.in_shape[a] != 1 for a in axes):
         raise ctx.fail(f"cannot squeeze axes {sorted(axes)} of shape {ctx.in_shape}")
@@ -57,6 +63,7 @@ def lower_unsqueeze(ctx: NodeContext) -> list[Reshape]:
     if axes is None:
         raise ctx.fail("no axes given")
     rank = len(ctx.in_shape) + len(axes)
+    _check_axes(ctx, axes, rank)
     axes = sorted(a % rank for a in axes)
     shape = list(ctx.in_shape)
     for a in axes:

@@ -19,15 +19,30 @@ def window_attrs(ctx: NodeContext, kernel: tuple[int, ...]) -> tuple[tuple, tupl
         raise ctx.fail(f"kernel {kernel}, strides {strides} and dilations {dilations} must be positive")
     if min(pads) < 0:
         raise ctx.fail(f"negative pads {pads} are not supported")
-    auto = ctx.attr("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    auto = ctx.str_attr("auto_pad", "NOTSET")
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         pads = _same_pads(ctx.in_shape[2:], kernel, strides, dilations, auto == "SAME_UPPER")
     elif auto == "VALID":
         pads = (0,) * 2 * rank
     elif auto != "NOTSET":
         raise ctx.fail(f"auto_pad {auto!r} is not supported")
+    _check_window(ctx, kernel, pads, dilations)
     return strides, pads, dilations
+
+
+def _check_window(ctx: NodeContext, kernel, pads, dilations) -> None:
+    """The padded input must be of a sane size and hold one dilated kernel."""
+    rank = len(kernel)
+    spatial = ctx.in_shape[2:]
+    padded = tuple(spatial[i] + pads[i] + pads[rank + i] for i in range(rank))
+    ctx.check_size((ctx.in_shape[1], *padded), "padded input")
+    for i in range(rank):
+        extent = (kernel[i] - 1) * dilations[i] + 1
+        if extent > padded[i]:
+            raise ctx.fail(
+                f"the kernel (extent {extent} on spatial axis {i}) is larger than the padded "
+                f"input {padded} of input shape {ctx.in_shape}"
+            )
 
 
 def _same_pads(spatial, kernel, strides, dilations, upper: bool) -> tuple[int, ...]:

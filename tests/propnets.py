@@ -1,0 +1,254 @@
+"""Hypothesis strategies that draw small random ONNX ReLU networks.
+
+A drawn `NetSpec` holds the structure (input shape and a list of ops with
+their hyper-parameters: what hypothesis shrinks) and a seed for the weights,
+which numpy draws when the model is built. `build(spec)` makes the ONNX model
+with onnx.helper (opset 17); `nominal(spec)` draws an input x0.
+
+Ops: Gemm / MatMul, Conv (1-D and 2-D: kernel, stride, pads, dilation,
+group), MaxPool, AveragePool, GlobalAveragePool, BatchNormalization,
+Sub / Div / Mul / Add by a constant (scalar, per-channel or full shape, on
+either side), Relu, Flatten.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """A network: input shape, ops (kind, params) in order, weight seed."""
+
+    input_shape: tuple[int, ...]
+    ops: tuple[tuple[str, tuple], ...]
+    seed: int
+
+    def __repr__(self) -> str:
+        ops = ", ".join(f"{k}{dict(p) if p else ''}" for k, p in self.ops)
+        return f"NetSpec(input={self.input_shape}, seed={self.seed}, ops=[{ops}])"
+
+
+def _out(size: int, k: int, s: int, pb: int, pe: int, d: int) -> int:
+    return (size + pb + pe - d * (k - 1) - 1) // s + 1
+
+
+@st.composite
+def _elementwise(draw, shape: tuple[int, ...]) -> tuple[str, tuple]:
+    """Sub / Div / Mul / Add by a constant of a broadcastable shape."""
+    op = draw(st.sampled_from(["Sub", "RSub", "Div", "Mul", "Add"]))
+    forms = [(), (shape[1],) + (1,) * (len(shape) - 2), shape[1:], shape]
+    const_shape = draw(st.sampled_from(forms))
+    return op, (("const_shape", const_shape),)
+
+
+@st.composite
+def _dense_layer(draw, relu: bool) -> list[tuple[str, tuple]]:
+    n_out = draw(st.integers(1, 12))
+    if draw(st.booleans()):
+        params = (("n_out", n_out), ("transB", draw(st.integers(0, 1))),
+                  ("bias", draw(st.booleans())), ("alpha", draw(st.sampled_from([1.0, 0.5, 2.0]))))
+        ops = [("Gemm", params)]
+    else:
+        ops = [("MatMul", (("n_out", n_out),))]
+    if relu and draw(st.integers(0, 3)) == 0:
+        ops.append(("BatchNormalization", ()))
+    if draw(st.integers(0, 4)) == 0:
+        ops.append(draw(_elementwise((1, n_out))))
+    if relu:
+        ops.append(("Relu", ()))
+    return ops
+
+
+@st.composite
+def dense_nets(draw) -> NetSpec:
+    """x (1, n) -> [normalization] -> (Gemm|MatMul [BN] Relu)* -> Gemm|MatMul."""
+    n = draw(st.integers(1, 12))
+    ops: list[tuple[str, tuple]] = []
+    for _ in range(draw(st.integers(0, 2))):
+        ops.append(draw(_elementwise((1, n))))
+    for _ in range(draw(st.integers(0, 3))):
+        ops += draw(_dense_layer(relu=True))
+    ops += draw(_dense_layer(relu=False))
+    return NetSpec((1, n), tuple(ops), draw(st.integers(0, 2**31 - 1)))
+
+
+@st.composite
+def _conv(draw, shape: tuple[int, ...]) -> tuple[str, tuple] | None:
+    rank, c = len(shape) - 2, shape[1]
+    k = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+    s = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    d = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    p = tuple(draw(st.integers(0, 2)) for _ in range(2 * rank))
+    group = draw(st.sampled_from(sorted({1, c})))
+    m = group * draw(st.integers(1, 4 if group == 1 else 2))
+    out = tuple(_out(shape[2 + i], k[i], s[i], p[i], p[rank + i], d[i]) for i in range(rank))
+    if min(out) < 1:
+        return None
+    return "Conv", (("m", m), ("kernel", k), ("strides", s), ("pads", p), ("dilations", d),
+                    ("group", group), ("bias", draw(st.booleans())), ("out", (1, m, *out)))
+
+
+@st.composite
+def _pool(draw, shape: tuple[int, ...]) -> tuple[str, tuple] | None:
+    rank = len(shape) - 2
+    kind = draw(st.sampled_from(["MaxPool", "AveragePool", "GlobalAveragePool"]))
+    if kind == "GlobalAveragePool":
+        return kind, (("out", shape[:2] + (1,) * rank),)
+    k = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+    s = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    p = tuple(draw(st.integers(0, k[i % rank] - 1)) for i in range(2 * rank))
+    out = tuple(_out(shape[2 + i], k[i], s[i], p[i], p[rank + i], 1) for i in range(rank))
+    if min(out) < 1:
+        return None
+    params = [("kernel", k), ("strides", s), ("pads", p), ("out", (*shape[:2], *out))]
+    if kind == "AveragePool":
+        params.append(("count_include_pad", draw(st.integers(0, 1))))
+    return kind, tuple(params)
+
+
+@st.composite
+def conv_nets(draw) -> NetSpec:
+    """x (1, C, L) or (1, C, H, W) -> [normalization] -> (Conv [BN] Relu [pool])+ -> Flatten -> dense."""
+    rank = draw(st.integers(1, 2))
+    shape = (1, draw(st.integers(1, 3)), *(draw(st.integers(3, 9)) for _ in range(rank)))
+    input_shape = shape
+    ops: list[tuple[str, tuple]] = []
+    for _ in range(draw(st.integers(0, 2))):
+        ops.append(draw(_elementwise(shape)))
+    for _ in range(draw(st.integers(1, 3))):
+        conv = draw(_conv(shape))
+        if conv is None:
+            continue
+        ops.append(conv)
+        shape = dict(conv[1])["out"]
+        if draw(st.booleans()):
+            ops.append(("BatchNormalization", ()))
+        if draw(st.integers(0, 4)) == 0:
+            ops.append(draw(_elementwise(shape)))
+        ops.append(("Relu", ()))
+        if draw(st.booleans()):
+            pool = draw(_pool(shape))
+            if pool is not None:
+                ops.append(pool)
+                shape = dict(pool[1])["out"]
+    ops.append(("Flatten", ()))
+    if draw(st.booleans()):
+        ops += draw(_dense_layer(relu=True))
+    ops += draw(_dense_layer(relu=False))
+    return NetSpec(input_shape, tuple(ops), draw(st.integers(0, 2**31 - 1)))
+
+
+def networks() -> st.SearchStrategy[NetSpec]:
+    """Dense or convolutional networks."""
+    return st.one_of(dense_nets(), conv_nets())
+
+
+# ----------------------------------------------------------------------------- building
+
+
+class _Builder:
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, value: np.ndarray) -> str:
+        name = f"c{len(self.inits)}"
+        self.inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], **attrs) -> str:
+        out = f"t{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op, inputs, [out], name=f"{op.lower()}{len(self.nodes)}",
+                                           **attrs))
+        return out
+
+
+def _he(rng, shape, fan_in: int) -> np.ndarray:
+    return rng.standard_normal(shape) * math.sqrt(2.0 / max(fan_in, 1))
+
+
+def build(spec: NetSpec) -> onnx.ModelProto:
+    """The ONNX model of a spec (float32 weights drawn from spec.seed)."""
+    b = _Builder(spec.seed)
+    rng, x, shape = b.rng, "x", spec.input_shape
+    for kind, params in spec.ops:
+        p = dict(params)
+        if kind in ("Sub", "RSub", "Div", "Mul", "Add"):
+            value = rng.uniform(0.5, 2.0, p["const_shape"]) * rng.choice([-1, 1], p["const_shape"])
+            if kind in ("Sub", "RSub", "Add"):
+                value = rng.standard_normal(p["const_shape"]) * 0.5
+            c = b.const(value)
+            op = "Sub" if kind == "RSub" else kind
+            first = kind in ("RSub",) or (kind in ("Mul", "Add") and rng.random() < 0.5)
+            x = b.node(op, [c, x] if first else [x, c])
+        elif kind == "Gemm":
+            n_in, n_out = shape[1], p["n_out"]
+            w = _he(rng, (n_in, n_out), n_in) / p["alpha"]
+            inputs = [x, b.const(w.T if p["transB"] else w)]
+            if p["bias"]:
+                inputs.append(b.const(rng.standard_normal(n_out) * 0.1))
+            x = b.node("Gemm", inputs, transB=p["transB"], alpha=p["alpha"])
+            shape = (1, n_out)
+        elif kind == "MatMul":
+            n_in, n_out = shape[1], p["n_out"]
+            x = b.node("MatMul", [x, b.const(_he(rng, (n_in, n_out), n_in))])
+            shape = (1, n_out)
+        elif kind == "Conv":
+            c, rank = shape[1], len(shape) - 2
+            cg = c // p["group"]
+            w = _he(rng, (p["m"], cg, *p["kernel"]), cg * math.prod(p["kernel"]))
+            inputs = [x, b.const(w)]
+            if p["bias"]:
+                inputs.append(b.const(rng.standard_normal(p["m"]) * 0.1))
+            x = b.node("Conv", inputs, kernel_shape=list(p["kernel"]), strides=list(p["strides"]),
+                       pads=list(p["pads"]), dilations=list(p["dilations"]), group=p["group"])
+            shape = p["out"]
+            assert len(shape) == rank + 2
+        elif kind == "BatchNormalization":
+            ch = shape[1]
+            params_ = [rng.uniform(0.5, 1.5, ch) * rng.choice([-1, 1], ch),
+                       rng.standard_normal(ch) * 0.1, rng.standard_normal(ch) * 0.1,
+                       rng.uniform(0.5, 2.0, ch)]
+            x = b.node("BatchNormalization", [x, *(b.const(v) for v in params_)], epsilon=1e-5)
+        elif kind == "Relu":
+            x = b.node("Relu", [x])
+        elif kind == "MaxPool":
+            x = b.node("MaxPool", [x], kernel_shape=list(p["kernel"]), strides=list(p["strides"]),
+                       pads=list(p["pads"]))
+            shape = p["out"]
+        elif kind == "AveragePool":
+            x = b.node("AveragePool", [x], kernel_shape=list(p["kernel"]),
+                       strides=list(p["strides"]), pads=list(p["pads"]),
+                       count_include_pad=p["count_include_pad"])
+            shape = p["out"]
+        elif kind == "GlobalAveragePool":
+            x = b.node("GlobalAveragePool", [x])
+            shape = p["out"]
+        elif kind == "Flatten":
+            x = b.node("Flatten", [x], axis=1)
+            shape = (1, math.prod(shape))
+        else:
+            raise ValueError(f"unknown op {kind}")
+    graph = helper.make_graph(
+        b.nodes, "propnet",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(spec.input_shape))],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, list(shape))], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return model
+
+
+def nominal(spec: NetSpec) -> np.ndarray:
+    """A nominal input x0 drawn from the spec's seed."""
+    rng = np.random.default_rng(spec.seed + 1)
+    return rng.standard_normal(spec.input_shape).astype(np.float32)
