@@ -42,11 +42,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"onnxlip: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnxlip", description="Local and global Lipschitz bounds of ONNX ReLU networks.")
     parser.add_argument("--version", action="version", version=f"onnxlip {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
 
     inspect = sub.add_parser("inspect", help="show the chain of blocks of a model")
     _model_options(inspect)
@@ -68,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--input", "-x", required=True, help="nominal input x0 (.npy, .npz, .pb)")
     sweep.add_argument("--eps-min", type=_number, default=1e-3, help="smallest radius (1e-3)")
     sweep.add_argument("--eps-max", type=_number, default=1.0, help="largest radius (1)")
-    sweep.add_argument("-n", type=int, default=30, help="number of radii (30)")
+    sweep.add_argument("-n", type=_count, default=30, help="number of radii (30)")
     sweep.add_argument("--spacing", choices=("log", "linear"), default="log")
     sweep.add_argument("--no-lower", action="store_true", help="skip the lower bounds")
     sweep.add_argument("--json", action="store_true", help="print one JSON object")
@@ -83,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--inputs", help="a batch (.npy, .npz with inputs and labels) or a folder of .npy")
     cert.add_argument("--labels", help="integer labels (.npy) for --inputs")
     cert.add_argument("--rel-tol", type=_number, default=1e-3, help="bisection tolerance (1e-3)")
-    cert.add_argument("--workers", type=int, default=0, help="processes for --inputs (default: cores)")
+    cert.add_argument("--workers", type=_count, default=None,
+                      help="processes for --inputs (default: one per core)")
     cert.add_argument("--radii", type=_number, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.5],
                       help="radii for certified accuracy in the summary")
     cert.add_argument("--out", help="per-input rows to this .csv or .json file")
@@ -198,7 +207,7 @@ def run_certify(args) -> int:
                        memory_budget=args.memory_budget, tol=args.tol)
     net = load(**load_kwargs)
     batch, labels = read_batch(args.inputs, args.labels, net.input_shape)
-    result = certify_dataset(load_kwargs, batch, labels, args.rel_tol, args.workers or None,
+    result = certify_dataset(load_kwargs, batch, labels, args.rel_tol, args.workers,
                              progress=sys.stderr.isatty(), method=args.method)
     summary = result.summary(args.radii)
     if args.out:
@@ -224,6 +233,12 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _count(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
 
 
 def _shape(text: str) -> tuple[int, ...]:

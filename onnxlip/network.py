@@ -84,11 +84,10 @@ class Network:
     def local_bound_from(self, nominal: bounds.Trace, eps: float,
                          method: str = "paper") -> bounds.BoundResult:
         """The local bound at eps around an already computed forward pass."""
-        if method == "tight":
-            return tight_local_bound(self.blocks, nominal, check_eps(eps), self.tol)
-        if method != "paper":
+        if method not in ("paper", "tight"):
             raise OnnxlipError(f"method must be 'paper' or 'tight', got {method!r}")
-        return bounds.local_bound(self.blocks, nominal, check_eps(eps), self.tol)
+        bound = tight_local_bound if method == "tight" else bounds.local_bound
+        return _finite(bound(self.blocks, nominal, check_eps(eps), self.tol), self.path)
 
     def jacobian(self, x0) -> Jacobian:
         """J(x0), matrix-free (matvec / rmatvec / dense)."""
@@ -125,8 +124,17 @@ class Network:
     def global_bound(self) -> bounds.BoundResult:
         """Product of the blocks' spectral norms (and max-pooling constants)."""
         if self._global is None:
-            self._global = bounds.global_bound(self.blocks, self.tol)
+            self._global = _finite(bounds.global_bound(self.blocks, self.tol), self.path)
         return self._global
+
+
+def _finite(result: bounds.BoundResult, path: str) -> bounds.BoundResult:
+    """A bound that overflowed float arithmetic is an error, never a number."""
+    if not np.isfinite(result.bound):
+        worst = next((r for r in result.layers if not np.isfinite(r.bound)), None)
+        where = f" at block {worst.name!r}" if worst else ""
+        raise OnnxlipError(f"{path}: the bound overflowed float arithmetic{where}")
+    return result
 
 
 def check_eps(eps) -> float:

@@ -161,3 +161,18 @@ def test_readme_commands_are_the_ones_ci_and_users_run(capsys):
     code, out, err = run(capsys, *[ROOT / a if a.startswith("models/") else a for a in args])
     assert code == 0, err
     assert "local bound" in out
+
+
+@pytest.mark.parametrize("args", [
+    ["bound", "m.onnx", "-x", "x.npy", "-e", "abc"],
+    ["sweep", "m.onnx", "-x", "x.npy", "-n", "0"],
+    ["certify", "m.onnx", "--inputs", "d.npz", "--workers", "-1"],
+    ["bound", "m.onnx", "-e", "1"],
+    ["nonsense"],
+])
+def test_usage_errors_are_one_line(capsys, args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("onnxlip: error: ") and err.count("\n") == 1, err
