@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import OnnxlipError
-from .graph import ChainGraph
+from .graph import ChainGraph, runnable_model
 from .operators import ort as ort_settings
 
 _NUMPY_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
@@ -22,13 +22,14 @@ class ModelRunner:
         options.log_severity_level = 3
         options.intra_op_num_threads = ort_settings.THREADS
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        model = runnable_model(graph)
         try:
-            self._session = ort.InferenceSession(graph.model.SerializeToString(), options,
+            self._session = ort.InferenceSession(model.SerializeToString(), options,
                                                  providers=["CPUExecutionProvider"])
         except Exception as exc:
             text = (str(exc).splitlines() or [""])[0][:200]
             raise OnnxlipError(f"{graph.path}: onnxruntime cannot run the model ({text})") from None
-        value = next(i for i in graph.model.graph.input if i.name == graph.input_name)
+        value = next(i for i in model.graph.input if i.name == graph.input_name)
         self._dtype = _NUMPY_TYPES.get(value.type.tensor_type.elem_type, np.float32)
         self._input, self._output = graph.input_name, graph.output_name
         self._shape = graph.input_shape

@@ -13,7 +13,7 @@ from . import bounds
 from .blocks import Block, BlockOptions, build_blocks
 from .errors import OnnxlipError
 from .evaluate import ModelRunner
-from .graph import ChainGraph, load_chain
+from .graph import ChainGraph, load_chain, release
 from .jacobian import Jacobian
 from .lower import LowerBounds, LowerBoundSearch
 from .lowering import NodeContext, lower
@@ -180,6 +180,7 @@ def load(
         raise OnnxlipError(f"{graph.path}: the model has no layers to bound")
     for block in blocks:
         _check_magnitude(block, graph.path)
+    release(graph)
     return Network(graph, blocks, tol)
 
 

@@ -27,8 +27,9 @@ class DenseMap(LinearMap):
         self.weight = np.ascontiguousarray(weight, dtype=dtype)
 
     @cached_property
-    def _squared(self) -> np.ndarray:
-        return self.weight**2
+    def _squared(self) -> np.ndarray | None:
+        """W∘W, kept only for matrices held in float64 (the small ones)."""
+        return self.weight**2 if self.weight.dtype == np.float64 else None
 
     def nnz(self) -> int:
         return int(self.weight.size)
@@ -40,7 +41,12 @@ class DenseMap(LinearMap):
         return (self.weight.T @ u.astype(self.weight.dtype, copy=False)).astype(u.dtype, copy=False)
 
     def sq_matvec(self, d):
-        return (self._squared @ d.astype(self.weight.dtype, copy=False)).astype(np.float64)
+        if self._squared is not None:
+            return self._squared @ d.astype(np.float64)
+        d = d.astype(self.weight.dtype)
+        rows = max(1, (1 << 24) // self.weight.shape[1])  # 64 MB of squares at a time
+        return np.concatenate([(self.weight[i:i + rows] ** 2) @ d
+                               for i in range(0, self.weight.shape[0], rows)]).astype(np.float64)
 
     def to_sparse(self):
         return sp.csr_matrix(self.weight.astype(np.float64))
