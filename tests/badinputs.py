@@ -36,7 +36,7 @@ class Case:
     api: Callable[[], object]
     code: int = 2
     in_test_cli: bool = False  # already covered by tests/test_cli.py
-    argparse: bool = False  # refused by argparse (usage line + error line, exit 2)
+    argparse: bool = False  # refused by argparse (one error line, exit 2)
     api_expect: str | None = None  # what the API's message contains, when it differs
 
     @property
