@@ -8,8 +8,9 @@ through ReLU, max-pooling and reshapes. Global: the product of ||A_k||.
 
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -64,6 +65,10 @@ class Trace:
     inputs: list[np.ndarray]
     pre: list[np.ndarray | None]
     output: np.ndarray
+    #: ||R A D|| already solved around this x0, keyed by block and exact (R, D):
+    #: radii whose masks and slopes coincide (all of a small-ε sweep, most of a
+    #: certificate's bisection) share one eigensolve and so get the same value.
+    norms: dict = field(default_factory=dict, repr=False)
 
 
 def trace(blocks: list[Block], x: np.ndarray) -> Trace:
@@ -138,7 +143,7 @@ def local_bound(blocks: list[Block], nominal: Trace, eps: float, tol: float) -> 
         record = _record(k, block)
         record.eps_in = eps_k
         if isinstance(block, AffineBlock):
-            mask = _affine_local(block, nominal.pre[k], mask, eps_k, tol, record)
+            mask = _affine_local(block, nominal, k, mask, eps_k, tol, record)
         elif isinstance(block, MaxPoolBlock):
             record.bound = block.lipschitz
             mask = block.pool_mask(mask)
@@ -151,8 +156,10 @@ def local_bound(blocks: list[Block], nominal: Trace, eps: float, tol: float) -> 
     return BoundResult(total, records, time.perf_counter() - start, eps)
 
 
-def _affine_local(block: AffineBlock, y0, mask, eps_k, tol, record: LayerRecord) -> np.ndarray:
+def _affine_local(block: AffineBlock, nominal: Trace, index: int, mask, eps_k, tol,
+                  record: LayerRecord) -> np.ndarray:
     """Fill the record with L_k = ||R A D||; return the next block's mask."""
+    y0 = nominal.pre[index]
     reach = np.sqrt(np.maximum(block.map.sq_matvec(mask), 0.0))
     if block.relu:
         ybar = y0 + eps_k * reach
@@ -164,8 +171,19 @@ def _affine_local(block: AffineBlock, y0, mask, eps_k, tol, record: LayerRecord)
     else:
         rows = np.ones_like(y0)
         next_mask = (reach > 0).astype(float)
-    _fill(record, masked_norm(block, rows, mask, tol))
+    _fill(record, cached_norm(nominal, index, block, rows, mask, tol))
     return next_mask
+
+
+def cached_norm(nominal: Trace, index: int, block: AffineBlock, rows: np.ndarray,
+                cols: np.ndarray, tol: float) -> SpectralNorm:
+    """masked_norm, solved once per exact (block, rows, cols, tol) around this trace."""
+    digest = hashlib.blake2b(rows.tobytes(), digest_size=16)
+    digest.update(cols.tobytes())
+    key = (index, tol, digest.digest())
+    if key not in nominal.norms:
+        nominal.norms[key] = replace(masked_norm(block, rows, cols, tol), vector=None)
+    return nominal.norms[key]
 
 
 def global_bound(blocks: list[Block], tol: float) -> BoundResult:

@@ -66,6 +66,23 @@ def test_lower_bound_noise_floor_keeps_small_radii_honest():
     assert low.sampled <= low.jacobian_norm * (1 + 1e-3)
 
 
+def test_sweep_shares_solves_only_where_slopes_and_masks_coincide():
+    """Radii with identical (R, D) in a block reuse one eigensolve; every value
+    equals the one computed around a fresh forward pass."""
+    net = onnxlip.load(MODELS / "digits_cnn.onnx")
+    x0 = np.load(MODELS / "digits_cnn_x0.npy")
+    eps = np.geomspace(1e-7, 1.0, 12).tolist()
+    nominal = net.trace(x0)
+    shared = [net.local_bound_from(nominal, e) for e in eps]
+    for e, result in zip(eps, shared):
+        fresh = net.local_bound(x0, e)
+        assert result.bound == fresh.bound
+        assert [r.bound for r in result.layers] == [r.bound for r in fresh.layers]
+    affine = sum(r.iterations > 0 for r in shared[0].layers)
+    assert affine <= len(nominal.norms) < affine * len(eps)
+    assert shared[0].bound == shared[1].bound < shared[-1].bound
+
+
 def test_sweep_command_outputs(tmp_path, capsys):
     csv_path, png, svg = tmp_path / "s.csv", tmp_path / "s.png", tmp_path / "s.svg"
     code = main(["sweep", str(MODELS / "digits_mlp.onnx"), "-x", str(MODELS / "digits_mlp_x0.npy"),
