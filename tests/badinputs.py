@@ -199,6 +199,12 @@ def make_cases(folder: Path) -> list[Case]:
     m.graph.output[0].name = "s"
     add("a tensor feeding two branches", ["inspect", save(f, "branches.onnx", m)],
         "tensor 'h' feeds 'act' (Relu), 'other' (Relu): only chain graphs", load("branches.onnx"))
+    m = model([helper.make_node("Transpose", ["x"], ["t"], perm=[2, 1, 0, 3], name="swap"),
+               helper.make_node("MaxPool", ["t"], ["y"], kernel_shape=[1, 2], name="pool")],
+              [vi("x", [1, 1, 5, 5])], [vi("y", [5, 1, 1, 4])])
+    add("Transpose moves the batch axis before a pooling", ["inspect", save(f, "batchaxis.onnx", m)],
+        "node 'pool' (MaxPool): input shape (5, 1, 1, 5) has batch 5; only batch 1 is bounded",
+        load("batchaxis.onnx"))
     then = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [],
                              [vi("t", [1, 3])])
     m = model([helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=then, name="if")],

@@ -144,6 +144,10 @@ def cases() -> dict[str, tuple[str, str, bytes]]:
     out["string_weights.onnx"] = ("a Gemm whose weight is a string tensor", "error", model(
         [n("Gemm", ["x", "W"], ["y"], transB=1, name="fc")],
         [helper.make_tensor("W", TensorProto.STRING, [4, 3], [b"w"] * 12)], y=(1, 4)))
+    out["batch_axis_moved.onnx"] = ("Transpose moving the batch axis before a GlobalAveragePool",
+                                    "error", model(
+        [n("Transpose", ["x"], ["t"], perm=[2, 1, 0, 3], name="tr"),
+         n("GlobalAveragePool", ["t"], ["y"], name="gap")], x=(1, 2, 5, 5), y=(5, 2, 1, 1)))
     chain = [n("Relu", ["x" if i == 0 else f"h{i}"], [f"h{i + 1}" if i < 299 else "y"], name=f"r{i}")
              for i in range(300)]
     out["deep_chain.onnx"] = ("300 Relu nodes in a row", "ok", model(chain))

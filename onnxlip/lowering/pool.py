@@ -71,6 +71,7 @@ def lower_global_averagepool(ctx: NodeContext) -> list[Affine]:
         raise ctx.fail(f"input shape {ctx.in_shape} has no spatial dimensions")
     kernel = tuple(ctx.in_shape[2:])
     rank = len(kernel)
+    check_spatial_input(ctx, rank)
     pool = _window_sum(ctx, kernel, (1,) * rank, (0,) * 2 * rank, (1,) * rank)
     return _scaled(pool, np.full(pool.out_shape, 1.0 / math.prod(kernel)))
 

@@ -56,5 +56,9 @@ def _same_pads(spatial, kernel, strides, dilations, upper: bool) -> tuple[int, .
 
 
 def check_spatial_input(ctx: NodeContext, rank: int) -> None:
+    """The input must be (1, C, ...) with `rank` spatial dims: windows are per image."""
     if len(ctx.in_shape) != rank + 2:
         raise ctx.fail(f"input shape {ctx.in_shape} is not (N, C, ...) with {rank} spatial dims")
+    if ctx.in_shape[0] != 1:
+        raise ctx.fail(f"input shape {ctx.in_shape} has batch {ctx.in_shape[0]}; only batch 1 "
+                       "is bounded (does a Transpose or Reshape before it move the batch axis?)")
