@@ -53,10 +53,15 @@ class ConvMap(LinearMap):
 
     @cached_property
     def _transpose(self) -> NodeSession:
-        """Aᵀ: a flipped convolution for stride 1, else a ConvTranspose."""
+        """Aᵀ: a flipped convolution for stride 1 (onnxruntime's Conv is the faster
+        kernel), else a ConvTranspose. The flipped convolution slides the kernel
+        over every input position, so where the output is much smaller than the
+        input (a kernel as large as the image: GlobalAveragePool) its cost grows
+        with the square of the image and ConvTranspose is used instead."""
         reach = [d * (k - 1) for d, k in zip(self.dilations, self.weight.shape[2:])]
         flip_pads = [reach[i % self.rank] - p for i, p in enumerate(self.pads)]
-        if all(s == 1 for s in self.strides) and min(flip_pads) >= 0:
+        similar = math.prod(self.in_shape[2:]) <= 4 * math.prod(self.out_shape[2:])
+        if all(s == 1 for s in self.strides) and min(flip_pads) >= 0 and similar:
             return NodeSession("Conv", {"W": self._flipped_weight()}, self.rank + 2,
                                strides=list(self.strides), pads=flip_pads,
                                dilations=list(self.dilations), group=self.group)

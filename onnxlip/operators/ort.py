@@ -27,6 +27,7 @@ class NodeSession:
     def __init__(self, op_type: str, weights: dict[str, np.ndarray], rank: int,
                  dtype: type = np.float32, outputs: tuple[str, ...] = ("y",), **attrs):
         self._dtype = np.dtype(dtype)
+        self.op_type = op_type
         elem = onnx.helper.np_dtype_to_tensor_dtype(self._dtype)
         node = helper.make_node(op_type, ["x", *weights], list(outputs), **attrs)
         graph = helper.make_graph(
@@ -40,7 +41,7 @@ class NodeSession:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
         model.ir_version = min(model.ir_version, onnx.IR_VERSION)
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: failures reach the caller as exceptions
         options.intra_op_num_threads = THREADS
         # Spinning worker threads would steal the cores from numpy's BLAS between runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -56,4 +57,9 @@ class NodeSession:
         bound's finiteness check then reports as an error)."""
         with np.errstate(over="ignore"):
             x = np.ascontiguousarray(x, dtype=self._dtype)
-        return self._session.run(None, {"x": x})
+        try:
+            return self._session.run(None, {"x": x})
+        except Exception as exc:  # onnxruntime raises its own Fail for a failed allocation
+            if "Failed to allocate memory" in str(exc):
+                raise MemoryError(f"onnxruntime could not allocate memory for {self.op_type}") from None
+            raise
