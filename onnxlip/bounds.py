@@ -9,6 +9,7 @@ through ReLU, max-pooling and reshapes. Global: the product of ||A_k||.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -56,6 +57,15 @@ class BoundResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def ritz(self) -> float:
+        """The bound without the blocks' residual lifts: the product of their
+        Lanczos Ritz values, an estimate from below of the computed product.
+        Two upper bounds of nearly equal products (local and global, or L(ε)
+        and L(2ε)) can come out in either order by up to their residuals;
+        compare one's `ritz` with the other's `bound`."""
+        return self.bound / math.prod(math.sqrt(1.0 + r.residual) for r in self.layers)
 
 
 @dataclass
