@@ -192,3 +192,15 @@ def test_operator_mode_is_checked(tmp_path):
     net, path = _conv_models(tmp_path)[0]
     with pytest.raises(onnxlip.OnnxlipError):
         onnxlip.load(path, operators="csr")
+
+
+def test_adjoint_kernel_follows_the_cost():
+    """A flipped convolution for stride-1 'same'-sized maps; a ConvTranspose where the
+    output is much smaller than the input (a whole-image window would cost the
+    square of the image as a flipped convolution)."""
+    same = ConvMap(np.ones((2, 2, 3, 3)), (1, 2, 16, 16), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    whole = ConvMap(np.ones((2, 1, 400, 3)), (1, 2, 400, 3), (1, 1), (0, 0, 0, 0), (1, 1), 2)
+    assert same._transpose.op_type == "Conv"
+    assert whole._transpose.op_type == "ConvTranspose"
+    u = np.random.default_rng(0).standard_normal(whole.out_size)
+    _close(whole.rmatvec(u), whole.to_sparse().T @ u)
