@@ -76,8 +76,9 @@ class Trace:
     pre: list[np.ndarray | None]
     output: np.ndarray
     #: ||R A D|| already solved around this x0, keyed by block and exact (R, D):
-    #: radii whose masks and slopes coincide (all of a small-ε sweep, most of a
-    #: certificate's bisection) share one eigensolve and so get the same value.
+    #: radii whose masks and slopes coincide (radii too small to make a neuron
+    #: uncertain, some steps of a certificate's bisection) share one eigensolve
+    #: and so get the same value.
     norms: dict = field(default_factory=dict, repr=False)
 
 
