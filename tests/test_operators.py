@@ -7,6 +7,7 @@ import math
 
 import netgen
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import scipy.sparse as sp
@@ -204,3 +205,13 @@ def test_adjoint_kernel_follows_the_cost():
     assert whole._transpose.op_type == "ConvTranspose"
     u = np.random.default_rng(0).standard_normal(whole.out_size)
     _close(whole.rmatvec(u), whole.to_sparse().T @ u)
+
+
+def test_node_models_take_the_lowest_ir_version_of_their_opset():
+    """onnxruntime 1.30 refuses onnx 1.23's newest IR version (11): every
+    one-node model onnxlip runs declares the IR version its opset needs."""
+    from onnxlip.operators.ort import OPSET, node_model
+
+    model = node_model("MaxPool", {}, 4, np.float64, ("y", "argmax"), kernel_shape=[2, 2])
+    assert model.ir_version == onnx.helper.find_min_ir_version_for(model.opset_import)
+    assert OPSET == 17 and model.ir_version == 8

@@ -17,6 +17,26 @@ OPSET = 17
 THREADS = os.cpu_count() or 1
 
 
+def node_model(op_type: str, weights: dict[str, np.ndarray], rank: int, dtype: np.dtype,
+               outputs: tuple[str, ...] = ("y",), **attrs) -> onnx.ModelProto:
+    """A one-node model over input 'x' (batch axis 'N'), at the lowest IR version
+    its opset needs: an onnxruntime older than the installed onnx refuses
+    onnx's newest IR version (onnxruntime 1.30 with onnx 1.23)."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    node = helper.make_node(op_type, ["x", *weights], list(outputs), **attrs)
+    graph = helper.make_graph(
+        [node],
+        op_type.lower(),
+        [helper.make_tensor_value_info("x", elem, ["N"] + [None] * (rank - 1))],
+        [helper.make_tensor_value_info(name, elem if i == 0 else onnx.TensorProto.INT64, None)
+         for i, name in enumerate(outputs)],
+        [numpy_helper.from_array(np.asarray(w, dtype), n) for n, w in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = helper.find_min_ir_version_for(model.opset_import)
+    return model
+
+
 class NodeSession:
     """One ONNX node over an input 'x' with a dynamic batch dimension.
 
@@ -28,18 +48,7 @@ class NodeSession:
                  dtype: type = np.float32, outputs: tuple[str, ...] = ("y",), **attrs):
         self._dtype = np.dtype(dtype)
         self.op_type = op_type
-        elem = onnx.helper.np_dtype_to_tensor_dtype(self._dtype)
-        node = helper.make_node(op_type, ["x", *weights], list(outputs), **attrs)
-        graph = helper.make_graph(
-            [node],
-            op_type.lower(),
-            [helper.make_tensor_value_info("x", elem, ["N"] + [None] * (rank - 1))],
-            [helper.make_tensor_value_info(name, elem if i == 0 else onnx.TensorProto.INT64, None)
-             for i, name in enumerate(outputs)],
-            [numpy_helper.from_array(np.asarray(w, self._dtype), n) for n, w in weights.items()],
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-        model.ir_version = min(model.ir_version, onnx.IR_VERSION)
+        model = node_model(op_type, weights, rank, self._dtype, outputs, **attrs)
         options = ort.SessionOptions()
         options.log_severity_level = 4  # fatal only: failures reach the caller as exceptions
         options.intra_op_num_threads = THREADS
