@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from .blocks import AffineBlock, Block, MaxPoolBlock
+from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, flow
+from .operators.base import LinearMap
 from .operators.matrix import DenseMap
 from .spectral import SpectralNorm, gram_norm
 
@@ -84,16 +85,18 @@ class Trace:
 
 def trace(blocks: list[Block], x: np.ndarray) -> Trace:
     inputs, pre = [], []
-    for block in blocks:
-        inputs.append(x)
+
+    def step(k, block, x_in):
+        inputs.append(x_in)
         if isinstance(block, AffineBlock):
-            y = block.pre_activation(x)
+            y = block.pre_activation(x_in)
             pre.append(y)
-            x = np.maximum(y, 0.0) if block.relu else y
-        else:
-            pre.append(None)
-            x = block.forward(x)
-    return Trace(inputs, pre, x)
+            return np.maximum(y, 0.0) if block.relu else y
+        pre.append(None)
+        return block.forward(x_in)
+
+    values = flow(blocks, x, step)
+    return Trace(inputs, pre, values[-1])
 
 
 def chord_slopes(y0: np.ndarray, ybar: np.ndarray) -> np.ndarray:
@@ -105,7 +108,7 @@ def chord_slopes(y0: np.ndarray, ybar: np.ndarray) -> np.ndarray:
     return r
 
 
-def masked_norm(block: AffineBlock, rows: np.ndarray, cols: np.ndarray, tol: float,
+def masked_norm(linear: LinearMap, rows: np.ndarray, cols: np.ndarray, tol: float,
                 seed: int = 0) -> SpectralNorm:
     """||diag(rows) A diag(cols)|| by Lanczos, matrix-free; cols is a 0/1 mask.
 
@@ -115,7 +118,6 @@ def masked_norm(block: AffineBlock, rows: np.ndarray, cols: np.ndarray, tol: flo
     """
     if not rows.any() or not cols.any():
         return SpectralNorm(0.0, 0, 0.0, True)
-    linear = block.map
     rows = None if np.all(rows == 1) else rows
     cols = None if np.all(cols == 1) else cols
     if linear.in_size <= linear.out_size:
@@ -145,35 +147,63 @@ def _masked(v: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
 
 
 def local_bound(blocks: list[Block], nominal: Trace, eps: float, tol: float) -> BoundResult:
-    """Upper bound of the local Lipschitz constant in the L2 ball of radius eps."""
+    """Upper bound of the local Lipschitz constant in the L2 ball of radius eps.
+
+    Each block's output carries a gain g (its change is at most g·ε over the
+    ball) and a mask of the outputs that can change. A block that reads
+    several blocks adds their contributions (the reach of a sum is at most the
+    sum of the reaches): g = Σ_j g_j ||R A_j D_j||. On a chain g is the paper's
+    product of the blocks' ||R A D||.
+    """
     start = time.perf_counter()
-    mask = np.ones(nominal.inputs[0].size)
-    eps_k, total, records = eps, 1.0, []
-    for k, block in enumerate(blocks):
+    gains, masks, records = {INPUT: 1.0}, {INPUT: np.ones(nominal.inputs[0].size)}, []
+
+    def step(k, block, _):
         tic = time.perf_counter()
         record = _record(k, block)
-        record.eps_in = eps_k
+        gain_in = sum(gains[j] for j in block.inputs)
+        record.eps_in = eps * gain_in
         if isinstance(block, AffineBlock):
-            mask = _affine_local(block, nominal, k, mask, eps_k, tol, record)
-        elif isinstance(block, MaxPoolBlock):
-            record.bound = block.lipschitz
-            mask = block.pool_mask(mask)
+            changes = [eps * gains[j] for j in block.inputs]
+            norms, masks[k] = _affine_local(block, nominal, k, masks, changes, tol, record)
         else:
-            record.bound = 1.0
+            norms = [block.lipschitz if isinstance(block, MaxPoolBlock) else 1.0]
+            mask = masks[block.inputs[0]]
+            masks[k] = block.pool_mask(mask) if isinstance(block, MaxPoolBlock) else mask
+        gains[k], record.bound = _compose(gains, block, norms)
         record.seconds = time.perf_counter() - tic
         records.append(record)
-        total *= record.bound
-        eps_k *= record.bound
-    return BoundResult(total, records, time.perf_counter() - start, eps)
+
+    flow(blocks, nominal.inputs[0], step)
+    return BoundResult(gains[len(blocks) - 1], records, time.perf_counter() - start, eps)
 
 
-def _affine_local(block: AffineBlock, nominal: Trace, index: int, mask, eps_k, tol,
-                  record: LayerRecord) -> np.ndarray:
-    """Fill the record with L_k = ||R A D||; return the next block's mask."""
+def _compose(gains: dict, block: Block, norms: list[float]) -> tuple[float, float]:
+    """The gain of a block's output, Σ_j g_j · norms[j] over the blocks it reads,
+    and the block's own factor (its norm; the ratio of gains where it reads several)."""
+    gain = 0.0
+    for j, norm in zip(block.inputs, norms):
+        gain += gains[j] * norm
+    if len(norms) == 1:
+        return gain, norms[0]
+    gain_in = sum(gains[j] for j in block.inputs)
+    return gain, gain / gain_in if gain_in else 0.0
+
+
+def _affine_local(block: AffineBlock, nominal: Trace, index: int, masks, changes: list[float],
+                  tol, record: LayerRecord) -> tuple[list[float], np.ndarray]:
+    """||R A_j D_j|| for each part of the block, and its output mask; fills the record.
+
+    The reach of a pre-activation adds those of the parts, Σ_j ε_j ||a_ijᵀ D_j||,
+    with ε_j = changes[j] the largest change of input j over the ball.
+    """
     y0 = nominal.pre[index]
-    reach = np.sqrt(np.maximum(block.map.sq_matvec(mask), 0.0))
+    parts = block.parts()
+    cols = [masks[j] for j in block.inputs]
+    reach = sum(change * np.sqrt(np.maximum(part.sq_matvec(d), 0.0))
+                for change, part, d in zip(changes, parts, cols))
     if block.relu:
-        ybar = y0 + eps_k * reach
+        ybar = y0 + reach
         rows = chord_slopes(y0, ybar)
         record.active = int(np.count_nonzero(y0 >= 0))
         record.inactive = int(np.count_nonzero(ybar <= 0))
@@ -182,39 +212,46 @@ def _affine_local(block: AffineBlock, nominal: Trace, index: int, mask, eps_k, t
     else:
         rows = np.ones_like(y0)
         next_mask = (reach > 0).astype(float)
-    _fill(record, cached_norm(nominal, index, block, rows, mask, tol))
-    return next_mask
+    norms = []
+    for p, (part, d) in enumerate(zip(parts, cols)):
+        norm = cached_norm(nominal, (index, p), part, rows, d, tol)
+        _fill(record, norm, first=p == 0)
+        norms.append(norm.value)
+    return norms, next_mask
 
 
-def cached_norm(nominal: Trace, index: int, block: AffineBlock, rows: np.ndarray,
+def cached_norm(nominal: Trace, key, linear: LinearMap, rows: np.ndarray,
                 cols: np.ndarray, tol: float) -> SpectralNorm:
-    """masked_norm, solved once per exact (block, rows, cols, tol) around this trace."""
+    """masked_norm, solved once per exact (key, rows, cols, tol) around this trace."""
     digest = hashlib.blake2b(rows.tobytes(), digest_size=16)
     digest.update(cols.tobytes())
-    key = (index, tol, digest.digest())
+    key = (key, tol, digest.digest())
     if key not in nominal.norms:
-        nominal.norms[key] = replace(masked_norm(block, rows, cols, tol), vector=None)
+        nominal.norms[key] = replace(masked_norm(linear, rows, cols, tol), vector=None)
     return nominal.norms[key]
 
 
 def global_bound(blocks: list[Block], tol: float) -> BoundResult:
-    """Product of the blocks' global Lipschitz constants (spectral norms)."""
+    """The blocks' global Lipschitz constants (spectral norms) composed along
+    the graph: their product on a chain, g = Σ_j g_j ||A_j|| where a block
+    reads several blocks."""
     start = time.perf_counter()
-    total, records = 1.0, []
+    gains, records = {INPUT: 1.0}, []
     for k, block in enumerate(blocks):
         tic = time.perf_counter()
         record = _record(k, block)
         if isinstance(block, AffineBlock):
-            ones_out, ones_in = np.ones(block.map.out_size), np.ones(block.map.in_size)
-            _fill(record, masked_norm(block, ones_out, ones_in, tol))
-        elif isinstance(block, MaxPoolBlock):
-            record.bound = block.lipschitz
+            norms = []
+            for p, part in enumerate(block.parts()):
+                norm = masked_norm(part, np.ones(part.out_size), np.ones(part.in_size), tol)
+                _fill(record, norm, first=p == 0)
+                norms.append(norm.value)
         else:
-            record.bound = 1.0
+            norms = [block.lipschitz if isinstance(block, MaxPoolBlock) else 1.0]
+        gains[k], record.bound = _compose(gains, block, norms)
         record.seconds = time.perf_counter() - tic
         records.append(record)
-        total *= record.bound
-    return BoundResult(total, records, time.perf_counter() - start)
+    return BoundResult(gains[len(blocks) - 1], records, time.perf_counter() - start)
 
 
 def _record(index: int, block: Block) -> LayerRecord:
@@ -222,8 +259,8 @@ def _record(index: int, block: Block) -> LayerRecord:
                        tuple(block.out_shape), block.describe(), 1.0)
 
 
-def _fill(record: LayerRecord, norm: SpectralNorm) -> None:
-    record.bound = norm.value
-    record.iterations = norm.iterations
-    record.residual = norm.residual
-    record.converged = norm.converged
+def _fill(record: LayerRecord, norm: SpectralNorm, first: bool = True) -> None:
+    """Add one solve to the record (a block that reads several tensors has one per part)."""
+    record.iterations = norm.iterations + (0 if first else record.iterations)
+    record.residual = norm.residual if first else max(record.residual, norm.residual)
+    record.converged = norm.converged and (first or record.converged)

@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import OnnxlipError
-from .graph import ChainGraph, runnable_model
+from .graph import ModelGraph, runnable_model
 from .operators import ort as ort_settings
 
 _NUMPY_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
@@ -17,7 +17,7 @@ _NUMPY_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.
 class ModelRunner:
     """Runs the original ONNX model (not the engine's blocks) on single inputs."""
 
-    def __init__(self, graph: ChainGraph):
+    def __init__(self, graph: ModelGraph):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = ort_settings.THREADS

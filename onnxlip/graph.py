@@ -1,4 +1,4 @@
-"""Load an ONNX model and reduce it to a chain of compute nodes.
+"""Load an ONNX model and reduce it to the DAG of nodes that compute on the data.
 
 Loading runs the ONNX checker and shape inference; the graph is held as a
 networkx DiGraph; constant subgraphs (initializers, Constant nodes and the
@@ -22,7 +22,7 @@ from onnx import numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
 
 from .errors import OnnxlipError
-from .lowering.registry import MAX_ELEMENTS, check_size
+from .lowering.registry import MAX_ELEMENTS, check_size, node_label
 
 NO_OPS = {"Identity", "Dropout"}
 
@@ -34,8 +34,9 @@ INPUT_TYPES = {
 
 
 @dataclass
-class ChainGraph:
-    """The model reduced to a chain: nodes in order from input to output."""
+class ModelGraph:
+    """The model reduced to the nodes that compute on the data, in topological order
+    (a DAG: a tensor may feed several nodes, a node may read several tensors)."""
 
     path: str
     model: onnx.ModelProto | None  # None once released (see `release`)
@@ -47,13 +48,13 @@ class ChainGraph:
     opset: int = 0
 
 
-def release(graph: ChainGraph) -> None:
+def release(graph: ModelGraph) -> None:
     """Drop the weights held twice once the blocks hold their own (VGG16: 1.1 GB)."""
     graph.model = None
     graph.constants = {}
 
 
-def runnable_model(graph: ChainGraph) -> onnx.ModelProto:
+def runnable_model(graph: ModelGraph) -> onnx.ModelProto:
     """The user's model with its input shape fixed, read again if it was released."""
     if graph.model is not None:
         return graph.model
@@ -62,13 +63,13 @@ def runnable_model(graph: ChainGraph) -> onnx.ModelProto:
     return model
 
 
-def load_chain(
+def load_graph(
     path: str | os.PathLike,
     input_shape: tuple[int, ...] | None = None,
     input_name: str | None = None,
     output_name: str | None = None,
-) -> ChainGraph:
-    """Load, check and fold the model at `path` into a ChainGraph.
+) -> ModelGraph:
+    """Load, check and fold the model at `path` into a ModelGraph.
 
     Only the nodes the chosen output depends on are considered: other outputs
     and the branches that feed only them are ignored.
@@ -83,9 +84,9 @@ def load_chain(
         model = _infer_shapes(model, path)
         graph = _needed_by(_build_digraph(model), out)
         constants = _fold_constants(model, graph, path)
-        nodes = _chain_nodes(graph, constants, name, out, path)
+        nodes, out = _data_nodes(graph, constants, _known_shapes(model), name, out, path)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    return ChainGraph(str(path), model, name, shape, out, nodes, constants, opset)
+    return ModelGraph(str(path), model, name, shape, out, nodes, constants, opset)
 
 
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -372,39 +373,88 @@ def _evaluate(node: onnx.NodeProto, consts: dict, model: onnx.ModelProto, path) 
     return {n: np.asarray(v) for n, v in zip([o for o in node.output if o], values)}
 
 
-def _chain_nodes(graph, consts, input_name, output_name, path) -> list[onnx.NodeProto]:
-    """Follow the data from the input to the output; it must not branch."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for i in graph.nodes:
+def _data_nodes(graph: nx.DiGraph, consts: dict, shapes: dict, input_name: str,
+                output_name: str, path) -> tuple[list[onnx.NodeProto], str]:
+    """The nodes that compute on the data, in a topological order (the file's
+    order where it is one), with no-ops removed and their outputs renamed to
+    their inputs; and the (renamed) output tensor.
+
+    Every data tensor a node reads must be the input or computed from it.
+    Split nodes become one Slice node per output.
+    """
+    try:
+        order = list(nx.lexicographical_topological_sort(graph))
+    except nx.NetworkXUnfeasible:
+        raise OnnxlipError(f"{path}: the graph has a cycle") from None
+    computed, alias, nodes = {input_name}, {}, []
+    for i in order:
         node = graph.nodes[i]["node"]
         if all(o in consts for o in node.output if o):
             continue
-        for name in node.input:
-            if name and name not in consts:
-                consumers.setdefault(name, []).append(node)
-    chain, tensor = [], input_name
-    while tensor != output_name:
-        users = consumers.get(tensor, [])
-        if not users:
-            raise OnnxlipError(f"{path}: tensor {tensor!r} is not connected to output {output_name!r}")
-        if len(users) > 1:
-            names = ", ".join(f"{u.name!r} ({u.op_type})" for u in users)
+        data = [alias.get(n, n) for n in node.input if n and n not in consts]
+        strays = [n for n in data if n not in computed]
+        if strays:
             raise OnnxlipError(
-                f"{path}: tensor {tensor!r} feeds {names}: only chain graphs are supported "
-                "(no branches or residual connections)"
+                f"{path}: {node_label(node)} reads tensor {strays[0]!r}, which is neither the input "
+                f"{input_name!r} nor computed from it (a second graph input?)"
             )
-        node = users[0]
-        if len(chain) > len(graph):
-            raise OnnxlipError(f"{path}: node {node.name!r} ({node.op_type}) is on a cycle")
-        data_inputs = [n for n in node.input if n and n not in consts]
-        if len(data_inputs) > 1:
-            raise OnnxlipError(
-                f"{path}: node {node.name!r} ({node.op_type}) combines {len(data_inputs)} "
-                "data tensors: only chain graphs are supported (no residual connections)"
-            )
-        chain.append(node)
-        tensor = node.output[0]
-    return [node for node in chain if not _is_no_op(node)]
+        if not data:
+            continue
+        if _is_no_op(node):
+            alias[node.output[0]] = data[0]
+            continue
+        node = _renamed(node, alias)
+        computed.update(o for o in node.output if o)
+        nodes.extend(_split_to_slices(node, consts, shapes, path) if node.op_type == "Split"
+                     else [node])
+    output = alias.get(output_name, output_name)
+    if output not in computed:
+        raise OnnxlipError(f"{path}: output {output_name!r} does not depend on input {input_name!r}")
+    return nodes, output
+
+
+def _renamed(node: onnx.NodeProto, alias: dict[str, str]) -> onnx.NodeProto:
+    if not any(n in alias for n in node.input):
+        return node
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    for k, name in enumerate(copy.input):
+        copy.input[k] = alias.get(name, name)
+    return copy
+
+
+def _split_to_slices(node: onnx.NodeProto, consts: dict, shapes: dict, path) -> list[onnx.NodeProto]:
+    """A Split node as one standard Slice node per output, with constant
+    starts/ends/axes (added to `consts`): every output then has one producer."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    outputs = [o for o in node.output if o]
+    shape = shapes.get(node.input[0])
+    if shape is None:
+        raise OnnxlipError(f"{path}: {node_label(node)}: the shape of its input is unknown")
+    axis = int(attrs.get("axis", 0))
+    if not -len(shape) <= axis < len(shape):
+        raise OnnxlipError(f"{path}: {node_label(node)}: axis {axis} is out of range for {shape}")
+    axis %= len(shape)
+    split = attrs.get("split")
+    if split is None and len(node.input) > 1 and node.input[1]:
+        split = [int(v) for v in np.asarray(consts[node.input[1]]).ravel()]
+    if split is None:
+        parts = len(node.output)
+        step = -(-shape[axis] // parts)
+        split = [min(step, shape[axis] - step * k) for k in range(parts)]
+    if len(split) != len(node.output) or sum(split) != shape[axis] or min(split) < 0:
+        raise OnnxlipError(f"{path}: {node_label(node)}: split {list(split)} does not divide "
+                           f"axis {axis} of {shape}")
+    slices, start = [], 0
+    for k, (out, size) in enumerate(zip(node.output, split)):
+        if out:
+            names = [f"{out}::{what}" for what in ("starts", "ends", "axes")]
+            for name, value in zip(names, (start, start + size, axis)):
+                consts[name] = np.array([value], dtype=np.int64)
+            slices.append(onnx.helper.make_node("Slice", [node.input[0], *names], [out],
+                                                name=f"{node.name or outputs[0]}:{k}"))
+        start += size
+    return slices
 
 
 def _is_no_op(node: onnx.NodeProto) -> bool:

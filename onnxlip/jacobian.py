@@ -1,23 +1,26 @@
 """The network's Jacobian at a point, matrix-free: J v forward, Jᵀ u backward.
 
-J = A_K S_{K-1} A_{K-1} … S_1 A_1, with S_k = diag(pre-activation > 0) and
-max-pooling replaced by its selection of each window's argmax at the point.
+On a chain J = A_K S_{K-1} A_{K-1} … S_1 A_1, with S_k = diag(pre-activation
+> 0) and max-pooling replaced by its selection of each window's argmax at the
+point; on a graph of blocks the same steps run along the graph (products add
+where a block reads several blocks, and their transposes split).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .blocks import AffineBlock, Block, MaxPoolBlock
+from .blocks import AffineBlock, Block, MaxPoolBlock, flow, flow_t
 from .bounds import Trace
 from .operators.gated import Gated, apply_steps, apply_steps_t
 from .spectral import SpectralNorm, spectral_norm
 
 
 class Jacobian:
-    """J(x) of a chain of blocks, from the trace of a forward pass at x."""
+    """J(x) of a graph of blocks, from the trace of a forward pass at x."""
 
     def __init__(self, blocks: list[Block], at: Trace):
+        self.blocks = blocks
         self.steps: list[Gated] = []
         self.ties = 0  # pre-activations exactly at a ReLU kink
         for block, x_in, pre in zip(blocks, at.inputs, at.pre):
@@ -34,10 +37,11 @@ class Jacobian:
         self.out_size = at.output.size
 
     def matvec(self, v: np.ndarray) -> np.ndarray:
-        return apply_steps(self.steps, v)
+        return flow(self.blocks, v, lambda k, _, x: apply_steps(self.steps[k:k + 1], x))[-1]
 
     def rmatvec(self, u: np.ndarray) -> np.ndarray:
-        return apply_steps_t(self.steps, u)
+        return flow_t(self.blocks, u, lambda k, _, y: apply_steps_t(self.steps[k:k + 1], y),
+                      self.in_size)
 
     def dense(self) -> np.ndarray:
         """The full matrix (out_size x in_size), for small networks and tests."""

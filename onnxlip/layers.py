@@ -44,4 +44,13 @@ class MaxPool:
     ceil_mode: int
 
 
-Layer = Affine | Relu | Reshape | MaxPool
+@dataclass
+class Merge:
+    """Several data tensors combined linearly: out = Σ_j maps[j](in_j) (Add, Sub,
+    Sum and Concat of computed tensors), one monomial map per data input."""
+
+    maps: list[LinearMap]
+    shape: tuple[int, ...]
+
+
+Layer = Affine | Relu | Reshape | MaxPool | Merge

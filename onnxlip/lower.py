@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blocks import AffineBlock, Block
+from .blocks import AffineBlock, Block, flow
 from .bounds import Trace, trace
 from .evaluate import ModelRunner
 from .jacobian import Jacobian
@@ -125,10 +125,12 @@ class LowerBoundSearch:
 
 def output_change(blocks: list[Block], nominal: Trace, delta: np.ndarray) -> np.ndarray:
     """f(x0 + Δ) − f(x0), carrying the change (not the values) through the blocks."""
-    for block, x_in, pre in zip(blocks, nominal.inputs, nominal.pre):
+
+    def step(k, block, change_in):
+        x_in, pre = nominal.inputs[k], nominal.pre[k]
         if isinstance(block, AffineBlock):
-            change = block.map.matvec(delta)
-            delta = np.maximum(pre + change, 0.0) - np.maximum(pre, 0.0) if block.relu else change
-        else:
-            delta = block.forward(x_in + delta) - block.forward(x_in)
-    return delta
+            change = block.map.matvec(change_in)
+            return np.maximum(pre + change, 0.0) - np.maximum(pre, 0.0) if block.relu else change
+        return block.forward(x_in + change_in) - block.forward(x_in)
+
+    return flow(blocks, delta, step)[-1]

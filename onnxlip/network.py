@@ -10,10 +10,10 @@ from collections.abc import Iterable
 import numpy as np
 
 from . import bounds
-from .blocks import Block, BlockOptions, build_blocks
+from .blocks import Block, BlockOptions, Lowered, build_blocks
 from .errors import OnnxlipError
 from .evaluate import ModelRunner
-from .graph import ChainGraph, load_chain, release
+from .graph import ModelGraph, load_graph, release
 from .jacobian import Jacobian
 from .lower import LowerBounds, LowerBoundSearch
 from .lowering import NodeContext, lower
@@ -23,9 +23,9 @@ OPERATOR_MODES = ("auto", "sparse", "matrix-free")
 
 
 class Network:
-    """An ONNX model lowered to a chain of affine-ReLU, max-pooling and ReLU blocks."""
+    """An ONNX model lowered to a graph of affine-ReLU, max-pooling and ReLU blocks."""
 
-    def __init__(self, graph: ChainGraph, blocks: list[Block], tol: float = 1e-6):
+    def __init__(self, graph: ModelGraph, blocks: list[Block], tol: float = 1e-6):
         self.graph = graph
         self.blocks = blocks
         self.tol = tol
@@ -166,16 +166,19 @@ def load(
         raise OnnxlipError(f"operators must be one of {OPERATOR_MODES}, got {operators!r}")
     _check_positive(tol, "tol")
     _check_positive(memory_budget, "memory budget")
-    graph = load_chain(path, input_shape, input_name, output_name)
-    lowered, shape = [], graph.input_shape
+    graph = load_graph(path, input_shape, input_name, output_name)
+    lowered, shapes = [], {graph.input_name: graph.input_shape}
     for node in graph.nodes:
-        ctx = NodeContext(node, shape, graph.constants, graph.opset, graph.path)
+        data = [n for n in node.input if n and n not in graph.constants]
+        in_shapes = tuple(shapes[n] for n in data)
+        ctx = NodeContext(node, in_shapes[0], graph.constants, graph.opset, graph.path, in_shapes)
         layers = lower(ctx)
-        lowered.append((node.name or node.output[0], node.op_type, layers))
-        shape = _out_shape(layers, shape)
+        lowered.append(Lowered(node.name or node.output[0], node.op_type, layers, data, node.output[0]))
+        shapes[node.output[0]] = _out_shape(layers, in_shapes[0])
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
-        blocks = build_blocks(lowered, graph.input_shape, BlockOptions(operators, memory_budget))
+        blocks = build_blocks(lowered, graph.input_name, graph.input_shape, graph.output_name,
+                              BlockOptions(operators, memory_budget))
     if not blocks:
         raise OnnxlipError(f"{graph.path}: the model has no layers to bound")
     for block in blocks:

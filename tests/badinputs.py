@@ -189,16 +189,19 @@ def make_cases(folder: Path) -> list[Case]:
     add("unsupported op in the middle of the chain", ["inspect", save(f, "leaky.onnx", m)],
         "node 'act' (LeakyRelu): op LeakyRelu is not supported", load("leaky.onnx"))
     m = dense()
-    m.graph.node.append(helper.make_node("Add", ["h", "y"], ["s"], name="skip"))
+    m.graph.node.append(helper.make_node("Mul", ["h", "y"], ["s"], name="gate"))
     m.graph.output[0].name = "s"
-    add("residual connection (not a chain)", ["inspect", save(f, "residual.onnx", m)],
-        "only chain graphs", load("residual.onnx"), in_test_cli=True)
+    add("product of two computed tensors (not affine)", ["inspect", save(f, "product.onnx", m)],
+        "node 'gate' (Mul): combines 2 computed tensors, which is not affine", load("product.onnx"),
+        in_test_cli=True)
     m = dense()
-    m.graph.node.append(helper.make_node("Relu", ["h"], ["r2"], name="other"))
-    m.graph.node.append(helper.make_node("Add", ["y", "r2"], ["s"], name="join"))
+    m.graph.initializer.append(const("W1", np.ones((1, 3), np.float32)))
+    m.graph.node.append(helper.make_node("Gemm", ["x", "W1"], ["z"], transB=1, name="fc1"))
+    m.graph.node.append(helper.make_node("Add", ["y", "z"], ["s"], name="skip"))
     m.graph.output[0].name = "s"
-    add("a tensor feeding two branches", ["inspect", save(f, "branches.onnx", m)],
-        "tensor 'h' feeds 'act' (Relu), 'other' (Relu): only chain graphs", load("branches.onnx"))
+    add("residual Add broadcasting computed tensors", ["inspect", save(f, "skipshape.onnx", m)],
+        "node 'skip' (Add): adds computed tensors of different shapes [(1, 4), (1, 1)]",
+        load("skipshape.onnx"))
     m = model([helper.make_node("Transpose", ["x"], ["t"], perm=[2, 1, 0, 3], name="swap"),
                helper.make_node("MaxPool", ["t"], ["y"], kernel_shape=[1, 2], name="pool")],
               [vi("x", [1, 1, 5, 5])], [vi("y", [5, 1, 1, 4])])
@@ -247,7 +250,8 @@ def make_cases(folder: Path) -> list[Case]:
     add("two inputs, no --input-name", ["inspect", "two_inputs.onnx"],
         "2 inputs ['x', 'bias']; choose one with --input-name", load("two_inputs.onnx"))
     add("two inputs, --input-name x, both used", ["inspect", "two_inputs.onnx", "--input-name", "x"],
-        "node 'add_input' (Add) combines 2 data tensors", load("two_inputs.onnx", input_name="x"))
+        "node 'add_input' (Add) reads tensor 'bias', which is neither the input 'x' nor computed "
+        "from it", load("two_inputs.onnx", input_name="x"))
     add("--input-name that does not exist", ["inspect", "two_inputs.onnx", "--input-name", "z"],
         "no graph input named 'z'", load("two_inputs.onnx", input_name="z"))
 

@@ -420,7 +420,7 @@ def test_masked_norm(tmp_path, kind):
         cols = (rng.uniform(size=a.shape[1]) > 0.4).astype(float)
         if trial == 0:
             rows, cols = np.ones(a.shape[0]), np.ones(a.shape[1])
-        norm = onnxlip.bounds.masked_norm(block, rows, cols, 1e-10)
+        norm = onnxlip.bounds.masked_norm(block.map, rows, cols, 1e-10)
         assert above(norm.value, spectral(rows[:, None] * a * cols[None, :]))
-    zero = onnxlip.bounds.masked_norm(block, np.zeros(a.shape[0]), np.ones(a.shape[1]), 1e-6)
+    zero = onnxlip.bounds.masked_norm(block.map, np.zeros(a.shape[0]), np.ones(a.shape[1]), 1e-6)
     assert zero.value == 0.0

@@ -32,16 +32,17 @@ def save_model(path: Path, nodes, inputs, outputs, inits=()) -> Path:
     return path
 
 
-def dense_model(path: Path, batch="1", with_sigmoid=False, residual=False) -> Path:
+def dense_model(path: Path, batch="1", with_sigmoid=False, product=False) -> Path:
+    """x -> Gemm; with `product`, h * Relu(h) (two computed tensors multiplied: refused)."""
     w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) / 10, "W")
     nodes = [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1, name="fc")]
     last = "h"
     if with_sigmoid:
         nodes.append(helper.make_node("Sigmoid", ["h"], ["s"], name="squash"))
         last = "s"
-    if residual:
+    if product:
         nodes.append(helper.make_node("Relu", ["h"], ["r"], name="act"))
-        nodes.append(helper.make_node("Add", ["h", "r"], ["s"], name="skip"))
+        nodes.append(helper.make_node("Mul", ["h", "r"], ["s"], name="skip"))
         last = "s"
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3])
     y = helper.make_tensor_value_info(last, TensorProto.FLOAT, [batch, 4])
@@ -118,7 +119,7 @@ def error_cases(tmp_path: Path) -> dict[str, tuple[list, str]]:
         "not onnx": (["inspect", junk], "junk.onnx"),
         "unsupported op": (["inspect", dense_model(tmp_path / "s.onnx", with_sigmoid=True)],
                            "'squash' (Sigmoid)"),
-        "not a chain": (["inspect", dense_model(tmp_path / "r.onnx", residual=True)], "chain"),
+        "not affine": (["inspect", dense_model(tmp_path / "r.onnx", product=True)], "not affine"),
         "symbolic dim": (["inspect", symbolic], "--input-shape"),
         "wrong input size": (["bound", good, "-x", wrong, "-e", "1"], "(1, 5)"),
         "nan input": (["bound", good, "-x", nan, "-e", "1"], "NaN"),
@@ -130,7 +131,7 @@ def error_cases(tmp_path: Path) -> dict[str, tuple[list, str]]:
 
 
 @pytest.mark.parametrize("case", [
-    "missing model", "not onnx", "unsupported op", "not a chain", "symbolic dim",
+    "missing model", "not onnx", "unsupported op", "not affine", "symbolic dim",
     "wrong input size", "nan input", "zero eps", "infinite eps", "missing input", "bad input format",
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, case):

@@ -1,10 +1,11 @@
-"""Elementwise affine ops: Add/Sub/Mul/Div by a constant, BatchNormalization."""
+"""Elementwise affine ops: Add/Sub/Mul/Div by a constant, BatchNormalization, and
+Add/Sub/Sum of computed tensors (residual connections)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..layers import Affine
+from ..layers import Affine, Merge
 from ..operators.monomial import MonomialMap
 from .registry import NodeContext, lowering
 
@@ -30,16 +31,36 @@ def _affine(ctx: NodeContext, scale, shift) -> list[Affine]:
     return [Affine(MonomialMap.diagonal(scale, ctx.in_shape), shift.ravel().copy())]
 
 
-@lowering("Add")
-def lower_add(ctx: NodeContext) -> list[Affine]:
+def _sum(ctx: NodeContext, signs: list[float]) -> list[Merge]:
+    """Σ signs[j] · input_j of computed tensors of one shape."""
+    if any(shape != ctx.in_shape for shape in ctx.in_shapes):
+        raise ctx.fail(f"adds computed tensors of different shapes {list(ctx.in_shapes)} "
+                       "(broadcasting between computed tensors is not supported)")
+    return [Merge([MonomialMap.diagonal(np.full(ctx.in_shape, s), ctx.in_shape) for s in signs],
+                  ctx.in_shape)]
+
+
+@lowering("Add", merging=True)
+def lower_add(ctx: NodeContext) -> list[Affine | Merge]:
+    if ctx.data_inputs == 2:
+        return _sum(ctx, [1.0, 1.0])
     value, _ = _constant_operand(ctx)
     return _affine(ctx, 1.0, value)
 
 
-@lowering("Sub")
-def lower_sub(ctx: NodeContext) -> list[Affine]:
+@lowering("Sub", merging=True)
+def lower_sub(ctx: NodeContext) -> list[Affine | Merge]:
+    if ctx.data_inputs == 2:
+        return _sum(ctx, [1.0, -1.0])
     value, data_first = _constant_operand(ctx)
     return _affine(ctx, 1.0, -value) if data_first else _affine(ctx, -1.0, value)
+
+
+@lowering("Sum", merging=True)
+def lower_sum(ctx: NodeContext) -> list[Merge]:
+    if ctx.data_inputs != len(ctx.node.input):
+        raise ctx.fail("Sum of computed tensors and constants is not supported")
+    return _sum(ctx, [1.0] * ctx.data_inputs)
 
 
 @lowering("Mul")

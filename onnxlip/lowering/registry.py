@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from ..errors import OnnxlipError
-from ..layers import Affine, Layer, MaxPool, Relu, Reshape
+from ..layers import Affine, Layer, MaxPool, Merge, Relu, Reshape
 from ..operators.base import LinearMap
 
 #: The most elements of any activation, bias or generated constant: larger
@@ -22,12 +22,24 @@ MAX_ELEMENTS = 1 << 28
 LOWERINGS: dict[str, Callable[[NodeContext], list[Layer]]] = {}
 
 
-def lowering(*op_types: str):
-    """Register a function as the lowering of these op types."""
+def node_label(node: onnx.NodeProto) -> str:
+    """How errors name a node: its name, else its first output's name."""
+    return f"node {node.name or (node.output[0] if node.output else '')!r} ({node.op_type})"
+
+
+#: Lowerings that accept several computed tensors (Add, Concat, ...).
+MERGING: set[Callable] = set()
+
+
+def lowering(*op_types: str, merging: bool = False):
+    """Register a function as the lowering of these op types; `merging` ones may
+    read several computed tensors, the others exactly one."""
 
     def register(func):
         for op in op_types:
             LOWERINGS[op] = func
+        if merging:
+            MERGING.add(func)
         return func
 
     return register
@@ -35,17 +47,27 @@ def lowering(*op_types: str):
 
 @dataclass
 class NodeContext:
-    """What a lowering sees: the node, its data input's shape, folded constants."""
+    """What a lowering sees: the node, its (first) data input's shape, folded
+    constants, and the shapes of all its data inputs in order."""
 
     node: onnx.NodeProto
     in_shape: tuple[int, ...]
     constants: dict[str, np.ndarray]
     opset: int
     path: str
+    in_shapes: tuple[tuple[int, ...], ...] = ()
+
+    def __post_init__(self):
+        self.in_shapes = tuple(self.in_shapes) or (self.in_shape,)
 
     @property
     def label(self) -> str:
-        return f"node {self.node.name!r} ({self.node.op_type})"
+        return node_label(self.node)
+
+    @property
+    def data_inputs(self) -> int:
+        """How many of the node's inputs are computed tensors."""
+        return len(self.in_shapes)
 
     def fail(self, problem: str) -> OnnxlipError:
         return OnnxlipError(f"{self.path}: {self.label}: {problem}")
@@ -128,7 +150,11 @@ def lower(ctx: NodeContext) -> list[Layer]:
     func = LOWERINGS.get(ctx.node.op_type)
     if func is None:
         raise ctx.fail(f"op {ctx.node.op_type} is not supported (supported: {', '.join(sorted(LOWERINGS))})")
-    ctx.check_size(ctx.in_shape, "input")
+    for shape in ctx.in_shapes:
+        ctx.check_size(shape, "input")
+    if ctx.data_inputs > 1 and func not in MERGING:
+        raise ctx.fail(f"combines {ctx.data_inputs} computed tensors, which is not affine "
+                       f"(supported: {', '.join(sorted(op for op, f in LOWERINGS.items() if f in MERGING))})")
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
@@ -156,7 +182,7 @@ def _check_layer(ctx: NodeContext, layer: Layer) -> None:
             raise ctx.fail("its linear map contains NaN or Inf (check its constants)")
     elif isinstance(layer, MaxPool):
         ctx.check_size(layer.out_shape)
-    elif isinstance(layer, (Relu, Reshape)):
+    elif isinstance(layer, (Relu, Reshape, Merge)):
         ctx.check_size(layer.shape)
 
 

@@ -1,4 +1,5 @@
-"""Shape ops: Flatten, Reshape, Squeeze, Unsqueeze (free) and Transpose (a permutation)."""
+"""Shape ops: Flatten, Reshape, Squeeze, Unsqueeze (free), Transpose (a permutation),
+Slice (a selection) and Concat of computed tensors (a placement of each)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import numpy as np
 
-from ..layers import Affine, Reshape
+from ..layers import Affine, Merge, Reshape
 from ..operators.monomial import MonomialMap
 from .registry import NodeContext, lowering
 
@@ -81,3 +82,58 @@ def lower_transpose(ctx: NodeContext) -> list[Affine]:
     out_shape = source.shape
     permutation = MonomialMap(source.ravel(), None, ctx.in_shape, out_shape)
     return [Affine(permutation, np.zeros(permutation.out_size))]
+
+
+@lowering("Slice")
+def lower_slice(ctx: NodeContext) -> list[Affine]:
+    """A selection of the input's elements (constant starts, ends, axes, steps)."""
+    rank = len(ctx.in_shape)
+    if ctx.opset < 10 or ctx.attr("starts") is not None:
+        starts, ends, axes, steps = ctx.attr("starts"), ctx.attr("ends"), ctx.attr("axes"), None
+    else:
+        starts, ends = (ctx.require_const(i, what).ravel().tolist()
+                        for i, what in ((1, "starts"), (2, "ends")))
+        axes, steps = (None if ctx.const(i) is None else ctx.require_const(i, what).ravel().tolist()
+                       for i, what in ((3, "axes"), (4, "steps")))
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    if not len(starts) == len(ends) == len(axes) == len(steps):
+        raise ctx.fail("starts, ends, axes and steps differ in length")
+    _check_axes(ctx, axes, rank)
+    if any(int(s) == 0 for s in steps):
+        raise ctx.fail("a slice step of 0")
+    index = [slice(None)] * rank
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        axis = int(axis) % rank
+        if axis == 0:
+            raise ctx.fail("slicing the batch axis is not supported")
+        index[axis] = slice(*slice(int(start), int(end), int(step)).indices(ctx.in_shape[axis]))
+    source = np.arange(math.prod(ctx.in_shape)).reshape(ctx.in_shape)[tuple(index)]
+    ctx.check_size(source.shape)
+    return [Affine(MonomialMap(source.ravel(), None, ctx.in_shape, source.shape),
+                   np.zeros(source.size))]
+
+
+@lowering("Concat", merging=True)
+def lower_concat(ctx: NodeContext) -> list[Merge | Affine]:
+    """Each input placed into its part of the output (a monomial map per input)."""
+    rank = len(ctx.in_shape)
+    axis = ctx.attr("axis")
+    if axis is None or not -rank <= axis < rank:
+        raise ctx.fail(f"axis {axis} is out of range for rank {rank}")
+    axis %= rank
+    if axis == 0:
+        raise ctx.fail("concatenating along the batch axis is not supported")
+    if len(ctx.in_shapes) != len([n for n in ctx.node.input if n]):
+        raise ctx.fail("Concat of computed tensors with constants is not supported")
+    if any(len(s) != rank or s[:axis] + s[axis + 1:] != ctx.in_shape[:axis] + ctx.in_shape[axis + 1:]
+           for s in ctx.in_shapes):
+        raise ctx.fail(f"input shapes {list(ctx.in_shapes)} do not fit along axis {axis}")
+    owner = np.concatenate([np.full(s, j) for j, s in enumerate(ctx.in_shapes)], axis=axis)
+    local = np.concatenate([np.arange(math.prod(s)).reshape(s) for s in ctx.in_shapes], axis=axis)
+    shape, owner, local = owner.shape, owner.ravel(), local.ravel()
+    maps = [MonomialMap(np.where(owner == j, local, -1), None, s, shape)
+            for j, s in enumerate(ctx.in_shapes)]
+    if len(maps) == 1:
+        return [Affine(maps[0], np.zeros(owner.size))]
+    return [Merge(maps, shape)]
