@@ -71,8 +71,10 @@ class BoundResult:
 
 @dataclass
 class Trace:
-    """The nominal forward pass: each block's input and pre-activation."""
+    """The nominal forward pass: the network's input x, each block's input (its
+    sources' values concatenated) and pre-activation, and the output."""
 
+    x: np.ndarray
     inputs: list[np.ndarray]
     pre: list[np.ndarray | None]
     output: np.ndarray
@@ -96,7 +98,7 @@ def trace(blocks: list[Block], x: np.ndarray) -> Trace:
         return block.forward(x_in)
 
     values = flow(blocks, x, step)
-    return Trace(inputs, pre, values[-1])
+    return Trace(x, inputs, pre, values[-1])
 
 
 def chord_slopes(y0: np.ndarray, ybar: np.ndarray) -> np.ndarray:
@@ -156,9 +158,8 @@ def local_bound(blocks: list[Block], nominal: Trace, eps: float, tol: float) -> 
     product of the blocks' ||R A D||.
     """
     start = time.perf_counter()
-    gains, masks, records = {INPUT: 1.0}, {INPUT: np.ones(nominal.inputs[0].size)}, []
-
-    def step(k, block, _):
+    gains, masks, records = {INPUT: 1.0}, {INPUT: np.ones(nominal.x.size)}, []
+    for k, block in enumerate(blocks):
         tic = time.perf_counter()
         record = _record(k, block)
         gain_in = sum(gains[j] for j in block.inputs)
@@ -173,8 +174,6 @@ def local_bound(blocks: list[Block], nominal: Trace, eps: float, tol: float) -> 
         gains[k], record.bound = _compose(gains, block, norms)
         record.seconds = time.perf_counter() - tic
         records.append(record)
-
-    flow(blocks, nominal.inputs[0], step)
     return BoundResult(gains[len(blocks) - 1], records, time.perf_counter() - start, eps)
 
 

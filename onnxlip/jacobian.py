@@ -33,7 +33,7 @@ class Jacobian:
             else:
                 self.ties += int(np.count_nonzero(x_in == 0))
                 self.steps.append(Gated(None, (x_in > 0).astype(float)))
-        self.in_size = at.inputs[0].size
+        self.in_size = at.x.size
         self.out_size = at.output.size
 
     def matvec(self, v: np.ndarray) -> np.ndarray:

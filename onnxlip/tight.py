@@ -113,7 +113,7 @@ def _rho(steps: list[_Step], m: int, j: int, sizes, tol) -> float:
 
 def _stable_steps(blocks: list[Block], nominal: Trace, paper: BoundResult,
                   eps: float) -> list[_Step]:
-    steps, mask = [], np.ones(nominal.inputs[0].size)
+    steps, mask = [], np.ones(nominal.x.size)
     change = np.full(mask.size, eps)  # bound on |Δ| of each coordinate of the block input
     for k, (block, record) in enumerate(zip(blocks, paper.layers)):
         if isinstance(block, AffineBlock):

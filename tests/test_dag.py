@@ -1,0 +1,99 @@
+"""Graphs that are not chains: residual connections, Concat, Split, fan-out.
+
+Each random net is loaded by onnxlip and checked against onnxruntime (forward
+pass), its float64 twin (Jacobian by central differences; sampled difference
+quotients in balls), and itself (||J(x0)|| <= local <= global, lower <= local).
+"""
+
+from __future__ import annotations
+
+import os
+
+import dagnets
+import netgen
+import numpy as np
+import pytest
+
+import onnxlip
+from onnxlip.blocks import is_chain
+
+SLACK = 1 + 1e-6
+SOLVER = 1 + 1e-4
+#: Nets per family (ONNXLIP_DAG_CASES=60 for the 240-net battery, about 2 minutes).
+PER_FAMILY = int(os.environ.get("ONNXLIP_DAG_CASES", "12"))
+CASES = [(family, seed) for family in dagnets.FAMILIES for seed in range(PER_FAMILY)]
+
+
+def _load(tmp_path, family: str, seed: int):
+    net = dagnets.FAMILIES[family](seed)
+    path = net.save(tmp_path / f"{net.name}.onnx")
+    x0 = np.random.default_rng(seed + 1000).standard_normal(net.input_shape)
+    return net, path, onnxlip.load(path), x0
+
+
+@pytest.mark.parametrize(("family", "seed"), CASES, ids=[f"{f}{s}" for f, s in CASES])
+def test_dag_bounds_are_sound(tmp_path, family, seed):
+    net, path, engine, x0 = _load(tmp_path, family, seed)
+    assert not is_chain(engine.blocks)
+    twin = net.twin()
+    y_ort = netgen.ort_run(netgen.ort_session(path), x0)
+    assert netgen.rel_err(engine.forward(x0), y_ort) <= 1e-5
+    assert netgen.rel_err(twin(x0.ravel()[None])[0], y_ort) <= 1e-5
+
+    jac = engine.jacobian(x0).dense()
+    h = 1e-6
+    basis = np.eye(x0.size)
+    numeric = np.stack([(twin((x0.ravel() + h * e)[None])[0] - twin((x0.ravel() - h * e)[None])[0])
+                        / (2 * h) for e in basis], axis=1)
+    assert np.allclose(jac, numeric, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(numeric).max()))
+    jac_norm = float(np.linalg.norm(jac, 2))
+    directions = list(np.linalg.svd(jac)[2][:2])
+
+    rng = np.random.default_rng(seed)
+    glob = engine.global_bound().bound
+    radii = [level * float(np.linalg.norm(x0)) for level in (0.003, 0.03, 0.3)]
+    previous = 0.0
+    for eps, result in zip(radii, engine.local_bounds(x0, radii)):
+        bound = result.bound
+        assert jac_norm <= bound * SLACK
+        assert previous <= bound * SOLVER
+        assert bound <= glob * SOLVER
+        points = netgen.ball_points(rng, x0, eps, 300, 300, directions)
+        assert netgen.max_ratio(twin, x0, points) <= bound * SLACK
+        assert engine.local_bound(x0, eps, method="tight").bound == pytest.approx(bound, rel=1e-12)
+        lower = engine.lower_bounds(x0, [eps], samples=16, ascent_steps=5)[0]
+        assert lower.best <= bound * SLACK
+        previous = bound
+
+
+def test_jacobian_transpose_matches(tmp_path):
+    """rmatvec is the transpose of matvec where a block reads several blocks."""
+    for family in dagnets.FAMILIES:
+        _, _, engine, x0 = _load(tmp_path, family, 3)
+        jac = engine.jacobian(x0)
+        rng = np.random.default_rng(0)
+        v, u = rng.standard_normal(jac.in_size), rng.standard_normal(jac.out_size)
+        assert u @ jac.matvec(v) == pytest.approx(jac.rmatvec(u) @ v, rel=1e-5)  # float32 convs
+
+
+def test_sum_of_equal_branches_is_exact(tmp_path):
+    """y = A x + A x: the local and global bounds are 2 ||A||, the truth."""
+    net = dagnets.DagNet("twice", (1, 5), np.random.default_rng(0))
+    w = net.const(np.random.default_rng(1).standard_normal((3, 5)))
+    left, right = (net.node("Gemm", ["x", w], transB=1) for _ in range(2))
+    net.output, net.output_shape = net.node("Add", [left, right]), ("N", 3)
+    engine = onnxlip.load(net.save(tmp_path / "twice.onnx"))
+    truth = 2 * np.linalg.norm(net.weights[w].astype(np.float32).astype(np.float64), 2)
+    assert engine.global_bound().bound == pytest.approx(truth, rel=1e-5)
+    assert engine.local_bound(np.ones(5), 0.1).bound == pytest.approx(truth, rel=1e-5)
+    assert len(engine.blocks) == 1 and engine.blocks[0].inputs == (-1, -1)
+
+
+def test_residual_blocks_read_their_shortcut(tmp_path):
+    """A ResNet basic block folds the second conv, its batch-norm, the Add and
+    the ReLU into one block that reads the block before and the shortcut."""
+    net, _, engine, _ = _load(tmp_path, "rescnn", 0)
+    joined = [b for b in engine.blocks if len(b.inputs) > 1]
+    assert joined and all(b.kind == "affine-relu" and "Add" in b.ops for b in joined)
+    for b in joined:
+        assert all(j < engine.blocks.index(b) for j in b.inputs)
