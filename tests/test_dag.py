@@ -97,3 +97,30 @@ def test_residual_blocks_read_their_shortcut(tmp_path):
     assert joined and all(b.kind == "affine-relu" and "Add" in b.ops for b in joined)
     for b in joined:
         assert all(j < engine.blocks.index(b) for j in b.inputs)
+
+
+def test_block_graph_dot_round_trips(tmp_path):
+    """The DOT file of a residual net parses back (pydot) with every block and edge;
+    where Graphviz is installed it also renders to SVG."""
+    import shutil
+
+    import networkx as nx
+
+    from onnxlip.dot import block_graph, check_graph_path, write_graph
+    from onnxlip.errors import OnnxlipError
+
+    _, _, engine, _ = _load(tmp_path, "rescnn", 1)
+    graph = block_graph(engine.blocks, engine.input_shape)
+    write_graph(graph, tmp_path / "g.dot")
+    back = nx.nx_pydot.read_dot(tmp_path / "g.dot")
+    assert set(back.nodes) == set(graph.nodes) and len(back.edges) == len(graph.edges)
+    joined = [k for k, b in enumerate(engine.blocks) if len(b.inputs) > 1]
+    assert joined and all(back.in_degree(f"b{k}") == 2 for k in joined)
+    with pytest.raises(OnnxlipError, match="unknown format"):
+        check_graph_path(tmp_path / "g.txt")
+    if shutil.which("dot"):
+        write_graph(graph, tmp_path / "g.svg")
+        assert (tmp_path / "g.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
+    else:
+        with pytest.raises(OnnxlipError, match="needs Graphviz's 'dot' program"):
+            check_graph_path(tmp_path / "g.svg")
