@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .bounds import trace
 from .errors import OnnxlipError
 from .jacobian import Jacobian
-from .network import Network
+
+if TYPE_CHECKING:  # certify takes a Network; network.py imports this module
+    from .network import Network
 
 SQRT2 = math.sqrt(2.0)
 

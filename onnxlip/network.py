@@ -11,6 +11,7 @@ import numpy as np
 
 from . import bounds
 from .blocks import Block, BlockOptions, Lowered, build_blocks
+from .certify import certify
 from .errors import OnnxlipError
 from .evaluate import ModelRunner
 from .graph import ModelGraph, load_graph, release
@@ -117,8 +118,6 @@ class Network:
     def certify(self, x0, rel_tol: float = 1e-3, label: int | None = None,
                 method: str = "paper"):
         """Certified L2 radius of x0's top class (see onnxlip.certify)."""
-        from .certify import certify
-
         return certify(self, x0, rel_tol=rel_tol, label=label, method=method)
 
     def global_bound(self) -> bounds.BoundResult:
