@@ -95,7 +95,7 @@ class Network:
 
     def jacobian_norm(self, x0) -> float:
         """||J(x0)||: a lower bound of L(x0, ε) for every ε when no ReLU is at its kink."""
-        return self.jacobian(x0).norm()[0].value
+        return self.jacobian(x0).norm().value
 
     def lower_bounds(self, x0, eps_values: Iterable[float], samples: int = 64,
                      ascent_steps: int = 20, seed: int = 0) -> list[LowerBounds]:
