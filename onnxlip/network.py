@@ -44,18 +44,24 @@ class Network:
     def output_shape(self) -> tuple[int, ...]:
         return self.blocks[-1].out_shape if self.blocks else self.input_shape
 
-    def check_input(self, x) -> np.ndarray:
-        """x as a flat float64 vector, after checking its size and values."""
+    def check_input(self, x, source: str | None = None) -> np.ndarray:
+        """x as a flat float64 vector, after checking its size and values.
+
+        `source` (the file x came from) starts any error message."""
+        where = f"{source}: " if source else ""
         x = np.asarray(x)
         if x.dtype.kind not in "fiu":
-            raise OnnxlipError(f"input has dtype {x.dtype}; expected numbers")
-        if x.size != math.prod(self.input_shape):
-            raise OnnxlipError(
-                f"input of shape {x.shape} does not match the model's input {self.input_shape}"
-            )
+            raise OnnxlipError(f"{where}input has dtype {x.dtype}; expected numbers")
+        size = math.prod(self.input_shape)
+        if x.size != size:
+            batch = x.size // size if x.ndim > 1 and x.size % size == 0 and x.size > size else 0
+            hint = (f"; it holds {batch} inputs: a bound takes one, "
+                    "'onnxlip certify --inputs FILE' takes a batch") if batch else ""
+            raise OnnxlipError(f"{where}input of shape {x.shape} does not match the model's "
+                               f"input {self.input_shape}{hint}")
         x = x.astype(np.float64).ravel()
         if not np.all(np.isfinite(x)):
-            raise OnnxlipError("input contains NaN or Inf")
+            raise OnnxlipError(f"{where}input contains NaN or Inf")
         return x
 
     def forward(self, x) -> np.ndarray:
