@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import sys
 import time
 from collections.abc import Sequence
@@ -63,16 +64,20 @@ def _internal_error(exc: Exception) -> int:
 
 
 def _stdout_gone() -> bool:
-    """Whether stdout is a pipe nobody reads any more; if so it is pointed at
-    /dev/null, so that Python's flush at exit stays quiet too. (Exit 141 = 128 +
-    SIGPIPE, what a shell shows for a Unix tool stopped by a closed pipe.)"""
+    """Whether stdout is a pipe nobody reads any more (a broken pipe elsewhere is
+    a bug to report); if so it is pointed at /dev/null, so that Python's flush at
+    exit stays quiet too. Exit 141 = 128 + SIGPIPE, what a shell shows for a
+    Unix tool stopped by a closed pipe."""
     try:
-        sys.stdout.flush()
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poll.poll(0)):
+            return False
+    except (AttributeError, OSError, ValueError):  # no poll(), or no file behind stdout
         return False
-    except BrokenPipeError:
-        pass
-    with contextlib.suppress(OSError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
     return True
 
 
