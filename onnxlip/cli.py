@@ -22,8 +22,8 @@ from .report import (
     LAYER_HEADERS,
     block_rows,
     check_output,
+    check_plot,
     layer_rows,
-    plot_formats,
     shape_text,
     table,
 )
@@ -90,8 +90,10 @@ OUTPUT_OPTIONS = {"csv": ("--csv", None), "plot": ("--plot", "plot"), "out": ("-
 def _check_outputs(args: argparse.Namespace) -> None:
     for dest, (option, formats) in OUTPUT_OPTIONS.items():
         path = vars(args).get(dest)
-        if path is not None:
-            check_output(path, option, plot_formats() if formats == "plot" else formats)
+        if path is not None and formats == "plot":
+            check_plot(path, option)
+        elif path is not None:
+            check_output(path, option, formats)
 
 
 def _write(path: str, option: str, write, *what) -> None:

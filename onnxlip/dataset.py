@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .certify import Certificate
 from .errors import OnnxlipError
 from .inputs import read_input
-from .report import method_label
+from .report import check_output, check_plot, method_label
 
 _WORKER: dict = {}
 
@@ -152,6 +152,7 @@ ROW_FORMATS = ("csv", "json")
 
 def write_rows(result: DatasetResult, path: str | Path) -> None:
     """One row per input: CSV, or JSON when the name ends in .json."""
+    check_output(path, "rows file", ROW_FORMATS)
     rows = [{"index": i} | c.to_dict() for i, c in enumerate(result.certificates)]
     if str(path).lower().endswith(".json"):
         Path(path).write_text(json.dumps(rows, indent=1))
@@ -167,6 +168,7 @@ def plot_certified_accuracy(result: DatasetResult, path: str | Path, title: str,
     """Certified accuracy against radius, from the local and the global bound, and
     the attack's curve: an upper limit of robust accuracy (not a certificate).
     Without labels, the fractions of inputs whose predicted class is certified."""
+    check_plot(path)
     import matplotlib
 
     matplotlib.use("Agg")

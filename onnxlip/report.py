@@ -91,17 +91,24 @@ def plot_formats() -> list[str]:
     return sorted(formats)
 
 
-def check_output(path: str, option: str, formats: Sequence[str] | None = None) -> None:
-    """Refuse, before any work, an output file that cannot be written or a format
-    not in `formats` (suffixes without the dot). An existing file is left as it is;
-    a new one is created to prove the folder writable, then removed."""
+def check_plot(path: str | Path, option: str = "plot") -> None:
+    """check_output for a figure: a writable file of a format matplotlib writes."""
+    check_output(path, option, plot_formats(), "a format matplotlib writes (.png, .svg, .pdf, ...)")
+
+
+def check_output(path: str | Path, option: str, formats: Sequence[str] | None = None,
+                 formats_text: str | None = None) -> None:
+    """Refuse an output file that cannot be written, or of a format not in `formats`
+    (suffixes without the dot; `formats_text` says what they are when they are many).
+    An existing file is left as it is; a new one is created to prove the folder
+    writable, then removed."""
     target = Path(path)
     if formats is not None:
         suffix = target.suffix.lower().lstrip(".")
         if suffix not in formats:
             found = f"format {target.suffix!r}" if suffix else "no file suffix"
-            raise OnnxlipError(f"{option} {path}: {found}; use one of "
-                               f"{', '.join('.' + f for f in formats)}")
+            wanted = formats_text or f"one of {', '.join('.' + f for f in formats)}"
+            raise OnnxlipError(f"{option} {path}: {found}; use {wanted}")
     if target.is_dir():
         raise OnnxlipError(f"{option} {path}: is a directory")
     if not target.parent.is_dir():

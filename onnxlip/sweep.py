@@ -14,7 +14,7 @@ from . import bounds
 from .errors import OnnxlipError
 from .lower import LowerBounds
 from .network import Network, check_eps
-from .report import method_label
+from .report import check_output, check_plot, method_label
 
 
 @dataclass
@@ -99,6 +99,7 @@ def run_sweep(net: Network, x0, eps_values: list[float], lower: bool = True,
 
 
 def write_csv(sweep: Sweep, path: str | Path) -> None:
+    check_output(path, "CSV file")
     rows = sweep.rows()
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -107,7 +108,8 @@ def write_csv(sweep: Sweep, path: str | Path) -> None:
 
 
 def plot(sweep: Sweep, path: str | Path, title: str | None = None) -> None:
-    """The paper's figure: bounds against ε on a log scale (PNG, SVG or PDF by suffix)."""
+    """The paper's figure: bounds against ε on a log scale (PNG, SVG, PDF, ... by suffix)."""
+    check_plot(path)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -20,7 +20,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxlip
+from onnxlip.dataset import DatasetResult, plot_certified_accuracy, write_rows
 from onnxlip.inputs import read_input
+from onnxlip.sweep import plot as sweep_plot
+from onnxlip.sweep import run_sweep, write_csv
 
 OPSET = 17
 
@@ -321,6 +324,38 @@ def make_cases(folder: Path) -> list[Case]:
     add("unknown input format", ["bound", good, "-x", "junk.onnx", "-e", "0.1"],
         "unknown input format", bound(good, "junk.onnx"), in_test_cli=True)
 
+    np.save(f / "batch5.npy", np.ones((5, 3), np.float32))
+    add("a batch of 5 inputs passed to bound -x", ["bound", good, "-x", "batch5.npy", "-e", "0.1"],
+        "batch5.npy: input of shape (5, 3) does not match the model's input (1, 3); it holds 5 "
+        "inputs: a bound takes one, 'onnxlip certify --inputs FILE' takes a batch",
+        bound(good, "batch5.npy"), api_expect="'onnxlip certify --inputs FILE' takes a batch")
+
+    # --- output files: refused before any work
+    sweep = ["sweep", good, "-x", "x.npy", "-n", "2"]
+    add("--plot in a folder that does not exist", sweep + ["--plot", "nowhere/p.png"],
+        "--plot nowhere/p.png: no such directory 'nowhere'", write_sweep(good, plot="nowhere/p.png"),
+        api_expect="plot nowhere/p.png: no such directory 'nowhere'")
+    add("--plot of a format matplotlib does not write", sweep + ["--plot", "p.xyz"],
+        "--plot p.xyz: format '.xyz'; use a format matplotlib writes",
+        write_sweep(good, plot="p.xyz"), api_expect="plot p.xyz: format '.xyz'")
+    add("--csv in a folder that does not exist", sweep + ["--csv", "nowhere/t.csv"],
+        "--csv nowhere/t.csv: no such directory", write_sweep(good, csv="nowhere/t.csv"),
+        api_expect="CSV file nowhere/t.csv: no such directory")
+    add("--csv that is a directory", sweep + ["--csv", "folder.onnx"],
+        "--csv folder.onnx: is a directory", write_sweep(good, csv="folder.onnx"),
+        api_expect="CSV file folder.onnx: is a directory")
+    np.savez(f / "batch.npz", x=np.ones((2, 3), np.float32), y=np.array([0, 1]))
+    certify = ["certify", good, "--inputs", "batch.npz"]
+    add("--out of an unknown format", certify + ["--out", "rows.txt"],
+        "--out rows.txt: format '.txt'; use one of .csv, .json", write_dataset(rows="rows.txt"),
+        api_expect="rows file rows.txt: format '.txt'; use one of .csv, .json")
+    add("--out under a file, not a folder", certify + ["--out", "x.npy/rows.csv"],
+        "--out x.npy/rows.csv: no such directory 'x.npy'", write_dataset(rows="x.npy/rows.csv"),
+        api_expect="rows file x.npy/rows.csv: no such directory 'x.npy'")
+    add("certify --plot without a file suffix", certify + ["--plot", "plot"],
+        "--plot plot: no file suffix", write_dataset(plot="plot"),
+        api_expect="plot plot: no file suffix")
+
     # --- radii
     add("eps = 0", ["bound", good, "-x", "x.npy", "-e", "0"], "eps", bound(good, "x.npy", 0.0),
         in_test_cli=True)
@@ -430,6 +465,29 @@ def make_cases(folder: Path) -> list[Case]:
                                                                             "weights.bin")],
         "", load("ext_ok.onnx"), code=0)
     return cases
+
+
+def write_sweep(model_path: str, csv: str | None = None, plot: str | None = None):
+    """A sweep through the API, written to `csv` / `plot`."""
+    def run():
+        net = onnxlip.load(model_path)
+        result = run_sweep(net, np.ones(3), [0.1], lower=False)
+        if csv is not None:
+            write_csv(result, csv)
+        if plot is not None:
+            sweep_plot(result, plot)
+    return run
+
+
+def write_dataset(rows: str | None = None, plot: str | None = None):
+    """A dataset result through the API (no inputs needed), written to `rows` / `plot`."""
+    def run():
+        result = DatasetResult([], 0.0)
+        if rows is not None:
+            write_rows(result, rows)
+        if plot is not None:
+            plot_certified_accuracy(result, plot, "title")
+    return run
 
 
 def _external_length(folder: Path, name: str) -> str:

@@ -61,7 +61,7 @@ def bad_outputs(tmp_path: Path) -> dict[str, tuple[list, str]]:
         "sweep --plot in a missing folder": (sweep + ["--plot", missing / "p.png"],
                                              "no such directory"),
         "sweep --plot of an unknown format": (sweep + ["--plot", tmp_path / "p.xyz"],
-                                              "format '.xyz'; use one of"),
+                                              "format '.xyz'; use a format matplotlib writes"),
         "sweep --plot without a suffix": (sweep + ["--plot", tmp_path / "p"], "no file suffix"),
         "sweep --csv in a missing folder": (sweep + ["--csv", missing / "t.csv"],
                                             "no such directory"),
@@ -337,3 +337,8 @@ def test_inspect_json_has_the_global_bound_the_table_prints(capsys):
     assert data["global_bound"] == pytest.approx(np.prod([b["norm"] for b in data["blocks"]]))
     _, out, _ = run(capsys, "inspect", MLP, "--json")
     assert json.loads(out)["global_bound"] is None  # not computed without --norms
+
+
+def test_labels_without_a_batch_are_refused(capsys):
+    code, out, err = run(capsys, "certify", MLP, "-x", MLP_X0, "--labels", MLP_X0)
+    assert code == 2 and out == "" and "--labels goes with --inputs" in err
