@@ -342,3 +342,24 @@ def test_inspect_json_has_the_global_bound_the_table_prints(capsys):
 def test_labels_without_a_batch_are_refused(capsys):
     code, out, err = run(capsys, "certify", MLP, "-x", MLP_X0, "--labels", MLP_X0)
     assert code == 2 and out == "" and "--labels goes with --inputs" in err
+
+
+# ----------------------------------------------------------------------------- docs
+
+
+def test_docs_link_only_inside_the_repository():
+    """README links docs/method.md; every relative link of the user docs resolves
+    inside the repository, and none names a path outside it."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert "](docs/method.md)" in readme and (ROOT / "docs" / "method.md").is_file()
+    docs = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "tools").rglob("*.md")]
+    for doc in docs:
+        text = doc.read_text()
+        assert "../shared" not in text, doc
+        for target in re.findall(r"\]\(([^)#\s]+)", text):
+            if "://" in target:
+                continue
+            path = (doc.parent / target).resolve()
+            assert path.is_relative_to(ROOT) and path.exists(), (doc, target)
