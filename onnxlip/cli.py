@@ -81,19 +81,16 @@ def _stdout_gone() -> bool:
     return True
 
 
-#: Output files of every subcommand (argparse dest -> option, accepted suffixes;
-#: None: any name). Checked before any work, so a bad one fails in a second, not
-#: after hours of bounds.
-OUTPUT_OPTIONS = {"csv": ("--csv", None), "plot": ("--plot", "plot"), "out": ("--out", ROW_FORMATS)}
-
-
 def _check_outputs(args: argparse.Namespace) -> None:
-    for dest, (option, formats) in OUTPUT_OPTIONS.items():
-        path = vars(args).get(dest)
-        if path is not None and formats == "plot":
-            check_plot(path, option)
-        elif path is not None:
-            check_output(path, option, formats)
+    """The output files of every subcommand, checked before any work: a bad path or
+    format fails in a second, not after hours of bounds."""
+    options = vars(args)
+    if options.get("plot") is not None:
+        check_plot(options["plot"], "--plot")
+    if options.get("csv") is not None:
+        check_output(options["csv"], "--csv")
+    if options.get("out") is not None:
+        check_output(options["out"], "--out", ROW_FORMATS)
 
 
 def _write(path: str, option: str, write, *what) -> None:
