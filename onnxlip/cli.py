@@ -132,15 +132,22 @@ def run_inspect(args) -> int:
         blocks = [dict(zip(["index", "name", "kind", "ops", "input_shape", "output_shape",
                             "operator", "norm"], row)) for row in block_rows(net.blocks, norms)]
         print(json.dumps({"model": args.model, "input_shape": list(net.input_shape),
-                          "output_shape": list(net.output_shape), "blocks": blocks}))
+                          "output_shape": list(net.output_shape), "blocks": blocks,
+                          "notes": net.notes}))
         return 0
     print(f"{args.model}: input {shape_text(net.input_shape)} -> output "
           f"{shape_text(net.output_shape)}, {len(net.blocks)} blocks")
+    _print_notes(net)
     headers = BLOCK_HEADERS + (["norm"] if norms is not None else [])
     print(table(headers, block_rows(net.blocks, norms)))
     if norms is not None:
         print(f"global bound (product of norms): {net.global_bound().bound:.6g}")
     return 0
+
+
+def _print_notes(net: Network) -> None:
+    for note in net.notes:
+        print(f"note: {note}")
 
 
 def run_bound(args) -> int:
@@ -156,10 +163,11 @@ def run_bound(args) -> int:
             "global_bound": glob.bound,
             "local": [{"eps": r.eps, "bound": r.bound, "seconds": r.seconds,
                        "layers": r.to_dict()["layers"]} for r in results],
-            "seconds": seconds,
+            "seconds": seconds, "notes": net.notes,
         }))
         return 0
     print(f"{args.model}: input {shape_text(net.input_shape)}, {len(net.blocks)} blocks")
+    _print_notes(net)
     print(table(["eps", "local bound", "global bound", "local/global", "seconds"],
                 [[r.eps, r.bound, glob.bound, r.bound / glob.bound, r.seconds] for r in results]))
     if args.verbose:
@@ -195,8 +203,9 @@ def run_certify(args) -> int:
         net = _load(args)
         cert = net.certify(read_input(args.input), rel_tol=args.rel_tol, method=args.method)
         if args.json:
-            print(json.dumps({"model": args.model, **cert.to_dict()}))
+            print(json.dumps({"model": args.model, **cert.to_dict(), "notes": net.notes}))
             return 0
+        _print_notes(net)
         print(table(["class", "margin", "certified radius (local)", "radius (global)",
                      "attack distance", "local/global", "seconds"],
                     [[cert.top_class, cert.margin, cert.radius_local, cert.radius_global,
