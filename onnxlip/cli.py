@@ -133,7 +133,7 @@ def run_inspect(args) -> int:
                             "operator", "norm"], row)) for row in block_rows(net.blocks, norms)]
         print(json.dumps({"model": args.model, "input_shape": list(net.input_shape),
                           "output_shape": list(net.output_shape), "blocks": blocks,
-                          "notes": net.notes}))
+                          **_json_notes(net)}))
         return 0
     print(f"{args.model}: input {shape_text(net.input_shape)} -> output "
           f"{shape_text(net.output_shape)}, {len(net.blocks)} blocks")
@@ -150,6 +150,11 @@ def _print_notes(net: Network) -> None:
         print(f"note: {note}")
 
 
+def _json_notes(net: Network) -> dict:
+    """{"notes": [...]} when the model was read with an assumption to report, else {}."""
+    return {"notes": net.notes} if net.notes else {}
+
+
 def run_bound(args) -> int:
     start = time.perf_counter()
     net = _load(args)
@@ -163,7 +168,7 @@ def run_bound(args) -> int:
             "global_bound": glob.bound,
             "local": [{"eps": r.eps, "bound": r.bound, "seconds": r.seconds,
                        "layers": r.to_dict()["layers"]} for r in results],
-            "seconds": seconds, "notes": net.notes,
+            "seconds": seconds, **_json_notes(net),
         }))
         return 0
     print(f"{args.model}: input {shape_text(net.input_shape)}, {len(net.blocks)} blocks")
@@ -203,7 +208,7 @@ def run_certify(args) -> int:
         net = _load(args)
         cert = net.certify(read_input(args.input), rel_tol=args.rel_tol, method=args.method)
         if args.json:
-            print(json.dumps({"model": args.model, **cert.to_dict(), "notes": net.notes}))
+            print(json.dumps({"model": args.model, **cert.to_dict(), **_json_notes(net)}))
             return 0
         _print_notes(net)
         print(table(["class", "margin", "certified radius (local)", "radius (global)",
