@@ -69,11 +69,17 @@ def _expose_output(model: onnx.ModelProto, name: str) -> None:
     """Make the tensor `name` (the logits before a dropped softmax) a graph output."""
     if any(o.name == name for o in model.graph.output):
         return
-    info = next((v for v in model.graph.value_info if v.name == name), None)
+    info = _value_info(model, name)
     if info is None:
-        inferred = shape_inference.infer_shapes(model)
-        info = next(v for v in inferred.graph.value_info if v.name == name)
+        info = _value_info(shape_inference.infer_shapes(model), name)
+    if info is None:
+        raise OnnxlipError(f"tensor {name!r}: its type is unknown, it cannot be evaluated")
     model.graph.output.append(info)
+
+
+def _value_info(model: onnx.ModelProto, name: str) -> onnx.ValueInfoProto | None:
+    return next((v for v in list(model.graph.value_info) + list(model.graph.input)
+                 if v.name == name), None)
 
 
 def load_chain(

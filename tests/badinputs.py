@@ -455,15 +455,17 @@ def make_cases(folder: Path) -> list[Case]:
         "node 'mm' (MatMul): matrix of shape (2, 4, 5) is not a matrix or a vector",
         load("matmul3d.onnx"))
     for name, attrs, message in [
-        ("output_shape", dict(output_shape=[6, 6]), "the output_shape attribute is not supported"),
-        ("same", dict(auto_pad="SAME_UPPER", strides=[2, 2]),
-         "auto_pad 'SAME_UPPER' is not supported (give explicit pads)"),
+        ("an output_shape beyond its reach", dict(output_shape=[6, 6]),
+         "output_shape [6, 6] does not fit the input shape (1, 1, 3, 3) (at most [5, 5])"),
+        ("output_padding of a stride", dict(strides=[2, 2], output_padding=[2, 0]),
+         "output_padding [2, 0] must be below the strides or dilations"),
     ]:
         m = model([helper.make_node("ConvTranspose", ["x", "K"], ["y"], name="up", **attrs)],
-                  [vi("x", [1, 1, 3, 3])], [vi("y", [1, 2, 6, 6])],
+                  [vi("x", [1, 1, 3, 3])], [vi("y", [1, 2, "h", "w"])],
                   [const("K", np.ones((1, 2, 3, 3)))])
-        add(f"ConvTranspose with {name}", ["inspect", save(f, f"convt_{name}.onnx", m)],
-            f"node 'up' (ConvTranspose): {message}", load(f"convt_{name}.onnx"))
+        file = f"convt_{name.split()[-1]}.onnx"
+        add(f"ConvTranspose with {name}", ["inspect", save(f, file, m)],
+            f"node 'up' (ConvTranspose): {message}", load(file))
     m = model([helper.make_node("Pad", ["x", "p"], ["y"], mode="reflect", name="pad")],
               [vi("x", [1, 3])], [vi("y", [1, 9])], [const("p", np.array([0, 3, 0, 3]))])
     add("reflect Pad wider than the input", ["inspect", save(f, "reflect_wide.onnx", m)],

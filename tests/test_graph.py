@@ -310,6 +310,10 @@ def test_gemm_forms(tmp_path, case):
     dict(group=2, dilations=[2, 2], pads=[0, 1, 1, 0]),
     dict(strides=[3, 2], pads=[1, 0, 2, 1], output_padding=[2, 0]),
     dict(auto_pad="VALID", strides=[1, 2]),
+    dict(strides=[2, 2], output_shape=[8, 7]),
+    dict(strides=[2, 3], output_padding=[1, 0], output_shape=[9, 11], auto_pad="SAME_UPPER"),
+    dict(strides=[2, 2], auto_pad="SAME_UPPER"),
+    dict(strides=[3, 2], dilations=[1, 2], auto_pad="SAME_LOWER"),
 ])
 def test_conv_transpose_layers(tmp_path, attrs):
     """ConvTranspose as a layer (the adjoint of a convolution): groups, strides,
@@ -385,10 +389,11 @@ def _classifier(tmp_path, head, opset=17, **extra):
     return _form_model(tmp_path / "cls.onnx", nodes, inits, [1, 4], opset, out="probs")
 
 
-@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
-def test_softmax_at_the_end_bounds_the_logits_and_says_so(tmp_path, op, capsys):
+@pytest.mark.parametrize("op, opset", [("Softmax", 13), ("LogSoftmax", 13), ("Softmax", 11)])
+def test_softmax_at_the_end_bounds_the_logits_and_says_so(tmp_path, op, opset, capsys):
+    axis = {"axis": -1} if opset >= 13 else {}  # before opset 13: axis 1 and all after it
     path = _classifier(tmp_path, [_n("Identity", ["logits"], ["l2"]),
-                                  _n(op, ["l2"], ["probs"], axis=-1, name="sm")], 13)
+                                  _n(op, ["l2"], ["probs"], name="sm", **axis)], opset)
     net = onnxlip.load(path)
     assert len(net.notes) == 1 and f"node 'sm' ({op})" in net.notes[0]
     assert "bounds the logits 'l2'" in net.notes[0]
@@ -442,3 +447,19 @@ def test_unsupported_op_error_names_unnamed_node_by_output_and_lists_the_registr
     assert "node 'hm' (Hardmax): op Hardmax is not supported (supported: " in message
     for op in LOWERINGS:
         assert op in message
+
+
+@pytest.mark.parametrize("opset", [18, 19, 21])
+def test_recent_opsets_cnn(tmp_path, opset):
+    """Opset 18-21 forms together: Pad with pads / value / axes inputs, AveragePool
+    with dilations (opset 19), ReduceMean with axes input, Squeeze with axes input."""
+    rng = np.random.default_rng(13)
+    inits = {"W": _w(rng, 3, 2, 3, 3), "p": np.array([1, 1, 1, 1], np.int64), "v": np.float32(0.5),
+             "pa": np.array([2, 3], np.int64), "ax": np.array([2, 3], np.int64),
+             "F": _w(rng, 4, 3), "sq": np.array([2, 3], np.int64)}
+    pool = {"kernel_shape": [2, 2]} if opset < 19 else {"kernel_shape": [2, 2], "dilations": [2, 1]}
+    nodes = [_n("Conv", ["x", "W"], ["c"]), _n("Relu", ["c"], ["r"]),
+             _n("Pad", ["r", "p", "v", "pa"], ["q"]), _n("AveragePool", ["q"], ["a"], **pool),
+             _n("ReduceMean", ["a", "ax"], ["m"]), _n("Squeeze", ["m", "sq"], ["s"]),
+             _n("Gemm", ["s", "F"], ["y"], transB=1)]
+    _check_form(_form_model(tmp_path / "o.onnx", nodes, inits, [1, 2, 7, 6], opset))

@@ -63,23 +63,16 @@ def lower_conv_transpose(ctx: NodeContext) -> list[Affine]:
         raise ctx.fail(
             f"weight shape {weight.shape} with group {group} does not fit input shape {ctx.in_shape}"
         )
-    if ctx.attr("output_shape") is not None:
-        raise ctx.fail("the output_shape attribute is not supported (give pads and output_padding)")
-    auto = ctx.str_attr("auto_pad", "NOTSET")
-    if auto not in ("NOTSET", "VALID"):
-        raise ctx.fail(f"auto_pad {auto!r} is not supported (give explicit pads)")
     strides = tuple(ctx.attr("strides", [1] * rank))
     dilations = tuple(ctx.attr("dilations", [1] * rank))
-    pads = (0,) * 2 * rank if auto == "VALID" else tuple(ctx.attr("pads", [0] * 2 * rank))
     extra = tuple(ctx.attr("output_padding", [0] * rank))
-    check_window_values(ctx, weight.shape[2:], strides, pads, dilations)
     if len(extra) != rank or any(not 0 <= e < max(s, d) for e, s, d in zip(extra, strides, dilations)):
         raise ctx.fail(f"output_padding {list(extra)} must be below the strides or dilations")
-    spatial = tuple(
-        strides[i] * (ctx.in_shape[2 + i] - 1) + extra[i] + (weight.shape[2 + i] - 1) * dilations[i]
-        + 1 - pads[i] - pads[rank + i]
-        for i in range(rank)
-    )
+    full = tuple(strides[i] * (ctx.in_shape[2 + i] - 1) + extra[i]
+                 + (weight.shape[2 + i] - 1) * dilations[i] + 1 for i in range(rank))
+    pads = _transpose_pads(ctx, full, strides)
+    check_window_values(ctx, weight.shape[2:], strides, pads, dilations)
+    spatial = tuple(full[i] - pads[i] - pads[rank + i] for i in range(rank))
     out_shape = (1, weight.shape[1] * group, *spatial)
     if min(spatial) <= 0:
         raise ctx.fail(f"pads {list(pads)} leave an empty output {out_shape}")
@@ -96,3 +89,27 @@ def _as_float32(ctx: NodeContext, value: np.ndarray, what: str) -> np.ndarray:
     if value.size and np.max(np.abs(value)) > 1e19:
         raise ctx.fail(f"{what} has values of magnitude above 1e19, beyond float32 arithmetic")
     return value.astype(np.float32)
+
+
+def _transpose_pads(ctx: NodeContext, full: tuple[int, ...], strides) -> tuple[int, ...]:
+    """Explicit pads of a ConvTranspose whose unpadded output is `full`: from the
+    pads attribute, or (ONNX's rule) from output_shape / auto_pad SAME_*, the odd
+    unit at the end for SAME_UPPER and at the start otherwise."""
+    rank = len(full)
+    auto = ctx.str_attr("auto_pad", "NOTSET")
+    if auto not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise ctx.fail(f"auto_pad {auto!r} is not supported")
+    target = ctx.attr("output_shape")
+    if target is None and auto.startswith("SAME"):
+        target = [d * s for d, s in zip(ctx.in_shape[2:], strides)]
+    if target is None:
+        return (0,) * 2 * rank if auto == "VALID" else tuple(ctx.attr("pads", [0] * 2 * rank))
+    target = list(target)[-rank:]
+    total = [f - t for f, t in zip(full, target)]
+    if len(target) != rank or min(total) < 0:
+        raise ctx.fail(f"output_shape {list(ctx.attr('output_shape', target))} does not fit the "
+                       f"input shape {ctx.in_shape} (at most {list(full)})")
+    small = [t // 2 for t in total]
+    if auto == "SAME_UPPER":
+        return tuple(small) + tuple(t - h for t, h in zip(total, small))
+    return tuple(t - h for t, h in zip(total, small)) + tuple(small)
