@@ -285,7 +285,8 @@ def test_matmul_forms(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["transA", "data-as-B", "data-as-B-transB", "C-column",
-                                  "C-scalar", "transA-transB-alpha-beta"])
+                                  "C-scalar", "transA-transB-alpha-beta", "matrix-data-first",
+                                  "matrix-data-second"])
 def test_gemm_forms(tmp_path, case):
     """Gemm with transA, the data as B (transposed or not), alpha, beta, C broadcast."""
     rng = np.random.default_rng(7)
@@ -300,7 +301,14 @@ def test_gemm_forms(tmp_path, case):
         "C-scalar": [_n("Gemm", ["x", "Bt", "k"], ["h"], transB=1)],
         "transA-transB-alpha-beta": [col, _n("Gemm", ["t", "Bt", "c"], ["h"], transA=1, transB=1,
                                              alpha=1.5, beta=-0.5)],
+        # (1, 4) -> (2, 2): two rows times B2 (2, 3), and A2 (3, 2) times two columns
+        "matrix-data-first": [_n("Reshape", ["x", "s2"], ["t"]),
+                              _n("Gemm", ["t", "B2", "c3"], ["h"], transA=1)],
+        "matrix-data-second": [_n("Reshape", ["x", "s2"], ["t"]),
+                               _n("Gemm", ["A2", "t", "ccol3"], ["h"], transB=1, beta=0.5)],
     }[case]
+    inits.update(s2=np.array([2, 2], np.int64), B2=_w(rng, 2, 3), A2=_w(rng, 3, 2), c3=_w(rng, 3),
+                 ccol3=_w(rng, 3, 1))
     nodes = gemm + [_n("Relu", ["h"], ["y"])]
     _check_form(_form_model(tmp_path / "g.onnx", nodes, inits, [1, 4]))
 
