@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from hypothesis import assume, given, note
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxlip
@@ -471,3 +473,78 @@ def test_recent_opsets_cnn(tmp_path, opset):
              _n("ReduceMean", ["a", "ax"], ["m"]), _n("Squeeze", ["m", "sq"], ["s"]),
              _n("Gemm", ["s", "F"], ["y"], transB=1)]
     _check_form(_form_model(tmp_path / "o.onnx", nodes, inits, [1, 2, 7, 6], opset))
+
+
+@st.composite
+def _shape_op(draw):
+    """A random Slice, Pad, Split, ReduceSum / ReduceMean or MatMul on a random input."""
+    rank = draw(st.integers(2, 4))
+    shape = [1] + [draw(st.integers(1, 4)) for _ in range(rank - 1)]
+    axes = st.lists(st.integers(1, rank - 1), min_size=1, max_size=rank - 1, unique=True)
+    op = draw(st.sampled_from(["Slice", "Pad", "Split", "ReduceSum", "ReduceMean", "MatMul"]))
+    inits, attrs, inputs = {}, {}, ["x"]
+    if op == "Slice":
+        ax = draw(axes)
+        inits = {"st": [draw(st.integers(-5, 5)) for _ in ax], "en": [draw(st.sampled_from(
+                     [-9, -2, -1, 0, 1, 3, 9])) for _ in ax],
+                 "ax": [a - rank * draw(st.booleans()) for a in ax],
+                 "sp": [draw(st.sampled_from([-3, -2, -1, 1, 2, 3])) for _ in ax]}
+        inputs += ["st", "en", "ax", "sp"]
+    elif op == "Pad":
+        mode = draw(st.sampled_from(["constant", "edge", "reflect", "wrap"]))
+        widest = {"constant": 3, "edge": 3, "reflect": min(shape[1:]) - 1, "wrap": min(shape[1:])}
+        width = st.integers(-1 if mode == "constant" else 0, widest[mode])
+        pads = [0] + [draw(width) for _ in shape[1:]]
+        pads += [0] + [draw(width) for _ in shape[1:]]
+        if min(d + pads[i] + pads[rank + i] for i, d in enumerate(shape)) <= 0:
+            pads = [max(p, 0) for p in pads]
+        inits, attrs = {"p": pads}, {"mode": mode}
+        if mode == "constant":
+            inits["v"] = np.float32(draw(st.floats(-2, 2)))
+        inputs += list(inits)
+    elif op == "Split":
+        axis = draw(st.integers(1, rank - 1))
+        first = draw(st.integers(0, shape[axis]))
+        inits, attrs = {"sp": [first, shape[axis] - first]}, {"axis": axis}
+        inputs += ["sp"]
+    elif op.startswith("Reduce"):
+        inits = {"ax": draw(axes)} if draw(st.booleans()) else {}
+        attrs = {"keepdims": draw(st.integers(0, 1)), "noop_with_empty_axes": draw(st.integers(0, 1))}
+        inputs += ["ax"] if inits else []
+    else:
+        n_out = draw(st.integers(1, 3))
+        left = draw(st.booleans()) and rank >= 2
+        inits = {"M": _w(np.random.default_rng(rank), n_out, shape[-2])} if left else \
+            {"M": _w(np.random.default_rng(rank), shape[-1], n_out)}
+        inputs = ["M", "x"] if left else ["x", "M"]
+    outputs = ["y", "rest"] if op == "Split" else ["y"]
+    inits = {k: np.asarray(v, np.int64) if not isinstance(v, np.ndarray) else v
+             for k, v in inits.items()}
+    return shape, _n(op, inputs, outputs, **attrs), inits
+
+
+@given(case=_shape_op())
+def test_selection_and_reduction_forms_match_onnxruntime(tmp_path_factory, case):
+    """Random Slice / Pad / Split / Reduce / MatMul parameters (opset 18): whatever
+    onnxruntime computes, the engine computes, with exact maps and sound bounds."""
+    shape, node, inits = case
+    note(f"{shape} {node}")
+    folder = tmp_path_factory.mktemp("prop")
+    try:
+        path = _form_model(folder / "p.onnx", [node], inits, shape, 18)
+        _ort_at(path, np.zeros(shape, np.float32))
+    except Exception:  # an empty slice or split part, or a product that does not fit
+        assume(False)
+    try:
+        net = onnxlip.load(path)
+    except onnxlip.OnnxlipError as exc:  # an empty output, or only changes of shape (no layer)
+        assert "is empty" in str(exc) or "has no layers to bound" in str(exc)
+        return
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x = rng.standard_normal(shape).astype(np.float32)
+        ref = _ort_at(path, x).ravel()
+        assert np.abs(net.forward(x).ravel() - ref).max() <= 1e-6 * max(np.abs(ref).max(), 1.0)
+    _check_maps(net)
+    x0 = rng.standard_normal(shape)
+    assert net.local_bound(x0, 0.5).bound <= net.global_bound().bound * (1 + 1e-6)
