@@ -286,6 +286,11 @@ def _fix_input_shape(model: onnx.ModelProto, name: str, shape: tuple[int, ...]) 
 
 
 def _infer_shapes(model: onnx.ModelProto, path) -> onnx.ModelProto:
+    for node in model.graph.node:  # onnx 1.23's Split inference aborts the process on these
+        parts = next((a.i for a in node.attribute if a.name == "num_outputs"), None)
+        if node.op_type == "Split" and parts is not None and parts != len(node.output):
+            raise OnnxlipError(f"{path}: {node_label(node)}: num_outputs={parts} but it has "
+                               f"{len(node.output)} outputs")
     try:
         return shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:

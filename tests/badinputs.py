@@ -476,6 +476,10 @@ def make_cases(folder: Path) -> list[Case]:
     add("vector input with a symbolic length", ["inspect", save(f, "vector_sym.onnx", m)],
         "input 'x' has symbolic dimension 0 (n); give the shape with --input-shape",
         load("vector_sym.onnx"))
+    m = model([helper.make_node("Split", ["x"], ["y", "b", "c"], axis=1, num_outputs=1,
+                                name="split")], [vi("x", [1, 6])], [vi("y", [1, 2])], opset=18)
+    add("Split whose num_outputs disagrees with its outputs", ["inspect", save(f, "split_n.onnx", m)],
+        "node 'split' (Split): num_outputs=1 but it has 3 outputs", load("split_n.onnx"))
     add("vector input with its length given (fine)",
         ["inspect", "vector_sym.onnx", "--input-shape", "3"], "",
         load("vector_sym.onnx", input_shape=(3,)), code=0)
