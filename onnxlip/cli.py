@@ -190,13 +190,16 @@ def _header(args, net: Network, source: str | None = None, method: str | None = 
     if source is not None:
         head["input"] = source
     head |= {"input_shape": list(net.input_shape), "output_shape": list(net.output_shape)}
-    return head if method is None else head | {"method": method}
+    head |= {"method": method} if method is not None else {}
+    return head | ({"notes": net.notes} if net.notes else {})
 
 
 def _title(args, net: Network, details: str = "") -> str:
-    """The first line of every table output: the model as given, its shapes and blocks."""
-    return (f"{args.model}: input {shape_text(net.input_shape)} -> output "
-            f"{shape_text(net.output_shape)}, {len(net.blocks)} blocks{details}")
+    """The first lines of every table output: the model as given, its shapes and
+    blocks, and a line for each assumption the reading made (net.notes)."""
+    lines = [f"{args.model}: input {shape_text(net.input_shape)} -> output "
+             f"{shape_text(net.output_shape)}, {len(net.blocks)} blocks{details}"]
+    return "\n".join(lines + [f"note: {note}" for note in net.notes])
 
 
 def _read_x0(args, net: Network):

@@ -22,7 +22,7 @@ from onnx import numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
 
 from .errors import OnnxlipError
-from .lowering.registry import MAX_ELEMENTS, check_size
+from .lowering.registry import MAX_ELEMENTS, OUTPUT_ONLY, check_size, node_label, node_name
 
 NO_OPS = {"Identity", "Dropout"}
 
@@ -45,6 +45,8 @@ class ChainGraph:
     nodes: list[onnx.NodeProto]
     constants: dict[str, np.ndarray] = field(default_factory=dict)
     opset: int = 0
+    #: What the user should know about how the model was read (e.g. a dropped softmax).
+    notes: list[str] = field(default_factory=list)
 
 
 def release(graph: ChainGraph) -> None:
@@ -59,7 +61,25 @@ def runnable_model(graph: ChainGraph) -> onnx.ModelProto:
         return graph.model
     model = read_model(graph.path)
     _fix_input_shape(model, graph.input_name, graph.input_shape)
+    _expose_output(model, graph.output_name)
     return model
+
+
+def _expose_output(model: onnx.ModelProto, name: str) -> None:
+    """Make the tensor `name` (the logits before a dropped softmax) a graph output."""
+    if any(o.name == name for o in model.graph.output):
+        return
+    info = _value_info(model, name)
+    if info is None:
+        info = _value_info(shape_inference.infer_shapes(model), name)
+    if info is None:
+        raise OnnxlipError(f"tensor {name!r}: its type is unknown, it cannot be evaluated")
+    model.graph.output.append(info)
+
+
+def _value_info(model: onnx.ModelProto, name: str) -> onnx.ValueInfoProto | None:
+    return next((v for v in list(model.graph.value_info) + list(model.graph.input)
+                 if v.name == name), None)
 
 
 def load_chain(
@@ -85,7 +105,43 @@ def load_chain(
         constants = _fold_constants(model, graph, path)
         nodes = _chain_nodes(graph, constants, name, out, path)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    return ChainGraph(str(path), model, name, shape, out, nodes, constants, opset)
+    nodes, logits, notes = _drop_output_softmax(nodes, out, _known_shapes(model), opset, path)
+    if logits != out:
+        _expose_output(model, logits)
+    return ChainGraph(str(path), model, name, shape, logits, nodes, constants, opset, notes)
+
+
+def _drop_output_softmax(nodes: list[onnx.NodeProto], out: str, shapes: dict, opset: int,
+                         path) -> tuple[list[onnx.NodeProto], str, list[str]]:
+    """Drop the Softmax / LogSoftmax nodes that end the chain: the bounds are then
+    of their input, the logits, and a note says so. Each must normalize over
+    every output (one distribution): then the top class is the logits' top class."""
+    nodes, notes = list(nodes), []
+    while nodes and nodes[-1].op_type in OUTPUT_ONLY and nodes[-1].domain in ("", "ai.onnx"):
+        node = nodes.pop()
+        logits = node.input[0]
+        shape = shapes.get(logits)
+        if shape is None:
+            raise OnnxlipError(f"{path}: {node_label(node)}: the shape of its input {logits!r} "
+                               "is unknown")
+        rank = len(shape)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+        if not -rank <= axis < rank:
+            raise OnnxlipError(f"{path}: {node_label(node)}: axis {axis} is out of range for "
+                               f"shape {shape}")
+        axis %= rank
+        group = shape[axis:axis + 1] if opset >= 13 else shape[axis:]
+        if math.prod(shape) != math.prod(group):
+            raise OnnxlipError(
+                f"{path}: {node_label(node)} at the output normalizes axis {axis} of shape "
+                f"{shape} separately for each of the other positions; only a softmax over all "
+                "the outputs is dropped (its top class is the logits' top class)")
+        extra = (" Softmax is 1-Lipschitz in L2, so the upper bounds also hold for the "
+                 "probabilities." if node.op_type == "Softmax" else "")
+        notes.insert(0, f"the output {out!r} is {node_label(node)} of {logits!r}: onnxlip bounds "
+                        f"the logits {logits!r}, whose top class is the same." + extra)
+        out = logits
+    return nodes, out, notes
 
 
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -200,14 +256,14 @@ def _input_dims(value: onnx.ValueInfoProto, name: str, override, path) -> tuple[
                     f"{path}: --input-shape {shape} disagrees with input {name!r} in dim {i} "
                     f"({d.dim_value})"
                 )
-        if shape[0] != 1:
+        if shape[0] != 1 and len(shape) > 1:
             raise OnnxlipError(f"--input-shape {shape}: the batch dimension must be 1")
         return shape
     shape = []
     for i, d in enumerate(dims):
         if d.HasField("dim_value") and d.dim_value > 0:
             shape.append(d.dim_value)
-        elif i == 0:
+        elif i == 0 and len(dims) > 1:
             shape.append(1)
         else:
             raise OnnxlipError(
@@ -216,7 +272,7 @@ def _input_dims(value: onnx.ValueInfoProto, name: str, override, path) -> tuple[
             )
     if not shape:
         raise OnnxlipError(f"{path}: input {name!r} has no declared shape; use --input-shape")
-    if shape[0] != 1:
+    if shape[0] != 1 and len(shape) > 1:  # a vector (rank 1) has no batch axis
         raise OnnxlipError(f"{path}: input {name!r} has batch {shape[0]}; only batch 1 is bounded")
     return tuple(shape)
 
@@ -230,6 +286,11 @@ def _fix_input_shape(model: onnx.ModelProto, name: str, shape: tuple[int, ...]) 
 
 
 def _infer_shapes(model: onnx.ModelProto, path) -> onnx.ModelProto:
+    for node in model.graph.node:  # onnx 1.23's Split inference aborts the process on these
+        parts = next((a.i for a in node.attribute if a.name == "num_outputs"), None)
+        if node.op_type == "Split" and parts is not None and parts != len(node.output):
+            raise OnnxlipError(f"{path}: {node_label(node)}: num_outputs={parts} but it has "
+                               f"{len(node.output)} outputs")
     try:
         return shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
@@ -272,7 +333,7 @@ def _fold_constants(model: onnx.ModelProto, graph: nx.DiGraph, path) -> dict[str
         node = graph.nodes[i]["node"]
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             raise OnnxlipError(
-                f"{path}: node {node.name!r} ({node.op_type}): control flow (subgraphs) is not supported"
+                f"{path}: {node_label(node)}: control flow (subgraphs) is not supported"
             )
         if node.op_type == "Shape" and node.input[0] not in consts and node.input[0] in shapes:
             consts[node.output[0]] = _shape_of(node, shapes[node.input[0]])
@@ -286,7 +347,7 @@ def _fold_constants(model: onnx.ModelProto, graph: nx.DiGraph, path) -> dict[str
 
 def _check_folded_size(node: onnx.NodeProto, consts: dict, shapes: dict, path) -> None:
     """Refuse, before evaluating it, a constant node whose output would be too large."""
-    where = f"{path}: constant node {node.name!r} ({node.op_type}): output"
+    where = f"{path}: constant {node_label(node)}: output"
     for out in node.output:
         if out in shapes:
             check_size(shapes[out], where, allow_empty=True)
@@ -367,7 +428,7 @@ def _evaluate(node: onnx.NodeProto, consts: dict, model: onnx.ModelProto, path) 
         values = ReferenceEvaluator(sub).run(None, feeds)
     except Exception as exc:
         raise OnnxlipError(
-            f"{path}: cannot fold constant node {node.name!r} ({node.op_type}): {_first_line(exc)}"
+            f"{path}: cannot fold constant {node_label(node)}: {_first_line(exc)}"
         ) from None
     return {n: np.asarray(v) for n, v in zip([o for o in node.output if o], values)}
 
@@ -388,18 +449,18 @@ def _chain_nodes(graph, consts, input_name, output_name, path) -> list[onnx.Node
         if not users:
             raise OnnxlipError(f"{path}: tensor {tensor!r} is not connected to output {output_name!r}")
         if len(users) > 1:
-            names = ", ".join(f"{u.name!r} ({u.op_type})" for u in users)
+            names = ", ".join(f"{node_name(u)!r} ({u.op_type})" for u in users)
             raise OnnxlipError(
                 f"{path}: tensor {tensor!r} feeds {names}: only chain graphs are supported "
                 "(no branches or residual connections)"
             )
         node = users[0]
         if len(chain) > len(graph):
-            raise OnnxlipError(f"{path}: node {node.name!r} ({node.op_type}) is on a cycle")
+            raise OnnxlipError(f"{path}: {node_label(node)} is on a cycle")
         data_inputs = [n for n in node.input if n and n not in consts]
         if len(data_inputs) > 1:
             raise OnnxlipError(
-                f"{path}: node {node.name!r} ({node.op_type}) combines {len(data_inputs)} "
+                f"{path}: {node_label(node)} combines {len(data_inputs)} "
                 "data tensors: only chain graphs are supported (no residual connections)"
             )
         chain.append(node)

@@ -15,8 +15,10 @@ from .errors import OnnxlipError
 from .evaluate import ModelRunner
 from .graph import ChainGraph, load_chain, release
 from .jacobian import Jacobian
+from .layers import Affine, MaxPool
 from .lower import LowerBounds, LowerBoundSearch
 from .lowering import NodeContext, lower
+from .lowering.registry import node_name
 from .tight import tight_local_bound
 
 OPERATOR_MODES = ("auto", "sparse", "matrix-free")
@@ -35,6 +37,11 @@ class Network:
     @property
     def path(self) -> str:
         return self.graph.path
+
+    @property
+    def notes(self) -> list[str]:
+        """What was assumed in reading the model (e.g. the logits bounded, not a final softmax)."""
+        return list(self.graph.notes)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -177,7 +184,7 @@ def load(
     for node in graph.nodes:
         ctx = NodeContext(node, shape, graph.constants, graph.opset, graph.path)
         layers = lower(ctx)
-        lowered.append((node.name or node.output[0], node.op_type, layers))
+        lowered.append((node_name(node), node.op_type, layers))
         shape = _out_shape(layers, shape)
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
@@ -243,5 +250,10 @@ def _check_positive(value, what: str) -> None:
 
 def _out_shape(layers, shape):
     for layer in layers:
-        shape = getattr(layer, "shape", None) or getattr(layer, "out_shape", None) or layer.map.out_shape
+        if isinstance(layer, Affine):
+            shape = layer.map.out_shape
+        elif isinstance(layer, MaxPool):
+            shape = layer.out_shape
+        else:
+            shape = layer.shape  # () for a scalar output
     return tuple(shape)
