@@ -41,8 +41,9 @@ class Certificate:
     seconds: float = 0.0
 
     @property
-    def correct(self) -> bool:
-        return self.label is None or self.label == self.top_class
+    def correct(self) -> bool | None:
+        """Whether the top class is the label; None without a label (no accuracy then)."""
+        return None if self.label is None else self.label == self.top_class
 
     def to_dict(self) -> dict:
         return asdict(self) | {"correct": self.correct}

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import select
 import sys
 import time
 from collections.abc import Sequence
 
 from . import __version__
-from .dataset import certify_dataset, plot_certified_accuracy, read_batch, write_rows
+from .dataset import ROW_FORMATS, certify_dataset, plot_certified_accuracy, read_batch, write_rows
 from .errors import OnnxlipError
 from .inputs import read_input
 from .network import OPERATOR_MODES, Network, load
-from .report import BLOCK_HEADERS, LAYER_HEADERS, block_rows, layer_rows, shape_text, table
+from .report import (
+    BLOCK_HEADERS,
+    LAYER_HEADERS,
+    block_rows,
+    check_output,
+    check_plot,
+    layer_rows,
+    shape_text,
+    table,
+)
 from .sweep import eps_grid, plot, run_sweep, write_csv
 
 
@@ -24,7 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        _check_outputs(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in Python's exit
+        return code
     except OnnxlipError as exc:
         print(f"onnxlip: error: {exc}", file=sys.stderr)
         return 2
@@ -34,12 +48,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError:
         print("onnxlip: error: out of memory (try --operators matrix-free)", file=sys.stderr)
         return 2
-    except Exception as exc:  # a bug: say so in one line unless asked for the traceback
-        if os.environ.get("ONNXLIP_DEBUG"):
-            raise
-        print(f"onnxlip: internal error: {type(exc).__name__}: {exc} "
-              "(set ONNXLIP_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 3
+    except BrokenPipeError as exc:  # `onnxlip ... | head`: end quietly, as Unix tools do
+        return 128 + 13 if _stdout_gone() else _internal_error(exc)
+    except Exception as exc:
+        return _internal_error(exc)
+
+
+def _internal_error(exc: Exception) -> int:
+    """A bug: say so in one line unless asked for the traceback."""
+    if os.environ.get("ONNXLIP_DEBUG"):
+        raise exc
+    print(f"onnxlip: internal error: {type(exc).__name__}: {exc} "
+          "(set ONNXLIP_DEBUG=1 for the traceback)", file=sys.stderr)
+    return 3
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe nobody reads any more (a broken pipe elsewhere is
+    a bug to report); if so it is pointed at /dev/null, so that Python's flush at
+    exit stays quiet too. Exit 141 = 128 + SIGPIPE, what a shell shows for a
+    Unix tool stopped by a closed pipe."""
+    try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poll.poll(0)):
+            return False
+    except (AttributeError, OSError, ValueError):  # no poll(), or no file behind stdout
+        return False
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """The output files of every subcommand, checked before any work: a bad path or
+    format fails in a second, not after hours of bounds."""
+    options = vars(args)
+    if options.get("plot") is not None:
+        check_plot(options["plot"], "--plot")
+    if options.get("csv") is not None:
+        check_output(options["csv"], "--csv")
+    if options.get("out") is not None:
+        check_output(options["out"], "--out", ROW_FORMATS)
+
+
+def _write(path: str, option: str, write, *what) -> None:
+    """Write an output file (after the results are printed), one-line errors."""
+    try:
+        write(*what, path)
+    except OSError as exc:
+        raise OnnxlipError(f"{option} {path}: cannot write ({exc.strerror or exc})") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -125,41 +184,63 @@ def _load(args) -> Network:
                 memory_budget=args.memory_budget, tol=args.tol)
 
 
+def _header(args, net: Network, source: str | None = None, method: str | None = None) -> dict:
+    """What every JSON output starts with: the paths as the user gave them, the shapes."""
+    head = {"model": args.model}
+    if source is not None:
+        head["input"] = source
+    head |= {"input_shape": list(net.input_shape), "output_shape": list(net.output_shape)}
+    head |= {"method": method} if method is not None else {}
+    return head | ({"notes": net.notes} if net.notes else {})
+
+
+def _title(args, net: Network, details: str = "") -> str:
+    """The first lines of every table output: the model as given, its shapes and
+    blocks, and a line for each assumption the reading made (net.notes)."""
+    lines = [f"{args.model}: input {shape_text(net.input_shape)} -> output "
+             f"{shape_text(net.output_shape)}, {len(net.blocks)} blocks{details}"]
+    return "\n".join(lines + [f"note: {note}" for note in net.notes])
+
+
+def _read_x0(args, net: Network):
+    """The nominal input of --input, checked against the model (the file named on error)."""
+    return net.check_input(read_input(args.input), source=args.input)
+
+
 def run_inspect(args) -> int:
     net = _load(args)
-    norms = [r.bound for r in net.global_bound().layers] if args.norms else None
+    glob = net.global_bound() if args.norms else None
+    norms = [r.bound for r in glob.layers] if glob is not None else None
     if args.json:
         blocks = [dict(zip(["index", "name", "kind", "ops", "input_shape", "output_shape",
                             "operator", "norm"], row)) for row in block_rows(net.blocks, norms)]
-        print(json.dumps({"model": args.model, "input_shape": list(net.input_shape),
-                          "output_shape": list(net.output_shape), "blocks": blocks}))
+        print(json.dumps(_header(args, net) | {
+            "global_bound": glob.bound if glob is not None else None, "blocks": blocks}))
         return 0
-    print(f"{args.model}: input {shape_text(net.input_shape)} -> output "
-          f"{shape_text(net.output_shape)}, {len(net.blocks)} blocks")
+    print(_title(args, net))
     headers = BLOCK_HEADERS + (["norm"] if norms is not None else [])
     print(table(headers, block_rows(net.blocks, norms)))
-    if norms is not None:
-        print(f"global bound (product of norms): {net.global_bound().bound:.6g}")
+    if glob is not None:
+        print(f"global bound (product of norms): {glob.bound:.6g}")
     return 0
 
 
 def run_bound(args) -> int:
     start = time.perf_counter()
     net = _load(args)
-    x0 = read_input(args.input)
+    x0 = _read_x0(args, net)
     results = net.local_bounds(x0, args.eps, args.method)
     glob = net.global_bound()
     seconds = time.perf_counter() - start
     if args.json:
-        print(json.dumps({
-            "model": args.model, "input_shape": list(net.input_shape),
+        print(json.dumps(_header(args, net, args.input, args.method) | {
             "global_bound": glob.bound,
-            "local": [{"eps": r.eps, "bound": r.bound, "seconds": r.seconds,
-                       "layers": r.to_dict()["layers"]} for r in results],
+            "points": [{"eps": r.eps, "local_bound": r.bound, "seconds": r.seconds,
+                        "layers": r.to_dict()["layers"]} for r in results],
             "seconds": seconds,
         }))
         return 0
-    print(f"{args.model}: input {shape_text(net.input_shape)}, {len(net.blocks)} blocks")
+    print(_title(args, net, f", x0 = {args.input}, method {args.method}"))
     print(table(["eps", "local bound", "global bound", "local/global", "seconds"],
                 [[r.eps, r.bound, glob.bound, r.bound / glob.bound, r.seconds] for r in results]))
     if args.verbose:
@@ -170,33 +251,38 @@ def run_bound(args) -> int:
 
 
 def run_sweep_command(args) -> int:
-    net = _load(args)
-    x0 = read_input(args.input)
     grid = eps_grid(args.eps_min, args.eps_max, args.n, args.spacing)
+    net = _load(args)
+    x0 = _read_x0(args, net)
     result = run_sweep(net, x0, grid, lower=not args.no_lower, progress=sys.stderr.isatty(),
-                       input_name=os.path.basename(args.input), method=args.method)
-    if args.csv:
-        write_csv(result, args.csv)
-    if args.plot:
-        plot(result, args.plot)
+                       input_name=args.input, method=args.method)
     if args.json:
-        print(json.dumps(result.to_dict()))
-        return 0
-    columns = ["eps", "local_bound", "lower_best", "lower_jacobian_norm", "global_bound"]
-    rows = [[row.get(c) for c in columns] for row in result.rows()]
-    print(f"{args.model}: input {shape_text(net.input_shape)}, x0 = {args.input}, "
-          f"{len(grid)} radii in {result.seconds:.3g} s (upper bounds {result.upper_seconds:.3g} s)")
-    print(table(["eps", "local bound", "lower bound", "||J(x0)||", "global bound"], rows))
+        print(json.dumps(_header(args, net, args.input, args.method) | result.to_dict()))
+    else:
+        columns = ["eps", "local_bound", "lower_bound", "lower_bound_eps", "lower_jacobian_norm",
+                   "global_bound"]
+        rows = [[row.get(c) for c in columns] for row in result.rows()]
+        print(_title(args, net, f", x0 = {args.input}, method {args.method}: {len(grid)} radii "
+                                f"in {result.seconds:.3g} s (upper bounds {result.upper_seconds:.3g} s)"))
+        print(table(["eps", "local bound", "lower bound", "(found at eps)", "||J(x0)||",
+                     "global bound"], rows))
+    if args.csv:
+        _write(args.csv, "--csv", write_csv, result)
+    if args.plot:
+        _write(args.plot, "--plot", plot, result)
     return 0
 
 
 def run_certify(args) -> int:
     if args.inputs is None:
+        if args.labels is not None:
+            raise OnnxlipError("--labels goes with --inputs (a batch), not --input")
         net = _load(args)
-        cert = net.certify(read_input(args.input), rel_tol=args.rel_tol, method=args.method)
+        cert = net.certify(_read_x0(args, net), rel_tol=args.rel_tol, method=args.method)
         if args.json:
-            print(json.dumps({"model": args.model, **cert.to_dict()}))
+            print(json.dumps(_header(args, net, args.input, args.method) | cert.to_dict()))
             return 0
+        print(_title(args, net, f", x0 = {args.input}, method {args.method}"))
         print(table(["class", "margin", "certified radius (local)", "radius (global)",
                      "attack distance", "local/global", "seconds"],
                     [[cert.top_class, cert.margin, cert.radius_local, cert.radius_global,
@@ -210,22 +296,36 @@ def run_certify(args) -> int:
     result = certify_dataset(load_kwargs, batch, labels, args.rel_tol, args.workers,
                              progress=sys.stderr.isatty(), method=args.method)
     summary = result.summary(args.radii)
-    if args.out:
-        write_rows(result, args.out)
-    if args.plot:
-        plot_certified_accuracy(result, args.plot, f"{os.path.basename(args.model)}: "
-                                f"{len(batch)} inputs from {os.path.basename(args.inputs)}")
     if args.json:
-        print(json.dumps({"model": args.model, "summary": summary,
-                          "inputs": [c.to_dict() for c in result.certificates]}))
-        return 0
-    print(f"{args.model}: {summary['inputs']} inputs, accuracy {summary['accuracy']:.3f}, "
-          f"median certified radius {summary['median_radius_local']:.4g} (local bound) vs "
-          f"{summary['median_radius_global']:.4g} (global), median attack distance "
-          f"{summary['median_attack_distance']:.4g}, {summary['seconds']:.3g} s")
-    rows = [[float(r), v["local"], v["global"]] for r, v in summary["certified_accuracy"].items()]
-    print(table(["radius", "certified accuracy (local)", "certified accuracy (global)"], rows))
+        print(json.dumps(_header(args, net, args.inputs, args.method) | {
+            "summary": summary, "certificates": [c.to_dict() for c in result.certificates]}))
+    else:
+        print(_title(args, net, f", inputs {args.inputs}, method {args.method}"))
+        print(_summary_line(summary))
+        key, what = (("certified_accuracy", "certified accuracy") if summary["labelled"]
+                     else ("certified", "certified"))
+        rows = [[float(r), v["local"], v["global"]] for r, v in summary[key].items()]
+        print(table(["radius", f"{what} (local)", f"{what} (global)"], rows))
+    if args.out:
+        _write(args.out, "--out", write_rows, result)
+    if args.plot:
+        title = (f"{os.path.basename(args.model)}: {len(batch)} inputs from "
+                 f"{os.path.basename(args.inputs)}")
+        _write(args.plot, "--plot", lambda r, path: plot_certified_accuracy(r, path, title,
+                                                                            args.method), result)
     return 0
+
+
+def _summary_line(summary: dict) -> str:
+    def number(key: str, digits: str = ".4g") -> str:
+        return "n/a" if summary[key] is None else format(summary[key], digits)
+
+    accuracy = ("n/a (no labels)"
+                if summary["accuracy"] is None else number("accuracy", ".3f"))
+    return (f"{summary['inputs']} inputs, accuracy: {accuracy}; median certified radius "
+            f"{number('median_radius_local')} (local bound) vs {number('median_radius_global')} "
+            f"(global), median attack distance {number('median_attack_distance')}, "
+            f"{summary['seconds']:.3g} s")
 
 
 def _number(text: str) -> float:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from .certify import Certificate
 from .errors import OnnxlipError
 from .inputs import read_input
+from .report import check_output, check_plot, method_label
 
 _WORKER: dict = {}
 
@@ -90,22 +91,37 @@ class DatasetResult:
     certificates: list[Certificate]
     seconds: float
 
+    @property
+    def labelled(self) -> bool:
+        return bool(self.certificates) and all(c.label is not None for c in self.certificates)
+
     def summary(self, radii: list[float]) -> dict:
+        """Accuracy and certified accuracy at `radii` (None without labels: there is
+        no accuracy then), and `certified`: the fraction of inputs whose predicted
+        class is certified at each radius. Medians are over the correctly classified
+        inputs (every input without labels)."""
         certs = self.certificates
-        correct = [c for c in certs if c.correct]
-        local = np.array([c.radius_local if c.correct else 0.0 for c in certs])
-        glob = np.array([c.radius_global if c.correct else 0.0 for c in certs])
+        counted = [c for c in certs if c.correct is not False]
 
-        def median(attr: str) -> float:
-            return float(np.median([getattr(c, attr) for c in correct])) if correct else 0.0
+        def median(attr: str) -> float | None:
+            return float(np.median([getattr(c, attr) for c in counted])) if counted else None
 
+        def fractions(only_correct: bool) -> dict:
+            keep = np.array([c.correct is not False or not only_correct for c in certs])
+            local = np.where(keep, [c.radius_local for c in certs], -np.inf)
+            glob = np.where(keep, [c.radius_global for c in certs], -np.inf)
+            return {str(r): {"local": float(np.mean(local >= r)),
+                             "global": float(np.mean(glob >= r))} for r in radii}
+
+        labelled = self.labelled
         return {
-            "inputs": len(certs), "accuracy": len(correct) / len(certs),
+            "inputs": len(certs), "labelled": labelled,
+            "accuracy": len(counted) / len(certs) if labelled else None,
             "median_radius_local": median("radius_local"),
             "median_radius_global": median("radius_global"),
             "median_attack_distance": median("attack_distance"),
-            "certified_accuracy": {str(r): {"local": float(np.mean(local >= r)),
-                                            "global": float(np.mean(glob >= r))} for r in radii},
+            "certified_accuracy": fractions(True) if labelled else None,
+            "certified": fractions(False),
             "seconds": self.seconds,
         }
 
@@ -130,8 +146,13 @@ def certify_dataset(load_kwargs: dict, batch: np.ndarray, labels: np.ndarray | N
     return DatasetResult(certs, time.perf_counter() - start)
 
 
+#: The file suffixes write_rows knows.
+ROW_FORMATS = ("csv", "json")
+
+
 def write_rows(result: DatasetResult, path: str | Path) -> None:
     """One row per input: CSV, or JSON when the name ends in .json."""
+    check_output(path, "rows file", ROW_FORMATS)
     rows = [{"index": i} | c.to_dict() for i, c in enumerate(result.certificates)]
     if str(path).lower().endswith(".json"):
         Path(path).write_text(json.dumps(rows, indent=1))
@@ -142,28 +163,40 @@ def write_rows(result: DatasetResult, path: str | Path) -> None:
         writer.writerows(rows)
 
 
-def plot_certified_accuracy(result: DatasetResult, path: str | Path, title: str) -> None:
-    """Certified accuracy against radius, from the local and the global bound."""
+def plot_certified_accuracy(result: DatasetResult, path: str | Path, title: str,
+                            method: str = "paper") -> None:
+    """Certified accuracy against radius, from the local and the global bound, and
+    the attack's curve: an upper limit of robust accuracy (not a certificate).
+    Without labels, the fractions of inputs whose predicted class is certified."""
+    check_plot(path)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     certs = result.certificates
+    what = "accuracy" if result.labelled else "fraction"
+    curves = (("radius_local", f"certified {what}, local bound\n({method_label(method)})", "-"),
+              ("radius_global", f"certified {what}, global bound", "--"),
+              ("attack_distance", f"attack: upper limit of\nrobust {what} (not certified)", ":"))
+    radii = {attr: np.array([getattr(c, attr) if c.correct is not False else -np.inf
+                             for c in certs]) for attr, _, _ in curves}
+    seen = np.concatenate(list(radii.values()))
+    seen = seen[np.isfinite(seen) & (seen > 0)]
+    left, right = (seen.min() / 1.25, seen.max() * 1.25) if seen.size else (1e-3, 1.0)
+    grid = np.unique(np.concatenate([[left], seen, [right]]))  # every curve spans left..right
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for attr, label, style in (("radius_local", "local bound (onnxlip)", "-"),
-                               ("radius_global", "global bound", "--"),
-                               ("attack_distance", "attack (upper limit)", ":")):
-        radii = np.sort([getattr(c, attr) if c.correct else 0.0 for c in certs])
-        acc = 1.0 - np.arange(len(radii)) / len(radii)
-        ax.step(radii, acc, style, where="post", label=label)
-    ax.set_xscale("symlog", linthresh=1e-4)
+    for attr, label, style in curves:  # the fraction with radius ≥ r, exact on every step
+        ax.plot(grid, [np.mean(radii[attr] >= r) for r in grid], style, drawstyle="steps-pre",
+                label=label)
+    ax.set_xscale("log")
+    ax.set_xlim(left, right)
     ax.set_xlabel("L2 radius")
-    ax.set_ylabel("certified accuracy")
+    ax.set_ylabel("fraction of inputs" if result.labelled else "fraction of inputs (no labels)")
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

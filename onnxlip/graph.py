@@ -22,7 +22,7 @@ from onnx import numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
 
 from .errors import OnnxlipError
-from .lowering.registry import MAX_ELEMENTS, check_size, node_label
+from .lowering.registry import MAX_ELEMENTS, OUTPUT_ONLY, check_size, node_label
 
 NO_OPS = {"Identity", "Dropout"}
 
@@ -46,6 +46,8 @@ class ModelGraph:
     nodes: list[onnx.NodeProto]
     constants: dict[str, np.ndarray] = field(default_factory=dict)
     opset: int = 0
+    #: What the user should know about how the model was read (e.g. a dropped softmax).
+    notes: list[str] = field(default_factory=list)
 
 
 def release(graph: ModelGraph) -> None:
@@ -60,7 +62,25 @@ def runnable_model(graph: ModelGraph) -> onnx.ModelProto:
         return graph.model
     model = read_model(graph.path)
     _fix_input_shape(model, graph.input_name, graph.input_shape)
+    _expose_output(model, graph.output_name)
     return model
+
+
+def _expose_output(model: onnx.ModelProto, name: str) -> None:
+    """Make the tensor `name` (the logits before a dropped softmax) a graph output."""
+    if any(o.name == name for o in model.graph.output):
+        return
+    info = _value_info(model, name)
+    if info is None:
+        info = _value_info(shape_inference.infer_shapes(model), name)
+    if info is None:
+        raise OnnxlipError(f"tensor {name!r}: its type is unknown, it cannot be evaluated")
+    model.graph.output.append(info)
+
+
+def _value_info(model: onnx.ModelProto, name: str) -> onnx.ValueInfoProto | None:
+    return next((v for v in list(model.graph.value_info) + list(model.graph.input)
+                 if v.name == name), None)
 
 
 def load_graph(
@@ -84,9 +104,45 @@ def load_graph(
         model = _infer_shapes(model, path)
         graph = _needed_by(_build_digraph(model), out)
         constants = _fold_constants(model, graph, path)
-        nodes, out = _data_nodes(graph, constants, _known_shapes(model), name, out, path)
+        nodes, out = _data_nodes(graph, constants, name, out, path)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    return ModelGraph(str(path), model, name, shape, out, nodes, constants, opset)
+    nodes, logits, notes = _drop_output_softmax(nodes, out, _known_shapes(model), opset, path)
+    if logits != out:
+        _expose_output(model, logits)
+    return ModelGraph(str(path), model, name, shape, logits, nodes, constants, opset, notes)
+
+
+def _drop_output_softmax(nodes: list[onnx.NodeProto], out: str, shapes: dict, opset: int,
+                         path) -> tuple[list[onnx.NodeProto], str, list[str]]:
+    """Drop the Softmax / LogSoftmax nodes that end the chain: the bounds are then
+    of their input, the logits, and a note says so. Each must normalize over
+    every output (one distribution): then the top class is the logits' top class."""
+    nodes, notes = list(nodes), []
+    while nodes and nodes[-1].op_type in OUTPUT_ONLY and nodes[-1].domain in ("", "ai.onnx"):
+        node = nodes.pop()
+        logits = node.input[0]
+        shape = shapes.get(logits)
+        if shape is None:
+            raise OnnxlipError(f"{path}: {node_label(node)}: the shape of its input {logits!r} "
+                               "is unknown")
+        rank = len(shape)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+        if not -rank <= axis < rank:
+            raise OnnxlipError(f"{path}: {node_label(node)}: axis {axis} is out of range for "
+                               f"shape {shape}")
+        axis %= rank
+        group = shape[axis:axis + 1] if opset >= 13 else shape[axis:]
+        if math.prod(shape) != math.prod(group):
+            raise OnnxlipError(
+                f"{path}: {node_label(node)} at the output normalizes axis {axis} of shape "
+                f"{shape} separately for each of the other positions; only a softmax over all "
+                "the outputs is dropped (its top class is the logits' top class)")
+        extra = (" Softmax is 1-Lipschitz in L2, so the upper bounds also hold for the "
+                 "probabilities." if node.op_type == "Softmax" else "")
+        notes.insert(0, f"the output {out!r} is {node_label(node)} of {logits!r}: onnxlip bounds "
+                        f"the logits {logits!r}, whose top class is the same." + extra)
+        out = logits
+    return nodes, out, notes
 
 
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -201,14 +257,14 @@ def _input_dims(value: onnx.ValueInfoProto, name: str, override, path) -> tuple[
                     f"{path}: --input-shape {shape} disagrees with input {name!r} in dim {i} "
                     f"({d.dim_value})"
                 )
-        if shape[0] != 1:
+        if shape[0] != 1 and len(shape) > 1:
             raise OnnxlipError(f"--input-shape {shape}: the batch dimension must be 1")
         return shape
     shape = []
     for i, d in enumerate(dims):
         if d.HasField("dim_value") and d.dim_value > 0:
             shape.append(d.dim_value)
-        elif i == 0:
+        elif i == 0 and len(dims) > 1:
             shape.append(1)
         else:
             raise OnnxlipError(
@@ -217,7 +273,7 @@ def _input_dims(value: onnx.ValueInfoProto, name: str, override, path) -> tuple[
             )
     if not shape:
         raise OnnxlipError(f"{path}: input {name!r} has no declared shape; use --input-shape")
-    if shape[0] != 1:
+    if shape[0] != 1 and len(shape) > 1:  # a vector (rank 1) has no batch axis
         raise OnnxlipError(f"{path}: input {name!r} has batch {shape[0]}; only batch 1 is bounded")
     return tuple(shape)
 
@@ -231,6 +287,11 @@ def _fix_input_shape(model: onnx.ModelProto, name: str, shape: tuple[int, ...]) 
 
 
 def _infer_shapes(model: onnx.ModelProto, path) -> onnx.ModelProto:
+    for node in model.graph.node:  # onnx 1.23's Split inference aborts the process on these
+        parts = next((a.i for a in node.attribute if a.name == "num_outputs"), None)
+        if node.op_type == "Split" and parts is not None and parts != len(node.output):
+            raise OnnxlipError(f"{path}: {node_label(node)}: num_outputs={parts} but it has "
+                               f"{len(node.output)} outputs")
     try:
         return shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
@@ -273,7 +334,7 @@ def _fold_constants(model: onnx.ModelProto, graph: nx.DiGraph, path) -> dict[str
         node = graph.nodes[i]["node"]
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             raise OnnxlipError(
-                f"{path}: node {node.name!r} ({node.op_type}): control flow (subgraphs) is not supported"
+                f"{path}: {node_label(node)}: control flow (subgraphs) is not supported"
             )
         if node.op_type == "Shape" and node.input[0] not in consts and node.input[0] in shapes:
             consts[node.output[0]] = _shape_of(node, shapes[node.input[0]])
@@ -287,7 +348,7 @@ def _fold_constants(model: onnx.ModelProto, graph: nx.DiGraph, path) -> dict[str
 
 def _check_folded_size(node: onnx.NodeProto, consts: dict, shapes: dict, path) -> None:
     """Refuse, before evaluating it, a constant node whose output would be too large."""
-    where = f"{path}: constant node {node.name!r} ({node.op_type}): output"
+    where = f"{path}: constant {node_label(node)}: output"
     for out in node.output:
         if out in shapes:
             check_size(shapes[out], where, allow_empty=True)
@@ -368,19 +429,18 @@ def _evaluate(node: onnx.NodeProto, consts: dict, model: onnx.ModelProto, path) 
         values = ReferenceEvaluator(sub).run(None, feeds)
     except Exception as exc:
         raise OnnxlipError(
-            f"{path}: cannot fold constant node {node.name!r} ({node.op_type}): {_first_line(exc)}"
+            f"{path}: cannot fold constant {node_label(node)}: {_first_line(exc)}"
         ) from None
     return {n: np.asarray(v) for n, v in zip([o for o in node.output if o], values)}
 
 
-def _data_nodes(graph: nx.DiGraph, consts: dict, shapes: dict, input_name: str,
-                output_name: str, path) -> tuple[list[onnx.NodeProto], str]:
+def _data_nodes(graph: nx.DiGraph, consts: dict, input_name: str, output_name: str,
+                path) -> tuple[list[onnx.NodeProto], str]:
     """The nodes that compute on the data, in a topological order (the file's
     order where it is one), with no-ops removed and their outputs renamed to
     their inputs; and the (renamed) output tensor.
 
     Every data tensor a node reads must be the input or computed from it.
-    Split nodes become one Slice node per output.
     """
     try:
         order = list(nx.lexicographical_topological_sort(graph))
@@ -405,8 +465,7 @@ def _data_nodes(graph: nx.DiGraph, consts: dict, shapes: dict, input_name: str,
             continue
         node = _renamed(node, alias)
         computed.update(o for o in node.output if o)
-        nodes.extend(_split_to_slices(node, consts, shapes, path) if node.op_type == "Split"
-                     else [node])
+        nodes.append(node)
     output = alias.get(output_name, output_name)
     if output not in computed:
         raise OnnxlipError(f"{path}: output {output_name!r} does not depend on input {input_name!r}")
@@ -421,40 +480,6 @@ def _renamed(node: onnx.NodeProto, alias: dict[str, str]) -> onnx.NodeProto:
     for k, name in enumerate(copy.input):
         copy.input[k] = alias.get(name, name)
     return copy
-
-
-def _split_to_slices(node: onnx.NodeProto, consts: dict, shapes: dict, path) -> list[onnx.NodeProto]:
-    """A Split node as one standard Slice node per output, with constant
-    starts/ends/axes (added to `consts`): every output then has one producer."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    outputs = [o for o in node.output if o]
-    shape = shapes.get(node.input[0])
-    if shape is None:
-        raise OnnxlipError(f"{path}: {node_label(node)}: the shape of its input is unknown")
-    axis = int(attrs.get("axis", 0))
-    if not -len(shape) <= axis < len(shape):
-        raise OnnxlipError(f"{path}: {node_label(node)}: axis {axis} is out of range for {shape}")
-    axis %= len(shape)
-    split = attrs.get("split")
-    if split is None and len(node.input) > 1 and node.input[1]:
-        split = [int(v) for v in np.asarray(consts[node.input[1]]).ravel()]
-    if split is None:
-        parts = len(node.output)
-        step = -(-shape[axis] // parts)
-        split = [min(step, shape[axis] - step * k) for k in range(parts)]
-    if len(split) != len(node.output) or sum(split) != shape[axis] or min(split) < 0:
-        raise OnnxlipError(f"{path}: {node_label(node)}: split {list(split)} does not divide "
-                           f"axis {axis} of {shape}")
-    slices, start = [], 0
-    for k, (out, size) in enumerate(zip(node.output, split)):
-        if out:
-            names = [f"{out}::{what}" for what in ("starts", "ends", "axes")]
-            for name, value in zip(names, (start, start + size, axis)):
-                consts[name] = np.array([value], dtype=np.int64)
-            slices.append(onnx.helper.make_node("Slice", [node.input[0], *names], [out],
-                                                name=f"{node.name or outputs[0]}:{k}"))
-        start += size
-    return slices
 
 
 def _is_no_op(node: onnx.NodeProto) -> bool:

@@ -8,12 +8,28 @@ where a block reads several blocks, and their transposes split).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .blocks import AffineBlock, Block, MaxPoolBlock, flow, flow_t
 from .bounds import Trace
 from .operators.gated import Gated, apply_steps, apply_steps_t
 from .spectral import SpectralNorm, spectral_norm
+
+
+@dataclass
+class JacobianNorm:
+    """||J(x)||, from below: the top Ritz value of Lanczos on JᵀJ (or JJᵀ).
+
+    `value` is that Ritz value (no residual lift: it is used as a lower bound),
+    `direction` the unit input direction it belongs to (||J d|| ≈ value), and
+    `solve` the eigensolver's record (iterations, residual, convergence).
+    """
+
+    value: float
+    direction: np.ndarray
+    solve: SpectralNorm
 
 
 class Jacobian:
@@ -47,8 +63,8 @@ class Jacobian:
         """The full matrix (out_size x in_size), for small networks and tests."""
         return np.stack([self.rmatvec(e) for e in np.eye(self.out_size)])
 
-    def norm(self, tol: float = 1e-8) -> tuple[SpectralNorm, np.ndarray]:
-        """||J|| and its top right singular vector (unit, in the input space)."""
+    def norm(self, tol: float = 1e-8) -> JacobianNorm:
+        """||J|| (a Ritz value, from below) and its top right singular vector."""
         result = spectral_norm(self.matvec, self.rmatvec, self.in_size, self.out_size, tol=tol,
                                want_vector=True, upper=False)
         vector = result.vector
@@ -57,4 +73,4 @@ class Jacobian:
         if vector is None or not np.linalg.norm(vector):
             vector = np.zeros(self.in_size)
             vector[0] = 1.0
-        return result, vector / np.linalg.norm(vector)
+        return JacobianNorm(result.value, vector / np.linalg.norm(vector), result)

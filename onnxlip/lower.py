@@ -56,7 +56,8 @@ class LowerBoundSearch:
         self.noise = 4 * (np.linalg.norm(self.f0 - self.engine_f0)
                           + np.finfo(np.float32).eps * np.linalg.norm(self.f0))
         jacobian = Jacobian(blocks, nominal)
-        norm, self.direction = jacobian.norm()
+        norm = jacobian.norm()
+        self.direction = norm.direction
         self.jacobian_norm, self.jacobian_exact = norm.value, jacobian.ties == 0
         self.rng = np.random.default_rng(seed)
         self.evaluations = 0

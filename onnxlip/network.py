@@ -16,8 +16,10 @@ from .errors import OnnxlipError
 from .evaluate import ModelRunner
 from .graph import ModelGraph, load_graph, release
 from .jacobian import Jacobian
+from .layers import Affine, MaxPool
 from .lower import LowerBounds, LowerBoundSearch
 from .lowering import NodeContext, lower
+from .lowering.registry import node_name
 from .tight import tight_local_bound
 
 OPERATOR_MODES = ("auto", "sparse", "matrix-free")
@@ -38,6 +40,11 @@ class Network:
         return self.graph.path
 
     @property
+    def notes(self) -> list[str]:
+        """What was assumed in reading the model (e.g. the logits bounded, not a final softmax)."""
+        return list(self.graph.notes)
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         return self.graph.input_shape
 
@@ -45,18 +52,24 @@ class Network:
     def output_shape(self) -> tuple[int, ...]:
         return self.blocks[-1].out_shape if self.blocks else self.input_shape
 
-    def check_input(self, x) -> np.ndarray:
-        """x as a flat float64 vector, after checking its size and values."""
+    def check_input(self, x, source: str | None = None) -> np.ndarray:
+        """x as a flat float64 vector, after checking its size and values.
+
+        `source` (the file x came from) starts any error message."""
+        where = f"{source}: " if source else ""
         x = np.asarray(x)
         if x.dtype.kind not in "fiu":
-            raise OnnxlipError(f"input has dtype {x.dtype}; expected numbers")
-        if x.size != math.prod(self.input_shape):
-            raise OnnxlipError(
-                f"input of shape {x.shape} does not match the model's input {self.input_shape}"
-            )
+            raise OnnxlipError(f"{where}input has dtype {x.dtype}; expected numbers")
+        size = math.prod(self.input_shape)
+        if x.size != size:
+            batch = x.size // size if x.ndim > 1 and x.size % size == 0 and x.size > size else 0
+            hint = (f"; it holds {batch} inputs: a bound takes one, "
+                    "'onnxlip certify --inputs FILE' takes a batch") if batch else ""
+            raise OnnxlipError(f"{where}input of shape {x.shape} does not match the model's "
+                               f"input {self.input_shape}{hint}")
         x = x.astype(np.float64).ravel()
         if not np.all(np.isfinite(x)):
-            raise OnnxlipError("input contains NaN or Inf")
+            raise OnnxlipError(f"{where}input contains NaN or Inf")
         return x
 
     def forward(self, x) -> np.ndarray:
@@ -96,7 +109,7 @@ class Network:
 
     def jacobian_norm(self, x0) -> float:
         """||J(x0)||: a lower bound of L(x0, ε) for every ε when no ReLU is at its kink."""
-        return self.jacobian(x0).norm()[0].value
+        return self.jacobian(x0).norm().value
 
     def lower_bounds(self, x0, eps_values: Iterable[float], samples: int = 64,
                      ascent_steps: int = 20, seed: int = 0) -> list[LowerBounds]:
@@ -171,9 +184,13 @@ def load(
         data = [n for n in node.input if n and n not in graph.constants]
         in_shapes = tuple(shapes[n] for n in data)
         ctx = NodeContext(node, in_shapes[0], graph.constants, graph.opset, graph.path, in_shapes)
-        layers = lower(ctx)
-        lowered.append(Lowered(node.name or node.output[0], node.op_type, layers, data, node.output[0]))
-        shapes[node.output[0]] = _out_shape(layers, in_shapes[0])
+        for k, output in enumerate(node.output[:ctx.outputs]):
+            if output:
+                ctx.output = k
+                layers = lower(ctx)
+                name = node_name(node) + (f":{k}" if k else "")
+                lowered.append(Lowered(name, node.op_type, layers, data, output))
+                shapes[output] = _out_shape(layers, in_shapes[0])
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         blocks = build_blocks(lowered, graph.input_name, graph.input_shape, graph.output_name,
@@ -239,5 +256,10 @@ def _check_positive(value, what: str) -> None:
 
 def _out_shape(layers, shape):
     for layer in layers:
-        shape = getattr(layer, "shape", None) or getattr(layer, "out_shape", None) or layer.map.out_shape
+        if isinstance(layer, Affine):
+            shape = layer.map.out_shape
+        elif isinstance(layer, MaxPool):
+            shape = layer.out_shape
+        else:
+            shape = layer.shape  # () for a scalar output
     return tuple(shape)

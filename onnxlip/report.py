@@ -1,12 +1,22 @@
-"""Plain-text tables and JSON-ready records for the command line."""
+"""Plain-text tables, JSON-ready records and output files for the command line."""
 
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 from .blocks import Block
 from .bounds import LayerRecord
+from .errors import OnnxlipError
+
+#: How plots and tables name the local-bound methods.
+METHOD_LABELS = {"paper": "paper's method", "tight": "--method tight"}
+
+
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, f"method {method!r}")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -68,3 +78,46 @@ def layer_rows(layers: Sequence[LayerRecord]) -> list[list]:
 
 LAYER_HEADERS = ["#", "name", "kind", "eps_in", "L_k", "active", "inactive", "uncertain",
                  "iters", "residual", "seconds"]
+
+
+def plot_formats() -> list[str]:
+    """The file suffixes matplotlib can write here (pgf only with its TeX system)."""
+    import matplotlib
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = dict(FigureCanvasBase.get_supported_filetypes())  # a copy: pop below
+    if shutil.which(matplotlib.rcParams["pgf.texsystem"]) is None:
+        formats.pop("pgf", None)
+    return sorted(formats)
+
+
+def check_plot(path: str | Path, option: str = "plot") -> None:
+    """check_output for a figure: a writable file of a format matplotlib writes."""
+    check_output(path, option, plot_formats(), "a format matplotlib writes (.png, .svg, .pdf, ...)")
+
+
+def check_output(path: str | Path, option: str, formats: Sequence[str] | None = None,
+                 formats_text: str | None = None) -> None:
+    """Refuse an output file that cannot be written, or of a format not in `formats`
+    (suffixes without the dot; `formats_text` says what they are when they are many).
+    An existing file is left as it is; a new one is created to prove the folder
+    writable, then removed."""
+    target = Path(path)
+    if formats is not None:
+        suffix = target.suffix.lower().lstrip(".")
+        if suffix not in formats:
+            found = f"format {target.suffix!r}" if suffix else "no file suffix"
+            wanted = formats_text or f"one of {', '.join('.' + f for f in formats)}"
+            raise OnnxlipError(f"{option} {path}: {found}; use {wanted}")
+    if target.is_dir():
+        raise OnnxlipError(f"{option} {path}: is a directory")
+    if not target.parent.is_dir():
+        raise OnnxlipError(f"{option} {path}: no such directory {str(target.parent)!r}")
+    existed = target.exists()
+    try:
+        with open(target, "ab"):
+            pass
+    except OSError as exc:
+        raise OnnxlipError(f"{option} {path}: cannot write ({exc.strerror})") from None
+    if not existed:
+        target.unlink(missing_ok=True)

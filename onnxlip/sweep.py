@@ -14,6 +14,7 @@ from . import bounds
 from .errors import OnnxlipError
 from .lower import LowerBounds
 from .network import Network, check_eps
+from .report import check_output, check_plot, method_label
 
 
 @dataclass
@@ -33,12 +34,32 @@ class Sweep:
     points: list[SweepPoint]
     seconds: float
     upper_seconds: float
+    method: str = "paper"
+
+    def lower_bounds(self) -> list[tuple[float, float | None]]:
+        """At each ε, the largest lower bound found at any radius up to ε, and that radius.
+
+        L(x0, ε) never decreases in ε (the ball only grows), so a lower bound
+        found at one radius holds at every larger one.
+        """
+        out: list = [None] * len(self.points)
+        best: tuple[float, float | None] = (0.0, None)
+        for i in sorted(range(len(self.points)), key=lambda i: self.points[i].eps):
+            p = self.points[i]
+            if p.lower is not None and p.lower.best > best[0]:
+                best = (p.lower.best, p.eps)
+            out[i] = best
+        return out
 
     def rows(self) -> list[dict]:
+        """One row per ε: `lower_bound` is the running maximum (from `lower_bound_eps`);
+        the `lower_*` columns are what the search found at this ε itself."""
         out = []
-        for p in self.points:
+        running = self.lower_bounds()
+        for p, (best, where) in zip(self.points, running):
             row = {"eps": p.eps, "local_bound": p.local.bound, "global_bound": self.global_bound}
             if p.lower is not None:
+                row.update({"lower_bound": best, "lower_bound_eps": where})
                 low = p.lower.to_dict()
                 row.update({f"lower_{k}": v for k, v in low.items() if k != "eps"})
             row["seconds"] = p.local.seconds
@@ -46,9 +67,9 @@ class Sweep:
         return out
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "input": self.input_name, "global_bound": self.global_bound,
-                "seconds": self.seconds, "upper_seconds": self.upper_seconds,
-                "points": self.rows()}
+        return {"model": self.model, "input": self.input_name, "method": self.method,
+                "global_bound": self.global_bound, "seconds": self.seconds,
+                "upper_seconds": self.upper_seconds, "points": self.rows()}
 
 
 def eps_grid(eps_min: float, eps_max: float, count: int, spacing: str = "log") -> list[float]:
@@ -74,10 +95,11 @@ def run_sweep(net: Network, x0, eps_values: list[float], lower: bool = True,
         points.append(SweepPoint(eps, local, search.at(eps) if search else None))
     glob = net.global_bound()
     return Sweep(net.path, input_name, glob.bound, points, time.perf_counter() - start,
-                 upper + glob.seconds)
+                 upper + glob.seconds, method)
 
 
 def write_csv(sweep: Sweep, path: str | Path) -> None:
+    check_output(path, "CSV file")
     rows = sweep.rows()
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -86,7 +108,8 @@ def write_csv(sweep: Sweep, path: str | Path) -> None:
 
 
 def plot(sweep: Sweep, path: str | Path, title: str | None = None) -> None:
-    """The paper's figure: bounds against ε on a log scale (PNG, SVG or PDF by suffix)."""
+    """The paper's figure: bounds against ε on a log scale (PNG, SVG, PDF, ... by suffix)."""
+    check_plot(path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,11 +118,11 @@ def plot(sweep: Sweep, path: str | Path, title: str | None = None) -> None:
     eps = [p.eps for p in sweep.points]
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     ax.plot(eps, [p.local.bound for p in sweep.points], "o-", color="C0", ms=3,
-            label="local bound (onnxlip)")
-    ax.axhline(sweep.global_bound, color="C3", ls="--", label="global bound")
+            label=f"local bound ({method_label(sweep.method)})")
+    ax.axhline(sweep.global_bound, color="C3", ls="--", label="global bound (product of norms)")
     if all(p.lower is not None for p in sweep.points):
-        ax.plot(eps, [p.lower.best for p in sweep.points], "s-", color="C2", ms=3,
-                label="lower bound (best)")
+        ax.plot(eps, [best for best, _ in sweep.lower_bounds()], "s-", color="C2", ms=3,
+                label="lower bound (best at any radius ≤ ε)")
         ax.plot(eps, [p.lower.jacobian_norm for p in sweep.points], ":", color="C7",
                 label="||J(x0)||")
     ax.set_yscale("log")
@@ -107,7 +130,8 @@ def plot(sweep: Sweep, path: str | Path, title: str | None = None) -> None:
         ax.set_xscale("log")
     ax.set_xlabel("ε (L2 radius of the input ball)")
     ax.set_ylabel("Lipschitz constant")
-    ax.set_title(title or f"{Path(sweep.model).name}, x0 = {sweep.input_name}")
+    ax.set_title(title or f"{Path(sweep.model).name}, x0 = {Path(sweep.input_name).name}, "
+                          f"method {sweep.method!r}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

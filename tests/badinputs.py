@@ -20,7 +20,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxlip
+from onnxlip.dataset import DatasetResult, plot_certified_accuracy, write_rows
 from onnxlip.inputs import read_input
+from onnxlip.sweep import plot as sweep_plot
+from onnxlip.sweep import run_sweep, write_csv
 
 OPSET = 17
 
@@ -231,9 +234,9 @@ def make_cases(folder: Path) -> list[Case]:
         "2 outputs ['logits', 'probs']; choose one with --output-name", load("two_outputs.onnx"))
     add("two outputs, --output-name logits", ["inspect", "two_outputs.onnx", "--output-name", "logits"],
         "", load("two_outputs.onnx", output_name="logits"), code=0)
-    add("two outputs, --output-name probs (the softmax head)",
+    add("two outputs, --output-name probs (the softmax head: its logits are bounded)",
         ["inspect", "two_outputs.onnx", "--output-name", "probs"],
-        "'softmax' (Softmax): op Softmax is not supported", load("two_outputs.onnx", output_name="probs"))
+        "", load("two_outputs.onnx", output_name="probs"), code=0)
     add("--output-name that does not exist", ["inspect", "two_outputs.onnx", "--output-name", "z"],
         "no graph output named 'z'", load("two_outputs.onnx", output_name="z"))
     m = dense()
@@ -324,6 +327,38 @@ def make_cases(folder: Path) -> list[Case]:
         bound(good, "none.npy"), in_test_cli=True)
     add("unknown input format", ["bound", good, "-x", "junk.onnx", "-e", "0.1"],
         "unknown input format", bound(good, "junk.onnx"), in_test_cli=True)
+
+    np.save(f / "batch5.npy", np.ones((5, 3), np.float32))
+    add("a batch of 5 inputs passed to bound -x", ["bound", good, "-x", "batch5.npy", "-e", "0.1"],
+        "batch5.npy: input of shape (5, 3) does not match the model's input (1, 3); it holds 5 "
+        "inputs: a bound takes one, 'onnxlip certify --inputs FILE' takes a batch",
+        bound(good, "batch5.npy"), api_expect="'onnxlip certify --inputs FILE' takes a batch")
+
+    # --- output files: refused before any work
+    sweep = ["sweep", good, "-x", "x.npy", "-n", "2"]
+    add("--plot in a folder that does not exist", sweep + ["--plot", "nowhere/p.png"],
+        "--plot nowhere/p.png: no such directory 'nowhere'", write_sweep(good, plot="nowhere/p.png"),
+        api_expect="plot nowhere/p.png: no such directory 'nowhere'")
+    add("--plot of a format matplotlib does not write", sweep + ["--plot", "p.xyz"],
+        "--plot p.xyz: format '.xyz'; use a format matplotlib writes",
+        write_sweep(good, plot="p.xyz"), api_expect="plot p.xyz: format '.xyz'")
+    add("--csv in a folder that does not exist", sweep + ["--csv", "nowhere/t.csv"],
+        "--csv nowhere/t.csv: no such directory", write_sweep(good, csv="nowhere/t.csv"),
+        api_expect="CSV file nowhere/t.csv: no such directory")
+    add("--csv that is a directory", sweep + ["--csv", "folder.onnx"],
+        "--csv folder.onnx: is a directory", write_sweep(good, csv="folder.onnx"),
+        api_expect="CSV file folder.onnx: is a directory")
+    np.savez(f / "batch.npz", x=np.ones((2, 3), np.float32), y=np.array([0, 1]))
+    certify = ["certify", good, "--inputs", "batch.npz"]
+    add("--out of an unknown format", certify + ["--out", "rows.txt"],
+        "--out rows.txt: format '.txt'; use one of .csv, .json", write_dataset(rows="rows.txt"),
+        api_expect="rows file rows.txt: format '.txt'; use one of .csv, .json")
+    add("--out under a file, not a folder", certify + ["--out", "x.npy/rows.csv"],
+        "--out x.npy/rows.csv: no such directory 'x.npy'", write_dataset(rows="x.npy/rows.csv"),
+        api_expect="rows file x.npy/rows.csv: no such directory 'x.npy'")
+    add("certify --plot without a file suffix", certify + ["--plot", "plot"],
+        "--plot plot: no file suffix", write_dataset(plot="plot"),
+        api_expect="plot plot: no file suffix")
 
     # --- radii
     add("eps = 0", ["bound", good, "-x", "x.npy", "-e", "0"], "eps", bound(good, "x.npy", 0.0),
@@ -433,7 +468,84 @@ def make_cases(folder: Path) -> list[Case]:
     add("external data in the model's folder (fine)", ["inspect", _external(f, "ext_ok.onnx",
                                                                             "weights.bin")],
         "", load("ext_ok.onnx"), code=0)
+
+    # --- layer forms (issue 12): unnamed nodes are named by their output
+    m = model([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Hardmax", ["r"], ["hm"]),
+               helper.make_node("Relu", ["hm"], ["y"])], [vi("x", [1, 3])], [vi("y", [1, 3])])
+    add("unsupported op on an unnamed node (named by its output)",
+        ["inspect", save(f, "unnamed.onnx", m)],
+        "node 'hm' (Hardmax): op Hardmax is not supported (supported: ", load("unnamed.onnx"))
+    m = dense()
+    m.graph.node.append(helper.make_node("Softmax", ["y"], ["p"], name="mid_softmax"))
+    m.graph.node.append(helper.make_node("Relu", ["p"], ["z"], name="after"))
+    m.graph.output[0].name = "z"
+    add("Softmax inside the network", ["inspect", save(f, "mid_softmax.onnx", m)],
+        "node 'mid_softmax' (Softmax): op Softmax is supported only as the last node",
+        load("mid_softmax.onnx"))
+    m = model([helper.make_node("Reshape", ["x", "s"], ["m"], name="rows"),
+               helper.make_node("Softmax", ["m"], ["y"], axis=-1, name="sm")],
+              [vi("x", [1, 4])], [vi("y", [1, 2, 2])], [const("s", np.array([1, 2, 2]))], opset=13)
+    add("Softmax at the output over each row separately", ["inspect", save(f, "row_softmax.onnx", m)],
+        "node 'sm' (Softmax) at the output normalizes axis 2 of shape (1, 2, 2) separately",
+        load("row_softmax.onnx"))
+    m = model([helper.make_node("MatMul", ["x", "B"], ["y"], name="mm")], [vi("x", [1, 4])],
+              [vi("y", [2, 1, 5])], [const("B", np.ones((2, 4, 5)))])
+    add("MatMul with a stacked (3-D) constant", ["inspect", save(f, "matmul3d.onnx", m)],
+        "node 'mm' (MatMul): matrix of shape (2, 4, 5) is not a matrix or a vector",
+        load("matmul3d.onnx"))
+    for name, attrs, message in [
+        ("an output_shape beyond its reach", dict(output_shape=[6, 6]),
+         "output_shape [6, 6] does not fit the input shape (1, 1, 3, 3) (at most [5, 5])"),
+        ("output_padding of a stride", dict(strides=[2, 2], output_padding=[2, 0]),
+         "output_padding [2, 0] must be below the strides or dilations"),
+    ]:
+        m = model([helper.make_node("ConvTranspose", ["x", "K"], ["y"], name="up", **attrs)],
+                  [vi("x", [1, 1, 3, 3])], [vi("y", [1, 2, "h", "w"])],
+                  [const("K", np.ones((1, 2, 3, 3)))])
+        file = f"convt_{name.split()[-1]}.onnx"
+        add(f"ConvTranspose with {name}", ["inspect", save(f, file, m)],
+            f"node 'up' (ConvTranspose): {message}", load(file))
+    m = model([helper.make_node("Pad", ["x", "p"], ["y"], mode="reflect", name="pad")],
+              [vi("x", [1, 3])], [vi("y", [1, 9])], [const("p", np.array([0, 3, 0, 3]))])
+    add("reflect Pad wider than the input", ["inspect", save(f, "reflect_wide.onnx", m)],
+        "node 'pad' (Pad): reflect pads [0, 3, 0, 3] are too wide for input shape (1, 3)",
+        load("reflect_wide.onnx"))
+    m = model([helper.make_node("MatMul", ["W", "x"], ["y"])], [vi("x", ["n"])], [vi("y", [2])],
+              [const("W", np.ones((2, 3)))])
+    add("vector input with a symbolic length", ["inspect", save(f, "vector_sym.onnx", m)],
+        "input 'x' has symbolic dimension 0 (n); give the shape with --input-shape",
+        load("vector_sym.onnx"))
+    m = model([helper.make_node("Split", ["x"], ["y", "b", "c"], axis=1, num_outputs=1,
+                                name="split")], [vi("x", [1, 6])], [vi("y", [1, 2])], opset=18)
+    add("Split whose num_outputs disagrees with its outputs", ["inspect", save(f, "split_n.onnx", m)],
+        "node 'split' (Split): num_outputs=1 but it has 3 outputs", load("split_n.onnx"))
+    add("vector input with its length given (fine)",
+        ["inspect", "vector_sym.onnx", "--input-shape", "3"], "",
+        load("vector_sym.onnx", input_shape=(3,)), code=0)
     return cases
+
+
+def write_sweep(model_path: str, csv: str | None = None, plot: str | None = None):
+    """A sweep through the API, written to `csv` / `plot`."""
+    def run():
+        net = onnxlip.load(model_path)
+        result = run_sweep(net, np.ones(3), [0.1], lower=False)
+        if csv is not None:
+            write_csv(result, csv)
+        if plot is not None:
+            sweep_plot(result, plot)
+    return run
+
+
+def write_dataset(rows: str | None = None, plot: str | None = None):
+    """A dataset result through the API (no inputs needed), written to `rows` / `plot`."""
+    def run():
+        result = DatasetResult([], 0.0)
+        if rows is not None:
+            write_rows(result, rows)
+        if plot is not None:
+            plot_certified_accuracy(result, plot, "title")
+    return run
 
 
 def _external_length(folder: Path, name: str) -> str:

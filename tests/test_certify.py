@@ -74,7 +74,7 @@ def test_certify_command_single_and_dataset(tmp_path, capsys):
                  "--plot", str(png), "--radii", "0.001", "0.01", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["summary"]["inputs"] == 6
-    assert out["inputs"][0]["correct"] is False
+    assert out["certificates"][0]["correct"] is False
     assert out["summary"]["certified_accuracy"]["0.001"]["local"] <= 5 / 6
     assert len(rows.read_text().splitlines()) == 7 and png.stat().st_size > 0
 

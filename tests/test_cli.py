@@ -65,13 +65,16 @@ def test_bound_json_matches_api(capsys):
     model, x = MODELS / "digits_mlp.onnx", MODELS / "digits_mlp_x0.npy"
     code, out, _ = run(capsys, "bound", model, "--input", x, "--eps", "0.01", "0.5", "--json")
     data = json.loads(out)
-    assert code == 0 and set(data) == {"model", "input_shape", "global_bound", "local", "seconds"}
-    assert [e["eps"] for e in data["local"]] == [0.01, 0.5]
+    assert code == 0 and set(data) == {"model", "input", "input_shape", "output_shape", "method",
+                                       "global_bound", "points", "seconds"}
+    assert data["model"] == str(model) and data["input"] == str(x) and data["method"] == "paper"
+    points = data["points"]
+    assert [e["eps"] for e in points] == [0.01, 0.5]
     net = onnxlip.load(model)
     expected = net.local_bound(np.load(x), 0.5).bound
-    assert data["local"][1]["bound"] == pytest.approx(expected, rel=1e-9)
-    assert data["local"][0]["bound"] <= data["local"][1]["bound"] <= data["global_bound"] * (1 + 1e-9)
-    assert len(data["local"][0]["layers"]) == len(net.blocks)
+    assert points[1]["local_bound"] == pytest.approx(expected, rel=1e-9)
+    assert points[0]["local_bound"] <= points[1]["local_bound"] <= data["global_bound"] * (1 + 1e-9)
+    assert len(points[0]["layers"]) == len(net.blocks)
 
 
 def test_bound_verbose_table(capsys):
@@ -89,7 +92,7 @@ def test_other_input_formats(tmp_path, capsys, suffix):
     else:
         path.write_bytes(numpy_helper.from_array(x).SerializeToString())
     code, out, _ = run(capsys, "bound", MODELS / "tiny_dense.onnx", "-x", path, "-e", "0.1", "--json")
-    assert code == 0 and json.loads(out)["local"][0]["bound"] > 0
+    assert code == 0 and json.loads(out)["points"][0]["local_bound"] > 0
 
 
 def test_symbolic_batch_is_one(tmp_path, capsys):

@@ -124,7 +124,7 @@ def test_cases_cover_the_issue():
                   "chain", "symbolic", "does not match", "NaN in the input", "Conv kernel",
                   "Gemm", "BatchNormalization", "Add constant", "eps < 0", "eps = NaN",
                   "two outputs", "two inputs", "missing", "absolute", "../", "100000x100000",
-                  "object array"]:
+                  "object array", "batch of 5", "--plot", "--csv", "--out"]:
         assert topic in names, topic
 
 

@@ -1,4 +1,4 @@
-"""Rerun the paper's experiment on the authors' networks in ../shared/reference.
+"""Rerun the paper's experiment on the authors' networks (--reference DIR).
 
     python tools/reproduce.py [--reference DIR] [--out tools/reproduction]
 
@@ -81,7 +81,7 @@ def main() -> int:
         sections.append(text)
         summaries.append(summary)
     header = ("# The paper's experiment, reproduced\n\nMade by `python tools/reproduce.py` from "
-              "the authors' networks in `../shared/reference`. *ours/lower* is how far the "
+              "the authors' networks (not distributed with onnxlip). *ours/lower* is how far the "
               "upper bound is above the best lower bound of the truth.\n\n")
     (args.out / "README.md").write_text(header + "\n".join(sections))
     (args.out / "summary.json").write_text(json.dumps(summaries, indent=1))

@@ -49,7 +49,7 @@ def lower_maxpool(ctx: NodeContext) -> list[MaxPool]:
 def lower_averagepool(ctx: NodeContext) -> list[Affine]:
     kernel = _kernel(ctx)
     strides, pads, dilations = _pool_window(ctx, kernel)
-    pool = _window_sum(ctx, kernel, strides, pads, dilations)
+    pool = window_sum(ctx, kernel, strides, pads, dilations)
     if ctx.attr("ceil_mode", 0):
         exact = NodeSession("AveragePool", {}, len(ctx.in_shape), kernel_shape=list(kernel),
                             strides=list(strides), pads=list(pads), ceil_mode=1)
@@ -62,7 +62,7 @@ def lower_averagepool(ctx: NodeContext) -> list[Affine]:
                        dilations, 1)
         count = np.broadcast_to(ones.matvec(np.ones(ones.in_size)).reshape(ones.out_shape),
                                 pool.out_shape)
-    return _scaled(pool, 1.0 / count)
+    return scaled(pool, 1.0 / count)
 
 
 @lowering("GlobalAveragePool")
@@ -72,11 +72,11 @@ def lower_global_averagepool(ctx: NodeContext) -> list[Affine]:
     kernel = tuple(ctx.in_shape[2:])
     rank = len(kernel)
     check_spatial_input(ctx, rank)
-    pool = _window_sum(ctx, kernel, (1,) * rank, (0,) * 2 * rank, (1,) * rank)
-    return _scaled(pool, np.full(pool.out_shape, 1.0 / math.prod(kernel)))
+    pool = window_sum(ctx, kernel, (1,) * rank, (0,) * 2 * rank, (1,) * rank)
+    return scaled(pool, np.full(pool.out_shape, 1.0 / math.prod(kernel)))
 
 
-def _window_sum(ctx: NodeContext, kernel, strides, pads, dilations) -> ConvMap:
+def window_sum(ctx: NodeContext, kernel, strides, pads, dilations) -> ConvMap:
     channels = ctx.in_shape[1]
     ctx.check_size((channels, *kernel), "kernel")
     pool = ConvMap(np.ones((channels, 1, *kernel)), ctx.in_shape, strides, pads, dilations,
@@ -85,6 +85,6 @@ def _window_sum(ctx: NodeContext, kernel, strides, pads, dilations) -> ConvMap:
     return pool
 
 
-def _scaled(pool: ConvMap, scale: np.ndarray) -> list[Affine]:
+def scaled(pool: ConvMap, scale: np.ndarray) -> list[Affine]:
     average = ChainMap([pool, MonomialMap.diagonal(scale, pool.out_shape)])
     return [Affine(average, np.zeros(average.out_size))]

@@ -21,25 +21,43 @@ MAX_ELEMENTS = 1 << 28
 
 LOWERINGS: dict[str, Callable[[NodeContext], list[Layer]]] = {}
 
+#: Ops supported only as the last node(s): the graph drops them and bounds their input.
+OUTPUT_ONLY = ("Softmax", "LogSoftmax")
+
+
+def node_name(node: onnx.NodeProto) -> str:
+    """The node's name, or its first output's name when it has none."""
+    return node.name or next((o for o in node.output if o), "")
+
 
 def node_label(node: onnx.NodeProto) -> str:
-    """How errors name a node: its name, else its first output's name."""
-    return f"node {node.name or (node.output[0] if node.output else '')!r} ({node.op_type})"
+    """How errors name a node: node 'name' (OpType)."""
+    return f"node {node_name(node)!r} ({node.op_type})"
+
+
+def supported_ops() -> str:
+    """The ops onnxlip lowers, for error messages (from the registry)."""
+    return ", ".join(sorted(LOWERINGS)) + "; " + "/".join(OUTPUT_ONLY) + " as the last node"
 
 
 #: Lowerings that accept several computed tensors (Add, Concat, ...).
 MERGING: set[Callable] = set()
+#: Lowerings of ops with several data outputs (Split), called once per output.
+MULTI_OUTPUT: set[Callable] = set()
 
 
-def lowering(*op_types: str, merging: bool = False):
+def lowering(*op_types: str, merging: bool = False, outputs: bool = False):
     """Register a function as the lowering of these op types; `merging` ones may
-    read several computed tensors, the others exactly one."""
+    read several computed tensors (the others exactly one), `outputs` ones lower
+    each output (NodeContext.output) of a node with several."""
 
     def register(func):
         for op in op_types:
             LOWERINGS[op] = func
         if merging:
             MERGING.add(func)
+        if outputs:
+            MULTI_OUTPUT.add(func)
         return func
 
     return register
@@ -56,9 +74,16 @@ class NodeContext:
     opset: int
     path: str
     in_shapes: tuple[tuple[int, ...], ...] = ()
+    #: Which output is lowered (Split has one lowering per output, other ops one).
+    output: int = 0
 
     def __post_init__(self):
         self.in_shapes = tuple(self.in_shapes) or (self.in_shape,)
+
+    @property
+    def outputs(self) -> int:
+        """How many of the node's outputs carry data onnxlip follows."""
+        return len(self.node.output) if LOWERINGS.get(self.node.op_type) in MULTI_OUTPUT else 1
 
     @property
     def label(self) -> str:
@@ -100,6 +125,26 @@ class NodeContext:
             return None
         value = self.constants.get(self.node.input[index])
         return None if value is None else np.asarray(value)
+
+    def axes(self, index: int = 1) -> list[int] | None:
+        """The `axes` attribute (older opsets) or constant input `index` (opset 13/18+);
+        None when neither is given."""
+        axes = self.attr("axes")
+        if axes is None and index < len(self.node.input) and self.node.input[index]:
+            value = self.require_const(index, "axes")
+            if value.dtype.kind not in "iu":
+                raise self.fail(f"axes have dtype {value.dtype}; expected integers")
+            axes = value.ravel().tolist()
+        return None if axes is None else [int(a) for a in axes]
+
+    def check_axes(self, axes: list[int], rank: int) -> list[int]:
+        """The axes as non-negative indices, refused when out of range or repeated."""
+        if any(not -rank <= a < rank for a in axes):
+            raise self.fail(f"axes {axes} are out of range for rank {rank}")
+        normal = [a % rank for a in axes]
+        if len(set(normal)) != len(normal):
+            raise self.fail(f"axes {axes} repeat an axis")
+        return normal
 
     def is_data(self, index: int) -> bool:
         name = self.node.input[index] if index < len(self.node.input) else ""
@@ -148,8 +193,11 @@ def lower(ctx: NodeContext) -> list[Layer]:
         raise ctx.fail(f"op {ctx.node.op_type} of domain {ctx.node.domain!r} is not supported "
                        "(only standard ONNX ops)")
     func = LOWERINGS.get(ctx.node.op_type)
+    if ctx.node.op_type in OUTPUT_ONLY:
+        raise ctx.fail(f"op {ctx.node.op_type} is supported only as the last node (onnxlip then "
+                       "bounds its input, the logits), not inside the network")
     if func is None:
-        raise ctx.fail(f"op {ctx.node.op_type} is not supported (supported: {', '.join(sorted(LOWERINGS))})")
+        raise ctx.fail(f"op {ctx.node.op_type} is not supported (supported: {supported_ops()})")
     for shape in ctx.in_shapes:
         ctx.check_size(shape, "input")
     if ctx.data_inputs > 1 and func not in MERGING:

@@ -1,5 +1,5 @@
-"""Shape ops: Flatten, Reshape, Squeeze, Unsqueeze (free), Transpose (a permutation),
-Slice (a selection) and Concat of computed tensors (a placement of each)."""
+"""Shape ops: Flatten, Reshape, Squeeze, Unsqueeze (free), Transpose (a permutation)
+and Concat of computed tensors (a placement of each)."""
 
 from __future__ import annotations
 
@@ -33,26 +33,13 @@ def lower_reshape(ctx: NodeContext) -> list[Reshape]:
     return [Reshape(shape)]
 
 
-def _axes(ctx: NodeContext) -> list[int] | None:
-    axes = ctx.attr("axes")
-    if axes is None and ctx.const(1) is not None:
-        axes = ctx.const(1).ravel().tolist()
-    return axes
-
-
-def _check_axes(ctx: NodeContext, axes: list[int], rank: int) -> None:
-    if any(not -rank <= int(a) < rank for a in axes):
-        raise ctx.fail(f"axes {list(axes)} are out of range for rank {rank}")
-
-
 @lowering("Squeeze")
 def lower_squeeze(ctx: NodeContext) -> list[Reshape]:
-    axes = _axes(ctx)
+    axes = ctx.axes()
     rank = len(ctx.in_shape)
     if axes is None:
         axes = [i for i, d in enumerate(ctx.in_shape) if d == 1 and i > 0]
-    _check_axes(ctx, axes, rank)
-    axes = {a % rank for a in axes}
+    axes = set(ctx.check_axes(axes, rank))
     if any(ctx.in_shape[a] != 1 for a in axes):
         raise ctx.fail(f"cannot squeeze axes {sorted(axes)} of shape {ctx.in_shape}")
     return [Reshape(tuple(d for i, d in enumerate(ctx.in_shape) if i not in axes))]
@@ -60,16 +47,19 @@ def lower_squeeze(ctx: NodeContext) -> list[Reshape]:
 
 @lowering("Unsqueeze")
 def lower_unsqueeze(ctx: NodeContext) -> list[Reshape]:
-    axes = _axes(ctx)
+    axes = ctx.axes()
     if axes is None:
         raise ctx.fail("no axes given")
-    rank = len(ctx.in_shape) + len(axes)
-    _check_axes(ctx, axes, rank)
-    axes = sorted(a % rank for a in axes)
     shape = list(ctx.in_shape)
-    for a in axes:
+    for a in sorted(ctx.check_axes(axes, len(ctx.in_shape) + len(axes))):
         shape.insert(a, 1)
     return [Reshape(tuple(shape))]
+
+
+def permutation(in_shape: tuple[int, ...], perm: list[int]) -> MonomialMap:
+    """The map of numpy's transpose(perm) on the C-order flat vector."""
+    source = np.arange(math.prod(in_shape)).reshape(in_shape).transpose(perm)
+    return MonomialMap(source.ravel(), None, in_shape, source.shape)
 
 
 @lowering("Transpose")
@@ -78,40 +68,8 @@ def lower_transpose(ctx: NodeContext) -> list[Affine]:
     perm = list(ctx.attr("perm", list(range(rank))[::-1]))
     if sorted(perm) != list(range(rank)):
         raise ctx.fail(f"perm {perm} is not a permutation of the {rank} axes")
-    source = np.arange(math.prod(ctx.in_shape)).reshape(ctx.in_shape).transpose(perm)
-    out_shape = source.shape
-    permutation = MonomialMap(source.ravel(), None, ctx.in_shape, out_shape)
-    return [Affine(permutation, np.zeros(permutation.out_size))]
-
-
-@lowering("Slice")
-def lower_slice(ctx: NodeContext) -> list[Affine]:
-    """A selection of the input's elements (constant starts, ends, axes, steps)."""
-    rank = len(ctx.in_shape)
-    if ctx.opset < 10 or ctx.attr("starts") is not None:
-        starts, ends, axes, steps = ctx.attr("starts"), ctx.attr("ends"), ctx.attr("axes"), None
-    else:
-        starts, ends = (ctx.require_const(i, what).ravel().tolist()
-                        for i, what in ((1, "starts"), (2, "ends")))
-        axes, steps = (None if ctx.const(i) is None else ctx.require_const(i, what).ravel().tolist()
-                       for i, what in ((3, "axes"), (4, "steps")))
-    axes = list(range(len(starts))) if axes is None else axes
-    steps = [1] * len(starts) if steps is None else steps
-    if not len(starts) == len(ends) == len(axes) == len(steps):
-        raise ctx.fail("starts, ends, axes and steps differ in length")
-    _check_axes(ctx, axes, rank)
-    if any(int(s) == 0 for s in steps):
-        raise ctx.fail("a slice step of 0")
-    index = [slice(None)] * rank
-    for start, end, axis, step in zip(starts, ends, axes, steps):
-        axis = int(axis) % rank
-        if axis == 0:
-            raise ctx.fail("slicing the batch axis is not supported")
-        index[axis] = slice(*slice(int(start), int(end), int(step)).indices(ctx.in_shape[axis]))
-    source = np.arange(math.prod(ctx.in_shape)).reshape(ctx.in_shape)[tuple(index)]
-    ctx.check_size(source.shape)
-    return [Affine(MonomialMap(source.ravel(), None, ctx.in_shape, source.shape),
-                   np.zeros(source.size))]
+    perm_map = permutation(ctx.in_shape, perm)
+    return [Affine(perm_map, np.zeros(perm_map.out_size))]
 
 
 @lowering("Concat", merging=True)

@@ -13,12 +13,7 @@ def window_attrs(ctx: NodeContext, kernel: tuple[int, ...]) -> tuple[tuple, tupl
     strides = tuple(ctx.attr("strides", [1] * rank))
     dilations = tuple(ctx.attr("dilations", [1] * rank))
     pads = tuple(ctx.attr("pads", [0] * 2 * rank))
-    if len(strides) != rank or len(dilations) != rank or len(pads) != 2 * rank:
-        raise ctx.fail(f"strides/pads/dilations do not match kernel rank {rank}")
-    if min(strides) <= 0 or min(dilations) <= 0 or min(kernel) <= 0:
-        raise ctx.fail(f"kernel {kernel}, strides {strides} and dilations {dilations} must be positive")
-    if min(pads) < 0:
-        raise ctx.fail(f"negative pads {pads} are not supported")
+    check_window_values(ctx, kernel, strides, pads, dilations)
     auto = ctx.str_attr("auto_pad", "NOTSET")
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         pads = _same_pads(ctx.in_shape[2:], kernel, strides, dilations, auto == "SAME_UPPER")
@@ -28,6 +23,17 @@ def window_attrs(ctx: NodeContext, kernel: tuple[int, ...]) -> tuple[tuple, tupl
         raise ctx.fail(f"auto_pad {auto!r} is not supported")
     _check_window(ctx, kernel, pads, dilations)
     return strides, pads, dilations
+
+
+def check_window_values(ctx: NodeContext, kernel, strides, pads, dilations) -> None:
+    """Lengths that match the kernel's rank, positive strides and dilations, pads >= 0."""
+    rank = len(kernel)
+    if len(strides) != rank or len(dilations) != rank or len(pads) != 2 * rank:
+        raise ctx.fail(f"strides/pads/dilations do not match kernel rank {rank}")
+    if min(strides) <= 0 or min(dilations) <= 0 or min(kernel) <= 0:
+        raise ctx.fail(f"kernel {kernel}, strides {strides} and dilations {dilations} must be positive")
+    if min(pads) < 0:
+        raise ctx.fail(f"negative pads {pads} are not supported")
 
 
 def _check_window(ctx: NodeContext, kernel, pads, dilations) -> None:

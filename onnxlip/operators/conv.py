@@ -134,3 +134,40 @@ def conv_matrix_entries(conv: ConvMap) -> tuple[np.ndarray, np.ndarray, np.ndarr
     )
     values = np.broadcast_to(w.reshape(m, cg, *ker, *([1] * conv.rank)), shape)[valid]
     return row, col, values.astype(np.float64)
+
+
+class ConvTransposeMap(LinearMap):
+    """A bias-free transposed convolution: the adjoint of the convolution `conv`
+    that maps this map's output shape back to its input shape (same weight,
+    strides, pads, dilations and groups)."""
+
+    representation = "matrix-free"
+
+    def __init__(self, conv: ConvMap):
+        super().__init__(conv.out_shape, conv.in_shape)
+        self.conv = conv
+        self.weight = conv.weight  # the stored coefficients, for finiteness and norm checks
+
+    @cached_property
+    def _squared(self) -> NodeSession:
+        """(Aᵀ∘Aᵀ): the transposed convolution of the squared weight."""
+        conv = self.conv
+        squared = ConvMap(conv.weight**2, conv.in_shape, conv.strides, conv.pads, conv.dilations,
+                          conv.group)
+        return squared._transpose
+
+    def matmat(self, x):
+        return self.conv.rmatmat(x)
+
+    def rmatmat(self, u):
+        return self.conv.matmat(u)
+
+    def sq_matvec(self, d):
+        d = d.reshape(-1, 1).astype(np.float64)
+        return _run(self._squared, d, self.in_shape, self.out_size)[:, 0]
+
+    def sparse_nnz_estimate(self) -> int:
+        return self.conv.sparse_nnz_estimate()
+
+    def to_sparse(self) -> sp.csr_matrix:
+        return self.conv.to_sparse().T.tocsr()

@@ -1,0 +1,62 @@
+"""ReduceSum and ReduceMean -> linear maps.
+
+Over spatial axes only (global pooling as torch's dynamo exporter writes it:
+ReduceMean over axes [2, 3]) the map is the window sum of GlobalAveragePool,
+with a window the size of the reduced axes; over any other axes (channels,
+features) it is the exact CSR matrix that adds each input into its output.
+Axes come as an attribute (ReduceSum before opset 13, ReduceMean before 18) or
+as a constant input; no axes reduce everything unless noop_with_empty_axes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..layers import Affine, Layer, Reshape
+from ..operators.matrix import SparseMap
+from .pool import scaled, window_sum
+from .registry import NodeContext, lowering
+
+
+@lowering("ReduceSum", "ReduceMean")
+def lower_reduce(ctx: NodeContext) -> list[Layer]:
+    rank = len(ctx.in_shape)
+    axes = ctx.axes(1)
+    if not axes:
+        if ctx.attr("noop_with_empty_axes", 0):
+            return [Reshape(ctx.in_shape)]
+        axes = list(range(rank))
+    axes = ctx.check_axes(axes, rank)
+    kept = tuple(1 if i in axes else d for i, d in enumerate(ctx.in_shape))
+    out_shape = kept if ctx.attr("keepdims", 1) else tuple(
+        d for i, d in enumerate(ctx.in_shape) if i not in axes)
+    count = math.prod(ctx.in_shape[a] for a in axes)
+    scale = 1.0 / count if ctx.node.op_type == "ReduceMean" else 1.0
+    summed = [a for a in axes if ctx.in_shape[a] > 1]
+    if not summed:  # only axes of size 1: a change of shape (and the mean of one value)
+        layers: list[Layer] = []
+    elif rank >= 3 and ctx.in_shape[0] == 1 and min(summed) >= 2:
+        kernel = tuple(ctx.in_shape[i] if i in summed else 1 for i in range(2, rank))
+        pool = window_sum(ctx, kernel, (1,) * len(kernel), (0,) * 2 * len(kernel),
+                          (1,) * len(kernel))
+        layers = scaled(pool, np.full(pool.out_shape, scale)) if scale != 1.0 else [
+            Affine(pool, np.zeros(pool.out_size))]
+    else:
+        layers = [_sum_matrix(ctx, kept, scale)]
+    return layers + [Reshape(out_shape)]
+
+
+def _sum_matrix(ctx: NodeContext, kept: tuple[int, ...], scale: float) -> Affine:
+    """out[kept index of i] += scale * in[i], as a CSR matrix."""
+    ctx.check_size(kept)
+    positions = np.indices(ctx.in_shape, sparse=True)
+    rows = np.ravel_multi_index(
+        [np.broadcast_to(p if k > 1 else 0, ctx.in_shape) for p, k in zip(positions, kept)], kept
+    ).ravel()
+    size = math.prod(ctx.in_shape)
+    matrix = sp.csr_matrix((np.full(size, scale), (rows, np.arange(size))),
+                           shape=(math.prod(kept), size))
+    return Affine(SparseMap(matrix, ctx.in_shape, kept), np.zeros(matrix.shape[0]))
