@@ -108,5 +108,7 @@ def test_tight_models_record_their_stability():
     for p in tight:
         props = {q.key: q.value for q in onnx.load(p).metadata_props}
         assert float(props["stable_eps"]) == 1e-3
-        assert int(props["stable_units"]) > 0
+        relus, windows = int(props["stable_relus"]), int(props["stable_maxpool_windows"])
+        assert relus > 0
+        assert (windows > 0) == ("MaxPool" in {n.op_type for n in onnx.load(p).graph.node})
         assert float(props["stable_min_ratio"]) > 1.01

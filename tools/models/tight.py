@@ -130,8 +130,8 @@ def matmul_form(net: Any) -> Any:
     return nn.Sequential(*[MatMulAdd(m) if isinstance(m, nn.Linear) else m for m in net]).eval()
 
 
-def stability(net: Any, x0: np.ndarray, eps: float = EPS) -> tuple[int, int, float]:
-    """(ReLUs + max-pool windows checked, how many not provably stable, smallest margin ratio).
+def stability(net: Any, x0: np.ndarray, eps: float = EPS) -> tuple[int, int, int, float]:
+    """(ReLUs checked, max-pool windows checked, how many not provably stable, smallest margin ratio).
 
     Exact-prefix analysis in float64 (module docstring); once a layer has an
     unstable unit the later layers are not provable by it, so they all count as unstable.
@@ -142,7 +142,7 @@ def stability(net: Any, x0: np.ndarray, eps: float = EPS) -> tuple[int, int, flo
     net64 = copy.deepcopy(net).double().eval().requires_grad_(False)
     layers = list(net64)
     x = torch.from_numpy(x0).double()
-    checked = unstable = 0
+    relus = windows_checked = unstable = 0
     ratio = float("inf")
     for i, layer in enumerate(layers):
         if not isinstance(layer, (nn.ReLU, nn.MaxPool2d)):
@@ -178,10 +178,13 @@ def stability(net: Any, x0: np.ndarray, eps: float = EPS) -> tuple[int, int, flo
             r[constant] = torch.inf
             n_units = vals.shape[0]
             bad = int(((lo_win <= hi) & ~constant).sum()) if unstable == 0 else n_units
-        checked += n_units
+        if isinstance(layer, nn.ReLU):
+            relus += n_units
+        else:
+            windows_checked += n_units
         unstable += bad
         ratio = min(ratio, float(r.min()))
-    return checked, unstable, ratio
+    return relus, windows_checked, unstable, ratio
 
 
 def build(names: list[str], out: Path, cache: Path | None) -> list[ModelRow]:
@@ -208,7 +211,7 @@ def build(names: list[str], out: Path, cache: Path | None) -> list[ModelRow]:
         acc = float((predict(net, x_te) == y_te).mean())
         i0 = _choose_x0(net, x_te, y_te)
         x0 = x_te[i0 : i0 + 1].copy()
-        checked, unstable, ratio = stability(net, x0)
+        relus, windows, unstable, ratio = stability(net, x0)
         assert unstable == 0
 
         path, x0_path = dest / f"{name}.onnx", dest / f"{name}_x0.npy"
@@ -220,7 +223,8 @@ def build(names: list[str], out: Path, cache: Path | None) -> list[ModelRow]:
             model, trained="sklearn digits", test_accuracy=f"{acc:.4f}", input_scale="pixels/16 in [0,1]",
             norm_mean=mean, norm_std=std, x0_test_index=i0, x0_label=int(y_te[i0]),
             exporter="TorchScript (dynamo=False, opset 17)", stable_eps=EPS,
-            stable_units=checked, stable_min_ratio=f"{ratio:.4g}", torch_output=output_metadata(y_torch),
+            stable_relus=relus, stable_maxpool_windows=windows, stable_min_ratio=f"{ratio:.4g}",
+            torch_output=output_metadata(y_torch),
         )  # fmt: skip
         np.save(x0_path, x0)
         y = check_and_run(model, path, x0)
@@ -233,7 +237,8 @@ def build(names: list[str], out: Path, cache: Path | None) -> list[ModelRow]:
             f"== {path}  ({size} bytes, {n_params} parameters)  "
             f"trained {t_train:.1f}s, exported {t_export:.1f}s\n"
             f"   {spec.doc}\n   test acc {acc:.4f}; x0 = held-out #{i0} (label {int(y_te[i0])}); "
-            f"{checked} ReLUs + max-pool windows all stable at eps={EPS:g} (min |pre|/reach {ratio:.3g})\n"
+            f"{relus} ReLUs and {windows} max-pool windows, all stable at eps={EPS:g} "
+            f"(min |pre|/reach {ratio:.3g})\n"
             f"   ops {op_histogram(model)}; onnxruntime vs torch {err:.1e} relative"
         )
         ops = op_histogram(model)
@@ -257,6 +262,6 @@ def _choose_x0(net: Any, x_te: np.ndarray, y_te: np.ndarray) -> int:
     """First held-out digit the net classifies correctly with every unit stable at EPS."""
     ok = predict(net, x_te) == y_te
     for i in np.flatnonzero(ok):
-        if stability(net, x_te[i : i + 1])[1] == 0:
+        if stability(net, x_te[i : i + 1])[2] == 0:
             return int(i)
     raise ValueError("no held-out digit has every ReLU and window stable")
