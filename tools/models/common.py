@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -146,12 +145,6 @@ def make_model(graph: onnx.GraphProto, doc: str) -> onnx.ModelProto:
 def add_metadata(model: onnx.ModelProto, **items: Any) -> None:
     """Attach key/value strings to ``model.metadata_props``."""
     helper.set_model_props(model, {k: str(v) for k, v in items.items()})
-
-
-def reference_output(model: onnx.ModelProto) -> np.ndarray:
-    """The torch output on x0 stored by :func:`add_metadata` under ``torch_output``."""
-    props = {p.key: p.value for p in model.metadata_props}
-    return np.asarray(json.loads(props["torch_output"]), dtype=np.float32)
 
 
 def rel_diff(y: np.ndarray, ref: np.ndarray) -> float:
