@@ -14,10 +14,26 @@ import onnxlip
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 MODELS = sorted(p for p in MODELS_DIR.glob("*.onnx") if p.with_name(f"{p.stem}_x0.npy").is_file())
 EPS = 1e-3
+# Exporter-zoo models (tools/models/zoo.py) the engine cannot load yet: residual nets, global mean
+# pooling, activations other than ReLU (issue 12). Strict: once the engine loads one, this test
+# fails until its prefix is removed here, so the model gets the full check below.
+PENDING_ISSUE_12 = ("act_", "digits_resnet_", "digits_gapcnn_")
+
+
+def _param(path: Path):
+    if path.stem.startswith(PENDING_ISSUE_12):
+        reason = "issue 12: the engine does not load this model yet"
+        mark = pytest.mark.xfail(raises=onnxlip.OnnxlipError, strict=True, reason=reason)
+        return pytest.param(path, marks=mark)
+    return path
 
 
 def test_models_are_there():
     assert {"tiny_dense", "digits_mlp", "digits_cnn", "cifar_bn"} <= {p.stem for p in MODELS}
+    tight = {"mlp6x50", "mlp6x50_matmul", "cnn_maxpool", "cnn_avgpool", "cnn_bn"}
+    tight = {f"tight_{name}" for name in tight}
+    assert tight <= {p.stem for p in MODELS}
+    assert any(p.stem.startswith(PENDING_ISSUE_12) for p in MODELS)
 
 
 def _ort_lower_bound(session, x0: np.ndarray, eps: float, directions, rng, n_random: int = 64) -> float:
@@ -43,7 +59,7 @@ def _ort_lower_bound(session, x0: np.ndarray, eps: float, directions, rng, n_ran
     return best
 
 
-@pytest.mark.parametrize("path", MODELS, ids=[p.stem for p in MODELS])
+@pytest.mark.parametrize("path", [_param(p) for p in MODELS], ids=[p.stem for p in MODELS])
 def test_model(path):
     """Forward == onnxruntime; ||J(x0)|| <= sampled-from-ORT ratios <= local(1e-3) <= global."""
     x0 = np.load(path.with_name(f"{path.stem}_x0.npy"))
