@@ -28,6 +28,10 @@ which holds for every m of the piece, so soundness does not depend on the
 bisection, only tightness does. The result is intersected with the derivative
 range (mean value theorem), which is what keeps tiny intervals tight.
 
+Use in the local bound: for a neuron reaching [lo, hi] = y0 ∓ ε‖a_i D‖, the paper's
+r_i is `max_abs_slope(y0, lo, hi)` (|chord slope| ≤ r_i, so ‖diag(s) A Δ‖ ≤ ‖diag(r) A Δ‖
+even where slopes are negative), and the next block's mask D is `~constant(lo, hi)`.
+
 Floating point: numpy/scipy do not bound the error of exp, tanh, expit, ndtr,
 logaddexp. Every evaluation of σ or σ' here is assumed accurate to REL = 1e-12
 relative to a magnitude `scale` (the sum of the absolute values of the terms the
@@ -135,6 +139,13 @@ class Activation(ABC):
         """sup |σ'| over the real line (an upper bound)."""
         dmin, dmax = self.derivative_range(-_LIMIT, _LIMIT)
         return float(np.max(np.maximum(np.abs(dmin), np.abs(dmax))))
+
+    def constant(self, lo, hi) -> np.ndarray:
+        """Mask of intervals on which σ is constant (the neuron's output cannot change:
+        the next block's input mask D is its complement)."""
+        dmin, dmax = self.derivative_range(lo, hi)
+        lo, hi = _check_interval(lo, hi)
+        return (lo == hi) | ((dmin == 0) & (dmax == 0))
 
     def max_abs_slope(self, y0, lo, hi) -> np.ndarray:
         """The paper's per-neuron factor: the largest |chord slope|, max(|smin|, |smax|)."""

@@ -13,6 +13,8 @@ import math
 import numpy as np
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxlip import activations as A
@@ -222,6 +224,34 @@ def test_piecewise_linear_exact_and_stable(name):
     np.testing.assert_array_equal(smin[stable], smax[stable])
     np.testing.assert_array_equal(dmin[stable], dmax[stable])
     assert stable.any() and (stable.all() == (act.breakpoints.size == 0))
+
+
+@pytest.mark.parametrize("name", ACTS)
+def test_constant_where_the_derivative_vanishes(name):
+    act = ACTS[name]
+    lo = np.array([-20.0, -4.0, 2.0, 7.0, 0.5, -1.0])
+    hi = np.array([-10.0, -3.5, 2.0, 9.0, 1.5, 1.0])
+    if isinstance(act, A.PRelu):
+        lo, hi = (np.repeat(a[:, None], 3, axis=1) for a in (lo, hi))
+    constant = act.constant(lo, hi)
+    dmin, dmax = act.derivative_range(lo, hi)
+    grid = lo[..., None] + np.linspace(0, 1, 101) * (hi - lo)[..., None]
+    values = _along(act.value, act, grid)
+    flat = np.all(values == values[..., :1], axis=-1)
+    assert np.all(flat[constant])  # sound: never says constant where σ moves
+    np.testing.assert_array_equal(constant, (lo == hi) | ((dmin == 0) & (dmax == 0)))
+    assert constant[2].all()  # lo == hi
+
+
+@settings(max_examples=200)
+@given(st.sampled_from(sorted(ACTS)), st.floats(-60, 60), st.floats(0, 30), st.floats(0, 30),
+       st.sampled_from([1.0, 1e-3, 1e-7, 1e-11]))
+def test_enclosure_property(name, y0, below, above, scale):
+    act = ACTS[name]
+    y0, lo, hi = np.array([y0]), np.array([y0 - below * scale]), np.array([y0 + above * scale])
+    if isinstance(act, A.PRelu):
+        y0, lo, hi = (np.repeat(a[:, None], 3, axis=1) for a in (y0, lo, hi))
+    check_enclosure(act, np.clip(y0, lo, hi), lo, hi)
 
 
 def test_relu_matches_the_paper_chord_slope():
