@@ -332,11 +332,26 @@ def fuse_activations(model: onnx.ModelProto) -> onnx.ModelProto:
         elif i not in claimed:
             nodes.append(node)
     _drop_unused_constants(model, nodes, removed_inputs)
+    _keep_types(model, matches)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return model
+
+
+def _keep_types(model: onnx.ModelProto, matches: list[_Match]) -> None:
+    """Give each fused output the type and shape of its input (the ops are elementwise),
+    so that shape inference, which skips the private domain, carries on past them."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # a model shape inference cannot read: leave the types unknown
+        return
+    types = {v.name: v.type for v in [*inferred.input, *inferred.value_info, *inferred.output]}
+    known = {v.name for v in [*model.graph.value_info, *model.graph.output]}
+    for m in matches:
+        if m.x in types and m.output not in known:
+            model.graph.value_info.append(helper.make_value_info(m.output, types[m.x]))
 
 
 def _drop_unused_constants(model: onnx.ModelProto, nodes: list, candidates: set[str]) -> None:

@@ -205,6 +205,22 @@ def test_chain_of_idioms_fuses_each_in_order():
     np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_shape_inference_carries_on_past_fused_nodes():
+    b = Builder()
+    x = b.op("Add", "inp", b.const(np.zeros(WIDTH)))
+    g = gelu_torchscript(b, x)
+    r = b.op("Tanh", b.op("Relu", g))
+    model = b.model([r])
+    onnx.checker.check_model(model, full_check=True)
+    del model.graph.output[0].type.tensor_type.shape.dim[:]
+    fused = onnx.shape_inference.infer_shapes(fuse_activations(model))
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*fused.graph.value_info, *fused.graph.output]}
+    assert shapes[g] == ["N", WIDTH]
+    relu = next(n.output[0] for n in fused.graph.node if n.op_type == "Relu")
+    assert shapes[relu] == ["N", WIDTH]
+
+
 def _near_misses():
     """Models that look like an idiom but are not one (or share an intermediate)."""
     cases = {}
