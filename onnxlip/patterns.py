@@ -69,7 +69,8 @@ class _Graph:
 
     def __post_init__(self):
         self.constants = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
-        self.outputs = {o.name for o in self.graph.output}
+        # graph outputs and tensors read inside subgraphs (If/Loop bodies) are used elsewhere
+        self.outputs = {o.name for o in self.graph.output} | _subgraph_reads(self.graph)
         for i, node in enumerate(self.graph.node):
             for name in node.output:
                 self.producer[name] = i
@@ -93,6 +94,16 @@ class _Graph:
     def private(self, name: str) -> bool:
         """Whether the tensor has exactly one consuming node and is not a graph output."""
         return len(self.consumers.get(name, ())) == 1 and name not in self.outputs
+
+
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node of a subgraph of one of the graph's nodes."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                names |= {name for n in sub.node for name in n.input} | _subgraph_reads(sub)
+    return names
 
 
 class _NoMatch(Exception):
