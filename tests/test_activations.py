@@ -472,3 +472,70 @@ def report() -> None:
             tight.append(np.max(smax - smin) / width)
         print(f"{name:16s} {count:14d} {np.max(ratios):13.2e} {fine:9.1e} {tight[0]:21.3f} {tight[1]:8.3f}")
     print(f"total sampled chord slopes checked: {total}")
+
+
+# --------------------------------------------------------------- exact chords at 40 digits
+
+def _mp_function(act: A.Activation, mp):
+    """σ in mpmath (arguments are doubles, converted exactly)."""
+    relu = lambda y: max(y, 0)  # noqa: E731
+    if isinstance(act, A.LeakyReLU):
+        alpha = mp.mpf(act.alpha)
+        return lambda y: y if y >= 0 else alpha * y
+    if isinstance(act, A.Clip):
+        def clip(y):
+            y = y if act.low is None else max(y, mp.mpf(act.low))
+            return y if act.high is None else min(y, mp.mpf(act.high))
+        return clip
+    if isinstance(act, A.HardSigmoid):
+        return lambda y: min(max(mp.mpf(act.alpha) * y + mp.mpf(act.beta), 0), 1)
+    if isinstance(act, A.ELU):
+        return lambda y: y if y > 0 else mp.mpf(act.alpha) * mp.expm1(y)
+    if isinstance(act, A.GELU) and act.approximate == "tanh":  # 1 + tanh(u) = 2 / (1 + e^(-2u))
+        c = mp.sqrt(2 / mp.pi)
+        return lambda y: y / (1 + mp.exp(-2 * c * (y + mp.mpf(0.044715) * y**3)))
+    return {
+        A.Sigmoid: lambda y: 1 / (1 + mp.exp(-y)),
+        A.Tanh: mp.tanh,
+        A.Softplus: lambda y: mp.log1p(mp.exp(y)),
+        A.GELU: lambda y: y * mp.erfc(-y / mp.sqrt(2)) / 2,
+        A.SiLU: lambda y: y / (1 + mp.exp(-y)),
+        A.HardSwish: lambda y: y * min(max(y / 6 + mp.mpf(1) / 2, 0), 1),
+        A.ReLU: relu,
+    }[type(act)]
+
+
+@pytest.mark.parametrize("name", [n for n in ACTS if n != "prelu"])
+def test_enclosure_contains_exact_chord_slopes(name):
+    """Where float64 sampling cannot judge (widths down to 1e-12, huge |y|), the chord
+    slopes computed at 150 significant digits (cancellations near saturation included)
+    lie inside the enclosure, up to 1e-100 relative (mpmath's own rounding)."""
+    mpmath = pytest.importorskip("mpmath", reason="mpmath (a dependency of torch's sympy) is absent")
+    act = ACTS[name]
+    mp = mpmath.mp
+    mp.dps = 150
+    f = _mp_function(act, mpmath)
+    y0, lo, hi = adversarial_intervals(act, name)
+    rng = np.random.default_rng(17)
+    pick = rng.choice(y0.size, size=min(y0.size, 150), replace=False)
+    ry0, rlo, rhi = random_intervals(rng, 40, log_width=(-12.0, 1.0))
+    y0, lo, hi = (np.concatenate([a[pick], b]) for a, b in ((y0, ry0), (lo, rlo), (hi, rhi)))
+    if isinstance(act, A.GELU):  # mpmath's erfc overflows at 1e300 (float sampling covers those)
+        keep = np.maximum(np.abs(lo), np.abs(hi)) <= 1e7
+        y0, lo, hi = y0[keep], lo[keep], hi[keep]
+    smin, smax = act.chord_slopes(y0, lo, hi)
+    checked = 0
+    smin, smax = [mp.mpf(float(v)) for v in smin], [mp.mpf(float(v)) for v in smax]
+    for k in range(y0.size):
+        width = hi[k] - lo[k]
+        near = np.clip(y0[k] + width * np.array([-1e-9, -1e-3, 1e-3, 1e-9, -0.4, 0.4]), lo[k], hi[k])
+        inside = act.breakpoints[(act.breakpoints >= lo[k]) & (act.breakpoints <= hi[k])]
+        ys = {lo[k], hi[k], *near, *np.linspace(lo[k], hi[k], 9), *inside}
+        base = mp.mpf(float(y0[k]))
+        f0 = f(base)
+        for y in ys - {y0[k]}:
+            s = (f(mp.mpf(float(y))) - f0) / (mp.mpf(float(y)) - base)
+            slack = abs(s) * mp.mpf(10) ** -100
+            assert smin[k] - slack <= s <= smax[k] + slack, (act, y0[k], lo[k], hi[k], y, s)
+            checked += 1
+    assert checked > 1000
