@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 OPSET = 17
 AFFINE_KINDS = {"gemm", "matmul", "add", "sub", "rsub", "mul", "div", "conv", "bn", "avgpool",
@@ -762,3 +763,43 @@ def max_ratio(f, x0: np.ndarray, points: np.ndarray, noise: float = 1e-12) -> fl
     num = np.maximum(np.linalg.norm(f(points) - f0, axis=1) - tol, 0.0)
     den = np.linalg.norm(points - x0, axis=1)
     return float(np.max(num / den))
+
+
+def float64_twin(path: str | Path):
+    """Any ONNX model of float32 tensors as a float64 function of flat inputs (batched):
+    its initializers, Constant nodes, Casts and inputs/outputs made DOUBLE, run by
+    onnx's reference evaluator."""
+    model = onnx.load(str(path))
+    g = model.graph
+    double = onnx.TensorProto.DOUBLE
+    for init in g.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64),
+                                                  init.name))
+    for node in g.node:
+        for at in node.attribute:
+            if at.name == "to" and at.i == onnx.TensorProto.FLOAT:
+                at.i = double
+            if at.type == onnx.AttributeProto.TENSOR and at.t.data_type == onnx.TensorProto.FLOAT:
+                at.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(at.t).astype(np.float64)))
+    for value in list(g.input) + list(g.output):
+        if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = double
+    del g.value_info[:]
+    consts = {t.name for t in g.initializer}
+    x = next(i for i in g.input if i.name not in consts)
+    shape = [d.dim_value or 1 for d in x.type.tensor_type.shape.dim]
+    session = ReferenceEvaluator(model)
+
+    def f(points: np.ndarray) -> np.ndarray:
+        points = np.asarray(points, np.float64).reshape(-1, math.prod(shape))
+        return np.stack([session.run(None, {x.name: p.reshape(shape)})[0].ravel() for p in points])
+
+    return f
+
+
+def central_jacobian(f, x0: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """The Jacobian of a float64 function of flat inputs by central differences."""
+    x0 = np.ravel(x0).astype(np.float64)
+    eye = np.eye(x0.size) * h
+    return ((f(x0 + eye) - f(x0 - eye)) / (2 * h)).T
