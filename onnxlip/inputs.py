@@ -32,7 +32,10 @@ def read_input(path: str | os.PathLike) -> np.ndarray:
 def _read_npy(path: Path) -> np.ndarray:
     try:
         with open(path, "rb") as stream:
-            _check_header(stream, path)
+            need = _check_header(stream, path)
+            have = os.fstat(stream.fileno()).st_size - stream.tell()
+        if have < need:
+            raise OnnxlipError(f"{path}: not a readable .npy array (truncated: {have} of {need} data bytes)")
         return np.load(path, allow_pickle=False)
     except OnnxlipError:
         raise
@@ -57,8 +60,9 @@ def _read_npz(path: Path) -> np.ndarray:
         raise OnnxlipError(f"{path}: not a readable .npz archive ({_short(exc)})") from None
 
 
-def _check_header(stream, path: Path) -> None:
-    """Refuse, from the .npy header alone, arrays of objects or of too many elements."""
+def _check_header(stream, path: Path) -> int:
+    """Refuse, from the .npy header alone, arrays of objects or of too many elements;
+    the number of data bytes the header promises."""
     fmt = np.lib.format
     version = fmt.read_magic(stream)
     read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
@@ -66,6 +70,7 @@ def _check_header(stream, path: Path) -> None:
     if dtype.hasobject:
         raise OnnxlipError(f"{path}: holds Python objects (dtype {dtype}); only numeric arrays are read")
     _check_elements(shape, path)
+    return int(np.prod([int(d) for d in shape], dtype=object)) * dtype.itemsize
 
 
 def _check_elements(shape, path: Path) -> None:
