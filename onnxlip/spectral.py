@@ -179,5 +179,7 @@ class _RecentBasis:
 def _ritz(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarray]:
     """The largest Ritz value and its eigenvector of the tridiagonal matrix."""
     k = len(alphas)
+    if k == 1:  # a 1x1 matrix; scipy < 1.13 refuses the empty off-diagonal
+        return np.array(alphas), np.ones((1, 1))
     return eigh_tridiagonal(np.array(alphas), np.array(betas[: k - 1]),
                             select="i", select_range=(k - 1, k - 1))
