@@ -1,7 +1,10 @@
-"""Robustness certificates: the L2 radius within which the top class cannot change.
+"""Robustness certificates: the L2 radius within which the decision cannot change.
 
-Each logit difference moves by at most √2·||Δf||, so the class of x0 is
-certain within radius ε when √2 · ε · L(x0, ε) < margin. The certified radius
+The decision is the top class (argmax of the outputs), or the smallest output
+(argmin, for nets whose action is the least cost); a target class may be given
+instead of the decision at x0, and a margin it must keep. Each difference of
+two outputs moves by at most √2·||Δf||, so the decision is certain within
+radius ε when √2 · ε · L(x0, ε) < margin − required margin. The certified radius
 is the largest such ε found by bisection (the bound grows with ε); every
 reported radius was itself checked to satisfy the inequality. An attack
 (DeepFool-style steps on the engine's Jacobian, then a line search, every
@@ -25,6 +28,45 @@ if TYPE_CHECKING:  # certify takes a Network; network.py imports this module
     from .network import Network
 
 SQRT2 = math.sqrt(2.0)
+DECISIONS = ("argmax", "argmin")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What is certified: the class chosen by `decision` over the outputs (or the
+    `target` class) keeps a lead of more than `margin` over every other."""
+
+    decision: str = "argmax"
+    target: int | None = None
+    margin: float = 0.0
+
+    def __post_init__(self):
+        if self.decision not in DECISIONS:
+            raise OnnxlipError(f"decision must be one of {DECISIONS}, got {self.decision!r}")
+        if not (math.isfinite(self.margin) and self.margin >= 0):
+            raise OnnxlipError(f"the required margin must be a finite number ≥ 0, got {self.margin!r}")
+
+    def scores(self, outputs: np.ndarray) -> np.ndarray:
+        """The outputs oriented so that the decision is their argmax."""
+        return outputs if self.decision == "argmax" else -outputs
+
+    def chosen(self, outputs: np.ndarray) -> int:
+        return int(np.argmax(self.scores(outputs))) if self.target is None else self.target
+
+    def lead(self, outputs: np.ndarray, top: int) -> float:
+        """How far class `top` leads every other (negative: it is not the decision)."""
+        scores = self.scores(outputs)
+        return float(scores[top] - np.max(np.delete(scores, top)))
+
+    def holds(self, outputs: np.ndarray, top: int) -> bool:
+        """Whether the specification holds at these outputs."""
+        lead = self.lead(outputs, top)
+        return lead > self.margin if self.margin else lead > 0 or (
+            lead == 0 and int(np.argmax(self.scores(outputs))) == top)
+
+
+#: The default rule: the top class stays the top class.
+TOP_CLASS = Rule()
 
 
 @dataclass
@@ -39,6 +81,8 @@ class Certificate:
     label: int | None = None
     bound_evaluations: int = 0
     seconds: float = 0.0
+    decision: str = "argmax"
+    required_margin: float = 0.0
 
     @property
     def correct(self) -> bool | None:
@@ -50,8 +94,9 @@ class Certificate:
 
 
 def certify(net: Network, x0, rel_tol: float = 1e-3, attack_steps: int = 50,
-            label: int | None = None, method: str = "paper") -> Certificate:
-    """Certified radii (local and global bound) and an attack distance at x0."""
+            label: int | None = None, method: str = "paper", rule: Rule = TOP_CLASS) -> Certificate:
+    """Certified radii (local and global bound) and an attack distance at x0: the
+    radius within which `rule` holds (by default: the top class stays the top)."""
     import time
 
     start = time.perf_counter()
@@ -59,13 +104,17 @@ def certify(net: Network, x0, rel_tol: float = 1e-3, attack_steps: int = 50,
     logits = net.forward(x).ravel()
     if logits.size < 2:
         raise OnnxlipError(f"{net.path}: certification needs a classifier with ≥ 2 outputs")
-    top = int(np.argmax(logits))
-    margin = float(logits[top] - np.max(np.delete(logits, top)))
-    radius_global = margin / (SQRT2 * net.global_bound().bound)
-    radius_local, evaluations = _local_radius(net, x, margin, radius_global, rel_tol, method)
-    attack = attack_distance(net, x, top, attack_steps)
+    if rule.target is not None and not 0 <= rule.target < logits.size:
+        raise OnnxlipError(f"target class {rule.target} is not one of the model's "
+                           f"{logits.size} outputs")
+    top = rule.chosen(logits)
+    margin = rule.lead(logits, top)
+    slack = margin - rule.margin  # what the outputs may lose before the rule fails
+    radius_global = max(slack, 0.0) / (SQRT2 * net.global_bound().bound)
+    radius_local, evaluations = _local_radius(net, x, slack, radius_global, rel_tol, method)
+    attack = attack_distance(net, x, top, attack_steps, rule) if slack > 0 else 0.0
     return Certificate(top, margin, radius_local, radius_global, attack, label, evaluations,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, rule.decision, rule.margin)
 
 
 def _local_radius(net: Network, x: np.ndarray, margin: float, floor: float,
@@ -95,8 +144,10 @@ def _local_radius(net: Network, x: np.ndarray, margin: float, floor: float,
     return low, count
 
 
-def attack_distance(net: Network, x0: np.ndarray, top: int, steps: int = 50) -> float:
-    """Distance to the nearest point found whose class onnxruntime confirms is not `top`.
+def attack_distance(net: Network, x0: np.ndarray, top: int, steps: int = 50,
+                    rule: Rule = TOP_CLASS) -> float:
+    """Distance to the nearest point found where onnxruntime confirms the rule fails
+    (by default: the top class is no longer `top`).
 
     For each rival class: DeepFool steps across its boundary, else a ray along
     the margin's descent direction at x0; every end point is then pulled back
@@ -104,24 +155,25 @@ def attack_distance(net: Network, x0: np.ndarray, top: int, steps: int = 50) -> 
     """
     runner = net.runner()
     best = math.inf
-    logits0 = net.forward(x0).ravel()
-    for rival in [int(j) for j in np.argsort(logits0)[::-1] if j != top][:9]:
-        point = _deepfool(net, x0, top, rival, steps)
+    scores0 = rule.scores(net.forward(x0).ravel())
+    for rival in [int(j) for j in np.argsort(scores0)[::-1] if j != top][:9]:
+        point = _deepfool(net, x0, top, rival, steps, rule)
         if point is None:
-            point = _ray(runner, x0, top, _margin_gradient(net, x0, top, rival))
+            point = _ray(runner, x0, top, _margin_gradient(net, x0, top, rival, rule), rule)
         if point is not None:
-            best = min(best, _shrink(runner, x0, point, top))
+            best = min(best, _shrink(runner, x0, point, top, rule))
     return best
 
 
-def _margin_gradient(net: Network, x: np.ndarray, top: int, rival: int) -> np.ndarray:
+def _margin_gradient(net: Network, x: np.ndarray, top: int, rival: int, rule: Rule) -> np.ndarray:
+    """The gradient of scores[top] − scores[rival] at x."""
     at = trace(net.blocks, x)
     seed = np.zeros(at.output.size)
     seed[top], seed[rival] = 1.0, -1.0
-    return Jacobian(net.blocks, at).rmatvec(seed)
+    return Jacobian(net.blocks, at).rmatvec(rule.scores(seed))
 
 
-def _ray(runner, x0: np.ndarray, top: int, gradient: np.ndarray) -> np.ndarray | None:
+def _ray(runner, x0: np.ndarray, top: int, gradient: np.ndarray, rule: Rule) -> np.ndarray | None:
     """The first point along −gradient, at doubling distances, of another class."""
     size = np.linalg.norm(gradient)
     if not size:
@@ -130,21 +182,22 @@ def _ray(runner, x0: np.ndarray, top: int, gradient: np.ndarray) -> np.ndarray |
     t = 1e-3 * max(1.0, np.linalg.norm(x0))
     for _ in range(40):
         point = x0 + t * direction
-        if int(np.argmax(runner(runner.representable(point)))) != top:
+        if not rule.holds(runner(runner.representable(point)).ravel(), top):
             return point
         t *= 2
     return None
 
 
-def _deepfool(net: Network, x0, top: int, rival: int, steps: int) -> np.ndarray | None:
-    """Linearized steps across the boundary between `top` and `rival`."""
+def _deepfool(net: Network, x0, top: int, rival: int, steps: int, rule: Rule) -> np.ndarray | None:
+    """Linearized steps across the boundary where `rival` comes within the required
+    margin of `top`."""
     x = x0.copy()
     for _ in range(steps):
-        logits = trace(net.blocks, x).output
-        gap = logits[top] - logits[rival]
+        scores = rule.scores(trace(net.blocks, x).output)
+        gap = scores[top] - scores[rival] - rule.margin
         if gap < 0:
             return x
-        grad = _margin_gradient(net, x, top, rival)
+        grad = _margin_gradient(net, x, top, rival, rule)
         size = grad @ grad
         if not size:
             return None
@@ -152,11 +205,12 @@ def _deepfool(net: Network, x0, top: int, rival: int, steps: int) -> np.ndarray 
     return None
 
 
-def _shrink(runner, x0: np.ndarray, point: np.ndarray, top: int, iterations: int = 30) -> float:
-    """Bisect along x0 → point for the nearest confirmed class change."""
+def _shrink(runner, x0: np.ndarray, point: np.ndarray, top: int, rule: Rule,
+            iterations: int = 30) -> float:
+    """Bisect along x0 → point for the nearest confirmed failure of the rule."""
     def flipped(t: float) -> tuple[bool, float]:
         x = runner.representable(x0 + t * (point - x0))
-        return int(np.argmax(runner(x))) != top, float(np.linalg.norm(x - x0))
+        return not rule.holds(runner(x).ravel(), top), float(np.linalg.norm(x - x0))
 
     changed, distance = flipped(1.0)
     if not changed:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 from . import __version__
+from .certify import DECISIONS, Rule
 from .dataset import ROW_FORMATS, certify_dataset, plot_certified_accuracy, read_batch, write_rows
 from .errors import OnnxlipError
 from .inputs import read_input
@@ -157,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--out", help="per-input rows to this .csv or .json file")
     cert.add_argument("--plot", help="certified accuracy against radius to this image")
     cert.add_argument("--json", action="store_true", help="print one JSON object")
+    cert.add_argument("--decision", choices=DECISIONS, default="argmax",
+                      help="the net's decision: its largest output (argmax) or smallest (argmin)")
+    cert.add_argument("--target", type=int, default=None,
+                      help="certify this class instead of the decision at each input")
+    cert.add_argument("--margin", type=_nonnegative, default=0.0,
+                      help="the lead the class must keep over every other (default 0)")
     cert.set_defaults(run=run_certify)
     return parser
 
@@ -273,20 +280,39 @@ def run_sweep_command(args) -> int:
     return 0
 
 
+def _rule(args) -> Rule:
+    return Rule(args.decision, args.target, args.margin)
+
+
+def _rule_text(rule: Rule) -> str:
+    """How a title names a rule other than the default (the top class stays the top)."""
+    parts = [f"decision {rule.decision}"] if rule.decision != "argmax" else []
+    parts += [f"target class {rule.target}"] if rule.target is not None else []
+    parts += [f"required margin {rule.margin:g}"] if rule.margin else []
+    return "".join(f", {p}" for p in parts)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 def run_certify(args) -> int:
     if args.inputs is None:
         if args.labels is not None:
             raise OnnxlipError("--labels goes with --inputs (a batch), not --input")
         net = _load(args)
-        cert = net.certify(_read_x0(args, net), rel_tol=args.rel_tol, method=args.method)
+        cert = net.certify(_read_x0(args, net), rel_tol=args.rel_tol, method=args.method,
+                           rule=_rule(args))
         if args.json:
             print(json.dumps(_header(args, net, args.input, args.method) | cert.to_dict()))
             return 0
-        print(_title(args, net, f", x0 = {args.input}, method {args.method}"))
+        print(_title(args, net, f", x0 = {args.input}, method {args.method}"
+                                + _rule_text(_rule(args))))
         print(table(["class", "margin", "certified radius (local)", "radius (global)",
                      "attack distance", "local/global", "seconds"],
                     [[cert.top_class, cert.margin, cert.radius_local, cert.radius_global,
-                      cert.attack_distance, cert.radius_local / cert.radius_global, cert.seconds]]))
+                      cert.attack_distance, _ratio(cert.radius_local, cert.radius_global),
+                      cert.seconds]]))
         return 0
     load_kwargs = dict(path=args.model, input_shape=args.input_shape, input_name=args.input_name,
                        output_name=args.output_name, operators=args.operators,
@@ -294,13 +320,14 @@ def run_certify(args) -> int:
     net = load(**load_kwargs)
     batch, labels = read_batch(args.inputs, args.labels, net.input_shape)
     result = certify_dataset(load_kwargs, batch, labels, args.rel_tol, args.workers,
-                             progress=sys.stderr.isatty(), method=args.method)
+                             progress=sys.stderr.isatty(), method=args.method, rule=_rule(args))
     summary = result.summary(args.radii)
     if args.json:
         print(json.dumps(_header(args, net, args.inputs, args.method) | {
             "summary": summary, "certificates": [c.to_dict() for c in result.certificates]}))
     else:
-        print(_title(args, net, f", inputs {args.inputs}, method {args.method}"))
+        print(_title(args, net, f", inputs {args.inputs}, method {args.method}"
+                                + _rule_text(_rule(args))))
         print(_summary_line(summary))
         key, what = (("certified_accuracy", "certified accuracy") if summary["labelled"]
                      else ("certified", "certified"))
@@ -333,6 +360,13 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _nonnegative(text: str) -> float:
+    value = _number(text)
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number ≥ 0")
+    return value
 
 
 def _count(text: str) -> int:

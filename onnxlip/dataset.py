@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .certify import Certificate
+from .certify import TOP_CLASS, Certificate, Rule
 from .errors import OnnxlipError
 from .inputs import read_input
 from .report import check_output, check_plot, method_label
@@ -82,8 +82,8 @@ def _init_worker(load_kwargs: dict) -> None:
 
 
 def _certify_one(args) -> Certificate:
-    x, label, rel_tol, method = args
-    return _WORKER["net"].certify(x[None], rel_tol=rel_tol, label=label, method=method)
+    x, label, rel_tol, method, rule = args
+    return _WORKER["net"].certify(x[None], rel_tol=rel_tol, label=label, method=method, rule=rule)
 
 
 @dataclass
@@ -128,13 +128,14 @@ class DatasetResult:
 
 def certify_dataset(load_kwargs: dict, batch: np.ndarray, labels: np.ndarray | None,
                     rel_tol: float = 1e-3, workers: int | None = None,
-                    progress: bool = False, method: str = "paper") -> DatasetResult:
+                    progress: bool = False, method: str = "paper",
+                    rule: Rule = TOP_CLASS) -> DatasetResult:
     """Certify every input, in a pool of `workers` processes (default: one per core)."""
     import time
 
     start = time.perf_counter()
     workers = workers or os.cpu_count() or 1
-    jobs = [(batch[i], None if labels is None else int(labels[i]), rel_tol, method)
+    jobs = [(batch[i], None if labels is None else int(labels[i]), rel_tol, method, rule)
             for i in range(len(batch))]
     bar = dict(total=len(jobs), desc="certify", unit="input", disable=not progress)
     if workers == 1:

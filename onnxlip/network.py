@@ -11,7 +11,7 @@ import numpy as np
 
 from . import bounds
 from .blocks import Block, BlockOptions, Lowered, build_blocks
-from .certify import certify
+from .certify import TOP_CLASS, Rule, certify
 from .errors import OnnxlipError
 from .evaluate import ModelRunner
 from .graph import ModelGraph, load_graph, release
@@ -129,9 +129,9 @@ class Network:
         return self._runner
 
     def certify(self, x0, rel_tol: float = 1e-3, label: int | None = None,
-                method: str = "paper"):
-        """Certified L2 radius of x0's top class (see onnxlip.certify)."""
-        return certify(self, x0, rel_tol=rel_tol, label=label, method=method)
+                method: str = "paper", rule: Rule = TOP_CLASS):
+        """Certified L2 radius of x0's decision (by default its top class), see onnxlip.certify."""
+        return certify(self, x0, rel_tol=rel_tol, label=label, method=method, rule=rule)
 
     def global_bound(self) -> bounds.BoundResult:
         """Product of the blocks' spectral norms (and max-pooling constants)."""

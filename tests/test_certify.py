@@ -93,3 +93,47 @@ def test_certify_folder_and_bad_labels(tmp_path, capsys):
     code = main(["certify", model, "--inputs", str(folder), "--labels", str(bad)])
     err = capsys.readouterr().err
     assert code == 2 and "labels" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_other_decision_rules(tmp_path, seed):
+    """argmin certifies the smallest output (the certificate of the argmax of -f);
+    a required margin is kept over the whole certified ball; a target class that
+    is not the decision gets radius 0."""
+    from onnxlip.certify import Rule
+
+    net, engine, x0 = _classifier(tmp_path, seed)
+    logits = np.ravel(net(x0))
+    low = engine.certify(x0, rel_tol=1e-2, rule=Rule("argmin"))
+    assert low.top_class == int(np.argmin(logits)) and low.decision == "argmin"
+    assert low.margin == pytest.approx(np.sort(logits)[1] - np.sort(logits)[0], rel=1e-4, abs=1e-6)
+    rng = np.random.default_rng(seed)
+    points = netgen.ball_points(rng, x0, low.radius_local, 200, 200, [])
+    assert all(int(np.argmin(net(p))) == low.top_class for p in points)
+    assert low.radius_local < low.attack_distance
+
+    top = engine.certify(x0, rel_tol=1e-2)
+    keep = 0.5 * top.margin
+    strict = engine.certify(x0, rel_tol=1e-2, rule=Rule(margin=keep))
+    assert strict.radius_local < top.radius_local and strict.required_margin == keep
+    for p in netgen.ball_points(rng, x0, strict.radius_local, 200, 200, []):
+        out = np.ravel(net(p))
+        assert out[top.top_class] - np.max(np.delete(out, top.top_class)) > keep
+    assert strict.radius_local < strict.attack_distance
+
+    other = int(np.argsort(logits)[-2])
+    wrong = engine.certify(x0, rel_tol=1e-2, rule=Rule(target=other))
+    assert wrong.top_class == other and wrong.margin < 0
+    assert wrong.radius_local == wrong.radius_global == wrong.attack_distance == 0.0
+
+
+def test_decision_rules_on_the_command_line(capsys):
+    model, x0 = MODELS / "digits_cnn.onnx", MODELS / "digits_cnn_x0.npy"
+    assert main(["certify", str(model), "-x", str(x0), "--decision", "argmin", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["decision"] == "argmin" and out["radius_local"] > 0
+    assert main(["certify", str(model), "-x", str(x0), "--target", "3", "--margin", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "target class 3, required margin 5" in text and "nan" in text
+    assert main(["certify", str(model), "-x", str(x0), "--target", "12"]) == 2
+    assert "target class 12 is not one of the model's 10 outputs" in capsys.readouterr().err
