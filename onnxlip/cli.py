@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from . import __version__
 from .certify import DECISIONS, Rule
 from .dataset import ROW_FORMATS, certify_dataset, plot_certified_accuracy, read_batch, write_rows
+from .dot import block_graph, check_graph_path, write_graph
 from .errors import OnnxlipError
 from .inputs import read_input
 from .network import OPERATOR_MODES, Network, load
@@ -92,6 +93,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
         check_output(options["csv"], "--csv")
     if options.get("out") is not None:
         check_output(options["out"], "--out", ROW_FORMATS)
+    if options.get("graph") is not None:
+        check_graph_path(options["graph"])
 
 
 def _write(path: str, option: str, write, *what) -> None:
@@ -116,10 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
 
-    inspect = sub.add_parser("inspect", help="show the chain of blocks of a model")
+    inspect = sub.add_parser("inspect", help="show the graph of blocks of a model")
     _model_options(inspect)
     inspect.add_argument("--norms", action="store_true", help="also compute each block's spectral norm")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.add_argument("--graph", help="write the graph of blocks to this .dot/.gv file, or "
+                                         ".svg/.png/.pdf through Graphviz's dot program")
     inspect.set_defaults(run=run_inspect)
 
     bound = sub.add_parser("bound", help="local bounds at radii eps, and the global bound")
@@ -219,16 +224,20 @@ def run_inspect(args) -> int:
     glob = net.global_bound() if args.norms else None
     norms = [r.bound for r in glob.layers] if glob is not None else None
     if args.json:
-        blocks = [dict(zip(["index", "name", "kind", "ops", "input_shape", "output_shape",
+        blocks = [dict(zip(["index", "name", "kind", "ops", "reads", "input_shape", "output_shape",
                             "operator", "norm"], row)) for row in block_rows(net.blocks, norms)]
         print(json.dumps(_header(args, net) | {
             "global_bound": glob.bound if glob is not None else None, "blocks": blocks}))
+        if args.graph:
+            _write(args.graph, "--graph", write_graph, block_graph(net.blocks, net.input_shape, norms))
         return 0
     print(_title(args, net))
     headers = BLOCK_HEADERS + (["norm"] if norms is not None else [])
     print(table(headers, block_rows(net.blocks, norms)))
     if glob is not None:
-        print(f"global bound (product of norms): {glob.bound:.6g}")
+        print(f"global bound: {glob.bound:.6g}")
+    if args.graph:
+        _write(args.graph, "--graph", write_graph, block_graph(net.blocks, net.input_shape, norms))
     return 0
 
 

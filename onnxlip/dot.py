@@ -9,6 +9,7 @@ import networkx as nx
 
 from .blocks import INPUT, Block
 from .errors import OnnxlipError
+from .report import check_output
 
 #: Formats written as DOT text, and those rendered by Graphviz's dot program.
 TEXT = {".dot", ".gv"}
@@ -16,11 +17,10 @@ RENDERED = {".svg", ".png", ".pdf"}
 
 
 def check_graph_path(path: str | Path) -> None:
-    """Refuse, before any work, a path whose format is unknown or needs a missing `dot`."""
+    """Refuse, before any work, a path that cannot be written, of an unknown format,
+    or of a format that needs a missing `dot`."""
+    check_output(path, "--graph", sorted(f[1:] for f in TEXT | RENDERED))
     suffix = Path(path).suffix.lower()
-    if suffix not in TEXT | RENDERED:
-        raise OnnxlipError(f"--graph {path}: unknown format {suffix or '(none)'!r} "
-                           f"(use one of {', '.join(sorted(TEXT | RENDERED))})")
     if suffix in RENDERED and shutil.which("dot") is None:
         raise OnnxlipError(f"--graph {path}: writing {suffix[1:].upper()} needs Graphviz's 'dot' "
                            "program, which is not installed (install graphviz, or write .dot)")
@@ -47,13 +47,9 @@ def block_graph(blocks: list[Block], input_shape, norms: list[float] | None = No
 
 def write_graph(graph: nx.DiGraph, path: str | Path) -> None:
     """Write DOT text, or the picture `dot` renders from it."""
-    check_graph_path(path)
     dot = nx.nx_pydot.to_pydot(graph)
     suffix = Path(path).suffix.lower()
-    try:
-        if suffix in TEXT:
-            Path(path).write_text(dot.to_string())
-        else:
-            Path(path).write_bytes(dot.create(format=suffix[1:]))
-    except OSError as exc:
-        raise OnnxlipError(f"--graph {path}: cannot write ({exc.strerror or exc})") from None
+    if suffix in TEXT:
+        Path(path).write_text(dot.to_string())
+    else:
+        Path(path).write_bytes(dot.create(format=suffix[1:]))

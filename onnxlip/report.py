@@ -58,14 +58,17 @@ def shape_text(shape: Sequence[int]) -> str:
 def block_rows(blocks: Sequence[Block], norms: Sequence[float] | None = None) -> list[list]:
     rows = []
     for i, b in enumerate(blocks):
-        row = [i, b.name, b.kind, list(b.ops), tuple(b.in_shape), tuple(b.out_shape), b.describe()]
+        reads = ["x" if j < 0 else j for j in b.inputs]
+        row = [i, b.name, b.kind, list(b.ops), reads, tuple(b.in_shape), tuple(b.out_shape),
+               b.describe()]
         if norms is not None:
             row.append(norms[i])
         rows.append(row)
     return rows
 
 
-BLOCK_HEADERS = ["#", "name", "kind", "ops", "input", "output", "operator"]
+#: "reads": the blocks whose outputs a block reads (x: the network's input).
+BLOCK_HEADERS = ["#", "name", "kind", "ops", "reads", "input", "output", "operator"]
 
 
 def layer_rows(layers: Sequence[LayerRecord]) -> list[list]:

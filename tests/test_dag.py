@@ -116,7 +116,7 @@ def test_block_graph_dot_round_trips(tmp_path):
     assert set(back.nodes) == set(graph.nodes) and len(back.edges) == len(graph.edges)
     joined = [k for k, b in enumerate(engine.blocks) if len(b.inputs) > 1]
     assert joined and all(back.in_degree(f"b{k}") == 2 for k in joined)
-    with pytest.raises(OnnxlipError, match="unknown format"):
+    with pytest.raises(OnnxlipError, match="format '.txt'"):
         check_graph_path(tmp_path / "g.txt")
     if shutil.which("dot"):
         write_graph(graph, tmp_path / "g.svg")
@@ -124,3 +124,17 @@ def test_block_graph_dot_round_trips(tmp_path):
     else:
         with pytest.raises(OnnxlipError, match="needs Graphviz's 'dot' program"):
             check_graph_path(tmp_path / "g.svg")
+
+
+def test_inspect_graph_option(tmp_path, capsys):
+    """`inspect --graph` writes the DOT file; a bad path fails before the model is read."""
+    from onnxlip.cli import main
+
+    _, path, engine, _ = _load(tmp_path, "rescnn", 2)
+    assert main(["inspect", str(path), "--norms", "--graph", str(tmp_path / "g.dot")]) == 0
+    out = capsys.readouterr().out
+    assert "reads" in out and "global bound" in out
+    text = (tmp_path / "g.dot").read_text()
+    assert text.count("->") == sum(len(b.inputs) for b in engine.blocks) and "norm " in text
+    assert main(["inspect", str(tmp_path / "missing.onnx"), "--graph", str(tmp_path / "g.xyz")]) == 2
+    assert "--graph" in capsys.readouterr().err
