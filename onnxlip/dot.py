@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import networkx as nx
+import pydot
 
 from .blocks import INPUT, Block
 from .errors import OnnxlipError
@@ -46,8 +47,13 @@ def block_graph(blocks: list[Block], input_shape, norms: list[float] | None = No
 
 
 def write_graph(graph: nx.DiGraph, path: str | Path) -> None:
-    """Write DOT text, or the picture `dot` renders from it."""
-    dot = nx.nx_pydot.to_pydot(graph)
+    """Write DOT text, or the picture `dot` renders from it (pydot quotes every
+    attribute itself: networkx's own converter does not in every version)."""
+    dot = pydot.Dot(graph_type="digraph")
+    for name, attrs in graph.nodes(data=True):
+        dot.add_node(pydot.Node(name, **attrs))
+    for source, target, attrs in graph.edges(data=True):
+        dot.add_edge(pydot.Edge(source, target, **attrs))
     suffix = Path(path).suffix.lower()
     if suffix in TEXT:
         Path(path).write_text(dot.to_string())
