@@ -16,6 +16,7 @@ from .errors import OnnxlipError
 from .inputs import read_input
 from .network import OPERATOR_MODES, Network, load
 from .report import BLOCK_HEADERS, LAYER_HEADERS, block_rows, layer_rows, shape_text, table
+from .spectral import DEFAULT_DELTA, DEFAULT_TOL, fresh_seed
 from .sweep import eps_grid, plot, run_sweep, write_csv
 
 
@@ -111,8 +112,14 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="how affine maps are held (default: auto)")
     p.add_argument("--memory-budget", type=_bytes, default=1e9,
                    help="largest sparse matrix per block, e.g. 500M, 2G (default 1G)")
-    p.add_argument("--tol", type=_number, default=1e-6,
-                   help="relative tolerance of the eigensolver on sigma^2 (default 1e-6)")
+    p.add_argument("--tol", type=_number, default=DEFAULT_TOL,
+                   help="each certified spectral norm within this factor of the true one "
+                        f"(default {DEFAULT_TOL:g})")
+    p.add_argument("--seed", type=_seed, default=None,
+                   help="random seed of the spectral norms' start vectors (default: fresh "
+                        "from the OS; every result prints it, pass it to replay the run)")
+    p.add_argument("--delta", type=_number, default=DEFAULT_DELTA,
+                   help=f"failure probability of each probabilistic norm (default {DEFAULT_DELTA:g})")
     if p.prog.split()[-1] in ("bound", "sweep", "certify"):
         p.add_argument("--method", choices=("paper", "tight"), default="paper",
                        help="local bound: the paper's product of per-block bounds (default), or "
@@ -122,7 +129,14 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 def _load(args) -> Network:
     return load(args.model, input_shape=args.input_shape, input_name=args.input_name,
                 output_name=args.output_name, operators=args.operators,
-                memory_budget=args.memory_budget, tol=args.tol)
+                memory_budget=args.memory_budget, tol=args.tol, seed=args.seed, delta=args.delta)
+
+
+def _guarantee(result) -> str:
+    """How a bound holds, in one line."""
+    if result.guarantee == "deterministic":
+        return "guarantee: deterministic"
+    return f"guarantee: probabilistic, fails with probability <= {result.delta:.3g} (seed {result.seed})"
 
 
 def run_inspect(args) -> int:
@@ -139,7 +153,8 @@ def run_inspect(args) -> int:
     headers = BLOCK_HEADERS + (["norm"] if norms is not None else [])
     print(table(headers, block_rows(net.blocks, norms)))
     if norms is not None:
-        print(f"global bound (product of norms): {net.global_bound().bound:.6g}")
+        print(f"global bound (product of norms): {net.global_bound().bound:.6g}; "
+              f"{_guarantee(net.global_bound())}")
     return 0
 
 
@@ -153,15 +168,18 @@ def run_bound(args) -> int:
     if args.json:
         print(json.dumps({
             "model": args.model, "input_shape": list(net.input_shape),
-            "global_bound": glob.bound,
-            "local": [{"eps": r.eps, "bound": r.bound, "seconds": r.seconds,
-                       "layers": r.to_dict()["layers"]} for r in results],
+            "global_bound": glob.bound, "global_guarantee": glob.guarantee,
+            "global_delta": glob.delta, "seed": net.seed, "delta": net.solver.delta,
+            "local": [{"eps": r.eps, "bound": r.bound, "guarantee": r.guarantee, "delta": r.delta,
+                       "seconds": r.seconds, "layers": r.to_dict()["layers"]} for r in results],
             "seconds": seconds,
         }))
         return 0
     print(f"{args.model}: input {shape_text(net.input_shape)}, {len(net.blocks)} blocks")
     print(table(["eps", "local bound", "global bound", "local/global", "seconds"],
                 [[r.eps, r.bound, glob.bound, r.bound / glob.bound, r.seconds] for r in results]))
+    worst = max([glob, *results], key=lambda r: r.delta)
+    print(f"{_guarantee(worst)} (each bound)")
     if args.verbose:
         for r in results:
             print(f"\neps = {r.eps:g}: local bound {r.bound:.6g}")
@@ -204,7 +222,8 @@ def run_certify(args) -> int:
         return 0
     load_kwargs = dict(path=args.model, input_shape=args.input_shape, input_name=args.input_name,
                        output_name=args.output_name, operators=args.operators,
-                       memory_budget=args.memory_budget, tol=args.tol)
+                       memory_budget=args.memory_budget, tol=args.tol,
+                       seed=fresh_seed() if args.seed is None else args.seed, delta=args.delta)
     net = load(**load_kwargs)
     batch, labels = read_batch(args.inputs, args.labels, net.input_shape)
     result = certify_dataset(load_kwargs, batch, labels, args.rel_tol, args.workers,
@@ -216,7 +235,7 @@ def run_certify(args) -> int:
         plot_certified_accuracy(result, args.plot, f"{os.path.basename(args.model)}: "
                                 f"{len(batch)} inputs from {os.path.basename(args.inputs)}")
     if args.json:
-        print(json.dumps({"model": args.model, "summary": summary,
+        print(json.dumps({"model": args.model, "summary": summary, "seed": load_kwargs["seed"],
                           "inputs": [c.to_dict() for c in result.certificates]}))
         return 0
     print(f"{args.model}: {summary['inputs']} inputs, accuracy {summary['accuracy']:.3f}, "
@@ -233,6 +252,12 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _seed(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative whole number")
+    return int(text)
 
 
 def _count(text: str) -> int:

@@ -64,9 +64,11 @@ def test_bound_json_matches_api(capsys):
     model, x = MODELS / "digits_mlp.onnx", MODELS / "digits_mlp_x0.npy"
     code, out, _ = run(capsys, "bound", model, "--input", x, "--eps", "0.01", "0.5", "--json")
     data = json.loads(out)
-    assert code == 0 and set(data) == {"model", "input_shape", "global_bound", "local", "seconds"}
+    assert code == 0 and set(data) == {"model", "input_shape", "global_bound", "local", "seconds",
+                                       "global_guarantee", "global_delta", "seed", "delta"}
     assert [e["eps"] for e in data["local"]] == [0.01, 0.5]
-    net = onnxlip.load(model)
+    assert {"guarantee", "delta"} <= set(data["local"][0])
+    net = onnxlip.load(model, seed=data["seed"])  # the recorded seed replays the run
     expected = net.local_bound(np.load(x), 0.5).bound
     assert data["local"][1]["bound"] == pytest.approx(expected, rel=1e-9)
     assert data["local"][0]["bound"] <= data["local"][1]["bound"] <= data["global_bound"] * (1 + 1e-9)
