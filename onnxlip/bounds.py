@@ -179,16 +179,22 @@ def as_solver(solver: Solver | float | None) -> Solver:
     return Solver() if solver is None else Solver(tol=float(solver))
 
 
-def gram_error(linear: LinearMap, scale: float) -> float:
-    """A bound of ||B̃ − B|| for the computed Gram operator of diag(r) A diag(d),
-    |r| ≤ scale, d 0/1: with a ≥ ||A||, the products off by η_f, η_a (per unit
-    input) and the float64 weighting by r² off by a relative u,
-    ||B̃x − Bx|| ≤ scale²·(a·η_f + (η_a + 2u·a)·(a + η_f))·||x||, either side."""
+def gram_error(linear: LinearMap, scale: float) -> tuple[float, float]:
+    """(c₁, c₀) with ||B̃ − B|| ≤ c₁·σ + c₀ for the computed Gram operator of
+    M = diag(r) A diag(d), |r| ≤ scale, d 0/1, σ = ||M||. The products are off by
+    η_f, η_a per unit input (LinearMap.rounding); the float64 weighting by r² by a
+    relative 2u, folded into η_a as 2u·a (a ≥ ||A||). Forward first:
+    B̃x − Bx = Mᵀ(R e₁) + e₂ with ||R e₁|| ≤ r·η_f||x||, ||e₂|| ≤ η_a·r(σ + r·η_f)||x||,
+    so c₁ = r(η_f + η_a), c₀ = r²η_fη_a; the other side is symmetric."""
     a = linear.norm_cap()
     eta_f, eta_a = linear.rounding()
-    eta_f, eta_a = max(eta_f, eta_a), max(eta_f, eta_a)  # either order of the products
     u = float(np.finfo(np.float64).eps)
-    return scale**2 * (a * eta_f + (eta_a + 2 * u * a) * (a + eta_f)) * (1 + 1e-9)
+    eta_f, eta_a = max(eta_f, eta_a) + 2 * u * a, max(eta_f, eta_a) + 2 * u * a  # either order
+    return _lift(scale * (eta_f + eta_a), scale**2 * eta_f * eta_a)
+
+
+def _lift(c1: float, c0: float) -> tuple[float, float]:
+    return c1 * (1 + 1e-9), c0 * (1 + 1e-9)
 
 
 @dataclass
@@ -209,7 +215,7 @@ class Solves:
         eta_a = _carried(caps[::-1], [m.rounding()[1] + F64 * c for m, c in zip(maps[::-1], caps[::-1])])
         a = math.prod(caps)
         eta = max(eta_f, eta_a)
-        error = (a * eta + eta * (a + eta)) * (1 + 1e-9)
+        error = _lift(2 * eta, eta * eta) if a > 0 else (0.0, 0.0)  # as in gram_error, r ≤ 1
         if out_size < in_size:
             result = gram_norm(lambda u: forward(adjoint(u)), out_size, self.solver, key,
                                cap=a, error=error)

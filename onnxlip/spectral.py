@@ -50,9 +50,11 @@ Lanczos on a larger matrix whose eigenvalues lie in intervals of width
 O(u·||B||) around B's, with the start's weight on each interval equal to its
 component, so the bound holds up to that width (covered by RITZ_SLACK). This is
 the assumption made for long vectors. Products that round (onnxruntime's float32
-kernels) are covered by `error`, a proven bound of ||B̃ − B|| for the computed
-Gram operator B̃, added to the certified λ (λ_max(B) ≤ λ_max(B̃) + ||B − B̃||),
-assuming that the computed products act as one fixed operator B̃.
+kernels) are covered by `error` = (c₁, c₀), a proven bound
+||B̃ − B|| ≤ c₁·σ + c₀ for the computed Gram operator B̃ (σ the true norm: the
+products' errors are carried through the map itself), assuming that the
+computed products act as one fixed operator B̃: λ_max(B) ≤ λ_max(B̃) + ||B − B̃||
+gives σ² ≤ λ + c₁σ + c₀ for the certified λ, so σ ≤ (c₁ + sqrt(c₁² + 4(λ + c₀)))/2.
 """
 
 from __future__ import annotations
@@ -144,12 +146,12 @@ def spectral_norm(forward: Apply, adjoint: Apply, n_in: int, n_out: int,
 
 def gram_norm(gram: Apply, n: int, solver: Solver | None = None, key: Hashable = 0,
               mask: np.ndarray | None = None, want_vector: bool = False, upper: bool = True,
-              cap: float = math.inf, error: float = 0.0) -> SpectralNorm:
+              cap: float = math.inf, error: tuple[float, float] = (0.0, 0.0)) -> SpectralNorm:
     """sqrt(λ_max) of a Gram operator B = MᵀM on vectors of length n.
 
     mask (0/1): B's range lies in its span; the start is uniform on that
     subspace's sphere, whose dimension enters the bounds. cap: a proven upper
-    bound of the norm. error: a proven bound of ||B̃ − B|| for the computed B̃.
+    bound of the norm. error: (c₁, c₀) with ||B̃ − B|| ≤ c₁·σ + c₀ for the computed B̃.
     upper=False (lower bounds): stop when the Ritz value has settled to
     solver.tol and report it.
     """
@@ -217,7 +219,7 @@ class _Certificate:
 
 
 def _lanczos(gram: Apply, v: np.ndarray, solver: Solver, full: bool,
-             certify: _Certificate | None, cap: float, error: float) -> SpectralNorm:
+             certify: _Certificate | None, cap: float, error: tuple[float, float]) -> SpectralNorm:
     """Lanczos on a symmetric positive semi-definite operator, until certified."""
     norm = np.linalg.norm(v)
     basis = _Basis(v / norm) if full else _RecentBasis(v / norm)
@@ -243,8 +245,9 @@ def _lanczos(gram: Apply, v: np.ndarray, solver: Solver, full: bool,
             lam = certify.bound(theta, alphas, betas + [beta])
             if exhausted:
                 lam = min(lam, theta + beta)
-            value = math.sqrt(lam * (1 + RITZ_SLACK) + error) if np.isfinite(lam) else math.inf
-            if value <= (1 + solver.tol) * ritz or exhausted or cap <= (1 + solver.tol) * ritz:
+            value = _with_rounding(lam * (1 + RITZ_SLACK), error) if np.isfinite(lam) else math.inf
+            floor = _with_rounding(theta, error)  # the rounding margin is there whatever the step
+            if value <= (1 + solver.tol) * floor or exhausted or cap <= (1 + solver.tol) * floor:
                 return _result(value, cap, step, residual, True, basis, vectors, ritz, certify)
         if beta == 0.0:
             break
@@ -254,6 +257,12 @@ def _lanczos(gram: Apply, v: np.ndarray, solver: Solver, full: bool,
         return SpectralNorm(math.sqrt(theta), step, residual, False,
                             basis.combine(_padded(vectors[:, -1], basis)), math.sqrt(theta))
     return _result(value, cap, step, residual, False, basis, vectors, math.sqrt(theta), certify)
+
+
+def _with_rounding(lam: float, error: tuple[float, float]) -> float:
+    """The largest σ with σ² ≤ lam + c₁σ + c₀."""
+    c1, c0 = error
+    return (c1 + math.sqrt(c1 * c1 + 4 * (lam + c0))) / 2
 
 
 def _result(value, cap, step, residual, converged, basis, vectors, ritz, certify) -> SpectralNorm:
@@ -296,13 +305,17 @@ class _Basis:
         return self._rows[: self._count].T @ coefficients
 
     def orthogonalize(self, w: np.ndarray) -> np.ndarray:
-        """Full reorthogonalization against the basis: classical Gram-Schmidt,
+        """Full reorthogonalization: the three-term recurrence against the last two
+        vectors first, then classical Gram-Schmidt against the whole basis,
         repeated once when it cancelled most of w (Kahan's "twice is enough")."""
+        for i in range(max(self._count - 2, 0), self._count):
+            w = w - (self._rows[i] @ w) * self._rows[i]
         rows = self._rows[: self._count]
-        before = np.linalg.norm(w)
-        w = w - rows.T @ (rows @ w)
-        if np.linalg.norm(w) < 0.7 * before:
-            w = w - rows.T @ (rows @ w)
+        for _ in range(2):
+            before = np.linalg.norm(w)
+            w = w - (rows @ w) @ rows
+            if np.linalg.norm(w) >= 0.7 * before:
+                break
         return w
 
 

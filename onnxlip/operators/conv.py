@@ -133,7 +133,7 @@ class ConvMap(LinearMap):
 FOURIER_WORK_MAX = 2e9
 
 
-def fourier_cap(conv: ConvMap, work_max: float = FOURIER_WORK_MAX) -> float:
+def fourier_cap(conv: ConvMap, work_max: float | None = None) -> float:
     """A deterministic upper bound of ||conv|| (inf where too costly to compute).
 
     A zero-padded stride-1 convolution of an input of length N with a kernel of
@@ -150,6 +150,7 @@ def fourier_cap(conv: ConvMap, work_max: float = FOURIER_WORK_MAX) -> float:
     kernel = w.shape[2:]
     periods = [conv.in_shape[2 + i] + conv.dilations[i] * (kernel[i] - 1) for i in range(conv.rank)]
     freqs = math.prod(periods)
+    work_max = FOURIER_WORK_MAX if work_max is None else work_max
     if freqs * m * cg * min(m // conv.group, cg) > work_max:
         return math.inf
     # phase[f, j] over the flattened spatial frequencies and kernel taps
