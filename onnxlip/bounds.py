@@ -126,8 +126,10 @@ def chord_slopes(y0: np.ndarray, ybar: np.ndarray) -> np.ndarray:
 
 #: Exact (LAPACK) norms where the smaller active side is at most this long...
 DENSE_SIDE_MAX = 1024
-#: ...and the map has at most this many nonzeros (its CSR form is cached).
+#: ...and the map has at most this many nonzeros (its CSR form is cached)...
 DENSE_NNZ_MAX = 8_000_000
+#: ...and forming the Gram matrix (side × nonzeros) costs at most this many flops.
+DENSE_WORK_MAX = 5e8
 
 
 def masked_norm(block: AffineBlock, rows: np.ndarray, cols: np.ndarray,
@@ -231,7 +233,8 @@ _MATRICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def dense_norm(linear: LinearMap, rows: np.ndarray, cols: np.ndarray) -> SpectralNorm | None:
     """||diag(rows) A diag(cols)|| by LAPACK in float64 from A's exact entries, where
-    the smaller active side is short (None elsewhere); deterministic.
+    the smaller active side is short and the Gram matrix cheap (None elsewhere);
+    deterministic.
 
     The entries are exact (float32 weights widen exactly; composed monomial
     factors round each entry by a few u). S = R A D is formed with a relative
@@ -247,7 +250,7 @@ def dense_norm(linear: LinearMap, rows: np.ndarray, cols: np.ndarray) -> Spectra
         sub = entries[active_rows][:, active_cols].multiply(rows[active_rows, None])
         top = float(np.abs(sub.multiply(cols[None, active_cols]).tocsr().data).max(initial=0.0))
         return SpectralNorm(top * (1 + 8 * F64), 0, ritz=top)
-    if small > DENSE_SIDE_MAX:
+    if small > DENSE_SIDE_MAX or small * linear.sparse_nnz_estimate() > DENSE_WORK_MAX:
         return None
     entries = _matrix(linear)
     if entries is None:

@@ -7,8 +7,8 @@ Upper bounds are certified values within a factor 1 + tol of the Lanczos Ritz
 value (onnxlip.spectral), so two upper bounds of nearly equal true values can
 come out in either order by up to tol. Comparisons between two upper bounds
 therefore put the Ritz value of the smaller side (`ritz`, a lower estimate)
-against the upper bound of the larger side, with the relative slack SLACK. Lower bounds from real evaluations are
-compared with the upper bound as reported.
+against the upper bound of the larger side, with the relative slack SLACK.
+Lower bounds from real evaluations are compared with the upper bound as reported.
 
 Quick by default (25 examples per property); ONNXLIP_HYPOTHESIS_PROFILE=long
 runs thousands (profiles in tests/conftest.py).
