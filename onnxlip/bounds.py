@@ -1,9 +1,10 @@
-"""Local and global Lipschitz bounds of a chain of blocks (METHOD.md).
+"""Local and global Lipschitz bounds of a graph of blocks (docs/method.md).
 
 Local: for each affine-ReLU block, the reachable pre-activation
 ȳ = y0 + ε_k·||a_iᵀ D||, the ReLU chord slopes r, and L_k = ||R A D||; ε is
 carried as ε_{k+1} = L_k ε_k and D (the inputs that can change) is tracked
-through ReLU, max-pooling and reshapes. Global: the product of ||A_k||.
+through ReLU, max-pooling and reshapes; where a block reads several blocks
+their contributions add. Global: the product of ||A_k||, likewise composed.
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
+import scipy.sparse as sp
 from threadpoolctl import ThreadpoolController
 
 from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, flow
-from .operators.base import LinearMap
+from .operators.base import F64, LinearMap, gamma
+from .operators.chain import _carried
 from .operators.matrix import DenseMap
-from .spectral import SpectralNorm, gram_norm
+from .spectral import Solver, SpectralNorm, dense_gram_norm, gram_norm
 
 #: Found once: threadpool_limits() would inspect the loaded libraries at every call (~1 ms).
 _THREADPOOLS = ThreadpoolController()
@@ -45,28 +49,43 @@ class LayerRecord:
     residual: float = 0.0
     converged: bool = True
     seconds: float = 0.0
+    ritz: float | None = None  # the solve's Ritz value: at most the block's true norm
+    guarantee: str = "deterministic"  # or "probabilistic" (fails with probability ≤ delta)
+    delta: float = 0.0
+    seed: int | None = None
 
 
 @dataclass
 class BoundResult:
-    """A Lipschitz bound with its per-block record."""
+    """A Lipschitz bound with its per-block record.
+
+    guarantee: 'deterministic' (proven, under the arithmetic assumptions of the
+    README's "Guarantees") or 'probabilistic': the bound holds with probability
+    at least 1 − delta over the random start vectors drawn from `seed`
+    (delta: the union bound, the sum of the solves' failure probabilities).
+    """
 
     bound: float
     layers: list[LayerRecord]
     seconds: float
     eps: float | None = None
+    delta: float = 0.0
+    seed: int | None = None
+
+    @property
+    def guarantee(self) -> str:
+        return "probabilistic" if self.delta > 0 else "deterministic"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"guarantee": self.guarantee}
 
     @property
     def ritz(self) -> float:
-        """The bound without the blocks' residual lifts: the product of their
-        Lanczos Ritz values, an estimate from below of the computed product.
-        Two upper bounds of nearly equal products (local and global, or L(ε)
-        and L(2ε)) can come out in either order by up to their residuals;
-        compare one's `ritz` with the other's `bound`."""
-        return self.bound / math.prod(math.sqrt(1.0 + r.residual) for r in self.layers)
+        """The product of the blocks' Ritz values: an estimate from below of the
+        product of their true norms. Two upper bounds of nearly equal products
+        (local and global, or L(ε) and L(2ε)) can come out in either order by up
+        to their tolerances; compare one's `ritz` with the other's `bound`."""
+        return math.prod(r.bound if r.ritz is None else r.ritz for r in self.layers)
 
 
 @dataclass
@@ -110,16 +129,35 @@ def chord_slopes(y0: np.ndarray, ybar: np.ndarray) -> np.ndarray:
     return r
 
 
-def masked_norm(linear: LinearMap, rows: np.ndarray, cols: np.ndarray, tol: float,
-                seed: int = 0) -> SpectralNorm:
-    """||diag(rows) A diag(cols)|| by Lanczos, matrix-free; cols is a 0/1 mask.
+#: Exact (LAPACK) norms where the smaller active side is at most this long...
+DENSE_SIDE_MAX = 1024
+#: ...and the map has at most this many nonzeros (its CSR form is cached)...
+DENSE_NNZ_MAX = 8_000_000
+#: ...and forming the Gram matrix (side × nonzeros) costs at most this many flops.
+DENSE_WORK_MAX = 5e8
 
-    The Gram operator D Aᵀ R² A D (or R A D Aᵀ R, on the smaller side) is
-    applied with the masks skipped where they are all ones, and the Lanczos
-    vectors start (so stay) in the range of the mask.
+
+def masked_norm(linear: LinearMap, rows: np.ndarray, cols: np.ndarray,
+                solver: Solver | float | None = None, key=0) -> SpectralNorm:
+    """||diag(rows) A diag(cols)|| (cols a 0/1 mask), with its guarantee.
+
+    Deterministic where cheap: exact for monomial maps, LAPACK on the Gram
+    matrix of the smaller side when it is short (dense_norm). Otherwise
+    certified Lanczos, matrix-free (spectral.gram_norm): the Gram operator
+    D Aᵀ R² A D (or R A D Aᵀ R, on the smaller side) with the masks skipped
+    where they are all ones, the start in the range of the mask, the map's
+    proven norm cap (times max |r|) as a cap, and its products' rounding
+    (LinearMap.rounding) carried into a bound of the Gram operator's error.
     """
+    solver = as_solver(solver)
     if not rows.any() or not cols.any():
-        return SpectralNorm(0.0, 0, 0.0, True)
+        return SpectralNorm(0.0, 0)
+    exact = dense_norm(linear, rows, cols)
+    if exact is not None:
+        return exact
+    scale = float(np.max(np.abs(rows)))
+    cap = scale * linear.norm_cap()
+    error = gram_error(linear, scale)
     rows = None if np.all(rows == 1) else rows
     cols = None if np.all(cols == 1) else cols
     if linear.in_size <= linear.out_size:
@@ -132,12 +170,124 @@ def masked_norm(linear: LinearMap, rows: np.ndarray, cols: np.ndarray, tol: floa
         def gram(u):
             u = u if rows is None else u * rows
             return _masked(linear.matvec(_masked(linear.rmatvec(u), cols)), rows)
-        size, mask = linear.out_size, None if rows is None else (rows > 0).astype(float)
+        size, mask = linear.out_size, None if rows is None else (rows != 0).astype(float)
     # With onnxruntime kernels doing the products, numpy's BLAS threads (which
     # spin between calls) only steal its cores: 9.3 s -> 5.5 s on AlexNet.
     blas_threads = None if isinstance(linear, DenseMap) else 1
     with _THREADPOOLS.limit(limits=blas_threads, user_api="blas"):
-        return gram_norm(gram, size, tol=tol, seed=seed, mask=mask)
+        return gram_norm(gram, size, solver, key, mask=mask, cap=cap, error=error)
+
+
+def as_solver(solver: Solver | float | None) -> Solver:
+    """A Solver; a bare number is a tolerance (fresh seed)."""
+    if isinstance(solver, Solver):
+        return solver
+    return Solver() if solver is None else Solver(tol=float(solver))
+
+
+def gram_error(linear: LinearMap, scale: float) -> tuple[float, float]:
+    """(c₁, c₀) with ||B̃ − B|| ≤ c₁·σ + c₀ for the computed Gram operator of
+    M = diag(r) A diag(d), |r| ≤ scale, d 0/1, σ = ||M||. The products are off by
+    η_f, η_a per unit input (LinearMap.rounding); the float64 weighting by r² by a
+    relative 2u, folded into η_a as 2u·a (a ≥ ||A||). Forward first:
+    B̃x − Bx = Mᵀ(R e₁) + e₂ with ||R e₁|| ≤ r·η_f||x||, ||e₂|| ≤ η_a·r(σ + r·η_f)||x||,
+    so c₁ = r(η_f + η_a), c₀ = r²η_fη_a; the other side is symmetric."""
+    a = linear.norm_cap()
+    eta_f, eta_a = linear.rounding()
+    u = float(np.finfo(np.float64).eps)
+    eta_f, eta_a = max(eta_f, eta_a) + 2 * u * a, max(eta_f, eta_a) + 2 * u * a  # either order
+    return _lift(scale * (eta_f + eta_a), scale**2 * eta_f * eta_a)
+
+
+def _lift(c1: float, c0: float) -> tuple[float, float]:
+    return c1 * (1 + 1e-9), c0 * (1 + 1e-9)
+
+
+@dataclass
+class Solves:
+    """A solver and the failure probability spent with it, for bounds made of
+    several norms (the union bound: the sum of the solves' delta)."""
+
+    solver: Solver
+    delta: float = 0.0
+
+    def product_norm(self, forward, adjoint, in_size: int, out_size: int,
+                     maps: list[LinearMap], key, in_mask: np.ndarray | None = None) -> float:
+        """Certified ||M|| of a product M of `maps` (in order) interleaved with
+        diagonal gates of entries in [0, 1]: the cap is the product of the maps'
+        caps, the products' rounding is carried through the factors."""
+        caps = [m.norm_cap() for m in maps]
+        eta_f = _carried(caps, [m.rounding()[0] + F64 * c for m, c in zip(maps, caps)])
+        eta_a = _carried(caps[::-1], [m.rounding()[1] + F64 * c for m, c in zip(maps[::-1], caps[::-1])])
+        a = math.prod(caps)
+        eta = max(eta_f, eta_a)
+        error = _lift(2 * eta, eta * eta) if a > 0 else (0.0, 0.0)  # as in gram_error, r ≤ 1
+        if out_size < in_size:
+            result = gram_norm(lambda u: forward(adjoint(u)), out_size, self.solver, key,
+                               cap=a, error=error)
+        else:
+            result = gram_norm(lambda x: adjoint(forward(x)), in_size, self.solver, key,
+                               mask=in_mask, cap=a, error=error)
+        self.delta += result.delta
+        return result.value
+
+
+_MATRICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def dense_norm(linear: LinearMap, rows: np.ndarray, cols: np.ndarray) -> SpectralNorm | None:
+    """||diag(rows) A diag(cols)|| by LAPACK in float64 from A's exact entries, where
+    the smaller active side is short and the Gram matrix cheap (None elsewhere);
+    deterministic.
+
+    The entries are exact (float32 weights widen exactly; composed monomial
+    factors round each entry by a few u). S = R A D is formed with a relative
+    error ≤ 4u per entry, G = S Sᵀ (or SᵀS) with γ_p (p the longest row), so
+    ||G − G_exact|| ≤ (γ_p + 10u)·||S||_F², added to LAPACK's own margin.
+    """
+    active_rows, active_cols = np.flatnonzero(rows), np.flatnonzero(cols)
+    small = min(active_rows.size, active_cols.size)
+    if linear.monomial:
+        entries = _matrix(linear)
+        if entries is None:
+            return None
+        sub = entries[active_rows][:, active_cols].multiply(rows[active_rows, None])
+        top = float(np.abs(sub.multiply(cols[None, active_cols]).tocsr().data).max(initial=0.0))
+        return SpectralNorm(top * (1 + 8 * F64), 0, ritz=top)
+    if small > DENSE_SIDE_MAX or small * linear.sparse_nnz_estimate() > DENSE_WORK_MAX:
+        return None
+    entries = _matrix(linear)
+    if entries is None:
+        return None
+    sub = entries[active_rows][:, active_cols]
+    if sp.issparse(sub):
+        sub = sub.multiply(rows[active_rows, None]).multiply(cols[None, active_cols]).tocsr()
+        frob2 = float(np.sum(sub.data**2))
+        longest = int(max(np.diff(sub.indptr).max(initial=0), np.bincount(sub.indices, minlength=1).max()))
+        gram = (sub @ sub.T if sub.shape[0] <= sub.shape[1] else sub.T @ sub).toarray()
+        gram = gram if sub.nnz else np.zeros((0, 0))
+    else:
+        sub = sub * rows[active_rows, None] * cols[None, active_cols]
+        frob2 = float(np.sum(sub**2))
+        longest = max(sub.shape)
+        gram = sub @ sub.T if sub.shape[0] <= sub.shape[1] else sub.T @ sub
+    error = (gamma(longest, F64) + 10 * F64) * frob2 * (1 + 1e-9)
+    with _THREADPOOLS.limit(limits=1, user_api="blas"):  # threads only thrash on small LAPACK work
+        return dense_gram_norm(gram, error)
+
+
+def _matrix(linear: LinearMap):
+    """A's exact entries, float64 (dense for dense maps, CSR otherwise), cached per map;
+    None when the CSR form would exceed DENSE_NNZ_MAX."""
+    if linear not in _MATRICES:
+        if isinstance(linear, DenseMap):
+            small = linear.weight.size <= DENSE_NNZ_MAX
+            _MATRICES[linear] = linear.weight.astype(np.float64) if small else None
+        elif linear.sparse_nnz_estimate() <= DENSE_NNZ_MAX:
+            _MATRICES[linear] = linear.to_sparse().tocsr()
+        else:
+            _MATRICES[linear] = None
+    return _MATRICES[linear]
 
 
 def _masked(v: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
@@ -148,7 +298,8 @@ def _masked(v: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
     return v
 
 
-def local_bound(blocks: list[Block], nominal: Trace, eps: float, tol: float) -> BoundResult:
+def local_bound(blocks: list[Block], nominal: Trace, eps: float,
+                solver: Solver | float | None = None) -> BoundResult:
     """Upper bound of the local Lipschitz constant in the L2 ball of radius eps.
 
     Each block's output carries a gain g (its change is at most g·ε over the
@@ -157,6 +308,7 @@ def local_bound(blocks: list[Block], nominal: Trace, eps: float, tol: float) -> 
     sum of the reaches): g = Σ_j g_j ||R A_j D_j||. On a chain g is the paper's
     product of the blocks' ||R A D||.
     """
+    solver = as_solver(solver)
     start = time.perf_counter()
     gains, masks, records = {INPUT: 1.0}, {INPUT: np.ones(nominal.x.size)}, []
     for k, block in enumerate(blocks):
@@ -166,7 +318,7 @@ def local_bound(blocks: list[Block], nominal: Trace, eps: float, tol: float) -> 
         record.eps_in = eps * gain_in
         if isinstance(block, AffineBlock):
             changes = [eps * gains[j] for j in block.inputs]
-            norms, masks[k] = _affine_local(block, nominal, k, masks, changes, tol, record)
+            norms, masks[k] = _affine_local(block, nominal, k, masks, changes, solver, record)
         else:
             norms = [block.lipschitz if isinstance(block, MaxPoolBlock) else 1.0]
             mask = masks[block.inputs[0]]
@@ -174,7 +326,7 @@ def local_bound(blocks: list[Block], nominal: Trace, eps: float, tol: float) -> 
         gains[k], record.bound = _compose(gains, block, norms)
         record.seconds = time.perf_counter() - tic
         records.append(record)
-    return BoundResult(gains[len(blocks) - 1], records, time.perf_counter() - start, eps)
+    return _result(gains[len(blocks) - 1], records, time.perf_counter() - start, eps, solver)
 
 
 def _compose(gains: dict, block: Block, norms: list[float]) -> tuple[float, float]:
@@ -190,7 +342,7 @@ def _compose(gains: dict, block: Block, norms: list[float]) -> tuple[float, floa
 
 
 def _affine_local(block: AffineBlock, nominal: Trace, index: int, masks, changes: list[float],
-                  tol, record: LayerRecord) -> tuple[list[float], np.ndarray]:
+                  solver: Solver, record: LayerRecord) -> tuple[list[float], np.ndarray]:
     """||R A_j D_j|| for each part of the block, and its output mask; fills the record.
 
     The reach of a pre-activation adds those of the parts, Σ_j ε_j ||a_ijᵀ D_j||,
@@ -213,27 +365,29 @@ def _affine_local(block: AffineBlock, nominal: Trace, index: int, masks, changes
         next_mask = (reach > 0).astype(float)
     norms = []
     for p, (part, d) in enumerate(zip(parts, cols)):
-        norm = cached_norm(nominal, (index, p), part, rows, d, tol)
+        norm = cached_norm(nominal, (index, p), part, rows, d, solver)
         _fill(record, norm, first=p == 0)
         norms.append(norm.value)
     return norms, next_mask
 
 
 def cached_norm(nominal: Trace, key, linear: LinearMap, rows: np.ndarray,
-                cols: np.ndarray, tol: float) -> SpectralNorm:
-    """masked_norm, solved once per exact (key, rows, cols, tol) around this trace."""
+                cols: np.ndarray, solver: Solver | float | None = None) -> SpectralNorm:
+    """masked_norm, solved once per exact (key, rows, cols, solver) around this trace."""
+    solver = as_solver(solver)
     digest = hashlib.blake2b(rows.tobytes(), digest_size=16)
     digest.update(cols.tobytes())
-    key = (key, tol, digest.digest())
-    if key not in nominal.norms:
-        nominal.norms[key] = replace(masked_norm(linear, rows, cols, tol), vector=None)
-    return nominal.norms[key]
+    cache = (key, solver, digest.digest())
+    if cache not in nominal.norms:
+        nominal.norms[cache] = replace(masked_norm(linear, rows, cols, solver, key=key), vector=None)
+    return nominal.norms[cache]
 
 
-def global_bound(blocks: list[Block], tol: float) -> BoundResult:
+def global_bound(blocks: list[Block], solver: Solver | float | None = None) -> BoundResult:
     """The blocks' global Lipschitz constants (spectral norms) composed along
     the graph: their product on a chain, g = Σ_j g_j ||A_j|| where a block
     reads several blocks."""
+    solver = as_solver(solver)
     start = time.perf_counter()
     gains, records = {INPUT: 1.0}, []
     for k, block in enumerate(blocks):
@@ -242,7 +396,8 @@ def global_bound(blocks: list[Block], tol: float) -> BoundResult:
         if isinstance(block, AffineBlock):
             norms = []
             for p, part in enumerate(block.parts()):
-                norm = masked_norm(part, np.ones(part.out_size), np.ones(part.in_size), tol)
+                ones_out, ones_in = np.ones(part.out_size), np.ones(part.in_size)
+                norm = masked_norm(part, ones_out, ones_in, solver, key=(k, p))
                 _fill(record, norm, first=p == 0)
                 norms.append(norm.value)
         else:
@@ -250,7 +405,12 @@ def global_bound(blocks: list[Block], tol: float) -> BoundResult:
         gains[k], record.bound = _compose(gains, block, norms)
         record.seconds = time.perf_counter() - tic
         records.append(record)
-    return BoundResult(gains[len(blocks) - 1], records, time.perf_counter() - start)
+    return _result(gains[len(blocks) - 1], records, time.perf_counter() - start, None, solver)
+
+
+def _result(total: float, records: list[LayerRecord], seconds: float, eps: float | None,
+            solver: Solver) -> BoundResult:
+    return BoundResult(total, records, seconds, eps, sum(r.delta for r in records), solver.seed)
 
 
 def _record(index: int, block: Block) -> LayerRecord:
@@ -259,7 +419,12 @@ def _record(index: int, block: Block) -> LayerRecord:
 
 
 def _fill(record: LayerRecord, norm: SpectralNorm, first: bool = True) -> None:
-    """Add one solve to the record (a block that reads several tensors has one per part)."""
+    """Add one solve to the record (a block that reads several tensors has one per
+    part; its Ritz value is then the parts' largest, its delta their sum)."""
     record.iterations = norm.iterations + (0 if first else record.iterations)
     record.residual = norm.residual if first else max(record.residual, norm.residual)
     record.converged = norm.converged and (first or record.converged)
+    record.ritz = norm.ritz if first else None  # no single Ritz value for a sum of parts
+    record.delta = norm.delta + (0.0 if first else record.delta)
+    record.guarantee = "probabilistic" if record.delta > 0 else "deterministic"
+    record.seed = norm.seed if first else record.seed or norm.seed

@@ -29,6 +29,7 @@ from .report import (
     shape_text,
     table,
 )
+from .spectral import DEFAULT_DELTA, DEFAULT_TOL, fresh_seed
 from .sweep import eps_grid, plot, run_sweep, write_csv
 
 
@@ -182,8 +183,14 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="how affine maps are held (default: auto)")
     p.add_argument("--memory-budget", type=_bytes, default=1e9,
                    help="largest sparse matrix per block, e.g. 500M, 2G (default 1G)")
-    p.add_argument("--tol", type=_number, default=1e-6,
-                   help="relative tolerance of the eigensolver on sigma^2 (default 1e-6)")
+    p.add_argument("--tol", type=_number, default=DEFAULT_TOL,
+                   help="each certified spectral norm within this factor of the true one "
+                        f"(default {DEFAULT_TOL:g})")
+    p.add_argument("--seed", type=_seed, default=None,
+                   help="random seed of the spectral norms' start vectors (default: fresh "
+                        "from the OS; every result prints it, pass it to replay the run)")
+    p.add_argument("--delta", type=_number, default=DEFAULT_DELTA,
+                   help=f"failure probability of each probabilistic norm (default {DEFAULT_DELTA:g})")
     if p.prog.split()[-1] in ("bound", "sweep", "certify"):
         p.add_argument("--method", choices=("paper", "tight"), default="paper",
                        help="local bound: the paper's product of per-block bounds (default), or "
@@ -193,7 +200,14 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 def _load(args) -> Network:
     return load(args.model, input_shape=args.input_shape, input_name=args.input_name,
                 output_name=args.output_name, operators=args.operators,
-                memory_budget=args.memory_budget, tol=args.tol)
+                memory_budget=args.memory_budget, tol=args.tol, seed=args.seed, delta=args.delta)
+
+
+def _guarantee(result) -> str:
+    """How a bound holds, in one line."""
+    if result.guarantee == "deterministic":
+        return "guarantee: deterministic"
+    return f"guarantee: probabilistic, fails with probability <= {result.delta:.3g} (seed {result.seed})"
 
 
 def _header(args, net: Network, source: str | None = None, method: str | None = None) -> dict:
@@ -203,6 +217,7 @@ def _header(args, net: Network, source: str | None = None, method: str | None = 
         head["input"] = source
     head |= {"input_shape": list(net.input_shape), "output_shape": list(net.output_shape)}
     head |= {"method": method} if method is not None else {}
+    head |= {"seed": net.seed}  # replays every bound of the run (--seed)
     return head | ({"notes": net.notes} if net.notes else {})
 
 
@@ -235,7 +250,7 @@ def run_inspect(args) -> int:
     headers = BLOCK_HEADERS + (["norm"] if norms is not None else [])
     print(table(headers, block_rows(net.blocks, norms)))
     if glob is not None:
-        print(f"global bound: {glob.bound:.6g}")
+        print(f"{_guarantee(glob)}\nglobal bound: {glob.bound:.6g}")
     if args.graph:
         _write(args.graph, "--graph", write_graph, block_graph(net.blocks, net.input_shape, norms))
     return 0
@@ -250,8 +265,10 @@ def run_bound(args) -> int:
     seconds = time.perf_counter() - start
     if args.json:
         print(json.dumps(_header(args, net, args.input, args.method) | {
-            "global_bound": glob.bound,
-            "points": [{"eps": r.eps, "local_bound": r.bound, "seconds": r.seconds,
+            "global_bound": glob.bound, "global_guarantee": glob.guarantee,
+            "global_delta": glob.delta, "delta": net.solver.delta,
+            "points": [{"eps": r.eps, "local_bound": r.bound, "guarantee": r.guarantee,
+                        "delta": r.delta, "seconds": r.seconds,
                         "layers": r.to_dict()["layers"]} for r in results],
             "seconds": seconds,
         }))
@@ -259,6 +276,8 @@ def run_bound(args) -> int:
     print(_title(args, net, f", x0 = {args.input}, method {args.method}"))
     print(table(["eps", "local bound", "global bound", "local/global", "seconds"],
                 [[r.eps, r.bound, glob.bound, r.bound / glob.bound, r.seconds] for r in results]))
+    worst = max([glob, *results], key=lambda r: r.delta)
+    print(f"{_guarantee(worst)} (each bound)")
     if args.verbose:
         for r in results:
             print(f"\neps = {r.eps:g}: local bound {r.bound:.6g}")
@@ -325,7 +344,8 @@ def run_certify(args) -> int:
         return 0
     load_kwargs = dict(path=args.model, input_shape=args.input_shape, input_name=args.input_name,
                        output_name=args.output_name, operators=args.operators,
-                       memory_budget=args.memory_budget, tol=args.tol)
+                       memory_budget=args.memory_budget, tol=args.tol,
+                       seed=fresh_seed() if args.seed is None else args.seed, delta=args.delta)
     net = load(**load_kwargs)
     batch, labels = read_batch(args.inputs, args.labels, net.input_shape)
     result = certify_dataset(load_kwargs, batch, labels, args.rel_tol, args.workers,
@@ -376,6 +396,12 @@ def _nonnegative(text: str) -> float:
     if not (value >= 0 and value != float("inf")):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number ≥ 0")
     return value
+
+
+def _seed(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative whole number")
+    return int(text)
 
 
 def _count(text: str) -> int:

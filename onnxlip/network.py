@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
 from collections.abc import Iterable
+from dataclasses import replace
 
 import numpy as np
 
 from . import bounds
 from .blocks import Block, BlockOptions, Lowered, build_blocks
-from .certify import TOP_CLASS, Rule, certify
+from .certify import SQRT2, TOP_CLASS, Rule, certify
 from .errors import OnnxlipError
 from .evaluate import ModelRunner
 from .graph import ModelGraph, load_graph, release
@@ -20,20 +22,44 @@ from .layers import Affine, MaxPool
 from .lower import LowerBounds, LowerBoundSearch
 from .lowering import NodeContext, lower
 from .lowering.registry import node_name
+from .spectral import DEFAULT_DELTA, DEFAULT_TOL, Solver
 from .tight import tight_local_bound
 
 OPERATOR_MODES = ("auto", "sparse", "matrix-free")
 
 
-class Network:
-    """An ONNX model lowered to a graph of affine-ReLU, max-pooling and ReLU blocks."""
+#: Re-solves with fresh starts before a lower bound above an upper bound is an error.
+RETRIES = 2
 
-    def __init__(self, graph: ModelGraph, blocks: list[Block], tol: float = 1e-6):
+
+class Network:
+    """An ONNX model lowered to a graph of affine-ReLU, max-pooling and ReLU blocks.
+
+    `solver` says how spectral norms are certified (tolerance, failure
+    probability, the run's seed: see onnxlip.spectral.Solver). The network
+    remembers the bounds it computed at each x0: a lower bound of the same run
+    above an upper bound (never possible unless a probabilistic solve failed)
+    makes it re-solve that bound with fresh starts and a tighter tolerance, and
+    if it persists, raise an OnnxlipError.
+    """
+
+    def __init__(self, graph: ModelGraph, blocks: list[Block], solver: Solver | None = None):
         self.graph = graph
         self.blocks = blocks
-        self.tol = tol
+        self.solver = solver or Solver()
         self._global: bounds.BoundResult | None = None
         self._runner: ModelRunner | None = None
+        self._uppers: dict[bytes, list[tuple[float, str, bounds.BoundResult, bounds.Trace]]] = {}
+        self._lowers: dict[bytes, list[tuple[float, float, str]]] = {}
+
+    @property
+    def tol(self) -> float:
+        return self.solver.tol
+
+    @property
+    def seed(self) -> int:
+        """The run's seed: load(..., seed=this) replays every bound exactly."""
+        return self.solver.seed
 
     @property
     def path(self) -> str:
@@ -100,8 +126,52 @@ class Network:
         """The local bound at eps around an already computed forward pass."""
         if method not in ("paper", "tight"):
             raise OnnxlipError(f"method must be 'paper' or 'tight', got {method!r}")
+        eps = check_eps(eps)
+        result = self._local(nominal, eps, method, self.solver)
+        key = _digest(nominal.inputs[0])
+        self._uppers.setdefault(key, []).append((eps, method, result, nominal))
+        self._reconcile(key)
+        return result
+
+    def _local(self, nominal: bounds.Trace, eps: float, method: str, solver: Solver) -> bounds.BoundResult:
         bound = tight_local_bound if method == "tight" else bounds.local_bound
-        return _finite(bound(self.blocks, nominal, check_eps(eps), self.tol), self.path)
+        result = _finite(bound(self.blocks, nominal, eps, solver), self.path)
+        glob = self._global
+        if glob is not None and glob.bound < result.bound:  # the global bound holds at every ε
+            result = replace(result, bound=glob.bound, delta=result.delta + glob.delta)
+        return result
+
+    def found_lower(self, x0, eps: float, value: float, what: str) -> None:
+        """Record a lower bound of L(x0, ε') for every ε' ≥ eps (eps = 0: every ε),
+        found by this run, and reconcile the upper bounds with it."""
+        key = _digest(self.check_input(x0))
+        self._lowers.setdefault(key, []).append((eps, value, what))
+        self._reconcile(key)
+
+    def _reconcile(self, key: bytes) -> None:
+        """Re-solve (fresh starts, tighter tolerance) every upper bound at x0 below a
+        lower bound of this run; an OnnxlipError if one stays below after RETRIES."""
+        for eps_low, low, what in self._lowers.get(key, []):
+            if self._global is not None and low > self._global.bound:
+                self._resolve(lambda solver: _finite(bounds.global_bound(self.blocks, solver), self.path),
+                              self._global, low, f"{what} (ε = {eps_low:g})", "the global bound")
+            for eps, method, result, nominal in self._uppers.get(key, []):
+                if eps_low <= eps and low > result.bound:
+                    self._resolve(lambda solver, n=nominal, e=eps, m=method: self._local(n, e, m, solver),
+                                  result, low, f"{what} (ε = {eps_low:g})", f"the local bound at ε = {eps:g}")
+
+    def _resolve(self, solve, result: bounds.BoundResult, low: float, what: str, which: str) -> None:
+        """Solve again until the bound is at least `low`; the caller's result object is updated."""
+        for _ in range(RETRIES):
+            self.solver = self.solver.retry()
+            fresh = solve(self.solver)
+            vars(result).update(vars(fresh))
+            if result.bound >= low:
+                return
+        raise OnnxlipError(
+            f"{self.path}: a lower bound found by this run, {what} = {low:.9g}, exceeds {which} "
+            f"{result.bound:.9g} after {RETRIES} re-solves with fresh random starts (seed "
+            f"{self.solver.seed}); the spectral norms cannot be trusted here")
 
     def jacobian(self, x0) -> Jacobian:
         """J(x0), matrix-free (matvec / rmatvec / dense)."""
@@ -119,8 +189,9 @@ class Network:
         return [search.at(e, samples, ascent_steps) for e in eps_values]
 
     def lower_bound_search(self, x0, seed: int = 0) -> LowerBoundSearch:
-        """The ε-independent part of the lower bounds at x0 (f(x0), J(x0), its top direction)."""
-        return LowerBoundSearch(self.blocks, self.runner(), self.check_input(x0), seed)
+        """The ε-independent part of the lower bounds at x0 (f(x0), J(x0), its top
+        direction); every lower bound it finds is checked against this run's upper bounds."""
+        return _CheckedSearch(self, self.blocks, self.runner(), self.check_input(x0), seed)
 
     def runner(self) -> ModelRunner:
         """onnxruntime on the user's own model: the reference evaluations."""
@@ -131,13 +202,45 @@ class Network:
     def certify(self, x0, rel_tol: float = 1e-3, label: int | None = None,
                 method: str = "paper", rule: Rule = TOP_CLASS):
         """Certified L2 radius of x0's decision (by default its top class), see onnxlip.certify."""
-        return certify(self, x0, rel_tol=rel_tol, label=label, method=method, rule=rule)
+        for _ in range(RETRIES + 1):
+            cert = certify(self, x0, rel_tol=rel_tol, label=label, method=method, rule=rule)
+            radius = max(cert.radius_local, cert.radius_global)
+            if not cert.attack_distance < radius:
+                return cert
+            # The attack crossed the margin within the certified radius: a ratio of at
+            # least (margin − required)/(√2·d) at distance d, above the bound used there.
+            slack = cert.margin - cert.required_margin
+            self.found_lower(x0, cert.attack_distance, slack / (SQRT2 * cert.attack_distance),
+                             "the attack's ratio")
+        raise OnnxlipError(f"{self.path}: the attack found the decision failing at distance "
+                           f"{cert.attack_distance:.6g}, inside the certified radius {radius:.6g}")
 
     def global_bound(self) -> bounds.BoundResult:
         """Product of the blocks' spectral norms (and max-pooling constants)."""
         if self._global is None:
-            self._global = _finite(bounds.global_bound(self.blocks, self.tol), self.path)
+            self._global = _finite(bounds.global_bound(self.blocks, self.solver), self.path)
+            for key in self._lowers:
+                self._reconcile(key)
         return self._global
+
+
+class _CheckedSearch(LowerBoundSearch):
+    """Lower bounds that the network checks against its upper bounds as they are found."""
+
+    def __init__(self, net: Network, *args):
+        super().__init__(*args)
+        self._net = net
+        if self.jacobian_exact:
+            net.found_lower(self.x0, 0.0, self.jacobian_norm, "||J(x0)||")
+
+    def at(self, eps: float, samples: int = 64, ascent_steps: int = 20) -> LowerBounds:
+        result = super().at(eps, samples, ascent_steps)
+        self._net.found_lower(self.x0, eps, max(result.sampled, result.ascent), "a sampled ratio")
+        return result
+
+
+def _digest(x: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(x, dtype=np.float64).tobytes(), digest_size=16).digest()
 
 
 def _finite(result: bounds.BoundResult, path: str) -> bounds.BoundResult:
@@ -166,17 +269,27 @@ def load(
     output_name: str | None = None,
     operators: str = "auto",
     memory_budget: float = 1e9,
-    tol: float = 1e-6,
+    tol: float = DEFAULT_TOL,
+    seed: int | None = None,
+    delta: float = DEFAULT_DELTA,
 ) -> Network:
     """Load an ONNX model and lower it to a Network.
 
     operators: 'auto' (dense Gemm weights, matrix-free onnxruntime convolutions),
     'sparse' (exact CSR wherever it fits in memory_budget bytes) or 'matrix-free'.
-    tol: relative tolerance of the Lanczos eigensolver on σ².
+    tol: each certified spectral norm is within a factor 1 + tol of its Ritz value
+    (so of the true norm). seed: the run's random seed (None: fresh from the OS;
+    every result records it, and passing it again replays the run exactly).
+    delta: failure probability of each probabilistic spectral norm (README, "Guarantees").
     """
     if operators not in OPERATOR_MODES:
         raise OnnxlipError(f"operators must be one of {OPERATOR_MODES}, got {operators!r}")
     _check_positive(tol, "tol")
+    _check_positive(delta, "delta")
+    if not float(delta) < 1:
+        raise OnnxlipError(f"delta must be below 1, got {delta!r}")
+    if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
+        raise OnnxlipError(f"seed must be a non-negative integer, got {seed!r}")
     _check_positive(memory_budget, "memory budget")
     graph = load_graph(path, input_shape, input_name, output_name)
     lowered, shapes = [], {graph.input_name: graph.input_shape}
@@ -200,7 +313,9 @@ def load(
     for block in blocks:
         _check_magnitude(block, graph.path)
     release(graph)
-    return Network(graph, blocks, tol)
+    solver = Solver(tol=float(tol), delta=float(delta)) if seed is None else \
+        Solver(tol=float(tol), delta=float(delta), seed=int(seed))
+    return Network(graph, blocks, solver)
 
 
 #: The largest norm (and bias) of one block: its Gram operator, applied in

@@ -1,127 +1,282 @@
-"""Spectral norms of matrix-free operators by Lanczos on MᵀM (or MMᵀ).
+"""Certified spectral norms of matrix-free operators: Lanczos from a random start.
 
-scipy's eigsh (ARPACK) converges on the eigenvector, and the top singular
-values of a convolution are tightly clustered, so it needs hundreds of
-products; the largest Ritz value itself converges in a few dozen. This plain
-Lanczos iteration stops when that value has settled, and reports the residual
-of its Ritz pair. It reorthogonalizes fully while the basis is small; for long
-vectors (AlexNet's and VGG16's activations) it keeps only the last two,
-in float32,, as
-lost orthogonality only duplicates converged Ritz values and the largest one
-stays right (Paige), which saves gigabytes and most of the time.
+σ_max(M)² = λ_max(B) for the Gram operator B = MᵀM (or MMᵀ, the smaller side).
+No deterministic Krylov method can bound λ_max from above: a start vector
+orthogonal to the top eigenvector never sees it (Kuczyński & Woźniakowski 1992).
+With a start drawn uniformly on the unit sphere it can, with a stated failure
+probability δ. Each solve draws its start from the run's seed (128 bits from
+the OS unless given: `Solver.seed`, recorded in every result so that a run
+replays exactly) and turns the top Ritz value θ_k after k steps into an upper
+bound of λ_max that holds with probability ≥ 1 − δ, by the smaller of two
+published bounds, each at δ/2:
+
+* Kuczyński & Woźniakowski, "Estimating the largest eigenvalue by the power
+  and Lanczos algorithms with a random start", SIAM J. Matrix Anal. Appl.
+  13(4):1094-1122, 1992 (abstract: the probabilistic failure of Lanczos is "at
+  most √n·e^{−(2k−1)√ε}" up to a constant; their Theorem 4.2 gives the constant
+  1.648 ≈ √e, which we could not check against the paper's text and round up
+  to KW_CONSTANT = 2): for a symmetric positive (semi-)definite n×n matrix,
+  P[θ_k < (1 − ε)λ_max] ≤ C·√n·e^{−√ε(2k−1)}. Inverted: with
+  ε_k = (ln(C√n/δ)/(2k−1))², λ_max ≤ θ_k/(1 − ε_k). Worst case over spectra.
+* van Dorsselaer, Hochstenbach & van der Vorst, "Computing probabilistic bounds
+  for extreme eigenvalues of symmetric matrices with the Lanczos method", SIAM
+  J. Matrix Anal. Appl. 22(3), 2000 (the "Lanczos polynomial" bound): with
+  c₁ the start's component on the top eigenvector, c₁² ~ Beta(1/2, (n−1)/2),
+  so |c₁| ≥ t_δ with probability 1 − δ (t_δ² its δ-quantile, scipy's
+  betaincinv). For χ the characteristic polynomial of T_{k−1},
+  |c₁χ(λ_max)| ≤ ||χ(B)b|| = β₁⋯β_{k−1}, so λ_max is at most the λ > θ_max(T_{k−1})
+  where |χ(λ)| = β₁⋯β_{k−1}/t_δ. Adapts to the actual spectrum (tight after a
+  gap), where KW covers every spectrum.
+
+The solve stops when the certified bound is within `tol` of the Ritz value
+sqrt(θ_k), which is below the true norm: the reported bound is then at most
+(1 + tol)·σ_max. A deterministic cap (an upper bound proven otherwise: the
+convolution's Fourier symbol, a dense SVD, a Frobenius norm) takes over when it
+is lower, and then the result is deterministic. At max_iter the looser
+certified value is returned (`converged` False), never an uncertified one.
+When the Krylov space is exhausted (β_k ≈ 0), θ_k is λ_max itself for almost
+every start (the start has a component on every eigenvector), plus β_k.
+
+Arithmetic. The probabilities are for exact arithmetic. Where the Lanczos basis
+fits `Solver.basis_bytes` (n·8·256 bytes: 125,000 entries at the default 256 MB)
+it is kept in float64 and every vector is reorthogonalized against all the
+others (twice when needed), which keeps the computed T_k that of an exact
+Lanczos process on a matrix within a few units of roundoff of B (Paige); a
+relative slack RITZ_SLACK is added for this. Beyond the budget (VGG16's
+activations) only the three-term recurrence is run, with local
+reorthogonalization, and only the polynomial bound is used: under Greenbaum's
+model (Linear Algebra Appl. 113, 1989) finite-precision Lanczos is exact
+Lanczos on a larger matrix whose eigenvalues lie in intervals of width
+O(u·||B||) around B's, with the start's weight on each interval equal to its
+component, so the bound holds up to that width (covered by RITZ_SLACK). This is
+the assumption made for long vectors. Products that round (onnxruntime's float32
+kernels) are covered by `error` = (c₁, c₀), a proven bound
+||B̃ − B|| ≤ c₁·σ + c₀ for the computed Gram operator B̃ (σ the true norm: the
+products' errors are carried through the map itself), assuming that the
+computed products act as one fixed operator B̃: λ_max(B) ≤ λ_max(B̃) + ||B − B̃||
+gives σ² ≤ λ + c₁σ + c₀ for the certified λ, so σ ≤ (c₁ + sqrt(c₁² + 4(λ + c₀)))/2.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import hashlib
+import math
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
-from scipy.linalg import eigh_tridiagonal
+from scipy.linalg import eigh, eigh_tridiagonal, eigvalsh_tridiagonal
+from scipy.optimize import brentq
+from scipy.special import betaincinv
 
 Apply = Callable[[np.ndarray], np.ndarray]
 
-#: Longest vector for which the whole Lanczos basis is kept.
-FULL_BASIS_MAX = 100_000
-#: A settled Ritz value still counts as unconverged while its residual is above this.
-SETTLED_RESIDUAL_MAX = 1e-2
+#: Kuczyński-Woźniakowski's constant (1.648 in their Theorem 4.2), rounded up.
+KW_CONSTANT = 2.0
+#: Relative slack on every certified eigenvalue for the arithmetic of Lanczos itself.
+RITZ_SLACK = 1e-10
+#: β_k below this fraction of θ_k: the Krylov space is exhausted (invariant).
+EXHAUSTED = 1e-10
+#: Lanczos vectors the full basis must have room for within the memory budget.
+BASIS_STEPS = 256
+
+
+#: Defaults of Solver (and of load and the CLI).
+DEFAULT_TOL = 1e-3
+DEFAULT_DELTA = 1e-9
+
+
+def fresh_seed() -> int:
+    """128 bits of entropy from the operating system."""
+    return int(np.random.SeedSequence().entropy)
+
+
+@dataclass(frozen=True)
+class Solver:
+    """How spectral norms are certified.
+
+    tol: stop when the certified upper bound is within this factor of the Ritz
+    value (a lower bound): the bound is then ≤ (1 + tol)·σ_max. delta: failure
+    probability of each probabilistic solve. seed: the run's seed (fresh from
+    the OS unless given); every start vector derives from it and the solve's
+    key. basis_bytes: memory for the full Lanczos basis. salt: bumped to
+    re-solve with fresh starts.
+    """
+
+    tol: float = DEFAULT_TOL
+    delta: float = DEFAULT_DELTA
+    seed: int = field(default_factory=fresh_seed)
+    basis_bytes: float = 256e6
+    max_iter: int = 1000
+    salt: int = 0
+
+    def generator(self, key: Hashable) -> np.random.Generator:
+        """The random stream of one solve: from the seed, the salt and the key."""
+        digest = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "big")
+        return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(self.salt, digest)))
+
+    def retry(self) -> Solver:
+        """Fresh starts and a tighter stopping rule (for a suspected failure)."""
+        return replace(self, salt=self.salt + 1, tol=self.tol / 4, max_iter=2 * self.max_iter)
 
 
 @dataclass
 class SpectralNorm:
-    """σ_max of an operator, with what the solver did to get it."""
+    """σ_max of an operator, with its guarantee and what the solver did."""
 
-    value: float  # the reported norm (an upper estimate unless asked for the Ritz value)
+    value: float  # upper bound (a lower one, the Ritz value, for upper=False)
     iterations: int
-    residual: float  # ||B v - θ v|| / θ of the top Ritz pair (θ, v)
-    converged: bool
+    residual: float = 0.0  # ||B v − θ v|| / θ of the top Ritz pair (θ, v): a diagnostic
+    converged: bool = True
     vector: np.ndarray | None = None  # top Ritz vector of the Gram operator
-    ritz: float = 0.0  # sqrt(θ): approaches the norm from below
+    ritz: float = 0.0  # sqrt(θ): at most the norm (up to rounding)
+    guarantee: str = "deterministic"  # or "probabilistic": holds with probability ≥ 1 − delta
+    delta: float = 0.0
+    seed: int | None = None
 
 
-def spectral_norm(
-    forward: Apply, adjoint: Apply, n_in: int, n_out: int, **options
-) -> SpectralNorm:
+def spectral_norm(forward: Apply, adjoint: Apply, n_in: int, n_out: int,
+                  solver: Solver | None = None, key: Hashable = 0, **options) -> SpectralNorm:
     """||M|| for M given by forward (M x) and adjoint (Mᵀ u) on 1-D vectors,
-    by Lanczos on the smaller of MᵀM and MMᵀ (options: see gram_norm)."""
+    on the smaller of MᵀM and MMᵀ (options: see gram_norm)."""
     if n_out < n_in:
-        return gram_norm(lambda u: forward(adjoint(u)), n_out, **options)
-    return gram_norm(lambda x: adjoint(forward(x)), n_in, **options)
+        return gram_norm(lambda u: forward(adjoint(u)), n_out, solver, key, **options)
+    return gram_norm(lambda x: adjoint(forward(x)), n_in, solver, key, **options)
 
 
-def gram_norm(
-    gram: Apply, n: int, tol: float = 1e-6, max_iter: int = 300, seed: int = 0,
-    start: np.ndarray | None = None, want_vector: bool = False, mask: np.ndarray | None = None,
-    upper: bool = True,
-) -> SpectralNorm:
+def gram_norm(gram: Apply, n: int, solver: Solver | None = None, key: Hashable = 0,
+              mask: np.ndarray | None = None, want_vector: bool = False, upper: bool = True,
+              cap: float = math.inf, error: tuple[float, float] = (0.0, 0.0)) -> SpectralNorm:
     """sqrt(λ_max) of a Gram operator B = MᵀM on vectors of length n.
 
-    `tol` is the relative change of the top Ritz value (an eigenvalue, σ²)
-    below which it counts as settled. `residual` is ||B v - θ v|| / θ for that
-    Ritz pair. The top Ritz vector is returned where the basis was kept (short
-    vectors, or `want_vector`); long vectors are held in float32. `start` is
-    mixed into a seeded random start, and `mask` (0/1) restricts the start to
-    the subspace the operator's range lies in.
-
-    The Ritz value θ approaches λ_max from below, and when the top singular
-    values are clustered it creeps up for a long time after its steps have
-    become small. With `upper` (for upper bounds) the value reported is
-    sqrt(θ + ||B v − θ v||): the eigenvalue the Ritz pair approximates lies
-    within its residual. Without it (for lower bounds) it is sqrt(θ).
+    mask (0/1): B's range lies in its span; the start is uniform on that
+    subspace's sphere, whose dimension enters the bounds. cap: a proven upper
+    bound of the norm. error: (c₁, c₀) with ||B̃ − B|| ≤ c₁·σ + c₀ for the computed B̃.
+    upper=False (lower bounds): stop when the Ritz value has settled to
+    solver.tol and report it.
     """
-    full = want_vector or n <= FULL_BASIS_MAX
-    v = start_vector(n, seed, start)
+    solver = solver or Solver()
+    dim = n if mask is None else int(np.count_nonzero(mask))
+    if dim == 0:
+        return SpectralNorm(0.0, 0)
+    v = solver.generator(key).standard_normal(n)
     if mask is not None:
-        v = v * mask
-    v = v.astype(np.float64 if full else np.float32)
-    result = lanczos_max(gram, v, tol, max_iter, full=full)
-    theta = max(result.value, 0.0)
-    ritz = float(np.sqrt(theta))
-    value = float(np.sqrt(theta * (1.0 + result.residual))) if upper else ritz
-    return SpectralNorm(value, result.iterations, result.residual, result.converged,
-                        result.vector, ritz)
+        v = v * (mask != 0)
+    full = want_vector or n * 8 * BASIS_STEPS <= solver.basis_bytes
+    certify = _Certificate(dim, solver.delta, full) if upper else None
+    result = _lanczos(gram, v, solver, full, certify, cap, error)
+    result.seed = solver.seed
+    return result
 
 
-def start_vector(n: int, seed: int, start: np.ndarray | None) -> np.ndarray:
-    """A seeded random unit vector, plus `start` (normalized) where one is given.
+class _Certificate:
+    """Upper bounds of λ_max from the Lanczos coefficients, each holding with
+    probability ≥ 1 − δ over the random start (see the module docstring)."""
 
-    The random part keeps every eigenvector represented: a start vector alone
-    could sit on an eigenvector that is not the top one, where Lanczos settles
-    on the wrong value before its Krylov space grows towards the right one.
-    """
-    v = np.random.default_rng(seed).standard_normal(n)
-    v /= np.linalg.norm(v)
-    if start is None or start.size != n or not np.linalg.norm(start):
-        return v
-    return v + start.ravel() / np.linalg.norm(start)
+    def __init__(self, dim: int, delta: float, full: bool):
+        self.dim, self.delta = dim, delta
+        self.use_kw = full  # KW needs the exact-arithmetic process: full reorthogonalization
+        share = delta / 2 if full else delta
+        self.kw_log = math.log(KW_CONSTANT * math.sqrt(dim) / share)
+        # |c₁| ≥ t with probability 1 − share: t² is Beta(1/2, (dim−1)/2)'s share-quantile.
+        self.log_t = 0.0 if dim == 1 else 0.5 * math.log(float(betaincinv(0.5, (dim - 1) / 2, share)))
+
+    def bound(self, theta: float, alphas: list[float], betas: list[float]) -> float:
+        """The smaller certified upper bound of λ_max after k = len(alphas) steps
+        (betas: β₁..β_{k−1}, the coefficients inside T_k)."""
+        k = len(alphas)
+        best = math.inf
+        if self.use_kw:
+            eps = (self.kw_log / (2 * k - 1)) ** 2
+            if eps < 1:
+                best = theta / (1 - eps)
+        if k >= 2 and all(b > 0 for b in betas[: k - 1]):
+            best = min(best, self._polynomial(alphas[: k - 1], betas[: k - 1]))
+        return best
+
+    def _polynomial(self, alphas: list[float], betas: list[float]) -> float:
+        """The λ above T_{k−1}'s Ritz values where |χ(λ)| = β₁⋯β_{k−1}/t."""
+        ritz = eigvalsh_tridiagonal(np.array(alphas), np.array(betas[:-1])) if len(alphas) > 1 \
+            else np.array(alphas)
+        target = float(np.sum(np.log(betas))) - self.log_t
+        top = float(ritz[-1])
+
+        def excess(lam: float) -> float:  # log|χ(λ)| − target: increasing above the top
+            return float(np.sum(np.log(lam - ritz))) - target
+
+        gap = max(abs(top), float(max(betas)), 1e-300)
+        while excess(top + gap) < 0:
+            gap *= 2
+            if not np.isfinite(top + gap):
+                return math.inf
+        low = gap
+        while excess(top + low) >= 0:  # excess → −∞ at the top Ritz value
+            low /= 2
+            if low <= 1e-15 * max(abs(top), 1e-300):
+                return top + 2 * low
+        root = brentq(excess, top + low, top + 2 * low, xtol=1e-15 * max(abs(top), 1e-300), rtol=1e-13)
+        return root * (1 + 1e-12)
 
 
-def lanczos_max(gram: Apply, v: np.ndarray, tol: float, max_iter: int,
-                full: bool = True) -> SpectralNorm:
-    """Largest eigenvalue of a symmetric positive semi-definite operator."""
+def _lanczos(gram: Apply, v: np.ndarray, solver: Solver, full: bool,
+             certify: _Certificate | None, cap: float, error: tuple[float, float]) -> SpectralNorm:
+    """Lanczos on a symmetric positive semi-definite operator, until certified."""
     norm = np.linalg.norm(v)
-    if norm == 0.0 or not np.isfinite(norm):
-        return SpectralNorm(0.0, 1, 0.0, bool(norm == 0.0))
     basis = _Basis(v / norm) if full else _RecentBasis(v / norm)
     alphas: list[float] = []
     betas: list[float] = []
-    theta, settled = 0.0, 0
-    for step in range(1, max_iter + 1):
+    theta, settled, value = 0.0, 0, math.inf
+    for step in range(1, solver.max_iter + 1):
         w = gram(basis.last)
         alphas.append(float(basis.last @ w))
         w = basis.orthogonalize(w)
         beta = float(np.linalg.norm(w))
         values, vectors = _ritz(alphas, betas)
-        new_theta = float(values[-1])
+        new_theta = max(float(values[-1]), 0.0)
         residual = abs(beta * vectors[-1, -1]) / new_theta if new_theta > 0 else 0.0
-        settled = settled + 1 if new_theta - theta <= tol * abs(new_theta) else 0
+        settled = settled + 1 if new_theta - theta <= solver.tol * new_theta else 0
         theta = new_theta
-        exhausted = beta <= 1e-12 * max(abs(theta), 1e-300) or (full and step >= v.size)
-        if (settled >= 3 and residual <= SETTLED_RESIDUAL_MAX) or residual <= tol or exhausted:
-            return SpectralNorm(theta, step, residual, True, basis.combine(vectors[:, -1]))
+        ritz = math.sqrt(theta)
+        exhausted = beta <= EXHAUSTED * max(theta, 1e-300) or (full and step >= v.size)
+        if certify is None:  # a lower bound: the settled Ritz value
+            if (settled >= 3 and residual <= 1e-2) or residual <= solver.tol or exhausted:
+                return SpectralNorm(ritz, step, residual, True, basis.combine(vectors[:, -1]), ritz)
+        else:
+            lam = certify.bound(theta, alphas, betas + [beta])
+            if exhausted:
+                lam = min(lam, theta + beta)
+            value = _with_rounding(lam * (1 + RITZ_SLACK), error) if np.isfinite(lam) else math.inf
+            floor = _with_rounding(theta, error)  # the rounding margin is there whatever the step
+            if value <= (1 + solver.tol) * floor or exhausted or cap <= (1 + solver.tol) * floor:
+                return _result(value, cap, step, residual, True, basis, vectors, ritz, certify)
+        if beta == 0.0:
+            break
         betas.append(beta)
         basis.append(w / beta)
-    return SpectralNorm(theta, max_iter, residual, False, basis.combine(vectors[:, -1]))
+    if certify is None:
+        return SpectralNorm(math.sqrt(theta), step, residual, False,
+                            basis.combine(_padded(vectors[:, -1], basis)), math.sqrt(theta))
+    return _result(value, cap, step, residual, False, basis, vectors, math.sqrt(theta), certify)
+
+
+def _with_rounding(lam: float, error: tuple[float, float]) -> float:
+    """The largest σ with σ² ≤ lam + c₁σ + c₀."""
+    c1, c0 = error
+    return (c1 + math.sqrt(c1 * c1 + 4 * (lam + c0))) / 2
+
+
+def _result(value, cap, step, residual, converged, basis, vectors, ritz, certify) -> SpectralNorm:
+    vector = basis.combine(_padded(vectors[:, -1], basis))
+    if cap <= value:
+        return SpectralNorm(cap, step, residual, True, vector, ritz)
+    return SpectralNorm(value, step, residual, converged, vector, ritz, "probabilistic",
+                        certify.delta)
+
+
+def _padded(coefficients: np.ndarray, basis) -> np.ndarray:
+    """Ritz coefficients over the whole basis (one vector longer after the last step)."""
+    extra = basis.size - coefficients.size
+    return np.concatenate([coefficients, np.zeros(extra)]) if extra > 0 else coefficients
 
 
 class _Basis:
@@ -136,6 +291,10 @@ class _Basis:
     def last(self) -> np.ndarray:
         return self._rows[self._count - 1]
 
+    @property
+    def size(self) -> int:
+        return self._count
+
     def append(self, v: np.ndarray) -> None:
         if self._count == len(self._rows):
             self._rows = np.concatenate([self._rows, np.empty_like(self._rows)])
@@ -146,18 +305,24 @@ class _Basis:
         return self._rows[: self._count].T @ coefficients
 
     def orthogonalize(self, w: np.ndarray) -> np.ndarray:
-        """Full reorthogonalization against the basis: classical Gram-Schmidt,
+        """Full reorthogonalization: the three-term recurrence against the last two
+        vectors first, then classical Gram-Schmidt against the whole basis,
         repeated once when it cancelled most of w (Kahan's "twice is enough")."""
+        for i in range(max(self._count - 2, 0), self._count):
+            w = w - (self._rows[i] @ w) * self._rows[i]
         rows = self._rows[: self._count]
-        before = np.linalg.norm(w)
-        w = w - rows.T @ (rows @ w)
-        if np.linalg.norm(w) < 0.7 * before:
-            w = w - rows.T @ (rows @ w)
+        for _ in range(2):
+            before = np.linalg.norm(w)
+            w = w - (rows @ w) @ rows
+            if np.linalg.norm(w) >= 0.7 * before:
+                break
         return w
 
 
 class _RecentBasis:
-    """The last two Lanczos vectors only (local reorthogonalization)."""
+    """The last two Lanczos vectors only (local reorthogonalization), in float64."""
+
+    size = 0  # keeps no basis
 
     def __init__(self, first: np.ndarray):
         self._previous: np.ndarray | None = None
@@ -183,3 +348,18 @@ def _ritz(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarr
         return np.array(alphas), np.ones((1, 1))
     return eigh_tridiagonal(np.array(alphas), np.array(betas[: k - 1]),
                             select="i", select_range=(k - 1, k - 1))
+
+
+def dense_gram_norm(gram: np.ndarray, entry_error: float = 0.0) -> SpectralNorm:
+    """sqrt(λ_max) of an explicit symmetric PSD Gram matrix by LAPACK (float64),
+    plus a rounding margin: LAPACK's backward error (a modest multiple of m·u·||G||,
+    taken as 8·m·u·||G||_F) and `entry_error`, a bound of ||G − G_exact||₂ from
+    forming G. Deterministic."""
+    m = gram.shape[0]
+    if m == 0:
+        return SpectralNorm(0.0, 0)
+    top = float(eigh(gram, eigvals_only=True, subset_by_index=[m - 1, m - 1], driver="evr")[0])
+    frobenius = float(np.linalg.norm(gram))
+    margin = 8 * m * np.finfo(np.float64).eps * frobenius + entry_error
+    value = math.sqrt(max(top, 0.0) + margin)
+    return SpectralNorm(value, 0, 0.0, True, None, math.sqrt(max(top, 0.0)))

@@ -57,7 +57,8 @@ class Sweep:
         out = []
         running = self.lower_bounds()
         for p, (best, where) in zip(self.points, running):
-            row = {"eps": p.eps, "local_bound": p.local.bound, "global_bound": self.global_bound}
+            row = {"eps": p.eps, "local_bound": p.local.bound, "guarantee": p.local.guarantee,
+                   "delta": p.local.delta, "global_bound": self.global_bound}
             if p.lower is not None:
                 row.update({"lower_bound": best, "lower_bound_eps": where})
                 low = p.lower.to_dict()

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .blocks import AffineBlock, Block, MaxPoolBlock, is_chain
-from .bounds import BoundResult, Trace, chord_slopes, local_bound
+from .bounds import BoundResult, Solves, Trace, as_solver, chord_slopes, local_bound
 from .operators.base import LinearMap
 from .operators.gated import Gated, apply_steps, apply_steps_t
 from .operators.monomial import MonomialMap
-from .spectral import spectral_norm
+from .spectral import Solver
 
 
 @dataclass
@@ -53,8 +53,8 @@ class _Step(Gated):
 
 
 def _norm(steps: list[_Step], in_size: int, in_mask: np.ndarray | None,
-          out_rows: np.ndarray | None, head: LinearMap | None, tol: float) -> float:
-    """||diag(out_rows) · head · E_steps · diag(in_mask)||."""
+          out_rows: np.ndarray | None, head: LinearMap | None, solves: Solves, key) -> float:
+    """||diag(out_rows) · head · E_steps · diag(in_mask)||, certified (bounds.Solves)."""
     if (out_rows is not None and not out_rows.any()) or (in_mask is not None and not in_mask.any()):
         return 0.0
 
@@ -71,13 +71,17 @@ def _norm(steps: list[_Step], in_size: int, in_mask: np.ndarray | None,
         return u if in_mask is None else u * in_mask
 
     out_size = forward(np.zeros(in_size)).size
-    return spectral_norm(forward, adjoint, in_size, out_size, tol=tol).value
+    maps = [s.linear for s in steps if s.linear is not None] + ([head] if head is not None else [])
+    return solves.product_norm(forward, adjoint, in_size, out_size, maps, key, in_mask)
 
 
-def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float, tol: float) -> BoundResult:
+def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
+                      solver: Solver | float | None = None) -> BoundResult:
     """min(paper bound, ||E|| + η^(1)); the per-block records are the paper's."""
     start = time.perf_counter()
-    paper = local_bound(blocks, nominal, eps, tol)
+    solver = as_solver(solver)
+    paper = local_bound(blocks, nominal, eps, solver)
+    solves = Solves(solver)
     if not is_chain(blocks):
         return paper  # the telescoping below is written for chains
     steps = _stable_steps(blocks, nominal, paper, eps)
@@ -85,30 +89,33 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float, tol: floa
     uncertain = [j for j, s in enumerate(steps) if s.uncertain is not None and s.uncertain.any()]
     carry: dict[int, float] = {}  # ||E_{K←l+1} Q_l|| + η^(l+1) for every uncertain block l
     for j in reversed(uncertain):
-        suffix = _norm(steps[j + 1:], steps[j].uncertain.size, steps[j].uncertain, None, None, tol)
-        carry[j] = suffix + _eta(j + 1, uncertain, carry, steps, sizes, tol)
-    eta = _eta(0, uncertain, carry, steps, sizes, tol)
-    bound = _norm(steps, sizes[0], steps[0].in_mask, None, None, tol) + eta
+        suffix = _norm(steps[j + 1:], steps[j].uncertain.size, steps[j].uncertain, None, None, solves,
+                       ("suffix", j))
+        carry[j] = suffix + _eta(j + 1, uncertain, carry, steps, sizes, solves)
+    eta = _eta(0, uncertain, carry, steps, sizes, solves)
+    bound = _norm(steps, sizes[0], steps[0].in_mask, None, None, solves, ("stable",)) + eta
     if bound >= paper.bound:
         return paper
-    return BoundResult(bound, paper.layers, time.perf_counter() - start, eps)
+    return BoundResult(bound, paper.layers, time.perf_counter() - start, eps,
+                       paper.delta + solves.delta, solver.seed)
 
 
-def _eta(m: int, uncertain: list[int], carry: dict, steps: list[_Step], sizes, tol) -> float:
+def _eta(m: int, uncertain: list[int], carry: dict, steps: list[_Step], sizes, solves) -> float:
     """η^(m) = Σ_{l ≥ m uncertain} carry_l · ρ_l(E_{l−1←m})."""
     total = 0.0
     for j in uncertain:
         if j >= m:
-            total += carry[j] * _rho(steps, m, j, sizes, tol)
+            total += carry[j] * _rho(steps, m, j, sizes, solves)
     return total
 
 
-def _rho(steps: list[_Step], m: int, j: int, sizes, tol) -> float:
+def _rho(steps: list[_Step], m: int, j: int, sizes, solves) -> float:
     """ρ_j(E_{j−1←m}): how far block j's uncertain part can move, per unit input of block m."""
     s = steps[j]
     if s.slopes is not None:
-        return _norm(steps[m:j], sizes[m], steps[m].in_mask, s.slopes, s.linear, tol)
-    return s.overlap * _norm(steps[m:j], sizes[m], steps[m].in_mask, s.members, None, tol)
+        return _norm(steps[m:j], sizes[m], steps[m].in_mask, s.slopes, s.linear, solves, ("rho", m, j))
+    return s.overlap * _norm(steps[m:j], sizes[m], steps[m].in_mask, s.members, None, solves,
+                             ("rho", m, j))
 
 
 def _stable_steps(blocks: list[Block], nominal: Trace, paper: BoundResult,

@@ -126,7 +126,7 @@ def test_plots_and_files_are_written(tmp_path, capsys):
     code, _, err = run(capsys, "sweep", MLP, "-x", MLP_X0, "-n", "3", "--csv", files["csv"],
                        "--plot", files["plot"])
     assert code == 0, err
-    assert files["csv"].read_text().startswith("eps,local_bound,global_bound,lower_bound,")
+    assert files["csv"].read_text().startswith("eps,local_bound,guarantee,delta,global_bound,lower_bound,")
     assert files["plot"].read_text().lstrip().startswith("<?xml")
 
 
@@ -317,15 +317,15 @@ def test_json_outputs_use_the_same_names(tmp_path, capsys):
         if name != "inspect":
             assert data["input"] == (batch if name == "certify --inputs" else MLP_X0), name
             assert data["method"] == "paper", name
-    glob = onnxlip.load(MLP).global_bound().bound
-    for name in ("inspect", "bound", "sweep"):
+    for name in ("inspect", "bound", "sweep"):  # each run's recorded seed replays it
+        glob = onnxlip.load(MLP, seed=outputs[name]["seed"]).global_bound().bound
         assert outputs[name]["global_bound"] == pytest.approx(glob, rel=1e-12), name
     assert set(outputs["bound"]["points"][0]) <= set(outputs["sweep"]["points"][0]) | {"layers"}
     for name in ("bound", "sweep"):
         assert [set(p) >= {"eps", "local_bound"} for p in outputs[name]["points"]] == [True] * 2
     single, many = outputs["certify"], outputs["certify --inputs"]["certificates"]
     assert set(many[0]) == set(single) - {"model", "input", "input_shape", "output_shape",
-                                          "method"}
+                                          "method", "seed"}
 
 
 def test_inspect_json_has_the_global_bound_the_table_prints(capsys):

@@ -30,7 +30,11 @@ class Case:
         self.path = REFERENCE / f"{name}.onnx"
         self.published = json.loads((REFERENCE / f"{name}_published.json").read_text())
         self.x0 = np.load(REFERENCE / self.published.get("input", f"{name}_x0.npy"))
-        self.engine = onnxlip.load(self.path)
+        # The published values are 100 power iterations, below the truth (by up to 0.8% on
+        # CIFAR-10: our own Ritz values, lower estimates, are that far above them). A
+        # certified bound is above the truth, so 1% leaves 0.2% for the certificates of
+        # CIFAR-10's four Lanczos blocks: a tolerance of 5e-4 each (1e-3 by default).
+        self.engine = onnxlip.load(self.path, tol=5e-4)
         self.session = netgen.ort_session(self.path)
 
 

@@ -13,6 +13,26 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
+#: Unit roundoffs.
+F64 = float(np.finfo(np.float64).eps) / 2
+F32 = float(np.finfo(np.float32).eps) / 2
+
+
+def gamma(m: int, u: float) -> float:
+    """Higham's γ_m = m·u / (1 − m·u): |fl(Σ a_i b_i) − Σ a_i b_i| ≤ γ_m Σ |a_i b_i| for m terms."""
+    if m * u >= 0.5:
+        return math.inf
+    return m * u / (1 - m * u)
+
+
+def frobenius_cap(values: np.ndarray) -> float:
+    """||values||₂ computed in float64, lifted past its own rounding."""
+    flat, total, chunk = values.ravel(), 0.0, 1 << 22
+    for i in range(0, flat.size, chunk):
+        part = flat[i:i + chunk].astype(np.float64)
+        total += float(part @ part)
+    return math.sqrt(total * (1 + gamma(values.size + 1, F64))) * (1 + 2 * F64)
+
 
 class LinearMap(ABC):
     """A linear map A from in_shape to out_shape."""
@@ -53,6 +73,20 @@ class LinearMap(ABC):
     def nnz(self) -> int | None:
         """Stored nonzeros, where the map is held as a matrix."""
         return None
+
+    def norm_cap(self) -> float:
+        """A proven upper bound of ||A||₂ (cheap; the Frobenius norm unless a map knows better)."""
+        return frobenius_cap(self.to_sparse().data)
+
+    def rounding(self) -> tuple[float, float]:
+        """(η_f, η_a): proven bounds of ||fl(A x) − A x|| / ||x|| and ||fl(Aᵀu) − Aᵀu|| / ||u||
+        for the products as this map computes them. Default: float64 sums of at most
+        the row (column) nonzeros, |fl(Ax) − Ax| ≤ γ_m |A||x| and || |A| || ≤ ||A||_F."""
+        matrix = self.to_sparse()
+        frob = frobenius_cap(matrix.data)
+        rows = int(np.diff(matrix.indptr).max(initial=0))
+        cols = int(np.bincount(matrix.indices, minlength=1).max(initial=0))
+        return gamma(rows, F64) * frob, gamma(cols, F64) * frob
 
     def to_sparse(self) -> sp.csr_matrix:
         """The exact CSR matrix of the map."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .base import LinearMap
@@ -31,6 +33,17 @@ class ChainMap(LinearMap):
     def nnz(self) -> int | None:
         return self._core.nnz()
 
+    def norm_cap(self) -> float:
+        return math.prod(m.norm_cap() for m in self.maps)
+
+    def rounding(self) -> tuple[float, float]:
+        """Errors of the factors carried through the others: applying M_L ⋯ M_1 one
+        at a time, ||error|| ≤ Σ_j (Π_{i>j} a_i) η_j Π_{i<j} (a_i + η_i)."""
+        caps = [m.norm_cap() for m in self.maps]
+        errors = [m.rounding() for m in self.maps]
+        return (_carried(caps, [e[0] for e in errors]),
+                _carried(caps[::-1], [e[1] for e in errors][::-1]))
+
     def matmat(self, x):
         for m in self.maps:
             x = m.matmat(x)
@@ -54,6 +67,15 @@ class ChainMap(LinearMap):
 
     def sparse_nnz_estimate(self) -> int:
         return self._core.sparse_nnz_estimate()
+
+
+def _carried(caps: list[float], errors: list[float]) -> float:
+    """Σ_j (Π_{i>j} caps_i) errors_j Π_{i<j} (caps_i + errors_i), factors applied in order."""
+    total, before = 0.0, 1.0
+    for j, (a, e) in enumerate(zip(caps, errors)):
+        total += math.prod(caps[j + 1:]) * e * before
+        before *= a + e
+    return total
 
 
 def chain(maps: list[LinearMap]) -> LinearMap:

@@ -8,7 +8,7 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-from .base import LinearMap
+from .base import F32, F64, LinearMap, gamma
 from .ort import NodeSession
 
 
@@ -93,10 +93,82 @@ class ConvMap(LinearMap):
     def sparse_nnz_estimate(self) -> int:
         return self.out_size * math.prod(self.weight.shape[1:])
 
+    @cached_property
+    def _abs_norm(self) -> float:
+        """A bound of || |A| ||₂, the convolution with |W|: the norm of the c_out×c_in
+        matrix of the kernels' absolute sums (per group), which is |W|'s Fourier symbol
+        at frequency 0, its largest (see fourier_cap)."""
+        sums = np.abs(self.weight.astype(np.float64)).sum(axis=tuple(range(2, 2 + self.rank)))
+        m, cg = sums.shape
+        blocks = sums.reshape(self.group, m // self.group, cg)
+        top = max(float(np.linalg.norm(b, 2)) for b in blocks)
+        return top * (1 + 8 * max(m, cg) * F64) + gamma(self.weight[0, 0].size, F64) * top
+
+    @cached_property
+    def _cap(self) -> float:
+        cap = fourier_cap(self)
+        return min(cap, self._abs_norm)
+
+    def norm_cap(self) -> float:
+        return self._cap
+
+    def rounding(self) -> tuple[float, float]:
+        """onnxruntime's float32 kernels: x rounded to float32 (u·||A||), then each
+        output sums fan-in products (c_in/group·kernel; the adjoint c_out/group·kernel):
+        γ_m·|| |A| ||·||x32||. Assumes the kernel computes each output as a sum of
+        those products in some order (im2col + GEMM or direct; no Winograd/FFT)."""
+        kernel = math.prod(self.weight.shape[2:])
+        fan_in = self.weight.shape[1] * kernel
+        fan_out = self.weight.shape[0] // self.group * kernel
+        cap, lift = self.norm_cap(), self._abs_norm * (1 + F32)
+        return F32 * cap + gamma(fan_in, F32) * lift, F32 * cap + gamma(fan_out, F32) * lift
+
     def to_sparse(self) -> sp.csr_matrix:
         """The exact matrix, built by vectorized index arithmetic."""
         rows, cols, vals = conv_matrix_entries(self)
         return sp.csr_matrix((vals, (rows, cols)), shape=(self.out_size, self.in_size))
+
+
+#: Largest work (frequencies × c_out × c_in × min(c_out, c_in)) spent on the Fourier cap.
+FOURIER_WORK_MAX = 2e9
+
+
+def fourier_cap(conv: ConvMap, work_max: float | None = None) -> float:
+    """A deterministic upper bound of ||conv|| (inf where too costly to compute).
+
+    A zero-padded stride-1 convolution of an input of length N with a kernel of
+    extent K = d(k−1)+1 is a compression (a submatrix) of the linear convolution,
+    which equals the circular one on P = N + K − 1 points (no wrap-around):
+    its norm is the largest σ_max over the P-point DFT frequencies f of the
+    kernel's c_out×c_in symbol Ŵ(f) = Σ_j w_j e^{−2πi f·j d/P} (per axis,
+    per group). Stride s keeps every s-th output: a row selection, norm ≤ 1.
+    Rounding: |fl(Ŵ) − Ŵ| ≤ γ_{taps+2}·Σ|w| entrywise and LAPACK's SVD backward
+    error, both bounded through ||(Σ|w|)||_F and added.
+    """
+    w = conv.weight.astype(np.float64)
+    m, cg = w.shape[:2]
+    kernel = w.shape[2:]
+    periods = [conv.in_shape[2 + i] + conv.dilations[i] * (kernel[i] - 1) for i in range(conv.rank)]
+    freqs = math.prod(periods)
+    work_max = FOURIER_WORK_MAX if work_max is None else work_max
+    if freqs * m * cg * min(m // conv.group, cg) > work_max:
+        return math.inf
+    # phase[f, j] over the flattened spatial frequencies and kernel taps
+    phase = np.zeros((freqs, math.prod(kernel)))
+    grids_f = np.meshgrid(*[np.arange(p) for p in periods], indexing="ij")
+    grids_k = np.meshgrid(*[np.arange(k) for k in kernel], indexing="ij")
+    for i in range(conv.rank):
+        phase += np.outer(grids_f[i].ravel() / periods[i], grids_k[i].ravel() * conv.dilations[i])
+    basis = np.exp(-2j * np.pi * phase)
+    taps = w.reshape(conv.group, m // conv.group, cg, -1)
+    top, chunk = 0.0, max(1, int(2e7 // max(1, m * cg)))
+    for start in range(0, freqs, chunk):
+        symbol = np.einsum("fj,gocj->gfoc", basis[start:start + chunk], taps)
+        top = max(top, float(np.linalg.norm(symbol, 2, axis=(-2, -1)).max()))
+    sums = np.abs(taps).sum(axis=-1)
+    frob = max(float(np.linalg.norm(b)) for b in sums)
+    margin = (gamma(taps.shape[-1] + 2, F64) + 8 * max(m, cg) * F64) * frob
+    return top + margin
 
 
 def _run(session: NodeSession, x: np.ndarray, shape, out_size: int) -> np.ndarray:

@@ -7,7 +7,7 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-from .base import LinearMap
+from .base import F32, F64, LinearMap, frobenius_cap, gamma
 
 
 class DenseMap(LinearMap):
@@ -33,6 +33,23 @@ class DenseMap(LinearMap):
 
     def nnz(self) -> int:
         return int(self.weight.size)
+
+    @cached_property
+    def _frobenius(self) -> float:
+        return frobenius_cap(self.weight)
+
+    def norm_cap(self) -> float:
+        return self._frobenius
+
+    def rounding(self) -> tuple[float, float]:
+        """float32 weights: x is rounded to float32 (u·||W||), then each output sums
+        in_size (out_size) products: γ_m·|| |W| || ≤ γ_m·||W||_F."""
+        frob = self._frobenius
+        if self.weight.dtype == np.float64:
+            return gamma(self.in_size, F64) * frob, gamma(self.out_size, F64) * frob
+        lift = frob * (1 + F32)
+        return (F32 * frob + gamma(self.in_size, F32) * lift,
+                F32 * frob + gamma(self.out_size, F32) * lift)
 
     def matmat(self, x):
         return (self.weight @ x.astype(self.weight.dtype, copy=False)).astype(x.dtype, copy=False)
@@ -68,6 +85,9 @@ class SparseMap(LinearMap):
 
     def nnz(self) -> int:
         return int(self.matrix.nnz)
+
+    def norm_cap(self) -> float:
+        return frobenius_cap(self.matrix.data)
 
     def matmat(self, x):
         return np.asarray(self.matrix @ x).astype(x.dtype, copy=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .base import LinearMap
+from .base import F64, LinearMap, gamma
 
 
 class MonomialMap(LinearMap):
@@ -40,6 +40,17 @@ class MonomialMap(LinearMap):
 
     def nnz(self) -> int:
         return int(self._rows.size)
+
+    def norm_cap(self) -> float:
+        """Exact up to rounding: the largest norm of the outputs one input feeds."""
+        weights = np.bincount(self._cols, weights=self.scale[self._rows] ** 2, minlength=1)
+        return float(np.sqrt(weights.max(initial=0.0))) * (1 + 4 * F64)
+
+    def rounding(self) -> tuple[float, float]:
+        """One float64 product per entry forward; the adjoint also sums the outputs an input feeds."""
+        cap = self.norm_cap()
+        feeds = int(np.bincount(self._cols, minlength=1).max(initial=0))
+        return F64 * cap, gamma(feeds + 1, F64) * cap * (1 if self.monomial else np.sqrt(feeds))
 
     def matmat(self, x):
         out = np.zeros((self.out_size, x.shape[1]), dtype=x.dtype)
