@@ -3,6 +3,11 @@
 `build_blocks` groups the layers of consecutive nodes: affine layers compose
 into one map (where the composition keeps row norms exact and cheap), a ReLU
 closes an affine-ReLU block, and a MaxPool is a block of its own.
+
+The forward pass applies an affine block's layers one by one, as the model
+does (never the composed map plus the composed bias: a normalization's Sub of
+a mean folded into a float32 convolution would subtract two large numbers),
+and `*_bounded` carries a rigorous elementwise bound of its rounding error.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from functools import cached_property
 import numpy as np
 
 from .layers import Affine, Layer, MaxPool, Relu, Reshape
-from .operators.base import LinearMap
+from .operators.base import SLACK, U64, LinearMap
 from .operators.chain import apply_bias, chain
 from .operators.matrix import DenseMap, SparseMap, sparse_bytes
 from .operators.monomial import MonomialMap
@@ -45,6 +50,9 @@ class AffineBlock(Block):
     map: LinearMap = None
     bias: np.ndarray = None
     relu: bool = False
+    #: The model's own layers (map, bias), in order: how the forward pass
+    #: evaluates the block (None: the composed map and bias).
+    layers: list[tuple[LinearMap, np.ndarray]] | None = None
 
     @property
     def kind(self) -> str:
@@ -53,8 +61,28 @@ class AffineBlock(Block):
     def describe(self) -> str:
         return self.map.describe()
 
+    def _layers(self) -> list[tuple[LinearMap, np.ndarray]]:
+        return self.layers or [(self.map, self.bias)]
+
     def pre_activation(self, x: np.ndarray) -> np.ndarray:
-        return self.map.matvec(x) + self.bias
+        for linear, bias in self._layers():
+            x = linear.matvec(x) + bias
+        return x
+
+    def pre_activation_bounded(self, x: np.ndarray, err: np.ndarray
+                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(y, local, total): the pre-activation from the layers' precise products, a
+        bound of the block's own rounding (|y − exact block of the computed x|), and
+        one of its whole error (|y − exact y*| given |x − x*| ≤ err). Each layer adds
+        its products' rounding (LinearMap.matvec_bounded), then its bias in float64:
+        |fl(y + b) − (y + b)| ≤ u/(1 − u)·|fl(y + b)|, none where y or b is 0."""
+        errors = [np.zeros(x.size), err]
+        for linear, bias in self._layers():
+            y, errors = linear.matvec_bounded(x, errors)
+            x = y + bias
+            added = np.where((y != 0) & (bias != 0), 2 * U64 * np.abs(x), 0.0)
+            errors = [(e + added) * SLACK for e in errors]
+        return x, errors[0], errors[1]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         pre = self.pre_activation(x)
@@ -79,6 +107,41 @@ class MaxPoolBlock(Block):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return self._session(x.reshape(self.in_shape)).ravel()
+
+    def forward_bounded(self, x: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Max-pooling is exact in float64, and a window's maximum moves by at most
+        the largest move of its entries: the error bound is the window's largest."""
+        return self.forward(x), self.forward(err)
+
+    def margins(self, z: np.ndarray, spread: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(flat input index of each window's largest entry in z, its margin): how far
+        that entry, lowered by its spread, stays above every other entry of the
+        window raised by theirs (+inf for a window of one entry). A margin ≥ 0
+        keeps the winner for every z* with |z* − z| ≤ spread; > 0 keeps it strictly."""
+        windows = self.windows
+        padded = windows < 0
+        index = np.where(padded, 0, windows)
+        values = np.where(padded, -np.inf, z[index])
+        spreads = np.where(padded, 0.0, spread[index])
+        rows = np.arange(len(windows))
+        top = np.argmax(values, axis=1)
+        others = values + spreads
+        others[rows, top] = -np.inf
+        margin = values[rows, top] - spreads[rows, top] - others.max(axis=1, initial=-np.inf)
+        return windows[rows, top], margin
+
+    def contested(self, z: np.ndarray, spread: np.ndarray, varies: np.ndarray) -> np.ndarray:
+        """Windows whose largest entry may be matched by another within the spreads
+        (ties and near-ties), among which at least one entry varies with the input."""
+        windows = self.windows
+        padded = windows < 0
+        index = np.where(padded, 0, windows)
+        values = np.where(padded, -np.inf, z[index])
+        spreads = np.where(padded, 0.0, spread[index])
+        top = np.argmax(values, axis=1)[:, None]
+        floor = np.take_along_axis(values - spreads, top, axis=1)
+        tied = ~padded & (values + spreads >= floor)
+        return (tied.sum(axis=1) >= 2) & (tied & varies[index]).any(axis=1)
 
     def selection(self, x: np.ndarray) -> MonomialMap:
         """The linear map that max-pooling is at x: each output picks its window's argmax."""
@@ -131,6 +194,15 @@ class ReluBlock(Block):
     def forward(self, x: np.ndarray) -> np.ndarray:
         return np.maximum(x, 0.0)
 
+    def forward_bounded(self, x: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.forward(x), relu_error(x, err)
+
+
+def relu_error(x: np.ndarray, err: np.ndarray) -> np.ndarray:
+    """ReLU is exact and 1-Lipschitz: errors do not grow, and vanish where x + err ≤ 0
+    (computed and exact value both at most 0, both map to 0)."""
+    return np.where(x + err <= 0, 0.0, err)
+
 
 @dataclass
 class BlockOptions:
@@ -151,6 +223,7 @@ class _Pending:
     biases: list = field(default_factory=list)
     ops: list = field(default_factory=list)
     names: list = field(default_factory=list)
+    layers: list = field(default_factory=list)  # (map, bias) as lowered, never merged
 
 
 def build_blocks(
@@ -179,9 +252,11 @@ def _add_layer(blocks, pending, layer, node_name, op, shape, options):
     if isinstance(layer, Affine):
         if not layer.map.monomial and any(not m.monomial for m in pending.maps):
             if _merge_dense(pending, layer, options):
+                pending.layers.append((layer.map, layer.bias))
                 pending.ops.append(label)
                 return layer.map.out_shape
             blocks.append(_close(pending, relu=False, shape=shape, options=options))
+        pending.layers.append((layer.map, layer.bias))
         pending.maps.append(layer.map)
         pending.biases.append(layer.bias)
         pending.ops.append(label)
@@ -237,10 +312,11 @@ def _close(pending: _Pending, relu: bool, shape, options: BlockOptions) -> Affin
     linear = _represent(chain(maps), options)
     bias = apply_bias(maps, biases)
     block = AffineBlock(name, _take_ops(pending), maps[0].in_shape, shape,
-                        map=linear, bias=bias, relu=relu)
+                        map=linear, bias=bias, relu=relu, layers=list(pending.layers))
     pending.maps.clear()
     pending.biases.clear()
     pending.names.clear()
+    pending.layers.clear()
     return block
 
 

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from .blocks import AffineBlock, Block, MaxPoolBlock
+from .blocks import AffineBlock, Block, MaxPoolBlock, relu_error
+from .operators.base import SLACK
 from .operators.matrix import DenseMap
 from .spectral import SpectralNorm, gram_norm
 
@@ -70,11 +71,18 @@ class BoundResult:
 
 @dataclass
 class Trace:
-    """The nominal forward pass: each block's input and pre-activation."""
+    """The nominal forward pass: each block's input and pre-activation, and (when
+    traced with rounding) bounds of their rounding errors, elementwise:
+    |computed − exact| ≤ in_errors[k] for inputs[k] and ≤ pre_errors[k] for
+    pre[k], and pre_local[k] ≥ |pre[k] − the exact block applied to inputs[k]|
+    (the block's own rounding). None for blocks without a pre-activation."""
 
     inputs: list[np.ndarray]
     pre: list[np.ndarray | None]
     output: np.ndarray
+    in_errors: list[np.ndarray] | None = None
+    pre_errors: list[np.ndarray | None] | None = None
+    pre_local: list[np.ndarray | None] | None = None
     #: ||R A D|| already solved around this x0, keyed by block and exact (R, D):
     #: radii whose masks and slopes coincide (radii too small to make a neuron
     #: uncertain, some steps of a certificate's bisection) share one eigensolve
@@ -82,22 +90,46 @@ class Trace:
     norms: dict = field(default_factory=dict, repr=False)
 
 
-def trace(blocks: list[Block], x: np.ndarray) -> Trace:
-    inputs, pre = [], []
+def trace(blocks: list[Block], x: np.ndarray, rounding: bool = True) -> Trace:
+    """The forward pass at x, each affine block's layers applied one by one. With
+    `rounding` (needed by the bounds), in the layers' precise arithmetic (float64)
+    and with rigorous bounds of every value's rounding error (about one more pass
+    with |A|), which every activation-state decision is widened by."""
+    if not rounding:
+        inputs, pre = [], []
+        for block in blocks:
+            inputs.append(x)
+            y = block.pre_activation(x) if isinstance(block, AffineBlock) else None
+            pre.append(y)
+            x = block.forward(x) if y is None else np.maximum(y, 0.0) if block.relu else y
+        return Trace(inputs, pre, x)
+    inputs, pre, in_errors, pre_errors, pre_local = [], [], [], [], []
+    err = np.zeros(x.size)
     for block in blocks:
         inputs.append(x)
+        in_errors.append(err)
         if isinstance(block, AffineBlock):
-            y = block.pre_activation(x)
+            y, local, err = block.pre_activation_bounded(x, err)
             pre.append(y)
-            x = np.maximum(y, 0.0) if block.relu else y
+            pre_errors.append(err)
+            pre_local.append(local)
+            if block.relu:
+                x, err = np.maximum(y, 0.0), relu_error(y, err)
+            else:
+                x = y
         else:
             pre.append(None)
-            x = block.forward(x)
-    return Trace(inputs, pre, x)
+            pre_errors.append(None)
+            pre_local.append(None)
+            x, err = block.forward_bounded(x, err)
+    return Trace(inputs, pre, x, in_errors, pre_errors, pre_local)
 
 
 def chord_slopes(y0: np.ndarray, ybar: np.ndarray) -> np.ndarray:
-    """Slope of the ReLU chord between y0 and ȳ ≥ y0 (0 where they coincide below 0)."""
+    """Slope of the ReLU chord between y0 and ȳ ≥ y0 (0 where they coincide below 0).
+
+    It grows with y0 for a fixed ȳ − y0: with y0 known only to lie in an
+    interval, the chord from its upper end is the worst case (a sound slope)."""
     r = np.zeros_like(y0)
     r[y0 >= 0] = 1.0
     mixed = (y0 < 0) & (ybar > 0)
@@ -146,44 +178,87 @@ def _masked(v: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
 
 def local_bound(blocks: list[Block], nominal: Trace, eps: float, tol: float) -> BoundResult:
     """Upper bound of the local Lipschitz constant in the L2 ball of radius eps."""
+    return local_bound_detail(blocks, nominal, eps, tol)[0]
+
+
+def local_bound_detail(blocks: list[Block], nominal: Trace, eps: float,
+                       tol: float) -> tuple[BoundResult, list[np.ndarray]]:
+    """The local bound, and per block the rounding-error bound its decisions used
+    (elementwise, of its pre-activations for affine blocks, else of its inputs).
+
+    Two bounds of each value's rounding error are combined (the smaller holds):
+    the trace's elementwise one (|A| carries every earlier error: rigorous, but it
+    grows by about √(fan-in) per layer, and swamps deep networks), and one that
+    carries the 2-norm E of the error instead, with the bound's own block norms:
+    a block input off by d (||d|| ≤ E, d within the mask D) moves pre-activation
+    i by at most ||a_iᵀ D||·E plus the block's own rounding, and
+    ||R (A d + δ)|| ≤ L_k E + ||R δ|| for the next block (R ≥ the ReLU's
+    0/1 slopes wherever the error can pass it). E then grows like the bound, and
+    acts as a radius E/(∏ L) added to ε: ~1e-15·||x0|| for the float64 pass.
+    """
+    if nominal.pre_errors is None:
+        raise ValueError("local bounds need a trace with rounding-error bounds")
     start = time.perf_counter()
     mask = np.ones(nominal.inputs[0].size)
-    eps_k, total, records = eps, 1.0, []
+    eps_k, total, records, widths = eps, 1.0, [], []
+    carried, elem = 0.0, nominal.in_errors[0]  # 2-norm and elementwise error of the input
     for k, block in enumerate(blocks):
         tic = time.perf_counter()
         record = _record(k, block)
         record.eps_in = eps_k
+        elem = np.minimum(elem, nominal.in_errors[k])
         if isinstance(block, AffineBlock):
-            mask = _affine_local(block, nominal, k, mask, eps_k, tol, record)
+            mask, elem, carried, width = _affine_local(block, nominal, k, mask, eps_k, tol,
+                                                       record, carried)
         elif isinstance(block, MaxPoolBlock):
-            record.bound = block.lipschitz
+            width, record.bound = elem, block.lipschitz
             mask = block.pool_mask(mask)
+            elem = block.forward(elem)
+            carried = min(block.lipschitz * carried, float(np.linalg.norm(elem)))
         else:
-            record.bound = 1.0
+            width, record.bound = elem, 1.0
+            elem = relu_error(nominal.inputs[k], elem)
+        widths.append(width)
         record.seconds = time.perf_counter() - tic
         records.append(record)
         total *= record.bound
         eps_k *= record.bound
-    return BoundResult(total, records, time.perf_counter() - start, eps)
+    return BoundResult(total, records, time.perf_counter() - start, eps), widths
 
 
 def _affine_local(block: AffineBlock, nominal: Trace, index: int, mask, eps_k, tol,
-                  record: LayerRecord) -> np.ndarray:
-    """Fill the record with L_k = ||R A D||; return the next block's mask."""
-    y0 = nominal.pre[index]
-    reach = np.sqrt(np.maximum(block.map.sq_matvec(mask), 0.0))
+                  record: LayerRecord, carried: float):
+    """Fill the record with L_k = ||R A D||; return the next block's mask, the
+    elementwise and 2-norm bounds of its input's rounding error, and this block's.
+
+    The exact pre-activation y* is only known to lie in [low, high] (the
+    computed y0 ± its rounding-error bound): a neuron is active when low ≥ 0,
+    inactive when high + reach ≤ 0, and its chord slope is the one from high,
+    the largest over the interval."""
+    y0, local = nominal.pre[index], nominal.pre_local[index]
+    rownorm = np.sqrt(np.maximum(block.map.sq_matvec(mask), 0.0))
+    width = nominal.pre_errors[index]
+    if math.isfinite(carried):
+        width = np.minimum(width, (local + carried * rownorm) * SLACK)
+    low, high = y0 - width, y0 + width
     if block.relu:
-        ybar = y0 + eps_k * reach
-        rows = chord_slopes(y0, ybar)
-        record.active = int(np.count_nonzero(y0 >= 0))
-        record.inactive = int(np.count_nonzero(ybar <= 0))
-        record.uncertain = y0.size - record.active - record.inactive
+        ybar = high + eps_k * rownorm
+        rows = chord_slopes(high, ybar)
+        record.active = int(np.count_nonzero(low >= 0))
+        record.inactive = int(np.count_nonzero((ybar <= 0) & (low < 0)))
+        record.uncertain = ybar.size - record.active - record.inactive
         next_mask = (ybar > 0).astype(float)
+        out = relu_error(y0, width)
     else:
         rows = np.ones_like(y0)
-        next_mask = (reach > 0).astype(float)
+        next_mask = (rownorm > 0).astype(float)
+        out = width
     _fill(record, cached_norm(nominal, index, block, rows, mask, tol))
-    return next_mask
+    carried = min(record.bound * carried + float(np.linalg.norm(rows * local)),
+                  float(np.linalg.norm(rows * width))) * SLACK
+    if np.any((out > 0) & (next_mask == 0)):
+        carried = math.inf  # an error outside the next mask: only the elementwise bound holds
+    return next_mask, out, carried, width
 
 
 def cached_norm(nominal: Trace, index: int, block: AffineBlock, rows: np.ndarray,

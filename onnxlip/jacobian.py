@@ -2,16 +2,31 @@
 
 J = A_K S_{K-1} A_{K-1} … S_1 A_1, with S_k = diag(pre-activation > 0) and
 max-pooling replaced by its selection of each window's argmax at the point.
+
+It is the Jacobian of the exact network (and f is affine around the point)
+only when no ReLU input lies within its rounding-error bound of the kink and
+no max-pooling window's largest entry is within the error bounds of another:
+`ties` counts those (0: exact). A trace without error bounds counts exact
+ties only.
 """
 
 from __future__ import annotations
+
+from functools import cached_property
 
 import numpy as np
 
 from .blocks import AffineBlock, Block, MaxPoolBlock
 from .bounds import Trace
+from .operators.base import U64, gamma
 from .operators.gated import Gated, apply_steps, apply_steps_t
 from .spectral import SpectralNorm, spectral_norm
+
+
+def _interval(values: np.ndarray, errors: list | None, index: int):
+    """[low, high] ∋ the exact value (the value itself without error bounds)."""
+    err = 0.0 if errors is None else errors[index]
+    return values - err, values + err
 
 
 class Jacobian:
@@ -19,19 +34,67 @@ class Jacobian:
 
     def __init__(self, blocks: list[Block], at: Trace):
         self.steps: list[Gated] = []
-        self.ties = 0  # pre-activations exactly at a ReLU kink
         for block, x_in, pre in zip(blocks, at.inputs, at.pre):
             if isinstance(block, AffineBlock):
                 gate = (pre > 0).astype(float) if block.relu else None
-                self.ties += int(np.count_nonzero(pre == 0)) if block.relu else 0
                 self.steps.append(Gated(block.map, gate))
             elif isinstance(block, MaxPoolBlock):
                 self.steps.append(Gated(block.selection(x_in), None))
             else:
-                self.ties += int(np.count_nonzero(x_in == 0))
                 self.steps.append(Gated(None, (x_in > 0).astype(float)))
+        self.blocks, self.at = blocks, at
         self.in_size = at.inputs[0].size
         self.out_size = at.output.size
+
+    @property
+    def ties(self) -> int:
+        """Activation states the point does not decide: 0 when J is the exact Jacobian."""
+        return sum(self.tie_counts)
+
+    @cached_property
+    def tie_counts(self) -> tuple[int, int]:
+        """(ReLU inputs within their error bound of the kink, max-pooling windows whose
+        largest entry is within the error bounds of another), counting only values
+        that vary with the input around the point (a ReLU input below its kink by
+        more than its error, or a constant, does not vary): a tie between constants
+        is no kink. A trace without error bounds counts exact ties."""
+        relu = pool = 0
+        varies = np.ones(self.in_size, dtype=bool)
+        at = self.at
+        for k, block in enumerate(self.blocks):
+            if isinstance(block, AffineBlock):
+                varies = block.map.abs_matvec(varies.astype(float)) > 0
+                if block.relu:
+                    low, high = _interval(at.pre[k], at.pre_errors, k)
+                    relu += int(np.count_nonzero(varies & (low <= 0) & (high >= 0)))
+                    varies &= high >= 0
+            elif isinstance(block, MaxPoolBlock):
+                x_in = at.inputs[k]
+                spread = np.zeros_like(x_in) if at.in_errors is None else at.in_errors[k]
+                pool += int(np.count_nonzero(block.contested(x_in, spread, varies)))
+                varies = block.forward(varies.astype(float)) > 0
+            else:
+                low, high = _interval(at.inputs[k], at.in_errors, k)
+                relu += int(np.count_nonzero(varies & (low <= 0) & (high >= 0)))
+                varies &= high >= 0
+        return relu, pool
+
+    def certified_gain(self, v: np.ndarray) -> float:
+        """A proven lower bound of ||J_exact v|| / ||v||: the computed product less a
+        rigorous bound of its rounding errors (each map's matvec_bounded; gates and
+        selections are exact). With ties == 0, J_exact is the network's Jacobian at
+        the point, so this is a lower bound of the local constant at every radius."""
+        err = np.zeros(v.size)
+        u = v
+        for step in self.steps:
+            if step.linear is not None:
+                u, (err,) = step.linear.matvec_bounded(u, [err])
+            if step.gate is not None:
+                u, err = u * step.gate, err * step.gate
+        n = max(u.size, v.size) + 2
+        shrink = 1.0 - gamma(n, U64)
+        value = (np.linalg.norm(u) * shrink - np.linalg.norm(err) / shrink) * shrink
+        return max(0.0, float(value / np.linalg.norm(v)))
 
     def matvec(self, v: np.ndarray) -> np.ndarray:
         return apply_steps(self.steps, v)

@@ -17,7 +17,7 @@ def lower_conv(ctx: NodeContext) -> list[Affine]:
     weight = ctx.require_const(1, "kernel")
     if weight.ndim < 3:
         raise ctx.fail(f"kernel of shape {weight.shape} is not (M, C/group, k1, ...)")
-    weight = _as_float32(ctx, weight, "kernel")
+    _check_float32_range(ctx, weight, "kernel")
     rank = weight.ndim - 2
     check_spatial_input(ctx, rank)
     kernel = tuple(ctx.attr("kernel_shape", weight.shape[2:]))
@@ -41,8 +41,8 @@ def lower_conv(ctx: NodeContext) -> list[Affine]:
     return [Affine(conv, bias.ravel())]
 
 
-def _as_float32(ctx: NodeContext, value: np.ndarray, what: str) -> np.ndarray:
-    """float32 (onnxruntime's Conv kernels), with the squares still finite."""
+def _check_float32_range(ctx: NodeContext, value: np.ndarray, what: str) -> None:
+    """The map computes in float32 (onnxruntime's Conv kernels): squares must stay finite.
+    The model's own values go to ConvMap, which keeps them where float32 rounds them."""
     if value.size and np.max(np.abs(value)) > 1e19:
         raise ctx.fail(f"{what} has values of magnitude above 1e19, beyond float32 arithmetic")
-    return value.astype(np.float32)

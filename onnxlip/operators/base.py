@@ -2,6 +2,18 @@
 
 Vectors are the C-order flattening of a tensor with batch 1; a batch of k
 vectors is an (n, k) array, as in scipy's LinearOperator.matmat.
+
+Rounding: every map states the arithmetic its products use (`unit_roundoff`:
+2^-24 for float32 kernels, 2^-53 for float64) and the most products summed
+into one output (`fan_in`). In the standard model of floating-point
+arithmetic, a computed sum of m products (any order, with or without fused
+multiply-adds, the operand first rounded to the arithmetic's type, the
+coefficient possibly rounded from the model's) is within γ_{m+3}·(|A||x|)
+of the exact one, γ_n = n·u / (1 − n·u) (no overflow; underflow is covered by
+an absolute term); `matvec_bounded` propagates such elementwise error bounds
+(|computed − exact|) through a map, computing the map itself in its most
+precise arithmetic (`precise_matvec`: float64 for convolutions and large
+float32 matrices).
 """
 
 from __future__ import annotations
@@ -12,6 +24,19 @@ from abc import ABC, abstractmethod
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
+
+#: Unit roundoffs of float32 and float64 arithmetic (round to nearest).
+U32 = 2.0**-24
+U64 = 2.0**-53
+#: Smallest subnormal of each type: the absolute error a product can lose to underflow.
+_TINY = {U32: 2.0**-149, U64: 2.0**-1074}
+#: Covers the float64 roundings of the error bookkeeping itself (a few per element).
+SLACK = 1.0 + 2.0**-30
+
+
+def gamma(n: int, u: float) -> float:
+    """γ_n = n·u / (1 − n·u): the relative error bound of n rounded operations."""
+    return n * u / (1.0 - n * u) if n * u < 0.5 else math.inf
 
 
 class LinearMap(ABC):
@@ -44,6 +69,46 @@ class LinearMap(ABC):
     @abstractmethod
     def sq_matvec(self, d: np.ndarray) -> np.ndarray:
         """(A∘A) @ d: squared row norms of A restricted to the mask d."""
+
+    @abstractmethod
+    def abs_matvec(self, v: np.ndarray) -> np.ndarray:
+        """|A| @ v (entrywise absolute values of A), computed in the map's arithmetic."""
+
+    #: Unit roundoff of the arithmetic matvec uses.
+    unit_roundoff = U64
+
+    @property
+    def fan_in(self) -> int:
+        """The most products summed into one output of matvec (at most in_size)."""
+        return self.in_size
+
+    def _gamma(self) -> float:
+        return gamma(self.fan_in + 3, self.unit_roundoff)
+
+    def abs_bound(self, v: np.ndarray) -> np.ndarray:
+        """An upper bound of |A| @ v for v ≥ 0: the computed product lifted by its own
+        rounding (a computed sum of nonnegative terms is within γ of the exact one)."""
+        m, u = self.fan_in, self.unit_roundoff
+        product = self.abs_matvec(v) / (1.0 - self._gamma())
+        return (product + (m + 3) * _TINY[u]) * SLACK
+
+    def precise_matvec(self, x: np.ndarray) -> np.ndarray:
+        """A x in the most precise arithmetic the map offers cheaply (the nominal
+        forward pass): matvec itself unless a subclass says otherwise."""
+        return self.matvec(x)
+
+    @property
+    def precise_gamma(self) -> float:
+        """|precise_matvec(x) − A x| ≤ precise_gamma·|A||x| elementwise."""
+        return self._gamma()
+
+    def matvec_bounded(self, x: np.ndarray,
+                       errors: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(precise_matvec(x), [e_out for each e in errors]): e_out ≥ |precise_matvec(x)
+        − A x*| elementwise for every x* with |x − x*| ≤ e, i.e. |A|·e for the
+        incoming error plus γ·|A||x| for this product's own rounding."""
+        own = self.precise_gamma * np.abs(x)
+        return self.precise_matvec(x), [self.abs_bound(e + own) for e in errors]
 
     @property
     @abstractmethod

@@ -60,6 +60,15 @@ class MonomialMap(LinearMap):
         out[self._rows] = d[self._cols] * self.scale[self._rows] ** 2
         return out
 
+    def abs_matvec(self, v):
+        out = np.zeros(self.out_size)
+        out[self._rows] = v[self._cols] * np.abs(self.scale[self._rows])
+        return out
+
+    @property
+    def fan_in(self) -> int:
+        return 1
+
     def to_sparse(self):
         shape = (self.out_size, self.in_size)
         return sp.csr_matrix((self.scale[self._rows], (self._rows, self._cols)), shape=shape)
