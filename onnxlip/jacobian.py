@@ -23,12 +23,6 @@ from .operators.gated import Gated, apply_steps, apply_steps_t
 from .spectral import SpectralNorm, spectral_norm
 
 
-def _interval(values: np.ndarray, errors: list | None, index: int):
-    """[low, high] ∋ the exact value (the value itself without error bounds)."""
-    err = 0.0 if errors is None else errors[index]
-    return values - err, values + err
-
-
 class Jacobian:
     """J(x) of a chain of blocks, from the trace of a forward pass at x."""
 
@@ -53,28 +47,38 @@ class Jacobian:
 
     @cached_property
     def tie_counts(self) -> tuple[int, int]:
+        """count_ties with the trace's elementwise error bounds."""
+        return self.count_ties()
+
+    def count_ties(self, widths: list[np.ndarray] | None = None) -> tuple[int, int]:
         """(ReLU inputs within their error bound of the kink, max-pooling windows whose
         largest entry is within the error bounds of another), counting only values
         that vary with the input around the point (a ReLU input below its kink by
         more than its error, or a constant, does not vary): a tie between constants
-        is no kink. A trace without error bounds counts exact ties."""
+        is no kink. `widths`: per block, error bounds of its pre-activations (affine)
+        or inputs (others), e.g. bounds.local_bound_detail's; default the trace's
+        elementwise ones (none: exact ties only)."""
+        at = self.at
+        if widths is None:
+            widths = [(at.pre_errors if p is not None else at.in_errors)[k]
+                      if at.pre_errors is not None else None for k, p in enumerate(at.pre)]
         relu = pool = 0
         varies = np.ones(self.in_size, dtype=bool)
-        at = self.at
         for k, block in enumerate(self.blocks):
+            width = 0.0 if widths[k] is None else widths[k]
             if isinstance(block, AffineBlock):
                 varies = block.map.abs_matvec(varies.astype(float)) > 0
                 if block.relu:
-                    low, high = _interval(at.pre[k], at.pre_errors, k)
+                    low, high = at.pre[k] - width, at.pre[k] + width
                     relu += int(np.count_nonzero(varies & (low <= 0) & (high >= 0)))
                     varies &= high >= 0
             elif isinstance(block, MaxPoolBlock):
                 x_in = at.inputs[k]
-                spread = np.zeros_like(x_in) if at.in_errors is None else at.in_errors[k]
+                spread = np.broadcast_to(width, x_in.shape)
                 pool += int(np.count_nonzero(block.contested(x_in, spread, varies)))
                 varies = block.forward(varies.astype(float)) > 0
             else:
-                low, high = _interval(at.inputs[k], at.in_errors, k)
+                low, high = at.inputs[k] - width, at.inputs[k] + width
                 relu += int(np.count_nonzero(varies & (low <= 0) & (high >= 0)))
                 varies &= high >= 0
         return relu, pool

@@ -341,6 +341,9 @@ def test_abs_matvec_equals_dense_absolute_values(tmp_path):
         expected = abs(m.to_sparse()).toarray() @ v
         np.testing.assert_allclose(m.abs_matvec(v), expected, rtol=1e-5)
         assert np.all(m.abs_bound(v) >= expected)
+        columns = np.stack([v, 2 * v], axis=1)
+        np.testing.assert_allclose(m.abs_matvec(columns), np.stack([expected, 2 * expected], 1),
+                                   rtol=1e-5)
         x = rng.standard_normal(m.in_size) * 1e3
         y, (err,) = m.matvec_bounded(x, [np.zeros(m.in_size)])
         exact = _exact(m.to_sparse().toarray()) @ _exact(x)

@@ -72,7 +72,8 @@ class LinearMap(ABC):
 
     @abstractmethod
     def abs_matvec(self, v: np.ndarray) -> np.ndarray:
-        """|A| @ v (entrywise absolute values of A), computed in the map's arithmetic."""
+        """|A| @ v (entrywise absolute values of A) for v of shape (in_size,) or
+        (in_size, k), computed in the map's arithmetic."""
 
     #: Unit roundoff of the arithmetic matvec uses.
     unit_roundoff = U64
@@ -86,8 +87,9 @@ class LinearMap(ABC):
         return gamma(self.fan_in + 3, self.unit_roundoff)
 
     def abs_bound(self, v: np.ndarray) -> np.ndarray:
-        """An upper bound of |A| @ v for v ≥ 0: the computed product lifted by its own
-        rounding (a computed sum of nonnegative terms is within γ of the exact one)."""
+        """An upper bound of |A| @ v for v ≥ 0 (a vector or columns): the computed
+        product lifted by its own rounding (a computed sum of nonnegative terms is
+        within γ of the exact one)."""
         m, u = self.fan_in, self.unit_roundoff
         product = self.abs_matvec(v) / (1.0 - self._gamma())
         return (product + (m + 3) * _TINY[u]) * SLACK
@@ -106,9 +108,11 @@ class LinearMap(ABC):
                        errors: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """(precise_matvec(x), [e_out for each e in errors]): e_out ≥ |precise_matvec(x)
         − A x*| elementwise for every x* with |x − x*| ≤ e, i.e. |A|·e for the
-        incoming error plus γ·|A||x| for this product's own rounding."""
+        incoming error plus γ·|A||x| for this product's own rounding (one |A|
+        product for all the errors, as columns)."""
         own = self.precise_gamma * np.abs(x)
-        return self.precise_matvec(x), [self.abs_bound(e + own) for e in errors]
+        bounds = self.abs_bound(np.stack([e + own for e in errors], axis=1))
+        return self.precise_matvec(x), list(bounds.T)
 
     @property
     @abstractmethod

@@ -104,8 +104,9 @@ class ConvMap(LinearMap):
         return _run(self._squared, d, self.in_shape, self.out_size)[:, 0]
 
     def abs_matvec(self, v):
-        v = v.reshape(-1, 1).astype(np.float64)
-        return _run(self._absolute, v, self.in_shape, self.out_size)[:, 0]
+        columns = v.reshape(self.in_size, -1).astype(np.float64)
+        return _run(self._absolute, columns, self.in_shape, self.out_size).reshape(
+            (self.out_size,) + v.shape[1:])
 
     def precise_matvec(self, x):
         """The convolution in float64 (numpy, with the model's kernel): onnxruntime's

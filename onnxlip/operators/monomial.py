@@ -61,8 +61,9 @@ class MonomialMap(LinearMap):
         return out
 
     def abs_matvec(self, v):
-        out = np.zeros(self.out_size)
-        out[self._rows] = v[self._cols] * np.abs(self.scale[self._rows])
+        scale = np.abs(self.scale[self._rows]).reshape((-1,) + (1,) * (v.ndim - 1))
+        out = np.zeros((self.out_size,) + v.shape[1:])
+        out[self._rows] = v[self._cols] * scale
         return out
 
     @property
