@@ -61,11 +61,12 @@ class AffineBlock(Block):
     def describe(self) -> str:
         return self.map.describe()
 
-    def _layers(self) -> list[tuple[LinearMap, np.ndarray]]:
+    def model_layers(self) -> list[tuple[LinearMap, np.ndarray]]:
+        """The (map, bias) pairs the forward pass applies one after the other."""
         return self.layers or [(self.map, self.bias)]
 
     def pre_activation(self, x: np.ndarray) -> np.ndarray:
-        for linear, bias in self._layers():
+        for linear, bias in self.model_layers():
             x = linear.matvec(x) + bias
         return x
 
@@ -77,7 +78,7 @@ class AffineBlock(Block):
         its products' rounding (LinearMap.matvec_bounded), then its bias in float64:
         |fl(y + b) − (y + b)| ≤ u/(1 − u)·|fl(y + b)|, none where y or b is 0."""
         errors = [np.zeros(x.size), err]
-        for linear, bias in self._layers():
+        for linear, bias in self.model_layers():
             y, errors = linear.matvec_bounded(x, errors)
             x = y + bias
             added = np.where((y != 0) & (bias != 0), 2 * U64 * np.abs(x), 0.0)

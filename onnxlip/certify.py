@@ -111,7 +111,7 @@ def attack_distance(net: Network, x0: np.ndarray, top: int, steps: int = 50) -> 
 
 
 def _margin_gradient(net: Network, x: np.ndarray, top: int, rival: int) -> np.ndarray:
-    at = trace(net.blocks, x)
+    at = trace(net.blocks, x, rounding=False)
     seed = np.zeros(at.output.size)
     seed[top], seed[rival] = 1.0, -1.0
     return Jacobian(net.blocks, at).rmatvec(seed)
@@ -136,7 +136,7 @@ def _deepfool(net: Network, x0, top: int, rival: int, steps: int) -> np.ndarray 
     """Linearized steps across the boundary between `top` and `rival`."""
     x = x0.copy()
     for _ in range(steps):
-        logits = trace(net.blocks, x).output
+        logits = trace(net.blocks, x, rounding=False).output
         gap = logits[top] - logits[rival]
         if gap < 0:
             return x

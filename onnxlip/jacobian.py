@@ -59,9 +59,9 @@ class Jacobian:
         or inputs (others), e.g. bounds.local_bound_detail's; default the trace's
         elementwise ones (none: exact ties only)."""
         at = self.at
-        if widths is None:
-            widths = [(at.pre_errors if p is not None else at.in_errors)[k]
-                      if at.pre_errors is not None else None for k, p in enumerate(at.pre)]
+        if widths is None and at.pre_errors is not None:
+            widths = [i if p is None else p for p, i in zip(at.pre_errors, at.in_errors)]
+        widths = widths or [None] * len(self.blocks)
         relu = pool = 0
         varies = np.ones(self.in_size, dtype=bool)
         for k, block in enumerate(self.blocks):
@@ -87,12 +87,17 @@ class Jacobian:
         """A proven lower bound of ||J_exact v|| / ||v||: the computed product less a
         rigorous bound of its rounding errors (each map's matvec_bounded; gates and
         selections are exact). With ties == 0, J_exact is the network's Jacobian at
-        the point, so this is a lower bound of the local constant at every radius."""
+        the point, so this is a lower bound of the local constant at every radius.
+        Affine blocks apply the model's own layers (not a composed matrix, whose
+        products were rounded when it was built)."""
         err = np.zeros(v.size)
         u = v
-        for step in self.steps:
-            if step.linear is not None:
-                u, (err,) = step.linear.matvec_bounded(u, [err])
+        for block, step in zip(self.blocks, self.steps):
+            layers = block.model_layers() if isinstance(block, AffineBlock) else [
+                (step.linear, None)]
+            for linear, _ in layers:
+                if linear is not None:
+                    u, (err,) = linear.matvec_bounded(u, [err])
             if step.gate is not None:
                 u, err = u * step.gate, err * step.gate
         n = max(u.size, v.size) + 2
