@@ -73,9 +73,10 @@ class BoundResult:
 class Trace:
     """The nominal forward pass: each block's input and pre-activation, and (when
     traced with rounding) bounds of their rounding errors, elementwise:
-    |computed − exact| ≤ in_errors[k] for inputs[k] and ≤ pre_errors[k] for
-    pre[k], and pre_local[k] ≥ |pre[k] − the exact block applied to inputs[k]|
-    (the block's own rounding). None for blocks without a pre-activation."""
+    |computed − exact| ≤ in_errors[k] for inputs[k] (kept for blocks without a
+    pre-activation only) and ≤ pre_errors[k] for pre[k], and pre_local[k] ≥
+    |pre[k] − the exact block applied to inputs[k]| (the block's own rounding);
+    None where not kept."""
 
     inputs: list[np.ndarray]
     pre: list[np.ndarray | None]
@@ -107,7 +108,7 @@ def trace(blocks: list[Block], x: np.ndarray, rounding: bool = True) -> Trace:
     err = np.zeros(x.size)
     for block in blocks:
         inputs.append(x)
-        in_errors.append(err)
+        in_errors.append(None if isinstance(block, AffineBlock) else err)
         if isinstance(block, AffineBlock):
             y, local, err = block.pre_activation_bounded(x, err)
             pre.append(y)
@@ -201,12 +202,13 @@ def local_bound_detail(blocks: list[Block], nominal: Trace, eps: float,
     start = time.perf_counter()
     mask = np.ones(nominal.inputs[0].size)
     eps_k, total, records, widths = eps, 1.0, [], []
-    carried, elem = 0.0, nominal.in_errors[0]  # 2-norm and elementwise error of the input
+    carried, elem = 0.0, np.zeros(mask.size)  # 2-norm and elementwise error of the input
     for k, block in enumerate(blocks):
         tic = time.perf_counter()
         record = _record(k, block)
         record.eps_in = eps_k
-        elem = np.minimum(elem, nominal.in_errors[k])
+        if nominal.in_errors[k] is not None:
+            elem = np.minimum(elem, nominal.in_errors[k])
         if isinstance(block, AffineBlock):
             mask, elem, carried, width = _affine_local(block, nominal, k, mask, eps_k, tol,
                                                        record, carried)
