@@ -104,6 +104,14 @@ def trace(blocks: list[Block], x: np.ndarray, rounding: bool = True) -> Trace:
             pre.append(y)
             x = block.forward(x) if y is None else np.maximum(y, 0.0) if block.relu else y
         return Trace(inputs, pre, x)
+    # numpy's BLAS threads spin between the many small float64 products and fight
+    # onnxruntime's for the cores: one thread ran AlexNet's pass 8x faster (0.21 s
+    # against 1.7 s on the loaded 2-core machine).
+    with _THREADPOOLS.limit(limits=1, user_api="blas"):
+        return _bounded_trace(blocks, x)
+
+
+def _bounded_trace(blocks: list[Block], x: np.ndarray) -> Trace:
     inputs, pre, in_errors, pre_errors, pre_local = [], [], [], [], []
     err = np.zeros(x.size)
     for block in blocks:
