@@ -19,6 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxlip
+from onnxlip.bounds import local_bound_detail
 
 F32 = np.float32
 
@@ -220,6 +221,11 @@ def test_folded_normalization_errors_are_bounds(tmp_path):
     assert np.all(np.abs(computed - exact) <= err)
     assert np.all(err < 1e-9)  # the float64 pass resolves 1e-7 offsets
     assert np.all(np.sign(computed) == np.sign(exact))
+    widths = local_bound_detail(engine.blocks, nominal, 1e-9, engine.tol)[1]
+    for k, expected in ((0, net.pre0.ravel()), (1, net(_exact(net.x0)))):
+        gap = [abs(Fraction(float(a)) - b) for a, b in zip(nominal.pre[k], expected)]
+        assert all(g <= Fraction(float(e)) for g, e in zip(gap, nominal.pre_errors[k]))
+        assert all(g <= Fraction(float(w)) for g, w in zip(gap, widths[k]))
 
 
 # -------------------------------------------------------------------- max-pool ties
