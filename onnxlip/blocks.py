@@ -7,6 +7,12 @@ outputs of several earlier blocks (residual Add, Concat): its map is then a
 block row [A_1 … A_k] on the concatenation of their values. The blocks are
 held in a topological order; `flow` and `flow_t` are the one traversal every
 forward pass, Jacobian product and bound walks.
+
+The forward pass applies an affine block's layers one by one, as the model
+does (never the composed map plus the composed bias: a normalization's Sub of
+a mean folded into a float32 convolution would subtract two large numbers),
+each input's own layers where a block reads several, and `*_bounded` carries a
+rigorous elementwise bound of its rounding error.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from functools import cached_property
 import numpy as np
 
 from .layers import Affine, Layer, MaxPool, Merge, Relu, Reshape
-from .operators.base import LinearMap
+from .operators.base import SLACK, U64, LinearMap
 from .operators.chain import chain
 from .operators.matrix import DenseMap, SparseMap, sparse_bytes
 from .operators.monomial import MonomialMap
@@ -60,6 +66,12 @@ class AffineBlock(Block):
     map: LinearMap = None
     bias: np.ndarray = None
     relu: bool = False
+    #: The model's own layers (map, bias), in order, one list per input: how the
+    #: forward pass evaluates the block, Σ_j (input j through its layers) +
+    #: shared (None: the composed map and bias).
+    layers: list[list[tuple[LinearMap, np.ndarray]]] | None = None
+    #: The bias added after the inputs are summed (post-merge layers' biases).
+    shared: np.ndarray | None = None
 
     @property
     def kind(self) -> str:
@@ -72,12 +84,59 @@ class AffineBlock(Block):
         """The map of each input: [A_1 … A_k] where the block reads k blocks."""
         return self.map.parts if len(self.inputs) > 1 else [self.map]
 
+    def model_layers(self) -> list[list[tuple[LinearMap, np.ndarray]]]:
+        """For each input, the (map, bias) pairs the forward pass applies to it."""
+        return self.layers or [[(self.map, self.bias)]]
+
+    def split_input(self, x: np.ndarray) -> list[np.ndarray]:
+        """The input vector cut into the values of the blocks it reads."""
+        return [x] if len(self.inputs) == 1 else self.map.split(x)
+
     def pre_activation(self, x: np.ndarray) -> np.ndarray:
-        return self.map.matvec(x) + self.bias
+        total = None
+        for layers, piece in zip(self.model_layers(), self.split_input(x)):
+            for linear, bias in layers:
+                piece = linear.matvec(piece) + bias
+            total = piece if total is None else total + piece
+        return total if self.shared is None else total + self.shared
+
+    def pre_activation_bounded(self, x: np.ndarray, err: np.ndarray
+                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(y, local, total): the pre-activation from the layers' precise products, a
+        bound of the block's own rounding (|y − exact block of the computed x|), and
+        one of its whole error (|y − exact y*| given |x − x*| ≤ err). Each layer adds
+        its products' rounding (LinearMap.matvec_bounded), then its bias in float64:
+        |fl(y + b) − (y + b)| ≤ u/(1 − u)·|fl(y + b)|, none where y or b is 0."""
+        total = None
+        for layers, piece, e in zip(self.model_layers(), self.split_input(x), self.split_input(err)):
+            y, errors = _run_bounded(layers, piece, [np.zeros(piece.size), e])
+            if total is None:
+                total, sums = y, errors
+                continue
+            total = total + y  # a sum of the inputs' values: one rounding each
+            sums = [(a + b + 2 * U64 * np.abs(total)) * SLACK for a, b in zip(sums, errors)]
+        if self.shared is not None:
+            total, sums = _add_bias(total, total - self.shared, self.shared, sums)
+        return total, sums[0], sums[1]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         pre = self.pre_activation(x)
         return np.maximum(pre, 0.0) if self.relu else pre
+
+
+def _run_bounded(layers, x: np.ndarray, errors: list[np.ndarray]):
+    """x through (map, bias) layers with its error bounds: each layer adds its
+    products' rounding (LinearMap.matvec_bounded), then its bias in float64."""
+    for linear, bias in layers:
+        y, errors = linear.matvec_bounded(x, errors)
+        x, errors = _add_bias(y + bias, y, bias, errors)
+    return x, errors
+
+
+def _add_bias(x: np.ndarray, y: np.ndarray, bias: np.ndarray, errors: list[np.ndarray]):
+    """x = fl(y + b): |fl(y + b) − (y + b)| ≤ u/(1 − u)·|fl(y + b)|, none where y or b is 0."""
+    added = np.where((y != 0) & (bias != 0), 2 * U64 * np.abs(x), 0.0)
+    return x, [(e + added) * SLACK for e in errors]
 
 
 @dataclass
@@ -98,6 +157,41 @@ class MaxPoolBlock(Block):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return self._session(x.reshape(self.in_shape)).ravel()
+
+    def forward_bounded(self, x: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Max-pooling is exact in float64, and a window's maximum moves by at most
+        the largest move of its entries: the error bound is the window's largest."""
+        return self.forward(x), self.forward(err)
+
+    def margins(self, z: np.ndarray, spread: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(flat input index of each window's largest entry in z, its margin): how far
+        that entry, lowered by its spread, stays above every other entry of the
+        window raised by theirs (+inf for a window of one entry). A margin ≥ 0
+        keeps the winner for every z* with |z* − z| ≤ spread; > 0 keeps it strictly."""
+        windows = self.windows
+        padded = windows < 0
+        index = np.where(padded, 0, windows)
+        values = np.where(padded, -np.inf, z[index])
+        spreads = np.where(padded, 0.0, spread[index])
+        rows = np.arange(len(windows))
+        top = np.argmax(values, axis=1)
+        others = values + spreads
+        others[rows, top] = -np.inf
+        margin = values[rows, top] - spreads[rows, top] - others.max(axis=1, initial=-np.inf)
+        return windows[rows, top], margin
+
+    def contested(self, z: np.ndarray, spread: np.ndarray, varies: np.ndarray) -> np.ndarray:
+        """Windows whose largest entry may be matched by another within the spreads
+        (ties and near-ties), among which at least one entry varies with the input."""
+        windows = self.windows
+        padded = windows < 0
+        index = np.where(padded, 0, windows)
+        values = np.where(padded, -np.inf, z[index])
+        spreads = np.where(padded, 0.0, spread[index])
+        top = np.argmax(values, axis=1)[:, None]
+        floor = np.take_along_axis(values - spreads, top, axis=1)
+        tied = ~padded & (values + spreads >= floor)
+        return (tied.sum(axis=1) >= 2) & (tied & varies[index]).any(axis=1)
 
     def selection(self, x: np.ndarray) -> MonomialMap:
         """The linear map that max-pooling is at x: each output picks its window's argmax."""
@@ -150,6 +244,15 @@ class ReluBlock(Block):
     def forward(self, x: np.ndarray) -> np.ndarray:
         return np.maximum(x, 0.0)
 
+    def forward_bounded(self, x: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.forward(x), relu_error(x, err)
+
+
+def relu_error(x: np.ndarray, err: np.ndarray) -> np.ndarray:
+    """ReLU is exact and 1-Lipschitz: errors do not grow, and vanish where x + err ≤ 0
+    (computed and exact value both at most 0, both map to 0)."""
+    return np.where(x + err <= 0, 0.0, err)
+
 
 @dataclass
 class BlockOptions:
@@ -180,6 +283,7 @@ class _Part:
     source: int
     maps: list[LinearMap] = field(default_factory=list)
     names: list[tuple[str, bool]] = field(default_factory=list)  # (node, monomial) per map
+    layers: list[tuple[LinearMap, np.ndarray]] = field(default_factory=list)  # as lowered
 
 
 @dataclass
@@ -191,6 +295,7 @@ class _Pending:
     shape: tuple[int, ...]
     bias: np.ndarray | None = None
     ops: list[str] = field(default_factory=list)
+    shared: np.ndarray | None = None  # the part of `bias` added after the parts are summed
 
     @property
     def trivial(self) -> bool:
@@ -198,8 +303,8 @@ class _Pending:
         return len(self.parts) == 1 and not self.parts[0].maps and self.bias is None
 
     def copy(self) -> _Pending:
-        parts = [_Part(p.source, list(p.maps), list(p.names)) for p in self.parts]
-        return _Pending(parts, self.shape, self.bias, list(self.ops))
+        parts = [_Part(p.source, list(p.maps), list(p.names), list(p.layers)) for p in self.parts]
+        return _Pending(parts, self.shape, self.bias, list(self.ops), self.shared)
 
 
 def build_blocks(lowered: list[Lowered], input_name: str, input_shape, output: str,
@@ -292,10 +397,15 @@ class _Builder:
             merged = _merge_dense(pending.parts[0], layer, self.options)
             if not merged:
                 pending = self._close(pending, relu=False)
+        single = len(pending.parts) == 1
         for part in pending.parts:
             if not merged:
                 part.maps.append(layer.map)
             part.names.append((node.name, layer.map.monomial))
+            part.layers.append((layer.map, layer.bias if single else 0.0))
+        if not single:
+            shared = pending.shared
+            pending.shared = layer.bias if shared is None else layer.map.matvec(shared) + layer.bias
         bias = layer.bias if pending.bias is None else layer.map.matvec(pending.bias) + layer.bias
         pending.bias = bias
         pending.ops.append(node.op)
@@ -312,9 +422,10 @@ class _Builder:
         linear = _represent(maps[0], self.options) if len(maps) == 1 else StackMap(maps)
         bias = np.zeros(linear.out_size) if pending.bias is None else pending.bias
         ops = pending.ops + ([label] if label else [])
+        layers = [p.layers or [(m, 0.0)] for p, m in zip(pending.parts, maps)]
         block = AffineBlock(name, ops, linear.in_shape, pending.shape,
                             inputs=tuple(p.source for p in pending.parts), map=linear, bias=bias,
-                            relu=relu)
+                            relu=relu, layers=layers, shared=pending.shared)
         return self._block(block)
 
     def _block(self, block: Block) -> _Pending:
@@ -324,16 +435,20 @@ class _Builder:
 
 def _merged(pendings: list[_Pending], layer: Merge, node: Lowered) -> _Pending:
     """Σ_j maps[j](pending_j): the parts of every input, each placed by its map."""
-    parts, ops, bias = [], [], None
+    parts, ops, bias, shared = [], [], None, None
     for pending, placement in zip(pendings, layer.maps):
         for part in pending.parts:
             parts.append(_Part(part.source, part.maps + [placement],
-                               part.names + [(node.name, True)]))
+                               part.names + [(node.name, True)],
+                               part.layers + [(placement, 0.0)]))
         ops.extend(pending.ops)
         if pending.bias is not None:
             placed = placement.matvec(pending.bias)
             bias = placed if bias is None else bias + placed
-    return _Pending(parts, layer.shape, bias, ops + [node.op])
+        if pending.shared is not None:
+            placed = placement.matvec(pending.shared)
+            shared = placed if shared is None else shared + placed
+    return _Pending(parts, layer.shape, bias, ops + [node.op], shared)
 
 
 def _merge_dense(part: _Part, layer: Affine, options: BlockOptions) -> bool:

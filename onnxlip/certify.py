@@ -167,7 +167,7 @@ def attack_distance(net: Network, x0: np.ndarray, top: int, steps: int = 50,
 
 def _margin_gradient(net: Network, x: np.ndarray, top: int, rival: int, rule: Rule) -> np.ndarray:
     """The gradient of scores[top] − scores[rival] at x."""
-    at = trace(net.blocks, x)
+    at = trace(net.blocks, x, rounding=False)
     seed = np.zeros(at.output.size)
     seed[top], seed[rival] = 1.0, -1.0
     return Jacobian(net.blocks, at).rmatvec(rule.scores(seed))
@@ -193,7 +193,7 @@ def _deepfool(net: Network, x0, top: int, rival: int, steps: int, rule: Rule) ->
     margin of `top`."""
     x = x0.copy()
     for _ in range(steps):
-        scores = rule.scores(trace(net.blocks, x).output)
+        scores = rule.scores(trace(net.blocks, x, rounding=False).output)
         gap = scores[top] - scores[rival] - rule.margin
         if gap < 0:
             return x

@@ -4,16 +4,24 @@ On a chain J = A_K S_{K-1} A_{K-1} … S_1 A_1, with S_k = diag(pre-activation
 > 0) and max-pooling replaced by its selection of each window's argmax at the
 point; on a graph of blocks the same steps run along the graph (products add
 where a block reads several blocks, and their transposes split).
+
+It is the Jacobian of the exact network (and f is affine around the point)
+only when no ReLU input lies within its rounding-error bound of the kink and
+no max-pooling window's largest entry is within the error bounds of another:
+`ties` counts those (0: exact). A trace without error bounds counts exact
+ties only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
-from .blocks import AffineBlock, Block, MaxPoolBlock, flow, flow_t
+from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, flow, flow_t
 from .bounds import Trace
+from .operators.base import SLACK, U64, gamma
 from .operators.gated import Gated, apply_steps, apply_steps_t
 from .spectral import Solver, SpectralNorm, spectral_norm
 
@@ -38,19 +46,85 @@ class Jacobian:
     def __init__(self, blocks: list[Block], at: Trace):
         self.blocks = blocks
         self.steps: list[Gated] = []
-        self.ties = 0  # pre-activations exactly at a ReLU kink
         for block, x_in, pre in zip(blocks, at.inputs, at.pre):
             if isinstance(block, AffineBlock):
                 gate = (pre > 0).astype(float) if block.relu else None
-                self.ties += int(np.count_nonzero(pre == 0)) if block.relu else 0
                 self.steps.append(Gated(block.map, gate))
             elif isinstance(block, MaxPoolBlock):
                 self.steps.append(Gated(block.selection(x_in), None))
             else:
-                self.ties += int(np.count_nonzero(x_in == 0))
                 self.steps.append(Gated(None, (x_in > 0).astype(float)))
+        self.at = at
         self.in_size = at.x.size
         self.out_size = at.output.size
+
+    @property
+    def ties(self) -> int:
+        """Activation states the point does not decide: 0 when J is the exact Jacobian."""
+        return sum(self.tie_counts)
+
+    @cached_property
+    def tie_counts(self) -> tuple[int, int]:
+        """count_ties with the trace's elementwise error bounds."""
+        return self.count_ties()
+
+    def count_ties(self, widths: list[np.ndarray] | None = None) -> tuple[int, int]:
+        """(ReLU inputs within their error bound of the kink, max-pooling windows whose
+        largest entry is within the error bounds of another), counting only values
+        that vary with the input around the point (a ReLU input below its kink by
+        more than its error, or a constant, does not vary): a tie between constants
+        is no kink. `widths`: per block, error bounds of its pre-activations (affine)
+        or inputs (others), e.g. bounds.local_bound_detail's; default the trace's
+        elementwise ones (none: exact ties only)."""
+        at = self.at
+        if widths is None and at.pre_errors is not None:
+            widths = [i if p is None else p for p, i in zip(at.pre_errors, at.in_errors)]
+        widths = widths or [None] * len(self.blocks)
+        relu = pool = 0
+        outputs = {INPUT: np.ones(self.in_size, dtype=bool)}  # which values vary, per block
+        for k, block in enumerate(self.blocks):
+            varies = np.concatenate([outputs[j] for j in block.inputs])
+            width = 0.0 if widths[k] is None else widths[k]
+            if isinstance(block, AffineBlock):
+                varies = block.map.abs_matvec(varies.astype(float)) > 0
+                if block.relu:
+                    low, high = at.pre[k] - width, at.pre[k] + width
+                    relu += int(np.count_nonzero(varies & (low <= 0) & (high >= 0)))
+                    varies &= high >= 0
+            elif isinstance(block, MaxPoolBlock):
+                x_in = at.inputs[k]
+                spread = np.broadcast_to(width, x_in.shape)
+                pool += int(np.count_nonzero(block.contested(x_in, spread, varies)))
+                varies = block.forward(varies.astype(float)) > 0
+            else:
+                low, high = at.inputs[k] - width, at.inputs[k] + width
+                relu += int(np.count_nonzero(varies & (low <= 0) & (high >= 0)))
+                varies &= high >= 0
+            outputs[k] = varies
+        return relu, pool
+
+    def certified_gain(self, v: np.ndarray) -> float:
+        """A proven lower bound of ||J_exact v|| / ||v||: the computed product less a
+        rigorous bound of its rounding errors (each map's matvec_bounded; gates and
+        selections are exact). With ties == 0, J_exact is the network's Jacobian at
+        the point, so this is a lower bound of the local constant at every radius.
+        Affine blocks apply the model's own layers (not a composed matrix, whose
+        products were rounded when it was built)."""
+        values: dict[int, tuple[np.ndarray, np.ndarray]] = {INPUT: (v, np.zeros(v.size))}
+        for k, (block, step) in enumerate(zip(self.blocks, self.steps)):
+            u = np.concatenate([values[j][0] for j in block.inputs])
+            err = np.concatenate([values[j][1] for j in block.inputs])
+            if isinstance(block, AffineBlock):
+                u, err = _linear_bounded(block, u, err)
+            elif step.linear is not None:
+                u, (err,) = step.linear.matvec_bounded(u, [err])
+            if step.gate is not None:
+                u, err = u * step.gate, err * step.gate
+            values[k] = (u, err)
+        n = max(u.size, v.size) + 2
+        shrink = 1.0 - gamma(n, U64)
+        value = (np.linalg.norm(u) * shrink - np.linalg.norm(err) / shrink) * shrink
+        return max(0.0, float(value / np.linalg.norm(v)))
 
     def matvec(self, v: np.ndarray) -> np.ndarray:
         return flow(self.blocks, v, lambda k, _, x: apply_steps(self.steps[k:k + 1], x))[-1]
@@ -75,3 +149,18 @@ class Jacobian:
             vector = np.zeros(self.in_size)
             vector[0] = 1.0
         return JacobianNorm(result.value, vector / np.linalg.norm(vector), result)
+
+
+def _linear_bounded(block: AffineBlock, u: np.ndarray, err: np.ndarray):
+    """The block's linear part (its model layers, biases left out) applied to u,
+    with the bound of its rounding: each input through its own layers, summed."""
+    total = None
+    for layers, piece, e in zip(block.model_layers(), block.split_input(u), block.split_input(err)):
+        for linear, _ in layers:
+            piece, (e,) = linear.matvec_bounded(piece, [e])
+        if total is None:
+            total, errors = piece, e
+        else:
+            total = total + piece
+            errors = (errors + e + 2 * U64 * np.abs(total)) * SLACK
+    return total, errors

@@ -230,8 +230,8 @@ class _CheckedSearch(LowerBoundSearch):
     def __init__(self, net: Network, *args):
         super().__init__(*args)
         self._net = net
-        if self.jacobian_exact:
-            net.found_lower(self.x0, 0.0, self.jacobian_norm, "||J(x0)||")
+        if self.ties == 0:  # J(x0) is the exact Jacobian: its certified gain is a lower bound
+            net.found_lower(self.x0, 0.0, self.jacobian_certified, "||J(x0)||")
 
     def at(self, eps: float, samples: int = 64, ascent_steps: int = 20) -> LowerBounds:
         result = super().at(eps, samples, ascent_steps)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .blocks import AffineBlock, Block, MaxPoolBlock, is_chain
-from .bounds import BoundResult, Solves, Trace, as_solver, chord_slopes, local_bound
+from .bounds import BoundResult, Solves, Trace, as_solver, chord_slopes, local_bound_detail
 from .operators.base import LinearMap
 from .operators.gated import Gated, apply_steps, apply_steps_t
 from .operators.monomial import MonomialMap
@@ -80,11 +80,11 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
     """min(paper bound, ||E|| + η^(1)); the per-block records are the paper's."""
     start = time.perf_counter()
     solver = as_solver(solver)
-    paper = local_bound(blocks, nominal, eps, solver)
+    paper, widths = local_bound_detail(blocks, nominal, eps, solver)
     solves = Solves(solver)
     if not is_chain(blocks):
         return paper  # the telescoping below is written for chains
-    steps = _stable_steps(blocks, nominal, paper, eps)
+    steps = _stable_steps(blocks, nominal, paper, widths, eps)
     sizes = [x.size for x in nominal.inputs]
     uncertain = [j for j, s in enumerate(steps) if s.uncertain is not None and s.uncertain.any()]
     carry: dict[int, float] = {}  # ||E_{K←l+1} Q_l|| + η^(l+1) for every uncertain block l
@@ -118,60 +118,67 @@ def _rho(steps: list[_Step], m: int, j: int, sizes, solves) -> float:
                              ("rho", m, j))
 
 
-def _stable_steps(blocks: list[Block], nominal: Trace, paper: BoundResult,
+def _stable_steps(blocks: list[Block], nominal: Trace, paper: BoundResult, widths,
                   eps: float) -> list[_Step]:
+    """Each block's stable part and what is uncertain in it, every decision made on
+    the interval that holds the exact value: computed ± the rounding-error bound
+    the paper's bound used (`widths`, see bounds.local_bound_detail)."""
     steps, mask = [], np.ones(nominal.x.size)
     change = np.full(mask.size, eps)  # bound on |Δ| of each coordinate of the block input
     for k, (block, record) in enumerate(zip(blocks, paper.layers)):
         if isinstance(block, AffineBlock):
-            step, change, next_mask = _affine_step(block, nominal.pre[k], record.eps_in, mask)
+            interval = nominal.pre[k] - widths[k], nominal.pre[k] + widths[k]
+            step, change, next_mask = _affine_step(block, interval, record.eps_in, mask)
         elif isinstance(block, MaxPoolBlock):
-            step, change, next_mask = _maxpool_step(block, nominal.inputs[k], change, mask)
+            step, change, next_mask = _maxpool_step(block, nominal.inputs[k], widths[k],
+                                                    change, mask)
         else:
-            step, change, next_mask = _relu_step(nominal.inputs[k], change, mask)
+            interval = nominal.inputs[k] - widths[k], nominal.inputs[k] + widths[k]
+            step, change, next_mask = _relu_step(interval, change, mask)
         steps.append(step)
         mask = next_mask
     return steps
 
 
-def _affine_step(block: AffineBlock, y0, eps_k, mask):
+def _affine_step(block: AffineBlock, interval, eps_k, mask):
+    """ReLU rows: active where low − reach ≥ 0, inactive where high + reach ≤ 0,
+    uncertain otherwise (rows that cannot move, reach 0, never are), with the
+    chord slope from high (the worst case over [low, high])."""
+    low, high = interval
     reach = eps_k * np.sqrt(np.maximum(block.map.sq_matvec(mask), 0.0))
     if not block.relu:
         return _Step(block.map, None, mask), reach, (reach > 0).astype(float)
-    active, inactive = y0 - reach >= 0, y0 + reach <= 0
-    uncertain = ~(active | inactive)
-    slopes = np.where(uncertain, chord_slopes(y0, y0 + reach), 0.0)
+    active, inactive = low - reach >= 0, high + reach <= 0
+    uncertain = ~(active | inactive) & (reach > 0)
+    slopes = np.where(uncertain, chord_slopes(high, high + reach), 0.0)
     step = _Step(block.map, active.astype(float), mask, uncertain.astype(float), slopes)
     return step, np.where(inactive, 0.0, reach), (~inactive & (reach > 0)).astype(float)
 
 
-def _maxpool_step(block: MaxPoolBlock, z0, change, mask):
-    """Stable windows select a fixed input; the others a convex combination of theirs."""
-    windows = block.windows
-    padded = windows < 0
-    index = np.where(padded, 0, windows)
-    values = np.where(padded, -np.inf, z0[index])
-    moves = np.where(padded, 0.0, change[index])
-    top = np.argmax(values, axis=1)
-    rows = np.arange(len(windows))
-    best_low = values[rows, top] - moves[rows, top]
-    others = values + moves
-    others[rows, top] = -np.inf
-    constant = moves.max(axis=1) == 0
-    stable = constant | (best_low >= others.max(axis=1, initial=-np.inf))
-    source = np.where(stable & ~constant, windows[rows, top], -1)
+def _maxpool_step(block: MaxPoolBlock, z0, err, change, mask):
+    """Stable windows select a fixed input; the others a convex combination of theirs.
+    A window is stable when no input can change, or when its largest entry, lowered
+    by its move and rounding error, stays above every other raised by theirs: ties
+    and near-ties within the error bounds are unstable."""
+    source, margin = block.margins(z0, change + err)
+    moves = block.forward(change)
+    constant = moves == 0
+    stable = constant | (margin >= 0)
     members = np.zeros(z0.size)
-    unstable = windows[~stable]
+    unstable = block.windows[~stable]
     members[unstable[unstable >= 0]] = 1.0
-    step = _Step(MonomialMap(source, None, block.in_shape, block.out_shape), None, mask,
-                 (~stable).astype(float), members=members, overlap=block.lipschitz)
-    return step, moves.max(axis=1), block.pool_mask(mask)
+    selection = MonomialMap(np.where(stable & ~constant, source, -1), None, block.in_shape,
+                            block.out_shape)
+    step = _Step(selection, None, mask, (~stable).astype(float), members=members,
+                 overlap=block.lipschitz)
+    return step, moves, block.pool_mask(mask)
 
 
-def _relu_step(z0, change, mask):
+def _relu_step(interval, change, mask):
     """A lone ReLU: an unstable input passes a slope in [0, 1], a window of one."""
-    active, inactive = z0 - change >= 0, z0 + change <= 0
-    uncertain = ~(active | inactive)
+    low, high = interval
+    active, inactive = low - change >= 0, high + change <= 0
+    uncertain = ~(active | inactive) & (change > 0)
     step = _Step(None, active.astype(float), mask, uncertain.astype(float),
                  members=uncertain.astype(float))
     return step, np.where(inactive, 0.0, change), mask * ~inactive

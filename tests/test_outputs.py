@@ -213,8 +213,8 @@ def test_single_input_label_and_correct(capsys):
 
 
 def _lower(eps: float, best: float) -> LowerBounds:
-    return LowerBounds(eps, jacobian_norm=1.0, jacobian_exact=False, sampled=best, ascent=0.0,
-                       evaluations=1)
+    return LowerBounds(eps, jacobian_norm=1.0, jacobian_certified=1.0, ties=1, sampled=best,
+                       ascent=0.0, evaluations=1)
 
 
 def test_sweep_lower_bound_is_the_running_maximum():

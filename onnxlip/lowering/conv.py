@@ -27,13 +27,14 @@ def lower_conv(ctx: NodeContext) -> list[Affine]:
 
 
 def _kernel_weight(ctx: NodeContext) -> np.ndarray:
-    """The constant kernel (M, C/group, k1, ...) in float32, matching kernel_shape."""
+    """The constant kernel (M, C/group, k1, ...) as the model has it, matching
+    kernel_shape (ConvMap keeps it where float32 rounds it)."""
     if not ctx.is_data(0) or ctx.is_data(1):
         raise ctx.fail("only a data input convolved with a constant kernel is supported")
     weight = ctx.require_const(1, "kernel")
     if weight.ndim < 3:
         raise ctx.fail(f"kernel of shape {weight.shape} is not (M, C/group, k1, ...)")
-    weight = _as_float32(ctx, weight, "kernel")
+    _check_float32_range(ctx, weight, "kernel")
     check_spatial_input(ctx, weight.ndim - 2)
     kernel = tuple(ctx.attr("kernel_shape", weight.shape[2:]))
     if kernel != weight.shape[2:]:
@@ -84,11 +85,10 @@ def lower_conv_transpose(ctx: NodeContext) -> list[Affine]:
     return [Affine(ConvTransposeMap(conv), _bias(ctx, out_shape))]
 
 
-def _as_float32(ctx: NodeContext, value: np.ndarray, what: str) -> np.ndarray:
-    """float32 (onnxruntime's Conv kernels), with the squares still finite."""
+def _check_float32_range(ctx: NodeContext, value: np.ndarray, what: str) -> None:
+    """The map computes in float32 (onnxruntime's Conv kernels): squares must stay finite."""
     if value.size and np.max(np.abs(value)) > 1e19:
         raise ctx.fail(f"{what} has values of magnitude above 1e19, beyond float32 arithmetic")
-    return value.astype(np.float32)
 
 
 def _transpose_pads(ctx: NodeContext, full: tuple[int, ...], strides) -> tuple[int, ...]:

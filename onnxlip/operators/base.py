@@ -2,6 +2,18 @@
 
 Vectors are the C-order flattening of a tensor with batch 1; a batch of k
 vectors is an (n, k) array, as in scipy's LinearOperator.matmat.
+
+Rounding: every map states the arithmetic its products use (`unit_roundoff`:
+2^-24 for float32 kernels, 2^-53 for float64) and the most products summed
+into one output (`fan_in`). In the standard model of floating-point
+arithmetic, a computed sum of m products (any order, with or without fused
+multiply-adds, the operand first rounded to the arithmetic's type, the
+coefficient possibly rounded from the model's) is within γ_{m+3}·(|A||x|)
+of the exact one, γ_n = n·u / (1 − n·u) (no overflow; underflow is covered by
+an absolute term); `matvec_bounded` propagates such elementwise error bounds
+(|computed − exact|) through a map, computing the map itself in its most
+precise arithmetic (`precise_matvec`: float64 for convolutions and large
+float32 matrices).
 """
 
 from __future__ import annotations
@@ -13,16 +25,18 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
-#: Unit roundoffs.
-F64 = float(np.finfo(np.float64).eps) / 2
-F32 = float(np.finfo(np.float32).eps) / 2
+#: Unit roundoffs of float32 and float64 arithmetic (round to nearest).
+U32 = 2.0**-24
+U64 = 2.0**-53
+#: Smallest subnormal of each type: the absolute error a product can lose to underflow.
+_TINY = {U32: 2.0**-149, U64: 2.0**-1074}
+#: Covers the float64 roundings of the error bookkeeping itself (a few per element).
+SLACK = 1.0 + 2.0**-30
 
 
-def gamma(m: int, u: float) -> float:
-    """Higham's γ_m = m·u / (1 − m·u): |fl(Σ a_i b_i) − Σ a_i b_i| ≤ γ_m Σ |a_i b_i| for m terms."""
-    if m * u >= 0.5:
-        return math.inf
-    return m * u / (1 - m * u)
+def gamma(n: int, u: float) -> float:
+    """Higham's γ_n = n·u / (1 − n·u): |fl(Σ a_i b_i) − Σ a_i b_i| ≤ γ_n Σ |a_i b_i| for n terms."""
+    return n * u / (1.0 - n * u) if n * u < 0.5 else math.inf
 
 
 def frobenius_cap(values: np.ndarray) -> float:
@@ -31,7 +45,7 @@ def frobenius_cap(values: np.ndarray) -> float:
     for i in range(0, flat.size, chunk):
         part = flat[i:i + chunk].astype(np.float64)
         total += float(part @ part)
-    return math.sqrt(total * (1 + gamma(values.size + 1, F64))) * (1 + 2 * F64)
+    return math.sqrt(total * (1 + gamma(values.size + 1, U64))) * (1 + 2 * U64)
 
 
 class LinearMap(ABC):
@@ -65,6 +79,50 @@ class LinearMap(ABC):
     def sq_matvec(self, d: np.ndarray) -> np.ndarray:
         """(A∘A) @ d: squared row norms of A restricted to the mask d."""
 
+    @abstractmethod
+    def abs_matvec(self, v: np.ndarray) -> np.ndarray:
+        """|A| @ v (entrywise absolute values of A) for v of shape (in_size,) or
+        (in_size, k), computed in the map's arithmetic."""
+
+    #: Unit roundoff of the arithmetic matvec uses.
+    unit_roundoff = U64
+
+    @property
+    def fan_in(self) -> int:
+        """The most products summed into one output of matvec (at most in_size)."""
+        return self.in_size
+
+    def _gamma(self) -> float:
+        return gamma(self.fan_in + 3, self.unit_roundoff)
+
+    def abs_bound(self, v: np.ndarray) -> np.ndarray:
+        """An upper bound of |A| @ v for v ≥ 0 (a vector or columns): the computed
+        product lifted by its own rounding (a computed sum of nonnegative terms is
+        within γ of the exact one)."""
+        m, u = self.fan_in, self.unit_roundoff
+        product = self.abs_matvec(v) / (1.0 - self._gamma())
+        return (product + (m + 3) * _TINY[u]) * SLACK
+
+    def precise_matvec(self, x: np.ndarray) -> np.ndarray:
+        """A x in the most precise arithmetic the map offers cheaply (the nominal
+        forward pass): matvec itself unless a subclass says otherwise."""
+        return self.matvec(x)
+
+    @property
+    def precise_gamma(self) -> float:
+        """|precise_matvec(x) − A x| ≤ precise_gamma·|A||x| elementwise."""
+        return self._gamma()
+
+    def matvec_bounded(self, x: np.ndarray,
+                       errors: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(precise_matvec(x), [e_out for each e in errors]): e_out ≥ |precise_matvec(x)
+        − A x*| elementwise for every x* with |x − x*| ≤ e, i.e. |A|·e for the
+        incoming error plus γ·|A||x| for this product's own rounding (one |A|
+        product for all the errors, as columns)."""
+        own = self.precise_gamma * np.abs(x)
+        bounds = self.abs_bound(np.stack([e + own for e in errors], axis=1))
+        return self.precise_matvec(x), list(bounds.T)
+
     @property
     @abstractmethod
     def representation(self) -> str:
@@ -86,7 +144,7 @@ class LinearMap(ABC):
         frob = frobenius_cap(matrix.data)
         rows = int(np.diff(matrix.indptr).max(initial=0))
         cols = int(np.bincount(matrix.indices, minlength=1).max(initial=0))
-        return gamma(rows, F64) * frob, gamma(cols, F64) * frob
+        return gamma(rows, U64) * frob, gamma(cols, U64) * frob
 
     def to_sparse(self) -> sp.csr_matrix:
         """The exact CSR matrix of the map."""

@@ -59,6 +59,28 @@ class ChainMap(LinearMap):
             d = m.sq_matvec(d)
         return d
 
+    def abs_matvec(self, v):
+        for m in self.maps:
+            v = m.abs_matvec(v)
+        return v
+
+    def abs_bound(self, v):
+        """|A_n ⋯ A_1| ≤ |A_n| ⋯ |A_1|, each factor bounded in its own arithmetic."""
+        for m in self.maps:
+            v = m.abs_bound(v)
+        return v
+
+    def precise_matvec(self, x):
+        for m in self.maps:
+            x = m.precise_matvec(x)
+        return x
+
+    def matvec_bounded(self, x, errors):
+        """The maps one after the other, each adding its own rounding."""
+        for m in self.maps:
+            x, errors = m.matvec_bounded(x, errors)
+        return x, errors
+
     def to_sparse(self):
         result = self.maps[0].to_sparse()
         for m in self.maps[1:]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
 
-from .base import F32, F64, LinearMap, gamma
+from .base import U32, U64, LinearMap, gamma
 from .ort import NodeSession
 
 
@@ -21,9 +22,13 @@ class ConvMap(LinearMap):
     """A bias-free N-d convolution with explicit pads (begin..., end...)."""
 
     representation = "matrix-free"
+    unit_roundoff = U32  # onnxruntime's float32 kernels
 
     def __init__(self, weight, in_shape, strides, pads, dilations, group: int):
-        weight = np.asarray(weight, dtype=np.float32)
+        given = np.asarray(weight)
+        weight = given.astype(np.float32)
+        #: The model's kernel where float32 rounds it (a float64 model), else None.
+        self._exact = None if np.array_equal(weight, given) else given.astype(np.float64)
         rank = weight.ndim - 2
         spatial = in_shape[2:]
         out_spatial = tuple(
@@ -50,6 +55,14 @@ class ConvMap(LinearMap):
     @cached_property
     def _squared(self) -> NodeSession:
         return NodeSession("Conv", {"W": self.weight**2}, self.rank + 2, **self._attrs())
+
+    @cached_property
+    def _absolute(self) -> NodeSession:
+        return NodeSession("Conv", {"W": np.abs(self.weight)}, self.rank + 2, **self._attrs())
+
+    @property
+    def fan_in(self) -> int:
+        return math.prod(self.weight.shape[1:])
 
     @cached_property
     def _transpose(self) -> NodeSession:
@@ -90,6 +103,50 @@ class ConvMap(LinearMap):
         d = d.reshape(-1, 1).astype(np.float64)
         return _run(self._squared, d, self.in_shape, self.out_size)[:, 0]
 
+    def abs_matvec(self, v):
+        columns = v.reshape(self.in_size, -1).astype(np.float64)
+        return _run(self._absolute, columns, self.in_shape, self.out_size).reshape(
+            (self.out_size,) + v.shape[1:])
+
+    def precise_matvec(self, x):
+        """The convolution in float64 (numpy, with the model's kernel): onnxruntime's
+        float32 kernels would leave errors up to γ_m·|W||x| (m the fan-in), which a
+        rigorous bound carries through |A| of every later layer and which then swamps
+        a deep network's small pre-activations. (The error bound's own |W| product
+        runs in float32 on onnxruntime, lifted by its rounding: abs_bound.)"""
+        return self.float64_matvec(x)
+
+    @property
+    def precise_gamma(self) -> float:
+        return gamma(self.fan_in + 2, U64)
+
+    def float64_matvec(self, x: np.ndarray) -> np.ndarray:
+        """A x in float64: per group, matrix products of the kernel's offsets (batched
+        to about 16 MB of patches) with the strided, dilated views of the padded input."""
+        weight = self.weight.astype(np.float64) if self._exact is None else self._exact
+        rank, spatial = self.rank, self.out_shape[2:]
+        image = np.pad(x.reshape(self.in_shape[1:]),
+                       [(0, 0)] + [(self.pads[i], self.pads[rank + i]) for i in range(rank)])
+        m, cg = weight.shape[:2]
+        mg, positions = m // self.group, math.prod(spatial)
+        offsets = list(itertools.product(*[range(k) for k in weight.shape[2:]]))
+        batch = max(1, (1 << 21) // (cg * positions))
+        out = np.zeros((m, positions))
+        for g in range(self.group):
+            rows, chans = slice(g * mg, (g + 1) * mg), slice(g * cg, (g + 1) * cg)
+            for start in range(0, len(offsets), batch):
+                part = offsets[start:start + batch]
+                patches = np.concatenate([image[(chans, *self._window(o))].reshape(cg, positions)
+                                          for o in part])
+                kernel = np.concatenate([weight[(rows, slice(None), *o)] for o in part], axis=1)
+                out[rows] += kernel @ patches
+        return out.ravel()
+
+    def _window(self, offset: tuple[int, ...]) -> tuple[slice, ...]:
+        """The input positions that kernel offset `offset` meets, one per output position."""
+        return tuple(slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in
+                     zip(offset, self.dilations, self.strides, self.out_shape[2:]))
+
     def sparse_nnz_estimate(self) -> int:
         return self.out_size * math.prod(self.weight.shape[1:])
 
@@ -102,7 +159,7 @@ class ConvMap(LinearMap):
         m, cg = sums.shape
         blocks = sums.reshape(self.group, m // self.group, cg)
         top = max(float(np.linalg.norm(b, 2)) for b in blocks)
-        return top * (1 + 8 * max(m, cg) * F64) + gamma(self.weight[0, 0].size, F64) * top
+        return top * (1 + 8 * max(m, cg) * U64) + gamma(self.weight[0, 0].size, U64) * top
 
     @cached_property
     def _cap(self) -> float:
@@ -120,8 +177,8 @@ class ConvMap(LinearMap):
         kernel = math.prod(self.weight.shape[2:])
         fan_in = self.weight.shape[1] * kernel
         fan_out = self.weight.shape[0] // self.group * kernel
-        cap, lift = self.norm_cap(), self._abs_norm * (1 + F32)
-        return F32 * cap + gamma(fan_in, F32) * lift, F32 * cap + gamma(fan_out, F32) * lift
+        cap, lift = self.norm_cap(), self._abs_norm * (1 + U32)
+        return U32 * cap + gamma(fan_in, U32) * lift, U32 * cap + gamma(fan_out, U32) * lift
 
     def to_sparse(self) -> sp.csr_matrix:
         """The exact matrix, built by vectorized index arithmetic."""
@@ -167,7 +224,7 @@ def fourier_cap(conv: ConvMap, work_max: float | None = None) -> float:
         top = max(top, float(np.linalg.norm(symbol, 2, axis=(-2, -1)).max()))
     sums = np.abs(taps).sum(axis=-1)
     frob = max(float(np.linalg.norm(b)) for b in sums)
-    margin = (gamma(taps.shape[-1] + 2, F64) + 8 * max(m, cg) * F64) * frob
+    margin = (gamma(taps.shape[-1] + 2, U64) + 8 * max(m, cg) * U64) * frob
     return top + margin
 
 
@@ -237,6 +294,32 @@ class ConvTransposeMap(LinearMap):
     def sq_matvec(self, d):
         d = d.reshape(-1, 1).astype(np.float64)
         return _run(self._squared, d, self.in_shape, self.out_size)[:, 0]
+
+    unit_roundoff = U32  # onnxruntime's float32 kernels
+
+    @property
+    def fan_in(self) -> int:
+        """The products summed into one output: the convolution's adjoint fan-in."""
+        weight = self.conv.weight
+        return weight.shape[0] // self.conv.group * math.prod(weight.shape[2:])
+
+    @cached_property
+    def _absolute(self) -> ConvMap:
+        conv = self.conv
+        return ConvMap(np.abs(conv.weight), conv.in_shape, conv.strides, conv.pads,
+                       conv.dilations, conv.group)
+
+    def abs_matvec(self, v):
+        """|Aᵀ| v = (|A|)ᵀ v: the transposed convolution of the kernel's absolute values."""
+        columns = v.reshape(self.in_size, -1).astype(np.float64)
+        return self._absolute.rmatmat(columns).reshape((self.out_size,) + v.shape[1:])
+
+    def norm_cap(self) -> float:
+        return self.conv.norm_cap()
+
+    def rounding(self) -> tuple[float, float]:
+        forward, adjoint = self.conv.rounding()
+        return adjoint, forward
 
     def sparse_nnz_estimate(self) -> int:
         return self.conv.sparse_nnz_estimate()

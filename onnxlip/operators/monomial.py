@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .base import F64, LinearMap, gamma
+from .base import U64, LinearMap, gamma
 
 
 class MonomialMap(LinearMap):
@@ -44,13 +44,13 @@ class MonomialMap(LinearMap):
     def norm_cap(self) -> float:
         """Exact up to rounding: the largest norm of the outputs one input feeds."""
         weights = np.bincount(self._cols, weights=self.scale[self._rows] ** 2, minlength=1)
-        return float(np.sqrt(weights.max(initial=0.0))) * (1 + 4 * F64)
+        return float(np.sqrt(weights.max(initial=0.0))) * (1 + 4 * U64)
 
     def rounding(self) -> tuple[float, float]:
         """One float64 product per entry forward; the adjoint also sums the outputs an input feeds."""
         cap = self.norm_cap()
         feeds = int(np.bincount(self._cols, minlength=1).max(initial=0))
-        return F64 * cap, gamma(feeds + 1, F64) * cap * (1 if self.monomial else np.sqrt(feeds))
+        return U64 * cap, gamma(feeds + 1, U64) * cap * (1 if self.monomial else np.sqrt(feeds))
 
     def matmat(self, x):
         out = np.zeros((self.out_size, x.shape[1]), dtype=x.dtype)
@@ -70,6 +70,16 @@ class MonomialMap(LinearMap):
         out = np.zeros(self.out_size)
         out[self._rows] = d[self._cols] * self.scale[self._rows] ** 2
         return out
+
+    def abs_matvec(self, v):
+        scale = np.abs(self.scale[self._rows]).reshape((-1,) + (1,) * (v.ndim - 1))
+        out = np.zeros((self.out_size,) + v.shape[1:])
+        out[self._rows] = v[self._cols] * scale
+        return out
+
+    @property
+    def fan_in(self) -> int:
+        return 1
 
     def to_sparse(self):
         shape = (self.out_size, self.in_size)

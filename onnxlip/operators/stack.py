@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import scipy.sparse as sp
 
-from .base import LinearMap
+from .base import SLACK, U64, LinearMap, gamma
 
 
 class StackMap(LinearMap):
@@ -23,8 +25,13 @@ class StackMap(LinearMap):
         self.sizes = [p.in_size for p in parts]
         self.offsets = np.cumsum([0] + self.sizes)
         super().__init__((int(self.offsets[-1]),), out_shape)
+        self.unit_roundoff = max(p.unit_roundoff for p in parts)
         touched = sum((p.sq_matvec(np.ones(p.in_size)) > 0).astype(int) for p in parts)
         self.monomial = all(p.monomial for p in parts) and int(touched.max(initial=0)) <= 1
+
+    @property
+    def fan_in(self) -> int:
+        return sum(p.fan_in for p in self.parts)
 
     def split(self, x: np.ndarray) -> list[np.ndarray]:
         """The input (or a batch of inputs) cut into the parts' inputs."""
@@ -46,6 +53,41 @@ class StackMap(LinearMap):
 
     def sq_matvec(self, d):
         return sum(p.sq_matvec(dj) for p, dj in zip(self.parts, self.split(d)))
+
+    def abs_matvec(self, v):
+        return sum(p.abs_matvec(vj) for p, vj in zip(self.parts, self.split(v)))
+
+    def abs_bound(self, v):
+        """Σ_j |A_j| v_j, each part bounded in its own arithmetic, lifted by the
+        float64 sum of the k parts."""
+        total = sum(p.abs_bound(vj) for p, vj in zip(self.parts, self.split(v)))
+        return total * (1 + gamma(len(self.parts), U64)) * SLACK
+
+    def precise_matvec(self, x):
+        return sum(p.precise_matvec(xj) for p, xj in zip(self.parts, self.split(x)))
+
+    def matvec_bounded(self, x, errors):
+        """Each part with its own rounding, then the float64 sum of the parts."""
+        total, bounds = None, None
+        for p, xj, ej in zip(self.parts, self.split(x), zip(*[self.split(e) for e in errors])):
+            y, e = p.matvec_bounded(xj, list(ej))
+            total = y if total is None else total + y
+            bounds = e if bounds is None else [a + b for a, b in zip(bounds, e)]
+        added = gamma(len(self.parts), U64) * np.abs(total)
+        return total, [(b + added) * SLACK for b in bounds]
+
+    def norm_cap(self) -> float:
+        """||[A_1 … A_k]|| ≤ sqrt(Σ_j ||A_j||²)."""
+        return math.sqrt(sum(p.norm_cap() ** 2 for p in self.parts)) * (1 + 4 * U64)
+
+    def rounding(self) -> tuple[float, float]:
+        """Forward: the parts' errors and the float64 sum of k vectors
+        (γ_k·Σ_j ||A_j x_j||); adjoint: the parts' errors, stacked."""
+        errors = [p.rounding() for p in self.parts]
+        forward = math.sqrt(sum(e[0] ** 2 for e in errors))
+        forward += gamma(len(self.parts), U64) * sum(p.norm_cap() for p in self.parts)
+        adjoint = math.sqrt(sum(e[1] ** 2 for e in errors))
+        return forward * (1 + 4 * U64), adjoint * (1 + 4 * U64)
 
     def to_sparse(self):
         return sp.hstack([p.to_sparse() for p in self.parts]).tocsr()
