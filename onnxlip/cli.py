@@ -11,12 +11,20 @@ import time
 from collections.abc import Sequence
 
 from . import __version__
-from .dataset import certify_dataset, plot_certified_accuracy, read_batch, write_rows
+from .dataset import (
+    DatasetResult,
+    certify_dataset,
+    plot_certified_accuracy,
+    read_batch,
+    read_results,
+    write_rows,
+)
 from .errors import OnnxlipError
+from .graph import load_chain
 from .inputs import read_input
 from .network import OPERATOR_MODES, Network, load
 from .report import BLOCK_HEADERS, LAYER_HEADERS, block_rows, layer_rows, shape_text, table
-from .sweep import eps_grid, plot, run_sweep, write_csv
+from .sweep import eps_grid, plot, run_sweep, run_sweep_distributed, write_csv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--json", action="store_true", help="print one JSON object")
     sweep.add_argument("--csv", help="write the table to this CSV file")
     sweep.add_argument("--plot", help="write the figure to this PNG/SVG/PDF file")
+    _cluster_options(sweep, "radii on a Dask LocalCluster of N processes (default: in this process)")
     sweep.set_defaults(run=run_sweep_command)
 
     cert = sub.add_parser("certify", help="certified L2 radius of the top class")
@@ -91,15 +100,32 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--inputs", help="a batch (.npy, .npz with inputs and labels) or a folder of .npy")
     cert.add_argument("--labels", help="integer labels (.npy) for --inputs")
     cert.add_argument("--rel-tol", type=_number, default=1e-3, help="bisection tolerance (1e-3)")
-    cert.add_argument("--workers", type=_count, default=None,
-                      help="processes for --inputs (default: one per core)")
+    _cluster_options(cert, "--inputs on a Dask LocalCluster of N processes (default: one per "
+                           "core; 1: in this process)")
+    cert.add_argument("--start", type=_index, default=0, help="first input of the shard (0)")
+    cert.add_argument("--end", type=_index, default=None, help="input after the shard's last")
     cert.add_argument("--radii", type=_number, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.5],
                       help="radii for certified accuracy in the summary")
-    cert.add_argument("--out", help="per-input rows to this .csv or .json file")
+    cert.add_argument("--out", help="per-input rows: streamed to a .jsonl file (rerun to resume), "
+                                    "or to a .csv or .json file at the end")
     cert.add_argument("--plot", help="certified accuracy against radius to this image")
     cert.add_argument("--json", action="store_true", help="print one JSON object")
     cert.set_defaults(run=run_certify)
+
+    report = sub.add_parser("report", help="summary (and plot) of a certify --out .jsonl file")
+    report.add_argument("results", help="results file of certify --inputs --out FILE.jsonl")
+    report.add_argument("--radii", type=_number, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.5],
+                        help="radii for certified accuracy in the summary")
+    report.add_argument("--plot", help="certified accuracy against radius to this image")
+    report.add_argument("--json", action="store_true", help="print one JSON object")
+    report.set_defaults(run=run_report)
     return parser
+
+
+def _cluster_options(p: argparse.ArgumentParser, workers_help: str) -> None:
+    p.add_argument("--workers", type=_count, default=None, metavar="N", help=workers_help)
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="use the Dask cluster of this scheduler, e.g. tcp://10.0.0.5:8786")
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -119,10 +145,14 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                             "'tight', the norm of the product (slower, never looser)")
 
 
-def _load(args) -> Network:
-    return load(args.model, input_shape=args.input_shape, input_name=args.input_name,
+def _load_kwargs(args) -> dict:
+    return dict(path=args.model, input_shape=args.input_shape, input_name=args.input_name,
                 output_name=args.output_name, operators=args.operators,
                 memory_budget=args.memory_budget, tol=args.tol)
+
+
+def _load(args) -> Network:
+    return load(**_load_kwargs(args))
 
 
 def run_inspect(args) -> int:
@@ -170,11 +200,19 @@ def run_bound(args) -> int:
 
 
 def run_sweep_command(args) -> int:
-    net = _load(args)
     x0 = read_input(args.input)
     grid = eps_grid(args.eps_min, args.eps_max, args.n, args.spacing)
-    result = run_sweep(net, x0, grid, lower=not args.no_lower, progress=sys.stderr.isatty(),
-                       input_name=os.path.basename(args.input), method=args.method)
+    common = dict(lower=not args.no_lower, progress=sys.stderr.isatty(),
+                  input_name=os.path.basename(args.input), method=args.method)
+    if args.scheduler or (args.workers or 1) > 1:
+        result = run_sweep_distributed(_load_kwargs(args), x0, grid, workers=args.workers,
+                                       scheduler=args.scheduler, **common)
+        input_shape = load_chain(args.model, args.input_shape, args.input_name,
+                                 args.output_name).input_shape
+    else:
+        net = _load(args)
+        result = run_sweep(net, x0, grid, **common)
+        input_shape = net.input_shape
     if args.csv:
         write_csv(result, args.csv)
     if args.plot:
@@ -184,7 +222,7 @@ def run_sweep_command(args) -> int:
         return 0
     columns = ["eps", "local_bound", "lower_best", "lower_jacobian_norm", "global_bound"]
     rows = [[row.get(c) for c in columns] for row in result.rows()]
-    print(f"{args.model}: input {shape_text(net.input_shape)}, x0 = {args.input}, "
+    print(f"{args.model}: input {shape_text(input_shape)}, x0 = {args.input}, "
           f"{len(grid)} radii in {result.seconds:.3g} s (upper bounds {result.upper_seconds:.3g} s)")
     print(table(["eps", "local bound", "lower bound", "||J(x0)||", "global bound"], rows))
     return 0
@@ -202,30 +240,50 @@ def run_certify(args) -> int:
                     [[cert.top_class, cert.margin, cert.radius_local, cert.radius_global,
                       cert.attack_distance, cert.radius_local / cert.radius_global, cert.seconds]]))
         return 0
-    load_kwargs = dict(path=args.model, input_shape=args.input_shape, input_name=args.input_name,
-                       output_name=args.output_name, operators=args.operators,
-                       memory_budget=args.memory_budget, tol=args.tol)
-    net = load(**load_kwargs)
-    batch, labels = read_batch(args.inputs, args.labels, net.input_shape)
+    load_kwargs = _load_kwargs(args)
+    graph = load_chain(args.model, args.input_shape, args.input_name, args.output_name)
+    batch, labels = read_batch(args.inputs, args.labels, graph.input_shape)
+    jsonl = args.out is not None and args.out.lower().endswith(".jsonl")
     result = certify_dataset(load_kwargs, batch, labels, args.rel_tol, args.workers,
-                             progress=sys.stderr.isatty(), method=args.method)
-    summary = result.summary(args.radii)
-    if args.out:
+                             progress=sys.stderr.isatty(), method=args.method,
+                             out=args.out if jsonl else None, source=args.inputs, start=args.start,
+                             end=args.end, scheduler=args.scheduler)
+    if args.out and not jsonl:
         write_rows(result, args.out)
+    title = f"{os.path.basename(args.model)}: {{}} inputs from {os.path.basename(args.inputs)}"
+    return _dataset_output(args, args.model, result, title)
+
+
+def run_report(args) -> int:
+    header, rows, _ = read_results(args.results)
+    result = DatasetResult(sorted({r["index"]: r for r in rows}.values(), key=lambda r: r["index"]),
+                           0.0)
+    title = f"{os.path.basename(header['model'])}: {{}} inputs from " \
+            f"{os.path.basename(header['inputs'])}"
+    return _dataset_output(args, header["model"], result, title, f"of {header['count']} ")
+
+
+def _dataset_output(args, model: str, result: DatasetResult, title: str, of: str = "") -> int:
+    """The summary of certify --inputs and of report; exit 1 when some inputs failed."""
+    summary = result.summary(args.radii)
     if args.plot:
-        plot_certified_accuracy(result, args.plot, f"{os.path.basename(args.model)}: "
-                                f"{len(batch)} inputs from {os.path.basename(args.inputs)}")
+        plot_certified_accuracy(result, args.plot, title.format(len(result.rows)))
     if args.json:
-        print(json.dumps({"model": args.model, "summary": summary,
-                          "inputs": [c.to_dict() for c in result.certificates]}))
-        return 0
-    print(f"{args.model}: {summary['inputs']} inputs, accuracy {summary['accuracy']:.3f}, "
-          f"median certified radius {summary['median_radius_local']:.4g} (local bound) vs "
-          f"{summary['median_radius_global']:.4g} (global), median attack distance "
-          f"{summary['median_attack_distance']:.4g}, {summary['seconds']:.3g} s")
-    rows = [[float(r), v["local"], v["global"]] for r, v in summary["certified_accuracy"].items()]
-    print(table(["radius", "certified accuracy (local)", "certified accuracy (global)"], rows))
-    return 0
+        print(json.dumps({"model": model, "summary": summary, "inputs": result.rows}))
+    else:
+        print(f"{model}: {summary['inputs']} inputs {of}certified, accuracy "
+              f"{summary['accuracy']:.3f}, median certified radius "
+              f"{summary['median_radius_local']:.4g} (local bound) vs "
+              f"{summary['median_radius_global']:.4g} (global), median attack distance "
+              f"{summary['median_attack_distance']:.4g}, {summary['seconds']:.3g} s")
+        rows = [[float(r), v["local"], v["global"]] for r, v in summary["certified_accuracy"].items()]
+        print(table(["radius", "certified accuracy (local)", "certified accuracy (global)"], rows))
+    failed = result.failed
+    if failed:
+        first = min(failed)
+        print(f"onnxlip: {len(failed)} input(s) failed, e.g. #{first}: {failed[first]}",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _number(text: str) -> float:
@@ -238,6 +296,12 @@ def _number(text: str) -> float:
 def _count(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _index(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ 0")
     return int(text)
 
 
