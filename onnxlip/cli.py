@@ -250,24 +250,23 @@ def run_certify(args) -> int:
                              end=args.end, scheduler=args.scheduler)
     if args.out and not jsonl:
         write_rows(result, args.out)
-    title = f"{os.path.basename(args.model)}: {{}} inputs from {os.path.basename(args.inputs)}"
-    return _dataset_output(args, args.model, result, title)
+    return _dataset_output(args, args.model, args.inputs, result)
 
 
 def run_report(args) -> int:
     header, rows, _ = read_results(args.results)
     result = DatasetResult(sorted({r["index"]: r for r in rows}.values(), key=lambda r: r["index"]),
                            0.0)
-    title = f"{os.path.basename(header['model'])}: {{}} inputs from " \
-            f"{os.path.basename(header['inputs'])}"
-    return _dataset_output(args, header["model"], result, title, f"of {header['count']} ")
+    return _dataset_output(args, header["model"], header["inputs"], result,
+                           f"of {header['count']} ")
 
 
-def _dataset_output(args, model: str, result: DatasetResult, title: str, of: str = "") -> int:
+def _dataset_output(args, model: str, inputs: str, result: DatasetResult, of: str = "") -> int:
     """The summary of certify --inputs and of report; exit 1 when some inputs failed."""
     summary = result.summary(args.radii)
     if args.plot:
-        plot_certified_accuracy(result, args.plot, title.format(len(result.rows)))
+        plot_certified_accuracy(result, args.plot, f"{os.path.basename(model)}: {len(result.rows)} "
+                                f"inputs from {os.path.basename(inputs)}")
     if args.json:
         print(json.dumps({"model": model, "summary": summary, "inputs": result.rows}))
     else:
