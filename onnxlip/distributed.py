@@ -159,3 +159,8 @@ def network(options: dict):
 def loads() -> tuple[int, int]:
     """(this process's id, models it has loaded): lets tests check one load per worker."""
     return os.getpid(), _LOADS[0]
+
+
+def clear_cache() -> None:
+    """Forget this process's loaded models and per-input state (a cold start, for timings)."""
+    _CACHE.clear()
