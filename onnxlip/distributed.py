@@ -153,7 +153,12 @@ def network(options: dict):
         _LOADS[0] += 1
         return load(**options)
 
-    return cached(("network", *sorted(options.items())), make)
+    return cached(("network", *option_key(options)), make)
+
+
+def option_key(options: dict) -> tuple:
+    """Load options as a hashable key (shapes given as lists become tuples)."""
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(options.items()))
 
 
 def loads() -> tuple[int, int]:

@@ -143,7 +143,7 @@ def _point_on_worker(options: dict, x0: np.ndarray, index: int, eps: float, lowe
 
     distributed.single_threaded()
     net = distributed.network(options)
-    key = ("sweep", *sorted(options.items()), hashlib.sha256(x0.tobytes()).hexdigest(), lower)
+    key = ("sweep", *distributed.option_key(options), hashlib.sha256(x0.tobytes()).hexdigest(), lower)
     nominal, search = distributed.cached(
         key, lambda: (net.trace(x0), net.lower_bound_search(x0) if lower else None))
     return _point(net, nominal, search, index, eps, method)

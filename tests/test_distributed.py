@@ -289,3 +289,16 @@ def test_workers_run_single_threaded(client, digits):
         return row["error"], ort.THREADS, max(blas, default=1)
 
     assert set(within(WAIT, client.run, certify_then_settings).values()) == {(None, 1, 1)}
+
+
+def test_sweep_command_on_a_running_cluster(client, capsys):
+    x0 = str(ROOT / "models" / "digits_cnn_x0.npy")
+    args = ["sweep", MODEL, "-x", x0, "-n", "3", "--no-lower", "--json"]
+    assert within(WAIT, main, [*args, "--scheduler", client.scheduler.address]) == 0
+    captured = capsys.readouterr()
+    assert f"Dask cluster {client.scheduler.address}, 2 workers" in captured.err
+    parallel = json.loads(captured.out)
+    assert main(args) == 0
+    sequential = json.loads(capsys.readouterr().out)
+    assert [p["local_bound"] for p in parallel["points"]] == pytest.approx(
+        [p["local_bound"] for p in sequential["points"]], rel=1e-6)
