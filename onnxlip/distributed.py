@@ -26,6 +26,11 @@ from .errors import OnnxlipError
 #: How often a task may lose its worker before it is given up (Dask's default is 3).
 ALLOWED_FAILURES = 2
 
+#: Tasks a worker holds per thread. At 1 a worker holds only the task it runs, so a
+#: worker that dies takes no innocent queued task's retries with it (Dask's 1.1 let
+#: an input queued behind a poisonous one be given up with it).
+WORKER_SATURATION = 1.0
+
 #: Loaded models (and other per-input state) kept per worker thread, newest last.
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 4
@@ -53,7 +58,8 @@ def open_client(workers: int | None = None, scheduler: str | None = None,
             raise OnnxlipError(f"no Dask worker joined the scheduler at {scheduler} in 60 s") from None
         cluster = None
     else:
-        with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
+        with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
+                              "distributed.scheduler.worker-saturation": WORKER_SATURATION}):
             cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1,
                                    processes=True, dashboard_address=":0",
                                    silence_logs=logging.ERROR)
