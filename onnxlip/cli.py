@@ -14,7 +14,15 @@ from collections.abc import Sequence
 
 from . import __version__
 from .certify import DECISIONS, Rule
-from .dataset import ROW_FORMATS, certify_dataset, plot_certified_accuracy, read_batch, write_rows
+from .dataset import (
+    ROW_FORMATS,
+    DatasetResult,
+    certify_dataset,
+    plot_certified_accuracy,
+    read_batch,
+    read_results,
+    write_rows,
+)
 from .dot import block_graph, check_graph_path, write_graph
 from .errors import OnnxlipError
 from .inputs import read_input
@@ -30,13 +38,15 @@ from .report import (
     table,
 )
 from .spectral import DEFAULT_DELTA, DEFAULT_TOL, fresh_seed
-from .sweep import eps_grid, plot, run_sweep, write_csv
+from .sweep import eps_grid, plot, run_sweep, run_sweep_distributed, write_csv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: exit 0 on success, 2 with a one-line message on a user error."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "seed", "absent") is None:  # one seed for the whole run (workers too)
+        args.seed = fresh_seed()
     try:
         _check_outputs(args)
         code = args.run(args)
@@ -148,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--json", action="store_true", help="print one JSON object")
     sweep.add_argument("--csv", help="write the table to this CSV file")
     sweep.add_argument("--plot", help="write the figure to this PNG/SVG/PDF file")
+    _cluster_options(sweep, "radii on a Dask LocalCluster of N processes (default: in this process)")
     sweep.set_defaults(run=run_sweep_command)
 
     cert = sub.add_parser("certify", help="certified L2 radius of the top class")
@@ -157,11 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--inputs", help="a batch (.npy, .npz with inputs and labels) or a folder of .npy")
     cert.add_argument("--labels", help="integer labels (.npy) for --inputs")
     cert.add_argument("--rel-tol", type=_number, default=1e-3, help="bisection tolerance (1e-3)")
-    cert.add_argument("--workers", type=_count, default=None,
-                      help="processes for --inputs (default: one per core)")
+    _cluster_options(cert, "--inputs on a Dask LocalCluster of N processes (default: one per "
+                           "core; 1: in this process)")
+    cert.add_argument("--start", type=_index, default=0, help="first input of the shard (0)")
+    cert.add_argument("--end", type=_index, default=None, help="input after the shard's last")
     cert.add_argument("--radii", type=_number, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.5],
                       help="radii for certified accuracy in the summary")
-    cert.add_argument("--out", help="per-input rows to this .csv or .json file")
+    cert.add_argument("--out", help="per-input rows: streamed to a .jsonl file (rerun to resume), "
+                                    "or to a .csv or .json file at the end")
     cert.add_argument("--plot", help="certified accuracy against radius to this image")
     cert.add_argument("--json", action="store_true", help="print one JSON object")
     cert.add_argument("--decision", choices=DECISIONS, default="argmax",
@@ -171,7 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--margin", type=_nonnegative, default=0.0,
                       help="the lead the class must keep over every other (default 0)")
     cert.set_defaults(run=run_certify)
+
+    report = sub.add_parser("report", help="summary (and plot) of a certify --out .jsonl file")
+    report.add_argument("results", help="results file of certify --inputs --out FILE.jsonl")
+    report.add_argument("--radii", type=_number, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.5],
+                        help="radii for certified accuracy in the summary")
+    report.add_argument("--plot", help="certified accuracy against radius to this image")
+    report.add_argument("--json", action="store_true", help="print one JSON object")
+    report.set_defaults(run=run_report)
     return parser
+
+
+def _cluster_options(p: argparse.ArgumentParser, workers_help: str) -> None:
+    p.add_argument("--workers", type=_count, default=None, metavar="N", help=workers_help)
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="use the Dask cluster of this scheduler, e.g. tcp://10.0.0.5:8786")
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -197,8 +225,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                             "'tight', the norm of the product (slower, never looser)")
 
 
-def _load(args) -> Network:
-    return load(args.model, input_shape=args.input_shape, input_name=args.input_name,
+def _load_kwargs(args) -> dict:
+    return dict(path=args.model, input_shape=args.input_shape, input_name=args.input_name,
                 output_name=args.output_name, operators=args.operators,
                 memory_budget=args.memory_budget, tol=args.tol, seed=args.seed, delta=args.delta)
 
@@ -232,6 +260,10 @@ def _title(args, net: Network, details: str = "") -> str:
 def _read_x0(args, net: Network):
     """The nominal input of --input, checked against the model (the file named on error)."""
     return net.check_input(read_input(args.input), source=args.input)
+
+
+def _load(args) -> Network:
+    return load(**_load_kwargs(args))
 
 
 def run_inspect(args) -> int:
@@ -289,8 +321,13 @@ def run_sweep_command(args) -> int:
     grid = eps_grid(args.eps_min, args.eps_max, args.n, args.spacing)
     net = _load(args)
     x0 = _read_x0(args, net)
-    result = run_sweep(net, x0, grid, lower=not args.no_lower, progress=sys.stderr.isatty(),
-                       input_name=args.input, method=args.method)
+    common = dict(lower=not args.no_lower, progress=sys.stderr.isatty(),
+                  input_name=args.input, method=args.method)
+    if args.scheduler or (args.workers or 1) > 1:
+        result = run_sweep_distributed(_load_kwargs(args), x0, grid, workers=args.workers,
+                                       scheduler=args.scheduler, **common)
+    else:
+        result = run_sweep(net, x0, grid, **common)
     if args.json:
         print(json.dumps(_header(args, net, args.input, args.method) | result.to_dict()))
     else:
@@ -342,34 +379,58 @@ def run_certify(args) -> int:
                       cert.attack_distance, _ratio(cert.radius_local, cert.radius_global),
                       cert.seconds]]))
         return 0
-    load_kwargs = dict(path=args.model, input_shape=args.input_shape, input_name=args.input_name,
-                       output_name=args.output_name, operators=args.operators,
-                       memory_budget=args.memory_budget, tol=args.tol,
-                       seed=fresh_seed() if args.seed is None else args.seed, delta=args.delta)
+    load_kwargs = _load_kwargs(args)
     net = load(**load_kwargs)
     batch, labels = read_batch(args.inputs, args.labels, net.input_shape)
+    jsonl = args.out is not None and args.out.lower().endswith(".jsonl")
     result = certify_dataset(load_kwargs, batch, labels, args.rel_tol, args.workers,
-                             progress=sys.stderr.isatty(), method=args.method, rule=_rule(args))
+                             progress=sys.stderr.isatty(), method=args.method, rule=_rule(args),
+                             out=args.out if jsonl else None, source=args.inputs, start=args.start,
+                             end=args.end, scheduler=args.scheduler)
+    title = _title(args, net, f", inputs {args.inputs}, method {args.method}"
+                              + _rule_text(_rule(args)))
+    code = _dataset_output(args, title, _header(args, net, args.inputs, args.method), result)
+    if args.out and not jsonl:
+        _write(args.out, "--out", write_rows, result)
+    return code
+
+
+def run_report(args) -> int:
+    header, rows, _ = read_results(args.results)
+    result = DatasetResult(sorted({r["index"]: r for r in rows}.values(), key=lambda r: r["index"]),
+                           0.0)
+    options = header.get("options", {})
+    title = (f"{header['model']}: results {args.results}, {len(result.rows)} of "
+             f"{header['count']} inputs from {header['inputs']}, method {options.get('method')}")
+    head = {"model": header["model"], "input": header["inputs"], "method": options.get("method"),
+            "results": args.results}
+    return _dataset_output(args, title, head, result)
+
+
+def _dataset_output(args, title: str, head: dict, result: DatasetResult) -> int:
+    """The summary of certify --inputs and of report (printed, then the plot written);
+    exit 1 when some inputs failed."""
     summary = result.summary(args.radii)
     if args.json:
-        print(json.dumps(_header(args, net, args.inputs, args.method) | {
-            "summary": summary, "certificates": [c.to_dict() for c in result.certificates]}))
+        print(json.dumps(head | {"summary": summary, "certificates": result.rows}))
     else:
-        print(_title(args, net, f", inputs {args.inputs}, method {args.method}"
-                                + _rule_text(_rule(args))))
+        print(title)
         print(_summary_line(summary))
         key, what = (("certified_accuracy", "certified accuracy") if summary["labelled"]
                      else ("certified", "certified"))
         rows = [[float(r), v["local"], v["global"]] for r, v in summary[key].items()]
         print(table(["radius", f"{what} (local)", f"{what} (global)"], rows))
-    if args.out:
-        _write(args.out, "--out", write_rows, result)
     if args.plot:
-        title = (f"{os.path.basename(args.model)}: {len(batch)} inputs from "
-                 f"{os.path.basename(args.inputs)}")
-        _write(args.plot, "--plot", lambda r, path: plot_certified_accuracy(r, path, title,
-                                                                            args.method), result)
-    return 0
+        plot_title = (f"{os.path.basename(head['model'])}: {len(result.rows)} inputs from "
+                      f"{os.path.basename(head['input'])}")
+        _write(args.plot, "--plot", lambda r, path: plot_certified_accuracy(
+            r, path, plot_title, head["method"] or "paper"), result)
+    failed = result.failed
+    if failed:
+        first = min(failed)
+        print(f"onnxlip: {len(failed)} input(s) failed, e.g. #{first}: {failed[first]}",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _summary_line(summary: dict) -> str:
@@ -407,6 +468,12 @@ def _seed(text: str) -> int:
 def _count(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _index(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ 0")
     return int(text)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,14 +91,85 @@ def run_sweep(net: Network, x0, eps_values: list[float], lower: bool = True,
     eps_values = [check_eps(e) for e in eps_values]
     nominal = net.trace(x0)
     search = net.lower_bound_search(x0) if lower else None
-    points, upper = [], 0.0
-    for eps in tqdm(eps_values, desc="sweep", unit="eps", disable=not progress, leave=False):
-        local = net.local_bound_from(nominal, eps, method)
-        upper += local.seconds
-        points.append(SweepPoint(eps, local, search.at(eps) if search else None))
+    points = []
+    for index, eps in enumerate(tqdm(eps_values, desc="sweep", unit="eps", disable=not progress,
+                                     leave=False)):
+        points.append(_point(net, nominal, search, index, eps, method))
     glob = net.global_bound()
-    return Sweep(net.path, input_name, glob.bound, points, time.perf_counter() - start,
-                 upper + glob.seconds, method)
+    return _sweep(net.path, input_name, glob, points, start, method)
+
+
+def _point(net: Network, nominal, search, index: int, eps: float, method: str) -> SweepPoint:
+    """The bounds at one radius. The random samples of its lower bound are seeded by the
+    radius's place in the grid: the same on any worker, in any order."""
+    local = net.local_bound_from(nominal, eps, method)
+    if search is None:
+        return SweepPoint(eps, local, None)
+    search.rng = np.random.default_rng((0, index))
+    return SweepPoint(eps, local, search.at(eps))
+
+
+def _sweep(path: str, input_name: str, glob: bounds.BoundResult, points: list[SweepPoint],
+           start: float, method: str) -> Sweep:
+    upper = sum(p.local.seconds for p in points) + glob.seconds
+    return Sweep(path, input_name, glob.bound, points, time.perf_counter() - start, upper, method)
+
+
+def run_sweep_distributed(load_kwargs: dict, x0, eps_values: list[float], lower: bool = True,
+                          progress: bool = False, input_name: str = "x0", method: str = "paper",
+                          workers: int | None = None, scheduler: str | None = None,
+                          client=None) -> Sweep:
+    """run_sweep with the radii (and the global bound) as Dask tasks: each worker makes
+    the forward pass (and J(x0)) once, then takes radii. Same values as run_sweep."""
+    from . import distributed
+
+    start = time.perf_counter()
+    eps_values = [check_eps(e) for e in eps_values]
+    x0 = np.asarray(x0)
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            client = stack.enter_context(distributed.open_client(workers, scheduler))
+        glob = client.submit(_global_on_worker, load_kwargs, pure=False)
+        [x0_data] = client.scatter([x0], hash=False)
+        jobs = [(load_kwargs, x0_data, i, eps, lower, method) for i, eps in enumerate(eps_values)]
+        points = {}
+        with tqdm(total=len(jobs), desc="sweep", unit="eps", disable=not progress,
+                  leave=False) as bar:
+            for job, outcome in distributed.map_unordered(client, _point_on_worker, jobs,
+                                                          len(jobs), lambda job: [job]):
+                if isinstance(outcome, BaseException):
+                    raise _as_error(outcome, job[3])
+                points[job[2]] = outcome
+                bar.update(1)
+        glob = glob.result()
+    return _sweep(load_kwargs["path"], input_name, glob, [points[i] for i in sorted(points)], start,
+                  method)
+
+
+def _as_error(exc: BaseException, eps: float) -> Exception:
+    if isinstance(exc, (OnnxlipError, MemoryError)):
+        return exc
+    return OnnxlipError(f"the bound at eps = {eps:g} failed on the cluster "
+                        f"({type(exc).__name__}: {exc})")
+
+
+def _global_on_worker(options: dict) -> bounds.BoundResult:
+    from . import distributed
+
+    distributed.single_threaded()
+    return distributed.network(options).global_bound()
+
+
+def _point_on_worker(options: dict, x0: np.ndarray, index: int, eps: float, lower: bool,
+                     method: str) -> SweepPoint:
+    from . import distributed
+
+    distributed.single_threaded()
+    net = distributed.network(options)
+    key = ("sweep", *distributed.option_key(options), hashlib.sha256(x0.tobytes()).hexdigest(), lower)
+    nominal, search = distributed.cached(
+        key, lambda: (net.trace(x0), net.lower_bound_search(x0) if lower else None))
+    return _point(net, nominal, search, index, eps, method)
 
 
 def write_csv(sweep: Sweep, path: str | Path) -> None:

@@ -3,6 +3,7 @@
     python tools/bench.py                          # reference networks + AlexNet/VGG16 if cached
     python tools/bench.py --networks cifar10_avant alexnet --sweep-points 30
     python tools/bench.py --model m.onnx --input x.npy --name mine --json bench.json
+    python tools/bench.py --parallel                # Dask: 1,000 digits, a 30-radius sweep
 
 For each network (each in its own process, so that peak memory is its own):
 one onnxruntime forward pass, one local bound, one global bound, an ε sweep,
@@ -11,6 +12,11 @@ forward-pass timing is made), and each time's ratio to the forward pass; per-blo
 eigensolver iterations and residuals; and, with --tolerance-check, each block's
 bound against a run at a 10x tighter tolerance. Large models come from
 `python tools/make_models.py --large` (in $ONNXLIP_CACHE or ~/.cache/onnxlip).
+
+--parallel times the Dask engine instead: 1,000 digits certified on
+models/digits_cnn.onnx by 2 Dask workers against the process pool onnxlip used
+before (reimplemented here as the baseline, in the same run), and a 30-radius
+sweep of the CIFAR-10 reference on 2 Dask workers against 1.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from onnxlip import bounds  # noqa: E402
 from onnxlip.report import table  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+MODELS = Path(__file__).resolve().parents[1] / "models"
 CACHE = Path(os.environ.get("ONNXLIP_CACHE", Path.home() / ".cache" / "onnxlip"))
 
 
@@ -110,6 +117,139 @@ def bench_one(name: str, model: str, x0_path: str, published: str | None, eps: f
     return row
 
 
+def thousand_digits() -> tuple[np.ndarray, np.ndarray]:
+    """1,000 digits scaled as in models/digits_test.npz: from scikit-learn when it is
+    installed, else the shipped 100 repeated."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        data = np.load(MODELS / "digits_test.npz")
+        return np.resize(data["x"], (1000, *data["x"].shape[1:])), np.resize(data["y"], 1000)
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[:, None]
+    return x[:1000], digits.target[:1000].astype(np.int64)
+
+
+def _pool_init(options: dict) -> None:
+    from onnxlip.operators import ort as ort_settings
+
+    ort_settings.THREADS = 1  # one process per core, as the pool did
+    _POOL["net"] = onnxlip.load(**options)
+
+
+def _pool_certify(job):
+    x, label = job
+    return _POOL["net"].certify(x[None], label=label).radius_local
+
+
+_POOL: dict = {}
+
+
+def process_pool(options: dict, x: np.ndarray, y: np.ndarray, workers: int) -> float:
+    """The seconds of onnxlip's former engine: a process pool, 4 inputs per job."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    start = time.perf_counter()
+    with ProcessPoolExecutor(workers, initializer=_pool_init, initargs=(options,)) as pool:
+        list(pool.map(_pool_certify, [(x[i], int(y[i])) for i in range(len(x))], chunksize=4))
+    return time.perf_counter() - start
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (pool or cluster workers)."""
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def load_average() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def parallel_certify(workers: int, repeat: int) -> dict:
+    """1,000 digits: Dask against the former process pool, alternated (ABBA...) so that a
+    change of the machine's load hits both alike. Wall and CPU seconds (the CPU seconds,
+    client and workers together, do not depend on what else the machine runs)."""
+    from onnxlip.dataset import certify_dataset
+
+    options = dict(path=str(MODELS / "digits_cnn.onnx"))
+    x, y = thousand_digits()
+    out = {"load_before": load_average(), "inputs": len(x), "workers": workers,
+           "pool_s": [], "dask_s": [], "pool_cpu_s": [], "dask_cpu_s": []}
+    for r in range(repeat):
+        for name in (("pool", "dask") if r % 2 == 0 else ("dask", "pool")):
+            start, cpu = time.perf_counter(), cpu_seconds()
+            if name == "pool":
+                process_pool(options, x, y, workers)
+            else:
+                certify_dataset(options, x, y, workers=workers)
+            out[f"{name}_s"].append(time.perf_counter() - start)
+            out[f"{name}_cpu_s"].append(cpu_seconds() - cpu)
+            print(f"certify, {name}: {out[f'{name}_s'][-1]:.1f} s, "
+                  f"{out[f'{name}_cpu_s'][-1]:.1f} CPU s", file=sys.stderr)
+    median = statistics.median
+    out["dask_over_pool_throughput"] = median(out["pool_s"]) / median(out["dask_s"])
+    out["dask_over_pool_cpu_efficiency"] = median(out["pool_cpu_s"]) / median(out["dask_cpu_s"])
+    out["load_after"] = load_average()
+    return out
+
+
+def parallel_sweep(workers: int, repeat: int) -> dict:
+    """The CIFAR-10 reference's 30 published radii, upper bounds alone and with the lower
+    bounds: 1 Dask worker against `workers`, each on a running cluster after a first
+    run (which imports onnxlip on the workers). Every run starts from empty worker caches:
+    each worker loads the model and makes the forward pass again.
+
+    Besides wall time, each worker's CPU seconds in the run: with a free core per
+    worker, the wall time is the busiest worker's, and `critical_path_ratio` (busiest
+    worker with `workers` over the one worker) is the speed-up a loaded machine hides.
+    """
+    from onnxlip import distributed
+    from onnxlip.sweep import run_sweep, run_sweep_distributed
+
+    model, x0, published = known_networks()["cifar10_avant"]
+    eps = json.loads(Path(published).read_text())["eps"][:30]
+    x0 = np.load(x0)
+    options = dict(path=str(model))
+    out = {"load_before": load_average(), "radii": len(eps)}
+    for lower in (False, True):  # the upper bounds alone (as above), and with the lower bounds
+        kind = "with_lower" if lower else "upper_only"
+        start = time.perf_counter()
+        run_sweep(onnxlip.load(**options), x0, eps, lower=lower)
+        out[f"in_process_{kind}_s"] = time.perf_counter() - start
+    for n in (1, workers):
+        with distributed.open_client(n, announce=False) as client:
+            client.wait_for_workers(n, timeout=300)
+            for lower in (False, True):
+                kind = "with_lower" if lower else "upper_only"
+                runs = []
+                for _ in range(repeat + 1):
+                    client.run(distributed.clear_cache)  # else a rerun reuses every solve
+                    before = client.run(time.process_time)
+                    start = time.perf_counter()
+                    run_sweep_distributed(options, x0, eps, lower=lower, client=client)
+                    wall = time.perf_counter() - start
+                    after = client.run(time.process_time)
+                    runs.append({"wall_s": wall, "worker_cpu_s": [after[w] - before[w]
+                                                                  for w in after if w in before]})
+                warm = runs[1:]
+                out[f"{kind}_{n}_workers"] = {
+                    "first_wall_s": runs[0]["wall_s"],
+                    "warm_wall_s": statistics.median(r["wall_s"] for r in warm),
+                    "warm_busiest_worker_cpu_s": statistics.median(max(r["worker_cpu_s"])
+                                                                   for r in warm),
+                    "warm_total_worker_cpu_s": statistics.median(sum(r["worker_cpu_s"])
+                                                                 for r in warm),
+                    "runs": runs}
+                print(f"sweep {kind}, {n} workers: {runs}", file=sys.stderr)
+    for kind in ("upper_only", "with_lower"):
+        one, many = out[f"{kind}_1_workers"], out[f"{kind}_{workers}_workers"]
+        out[f"{kind}_wall_ratio"] = many["warm_wall_s"] / one["warm_wall_s"]
+        out[f"{kind}_critical_path_ratio"] = (many["warm_busiest_worker_cpu_s"]
+                                              / one["warm_busiest_worker_cpu_s"])
+    out["load_after"] = load_average()
+    return out
+
+
 def machine() -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
@@ -137,6 +277,9 @@ def main() -> int:
     parser.add_argument("--tolerance-check", action="store_true",
                         help="compare every block with a 10x tighter tolerance")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--parallel", nargs="?", const="all", choices=("all", "certify", "sweep"),
+                        help="time the Dask engine: certify 1,000 digits, a 30-radius sweep")
+    parser.add_argument("--workers", type=int, default=2, help="Dask workers for --parallel (2)")
     parser.add_argument("--one", nargs=4, metavar=("NAME", "MODEL", "X0", "PUBLISHED"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -144,6 +287,16 @@ def main() -> int:
         name, model, x0, published = args.one
         print(json.dumps(bench_one(name, model, x0, None if published == "-" else published,
                                    args.eps, args.sweep_points, args.repeat, args.tolerance_check)))
+        return 0
+    if args.parallel:
+        result = {"machine": machine()}
+        if args.parallel in ("all", "certify"):
+            result["certify"] = parallel_certify(args.workers, args.repeat)
+        if args.parallel in ("all", "sweep") and "cifar10_avant" in known_networks():
+            result["sweep"] = parallel_sweep(args.workers, args.repeat)
+        print(json.dumps(result, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
         return 0
     cases = known_networks()
     if args.networks is not None:
