@@ -34,8 +34,8 @@ FAMILIES = ("cluster_outlier", "geometric", "near_tie", "dense_top", "adversaria
 
 
 def _size(rng, max_n: int) -> int:
-    """Log-uniform sizes, a quarter of them at the largest."""
-    if rng.uniform() < 0.25:
+    """Log-uniform sizes, one in twenty at the largest."""
+    if rng.uniform() < 0.05:
         return max_n
     return int(math.exp(rng.uniform(math.log(1000), math.log(max_n))))
 
