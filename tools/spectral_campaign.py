@@ -65,7 +65,7 @@ def spectrum(family: str, rng: np.random.Generator, max_n: int):
         d = rng.uniform(size=n) ** power
         return _diagonal(d, f"n={n} power={power:.3g}")
     if family == "adversarial_start":
-        m = int(rng.integers(200, 2500))
+        m = int(rng.integers(100, 800))
         fixed = np.random.default_rng(0).standard_normal(m)
         q, _ = np.linalg.qr(np.column_stack([fixed, rng.standard_normal((m, m - 1))]))
         d = rng.uniform(0, 1, size=m) ** 0.3
