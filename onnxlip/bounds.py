@@ -16,16 +16,14 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
-from threadpoolctl import ThreadpoolController
 
 from .blocks import AffineBlock, Block, MaxPoolBlock
-from .operators.base import F64, LinearMap, gamma
+from .operators.base import BLAS_THREADS, F64, LinearMap, gamma
 from .operators.chain import _carried
 from .operators.matrix import DenseMap
 from .spectral import Solver, SpectralNorm, dense_gram_norm, gram_norm
 
-#: Found once: threadpool_limits() would inspect the loaded libraries at every call (~1 ms).
-_THREADPOOLS = ThreadpoolController()
+_THREADPOOLS = BLAS_THREADS
 
 
 @dataclass

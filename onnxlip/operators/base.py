@@ -12,6 +12,10 @@ from abc import ABC, abstractmethod
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
+from threadpoolctl import ThreadpoolController
+
+#: Found once: threadpool_limits() would inspect the loaded libraries at every call (~1 ms).
+BLAS_THREADS = ThreadpoolController()
 
 #: Unit roundoffs.
 F64 = float(np.finfo(np.float64).eps) / 2
