@@ -145,8 +145,11 @@ def run_inspect(args) -> int:
     if args.json:
         blocks = [dict(zip(["index", "name", "kind", "ops", "input_shape", "output_shape",
                             "operator", "norm"], row)) for row in block_rows(net.blocks, norms)]
+        extra = {} if norms is None else {"global_bound": net.global_bound().bound,
+                                          "guarantee": net.global_bound().guarantee,
+                                          "delta": net.global_bound().delta, "seed": net.seed}
         print(json.dumps({"model": args.model, "input_shape": list(net.input_shape),
-                          "output_shape": list(net.output_shape), "blocks": blocks}))
+                          "output_shape": list(net.output_shape), "blocks": blocks, **extra}))
         return 0
     print(f"{args.model}: input {shape_text(net.input_shape)} -> output "
           f"{shape_text(net.output_shape)}, {len(net.blocks)} blocks")
