@@ -17,16 +17,12 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
-from threadpoolctl import ThreadpoolController
 
 from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, flow, relu_error
-from .operators.base import SLACK, U64, LinearMap, gamma
+from .operators.base import BLAS_THREADS, SLACK, U64, LinearMap, gamma
 from .operators.chain import _carried
 from .operators.matrix import DenseMap
 from .spectral import Solver, SpectralNorm, dense_gram_norm, gram_norm
-
-#: Found once: threadpool_limits() would inspect the loaded libraries at every call (~1 ms).
-_THREADPOOLS = ThreadpoolController()
 
 
 @dataclass
@@ -130,7 +126,7 @@ def trace(blocks: list[Block], x: np.ndarray, rounding: bool = True) -> Trace:
     # numpy's BLAS threads spin between the many small float64 products and fight
     # onnxruntime's for the cores: one thread ran AlexNet's pass 8x faster (0.21 s
     # against 1.7 s on the loaded 2-core machine).
-    with _THREADPOOLS.limit(limits=1, user_api="blas"):
+    with BLAS_THREADS.limit(limits=1, user_api="blas"):
         return _bounded_trace(blocks, x)
 
 
@@ -214,7 +210,7 @@ def masked_norm(linear: LinearMap, rows: np.ndarray, cols: np.ndarray,
     # With onnxruntime kernels doing the products, numpy's BLAS threads (which
     # spin between calls) only steal its cores: 9.3 s -> 5.5 s on AlexNet.
     blas_threads = None if isinstance(linear, DenseMap) else 1
-    with _THREADPOOLS.limit(limits=blas_threads, user_api="blas"):
+    with BLAS_THREADS.limit(limits=blas_threads, user_api="blas"):
         return gram_norm(gram, size, solver, key, mask=mask, cap=cap, error=error)
 
 
@@ -312,7 +308,7 @@ def dense_norm(linear: LinearMap, rows: np.ndarray, cols: np.ndarray) -> Spectra
         longest = max(sub.shape)
         gram = sub @ sub.T if sub.shape[0] <= sub.shape[1] else sub.T @ sub
     error = (gamma(longest, U64) + 10 * U64) * frob2 * (1 + 1e-9)
-    with _THREADPOOLS.limit(limits=1, user_api="blas"):  # threads only thrash on small LAPACK work
+    with BLAS_THREADS.limit(limits=1, user_api="blas"):  # threads only thrash on small LAPACK work
         return dense_gram_norm(gram, error)
 
 

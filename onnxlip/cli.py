@@ -273,8 +273,9 @@ def run_inspect(args) -> int:
     if args.json:
         blocks = [dict(zip(["index", "name", "kind", "ops", "reads", "input_shape", "output_shape",
                             "operator", "norm"], row)) for row in block_rows(net.blocks, norms)]
+        extra = {} if glob is None else {"guarantee": glob.guarantee, "delta": glob.delta}
         print(json.dumps(_header(args, net) | {
-            "global_bound": glob.bound if glob is not None else None, "blocks": blocks}))
+            "global_bound": glob.bound if glob is not None else None, **extra, "blocks": blocks}))
         if args.graph:
             _write(args.graph, "--graph", write_graph, block_graph(net.blocks, net.input_shape, norms))
         return 0

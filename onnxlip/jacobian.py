@@ -141,7 +141,7 @@ class Jacobian:
         """||J|| (a Ritz value, from below) and its top right singular vector."""
         # A Ritz value is a lower bound from any start: a fixed seed keeps it reproducible.
         result = spectral_norm(self.matvec, self.rmatvec, self.in_size, self.out_size,
-                               Solver(tol=tol, seed=0), want_vector=True, upper=False)
+                               Solver(tol=tol, seed=0, max_iter=300), want_vector=True, upper=False)
         vector = result.vector
         if vector is not None and vector.size != self.in_size:
             vector = self.rmatvec(vector)

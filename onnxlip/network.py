@@ -129,7 +129,7 @@ class Network:
         eps = check_eps(eps)
         result = self._local(nominal, eps, method, self.solver)
         key = _digest(nominal.inputs[0])
-        self._uppers.setdefault(key, []).append((eps, method, result, nominal))
+        _remember(self._uppers, key, (eps, method, result, nominal))
         self._reconcile(key)
         return result
 
@@ -145,7 +145,7 @@ class Network:
         """Record a lower bound of L(x0, ε') for every ε' ≥ eps (eps = 0: every ε),
         found by this run, and reconcile the upper bounds with it."""
         key = _digest(self.check_input(x0))
-        self._lowers.setdefault(key, []).append((eps, value, what))
+        _remember(self._lowers, key, (eps, value, what))
         self._reconcile(key)
 
     def _reconcile(self, key: bytes) -> None:
@@ -237,6 +237,18 @@ class _CheckedSearch(LowerBoundSearch):
         result = super().at(eps, samples, ascent_steps)
         self._net.found_lower(self.x0, eps, max(result.sampled, result.ascent), "a sampled ratio")
         return result
+
+
+#: Inputs x0 whose bounds the network keeps for its consistency checks (the latest ones).
+REMEMBERED_INPUTS = 4
+
+
+def _remember(table: dict, key: bytes, entry) -> None:
+    """Append to table[key], forgetting the oldest input beyond REMEMBERED_INPUTS
+    (a dataset's certification must not keep every forward pass alive)."""
+    if key not in table and len(table) >= REMEMBERED_INPUTS:
+        del table[next(iter(table))]
+    table.setdefault(key, []).append(entry)
 
 
 def _digest(x: np.ndarray) -> bytes:

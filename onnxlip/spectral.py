@@ -18,6 +18,9 @@ published bounds, each at δ/2:
   to KW_CONSTANT = 2): for a symmetric positive (semi-)definite n×n matrix,
   P[θ_k < (1 − ε)λ_max] ≤ C·√n·e^{−√ε(2k−1)}. Inverted: with
   ε_k = (ln(C√n/δ)/(2k−1))², λ_max ≤ θ_k/(1 − ε_k). Worst case over spectra.
+  Their k counts matrix-vector products ([b, Ab, …, A^k b]); in case it means
+  a Krylov space of dimension k + 1, the bound is applied with k − 1 for our
+  dimension-k space (θ_k ≥ θ_{k−1}: one step of insurance).
 * van Dorsselaer, Hochstenbach & van der Vorst, "Computing probabilistic bounds
   for extreme eigenvalues of symmetric matrices with the Lanczos method", SIAM
   J. Matrix Anal. Appl. 22(3), 2000 (the "Lanczos polynomial" bound): with
@@ -187,7 +190,7 @@ class _Certificate:
         k = len(alphas)
         best = math.inf
         if self.use_kw:
-            eps = (self.kw_log / (2 * k - 1)) ** 2
+            eps = (self.kw_log / (2 * k - 3)) ** 2 if k >= 2 else math.inf  # KW at k − 1 (module docstring)
             if eps < 1:
                 best = theta / (1 - eps)
         if k >= 2 and all(b > 0 for b in betas[: k - 1]):

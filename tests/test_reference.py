@@ -33,8 +33,9 @@ class Case:
         # The published values are 100 power iterations, below the truth (by up to 0.8% on
         # CIFAR-10: our own Ritz values, lower estimates, are that far above them). A
         # certified bound is above the truth, so 1% leaves 0.2% for the certificates of
-        # CIFAR-10's four Lanczos blocks: a tolerance of 5e-4 each (1e-3 by default).
-        self.engine = onnxlip.load(self.path, tol=5e-4)
+        # CIFAR-10's four Lanczos blocks: a tolerance of 2e-4 each (1e-3 by default;
+        # at 5e-4 one random start in a few went 1.0103 over).
+        self.engine = onnxlip.load(self.path, tol=2e-4)
         self.session = netgen.ort_session(self.path)
 
 

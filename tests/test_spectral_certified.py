@@ -306,3 +306,26 @@ def test_solver_options_are_checked(tmp_path):
         with pytest.raises(OnnxlipError, match=text):
             onnxlip.load(path, **kwargs)
     assert spectral.DEFAULT_DELTA == 1e-9
+
+
+def test_cli_seed_and_delta(tmp_path, capsys):
+    """--seed replays a run (same JSON bounds); --delta is checked and reported."""
+    import json
+
+    from onnxlip.cli import main
+
+    path = netgen.conv_net(4).save(tmp_path / "c.onnx")
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).standard_normal(netgen.conv_net(4).input_size))
+    outputs = []
+    for _ in range(2):
+        assert main(["bound", str(path), "-x", str(x), "--eps", "0.1", "--seed", "7",
+                     "--delta", "1e-6", "--json"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    first, second = outputs
+    assert first["seed"] == 7 and first["delta"] == 1e-6
+    assert first["points"][0]["local_bound"] == second["points"][0]["local_bound"]
+    assert first["global_bound"] == second["global_bound"]
+    assert all(layer["seed"] in (7, None) for layer in first["points"][0]["layers"])
+    assert main(["bound", str(path), "-x", str(x), "--eps", "0.1", "--delta", "2"]) == 2
+    assert "delta" in capsys.readouterr().err

@@ -34,8 +34,8 @@ FAMILIES = ("cluster_outlier", "geometric", "near_tie", "dense_top", "adversaria
 
 
 def _size(rng, max_n: int) -> int:
-    """Log-uniform sizes, a quarter of them at the largest."""
-    if rng.uniform() < 0.25:
+    """Log-uniform sizes, one in twenty at the largest."""
+    if rng.uniform() < 0.05:
         return max_n
     return int(math.exp(rng.uniform(math.log(1000), math.log(max_n))))
 
@@ -65,7 +65,7 @@ def spectrum(family: str, rng: np.random.Generator, max_n: int):
         d = rng.uniform(size=n) ** power
         return _diagonal(d, f"n={n} power={power:.3g}")
     if family == "adversarial_start":
-        m = int(rng.integers(200, 2500))
+        m = int(rng.integers(100, 800))
         fixed = np.random.default_rng(0).standard_normal(m)
         q, _ = np.linalg.qr(np.column_stack([fixed, rng.standard_normal((m, m - 1))]))
         d = rng.uniform(0, 1, size=m) ** 0.3

@@ -24,6 +24,10 @@ from abc import ABC, abstractmethod
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
+from threadpoolctl import ThreadpoolController
+
+#: Found once: threadpool_limits() would inspect the loaded libraries at every call (~1 ms).
+BLAS_THREADS = ThreadpoolController()
 
 #: Unit roundoffs of float32 and float64 arithmetic (round to nearest).
 U32 = 2.0**-24
