@@ -130,6 +130,15 @@ def report(
     print(f"   ort(x0) = {np.array2string(y.ravel(), precision=4, max_line_width=200)}")
 
 
+def destination(name: str, shipped: bool, out: Path, cache: Path | None) -> Path:
+    """Where a family member goes (shipped ones to ``out``, others to ``cache``), created."""
+    dest = out if shipped else cache
+    if dest is None:
+        raise ValueError(f"{name} goes to the cache: give a cache folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    return dest
+
+
 def make_model(graph: onnx.GraphProto, doc: str) -> onnx.ModelProto:
     """Wrap a graph into a model with the project's opset and IR version."""
     model = helper.make_model(

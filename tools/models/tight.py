@@ -25,7 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from .common import SEED, SHIP_MAX_BYTES, ModelRow, add_metadata, check_and_run, op_histogram, require_close
+from .common import (
+    SEED,
+    SHIP_MAX_BYTES,
+    ModelRow,
+    add_metadata,
+    check_and_run,
+    destination,
+    op_histogram,
+    require_close,
+)
 from .digits import load_digits_split, normalization
 from .torchutil import export_torch, output_metadata, predict, torch_forward, torch_setup, train
 
@@ -196,10 +205,7 @@ def build(names: list[str], out: Path, cache: Path | None) -> list[ModelRow]:
     rows = []
     for name in names:
         spec = SPECS[name]
-        dest = out if spec.shipped else cache
-        if dest is None:
-            raise ValueError(f"{name} goes to the cache: give a cache folder")
-        dest.mkdir(parents=True, exist_ok=True)
+        dest = destination(name, spec.shipped, out, cache)
         t0 = time.perf_counter()
         if spec.derived_from:
             base = trained.get(spec.derived_from) or _train(SPECS[spec.derived_from], mean, std, x_tr, y_tr)

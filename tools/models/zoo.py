@@ -29,6 +29,7 @@ from .common import (
     ModelRow,
     add_metadata,
     check_and_run,
+    destination,
     op_histogram,
     ort_forward,
     require_close,
@@ -231,10 +232,7 @@ def build(names: list[str], out: Path, cache: Path | None) -> list[ModelRow]:
     rows = []
     for name in names:
         spec = SPECS[name]
-        dest = out if spec.shipped else cache
-        if dest is None:
-            raise ValueError(f"{name} goes to the cache: give a cache folder")
-        dest.mkdir(parents=True, exist_ok=True)
+        dest = destination(name, spec.shipped, out, cache)
         t0 = time.perf_counter()
         torch.manual_seed(SEED)
         meta: dict[str, Any]
