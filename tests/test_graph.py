@@ -220,7 +220,16 @@ def test_reduce_mean_is_global_average_pooling(tmp_path, form):
                                                            rel=1e-6)
 
 
-@pytest.mark.parametrize("case", ["channels", "features", "all", "noop", "one-spatial-axis",
+#: onnxruntime before 1.24 (the newest for Python 3.10 is 1.23) refuses a ReduceSum with
+#: noop_with_empty_axes=1 and no axes ("Reduction on all axes, output size should be 1"),
+#: so onnxlip's reference evaluations of such a model fail there: a known limitation.
+OLD_ORT_NOOP = tuple(int(p) for p in ort.__version__.split(".")[:2]) < (1, 24)
+NOOP = pytest.param("noop", marks=pytest.mark.xfail(
+    OLD_ORT_NOOP, raises=ort.capi.onnxruntime_pybind11_state.RuntimeException, strict=True,
+    reason="onnxruntime < 1.24 refuses ReduceSum with noop_with_empty_axes and no axes"))
+
+
+@pytest.mark.parametrize("case", ["channels", "features", "all", NOOP, "one-spatial-axis",
                                   "size-one-axis"])
 def test_reductions_over_other_axes(tmp_path, case):
     """ReduceSum / ReduceMean over channels, features, everything, nothing (noop)."""
