@@ -107,29 +107,39 @@ class AffineBlock(Block):
         one of its whole error (|y − exact y*| given |x − x*| ≤ err). Each layer adds
         its products' rounding (LinearMap.matvec_bounded), then its bias in float64:
         |fl(y + b) − (y + b)| ≤ u/(1 − u)·|fl(y + b)|, none where y or b is 0."""
-        total = None
-        for layers, piece, e in zip(self.model_layers(), self.split_input(x), self.split_input(err)):
-            y, errors = _run_bounded(layers, piece, [np.zeros(piece.size), e])
+        y, (local, total) = self.apply_bounded(x, [np.zeros(x.size), err])
+        return y, local, total
+
+    def apply_bounded(self, x: np.ndarray, errors: list[np.ndarray], biases: bool = True
+                      ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The block's affine map (its linear part without `biases`) applied to x by
+        its model layers, each input through its own then summed, with each error
+        bound in `errors` carried and the products' and sums' rounding added."""
+        total = sums = None
+        pieces = zip(self.model_layers(), self.split_input(x), *[self.split_input(e) for e in errors])
+        for layers, piece, *piece_errors in pieces:
+            y, part = _run_bounded(layers, piece, piece_errors, biases)
             if total is None:
-                total, sums = y, errors
+                total, sums = y, part
                 continue
             total = total + y  # a sum of the inputs' values: one rounding each
-            sums = [(a + b + 2 * U64 * np.abs(total)) * SLACK for a, b in zip(sums, errors)]
-        if self.shared is not None:
+            sums = [(a + b + 2 * U64 * np.abs(total)) * SLACK for a, b in zip(sums, part)]
+        if biases and self.shared is not None:
             total, sums = _add_bias(total, total - self.shared, self.shared, sums)
-        return total, sums[0], sums[1]
+        return total, sums
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         pre = self.pre_activation(x)
         return np.maximum(pre, 0.0) if self.relu else pre
 
 
-def _run_bounded(layers, x: np.ndarray, errors: list[np.ndarray]):
+def _run_bounded(layers, x: np.ndarray, errors: list[np.ndarray], biases: bool = True):
     """x through (map, bias) layers with its error bounds: each layer adds its
-    products' rounding (LinearMap.matvec_bounded), then its bias in float64."""
+    products' rounding (LinearMap.matvec_bounded), then (with `biases`) its bias in float64."""
     for linear, bias in layers:
-        y, errors = linear.matvec_bounded(x, errors)
-        x, errors = _add_bias(y + bias, y, bias, errors)
+        x, errors = linear.matvec_bounded(x, errors)
+        if biases:
+            x, errors = _add_bias(x + bias, x, bias, errors)
     return x, errors
 
 

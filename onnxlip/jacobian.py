@@ -21,7 +21,7 @@ import numpy as np
 
 from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, flow, flow_t
 from .bounds import Trace
-from .operators.base import SLACK, U64, gamma
+from .operators.base import U64, gamma
 from .operators.gated import Gated, apply_steps, apply_steps_t
 from .spectral import Solver, SpectralNorm, spectral_norm
 
@@ -115,7 +115,7 @@ class Jacobian:
             u = np.concatenate([values[j][0] for j in block.inputs])
             err = np.concatenate([values[j][1] for j in block.inputs])
             if isinstance(block, AffineBlock):
-                u, err = _linear_bounded(block, u, err)
+                u, (err,) = block.apply_bounded(u, [err], biases=False)
             elif step.linear is not None:
                 u, (err,) = step.linear.matvec_bounded(u, [err])
             if step.gate is not None:
@@ -150,17 +150,3 @@ class Jacobian:
             vector[0] = 1.0
         return JacobianNorm(result.value, vector / np.linalg.norm(vector), result)
 
-
-def _linear_bounded(block: AffineBlock, u: np.ndarray, err: np.ndarray):
-    """The block's linear part (its model layers, biases left out) applied to u,
-    with the bound of its rounding: each input through its own layers, summed."""
-    total = None
-    for layers, piece, e in zip(block.model_layers(), block.split_input(u), block.split_input(err)):
-        for linear, _ in layers:
-            piece, (e,) = linear.matvec_bounded(piece, [e])
-        if total is None:
-            total, errors = piece, e
-        else:
-            total = total + piece
-            errors = (errors + e + 2 * U64 * np.abs(total)) * SLACK
-    return total, errors
