@@ -58,6 +58,10 @@ class Block:
     def describe(self) -> str:
         return "-"
 
+    def reachable(self) -> bool:
+        """Whether the reach analysis (onnxlip.reach) follows this block exactly."""
+        return True
+
 
 @dataclass
 class AffineBlock(Block):

@@ -36,7 +36,7 @@ class LayerRecord:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     representation: str
-    bound: float
+    bound: float | None  # the block's factor (None: the result does not factor by block)
     eps_in: float | None = None
     active: int | None = None
     inactive: int | None = None
@@ -49,6 +49,7 @@ class LayerRecord:
     guarantee: str = "deterministic"  # or "probabilistic" (fails with probability ≤ delta)
     delta: float = 0.0
     seed: int | None = None
+    test: str | None = None  # method 'auto': what decided the states (see onnxlip.auto.annotate)
 
 
 @dataclass
@@ -59,6 +60,9 @@ class BoundResult:
     README's "Guarantees") or 'probabilistic': the bound holds with probability
     at least 1 − delta over the random start vectors drawn from `seed`
     (delta: the union bound, the sum of the solves' failure probabilities).
+    source: what produced the number ('paper', 'tight', or 'exact': ||J(x0)||
+    where f is proven affine on the ball, see onnxlip.auto); notes: what the
+    method assumed or where it fell back.
     """
 
     bound: float
@@ -67,6 +71,11 @@ class BoundResult:
     eps: float | None = None
     delta: float = 0.0
     seed: int | None = None
+    source: str = "paper"
+    notes: list[str] = field(default_factory=list)
+    #: An estimate from below of what is bounded, where it is not the product of
+    #: the blocks' Ritz values (see `ritz`).
+    estimate: float | None = None
 
     @property
     def guarantee(self) -> str:
@@ -81,6 +90,8 @@ class BoundResult:
         product of their true norms. Two upper bounds of nearly equal products
         (local and global, or L(ε) and L(2ε)) can come out in either order by up
         to their tolerances; compare one's `ritz` with the other's `bound`."""
+        if self.estimate is not None:
+            return self.estimate
         return math.prod(r.bound if r.ritz is None else r.ritz for r in self.layers)
 
 
@@ -248,11 +259,17 @@ class Solves:
     delta: float = 0.0
 
     def product_norm(self, forward, adjoint, in_size: int, out_size: int,
-                     maps: list[LinearMap], key, in_mask: np.ndarray | None = None) -> float:
+                     maps: list[LinearMap], key, in_mask: np.ndarray | None = None,
+                     caps: list[float] | None = None) -> float:
         """Certified ||M|| of a product M of `maps` (in order) interleaved with
         diagonal gates of entries in [0, 1]: the cap is the product of the maps'
-        caps, the products' rounding is carried through the factors."""
-        caps = [m.norm_cap() for m in maps]
+        caps, the products' rounding is carried through the factors. `caps`:
+        proven bounds of each factor's norm as the product applies it (gated,
+        on the vectors it meets), where tighter than the maps' own caps: the
+        rounding of one factor grows by the later factors' norms, so these
+        keep a deep product's rounding bound near its true size."""
+        caps = [m.norm_cap() for m in maps] if caps is None else \
+            [min(m.norm_cap(), c) for m, c in zip(maps, caps)]
         eta_f = _carried(caps, [m.rounding()[0] + U64 * c for m, c in zip(maps, caps)])
         eta_a = _carried(caps[::-1], [m.rounding()[1] + U64 * c for m, c in zip(maps[::-1], caps[::-1])])
         a = math.prod(caps)
@@ -335,15 +352,22 @@ def _masked(v: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
 
 
 def local_bound(blocks: list[Block], nominal: Trace, eps: float,
-                solver: Solver | float | None = None) -> BoundResult:
-    """Upper bound of the local Lipschitz constant in the L2 ball of radius eps."""
-    return local_bound_detail(blocks, nominal, eps, solver)[0]
+                solver: Solver | float | None = None, reach: list | None = None) -> BoundResult:
+    """Upper bound of the local Lipschitz constant in the L2 ball of radius eps
+    (`reach`: see local_bound_detail)."""
+    return local_bound_detail(blocks, nominal, eps, solver, reach)[0]
 
 
 def local_bound_detail(blocks: list[Block], nominal: Trace, eps: float,
-                       solver: Solver | float | None = None) -> tuple[BoundResult, list[np.ndarray]]:
+                       solver: Solver | float | None = None, reach: list | None = None
+                       ) -> tuple[BoundResult, list[np.ndarray]]:
     """The local bound, and per block the rounding-error bound its decisions used
     (elementwise, of its pre-activations for affine blocks, else of its inputs).
+
+    `reach` (optional, per block (lo, hi) or None, see onnxlip.reach): proven
+    bounds of the change of each block's pre-activation over the ball, used
+    where they are tighter than the paper's radii (any valid bound of the
+    reach keeps the paper's argument).
 
     Each block's output carries a gain g (its change is at most g·ε over the
     ball) and a mask of the outputs that can change. A block that reads
@@ -370,7 +394,7 @@ def local_bound_detail(blocks: list[Block], nominal: Trace, eps: float,
     elems, carries = {INPUT: np.zeros(n)}, {INPUT: 0.0}  # elementwise and 2-norm errors
     for k, block in enumerate(blocks):
         tic = time.perf_counter()
-        record = _record(k, block)
+        record = block_record(k, block)
         gain_in = sum(gains[j] for j in block.inputs)
         record.eps_in = eps * gain_in
         elem = np.concatenate([elems[j] for j in block.inputs])
@@ -379,8 +403,9 @@ def local_bound_detail(blocks: list[Block], nominal: Trace, eps: float,
             elem = np.minimum(elem, nominal.in_errors[k])
         if isinstance(block, AffineBlock):
             changes = [eps * gains[j] for j in block.inputs]
+            limit = None if reach is None or reach[k] is None else reach[k][1]
             norms, masks[k], elem, carried, width = _affine_local(
-                block, nominal, k, masks, changes, solver, record, carried)
+                block, nominal, k, masks, changes, solver, record, carried, limit)
         else:
             mask = masks[block.inputs[0]]
             width = elem
@@ -419,7 +444,7 @@ ROW_NORMS = 1.01
 
 
 def _affine_local(block: AffineBlock, nominal: Trace, index: int, masks, changes: list[float],
-                  solver: Solver, record: LayerRecord, carried: float):
+                  solver: Solver, record: LayerRecord, carried: float, limit: np.ndarray | None = None):
     """||R A_j D_j|| for each part of the block, the next mask, the elementwise and
     2-norm bounds of the output's rounding error, and the pre-activations' width;
     fills the record.
@@ -429,7 +454,8 @@ def _affine_local(block: AffineBlock, nominal: Trace, index: int, masks, changes
     pre-activation y* is only known to lie in [low, high] (the computed y0 ± its
     rounding-error bound): a neuron is active when low ≥ 0, inactive when
     high + reach ≤ 0, and its chord slope is the one from high, the largest over
-    the interval.
+    the interval. `limit`: a proven bound of the rise of each pre-activation over
+    the ball, used where below the paper's reach.
     """
     y0, local = nominal.pre[index], nominal.pre_local[index]
     parts = block.parts()
@@ -442,7 +468,7 @@ def _affine_local(block: AffineBlock, nominal: Trace, index: int, masks, changes
         width = np.minimum(width, (local + carried * ROW_NORMS * rownorm) * SLACK)
     low, high = y0 - width, y0 + width
     if block.relu:
-        ybar = high + reach
+        ybar = high + (reach if limit is None else np.minimum(reach, np.maximum(limit, 0.0)))
         rows = chord_slopes(high, ybar)
         record.active = int(np.count_nonzero(low >= 0))
         record.inactive = int(np.count_nonzero((ybar <= 0) & (low < 0)))
@@ -485,7 +511,7 @@ def global_bound(blocks: list[Block], solver: Solver | float | None = None) -> B
     gains, records = {INPUT: 1.0}, []
     for k, block in enumerate(blocks):
         tic = time.perf_counter()
-        record = _record(k, block)
+        record = block_record(k, block)
         if isinstance(block, AffineBlock):
             norms = []
             for p, part in enumerate(block.parts()):
@@ -506,9 +532,10 @@ def _result(total: float, records: list[LayerRecord], seconds: float, eps: float
     return BoundResult(total, records, seconds, eps, sum(r.delta for r in records), solver.seed)
 
 
-def _record(index: int, block: Block) -> LayerRecord:
+def block_record(index: int, block: Block, bound: float | None = 1.0) -> LayerRecord:
+    """A fresh record of a block."""
     return LayerRecord(index, block.name, block.kind, list(block.ops), tuple(block.in_shape),
-                       tuple(block.out_shape), block.describe(), 1.0)
+                       tuple(block.out_shape), block.describe(), bound)
 
 
 def _fill(record: LayerRecord, norm: SpectralNorm, first: bool = True) -> None:

@@ -127,6 +127,13 @@ class LinearMap(ABC):
         bounds = self.abs_bound(np.stack([e + own for e in errors], axis=1))
         return self.precise_matvec(x), list(bounds.T)
 
+    def matmat_bounded(self, x: np.ndarray, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(matmat(x), ρ'): ρ'_i ≥ ||row i of matmat(x) − A x*|| for every x* whose
+        row j is within ρ_j of x's (2-norms over the columns). Column c of the
+        product is off by at most γ|A||x_c|, so row i by γ Σ_j |a_ij| ||x_j||."""
+        rows = np.linalg.norm(x, axis=1) * (1 + 2 * U64)
+        return self.matmat(x), self.abs_bound(rho + self._gamma() * rows)
+
     @property
     @abstractmethod
     def representation(self) -> str:

@@ -81,6 +81,11 @@ class ChainMap(LinearMap):
             x, errors = m.matvec_bounded(x, errors)
         return x, errors
 
+    def matmat_bounded(self, x, rho):
+        for m in self.maps:
+            x, rho = m.matmat_bounded(x, rho)
+        return x, rho
+
     def to_sparse(self):
         result = self.maps[0].to_sparse()
         for m in self.maps[1:]:

@@ -76,6 +76,15 @@ class StackMap(LinearMap):
         added = gamma(len(self.parts), U64) * np.abs(total)
         return total, [(b + added) * SLACK for b in bounds]
 
+    def matmat_bounded(self, x, rho):
+        """Each part with its own rounding, then the float64 sum of the parts."""
+        total, bound = None, None
+        for p, xj, rj in zip(self.parts, self.split(x), self.split(rho)):
+            y, r = p.matmat_bounded(xj, rj)
+            total, bound = (y, r) if total is None else (total + y, bound + r)
+        added = gamma(len(self.parts), U64) * np.linalg.norm(total, axis=1)
+        return total, (bound + added) * SLACK
+
     def norm_cap(self) -> float:
         """||[A_1 … A_k]|| ≤ sqrt(Σ_j ||A_j||²)."""
         return math.sqrt(sum(p.norm_cap() ** 2 for p in self.parts)) * (1 + 4 * U64)
