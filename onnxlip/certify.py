@@ -94,7 +94,7 @@ class Certificate:
 
 
 def certify(net: Network, x0, rel_tol: float = 1e-3, attack_steps: int = 50,
-            label: int | None = None, method: str = "paper", rule: Rule = TOP_CLASS) -> Certificate:
+            label: int | None = None, method: str = "auto", rule: Rule = TOP_CLASS) -> Certificate:
     """Certified radii (local and global bound) and an attack distance at x0: the
     radius within which `rule` holds (by default: the top class stays the top)."""
     import time

@@ -26,7 +26,7 @@ from .dataset import (
 from .dot import block_graph, check_graph_path, write_graph
 from .errors import OnnxlipError
 from .inputs import read_input
-from .network import OPERATOR_MODES, Network, load
+from .network import METHODS, OPERATOR_MODES, Network, load
 from .report import (
     BLOCK_HEADERS,
     LAYER_HEADERS,
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     bound.add_argument("--eps", "-e", required=True, nargs="+", type=_number, metavar="E",
                        help="L2 radii of the input ball")
     bound.add_argument("--verbose", "-v", action="store_true", help="per-block table")
+    bound.add_argument("--no-lower", action="store_true",
+                       help="skip the lower bound ||J(x0)|| (one more eigensolve) and the ratio")
     bound.add_argument("--json", action="store_true", help="print one JSON object")
     bound.set_defaults(run=run_bound)
 
@@ -220,9 +222,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=_number, default=DEFAULT_DELTA,
                    help=f"failure probability of each probabilistic norm (default {DEFAULT_DELTA:g})")
     if p.prog.split()[-1] in ("bound", "sweep", "certify"):
-        p.add_argument("--method", choices=("paper", "tight"), default="paper",
-                       help="local bound: the paper's product of per-block bounds (default), or "
-                            "'tight', the norm of the product (slower, never looser)")
+        p.add_argument("--method", choices=METHODS, default="auto",
+                       help="local bound: 'auto' (default: ||J(x0)|| where every neuron provably "
+                            "keeps its state over the ball, else the tightest proven bound), "
+                            "'paper' (the paper's product of per-block bounds) or 'tight'")
 
 
 def _load_kwargs(args) -> dict:
@@ -295,20 +298,28 @@ def run_bound(args) -> int:
     x0 = _read_x0(args, net)
     results = net.local_bounds(x0, args.eps, args.method)
     glob = net.global_bound()
+    lower = None if args.no_lower else _jacobian_lower(net, x0)
     seconds = time.perf_counter() - start
+    ratios = [None if not lower else r.bound / lower for r in results]
+    notes = list(dict.fromkeys(n for r in results for n in r.notes))
     if args.json:
         print(json.dumps(_header(args, net, args.input, args.method) | {
             "global_bound": glob.bound, "global_guarantee": glob.guarantee,
             "global_delta": glob.delta, "delta": net.solver.delta,
-            "points": [{"eps": r.eps, "local_bound": r.bound, "guarantee": r.guarantee,
-                        "delta": r.delta, "seconds": r.seconds,
-                        "layers": r.to_dict()["layers"]} for r in results],
+            "points": [{"eps": r.eps, "local_bound": r.bound, "source": r.source,
+                        "lower_bound": lower, "ratio": ratio, "guarantee": r.guarantee,
+                        "delta": r.delta, "seconds": r.seconds, "notes": r.notes,
+                        "layers": r.to_dict()["layers"]} for r, ratio in zip(results, ratios)],
             "seconds": seconds,
         }))
         return 0
     print(_title(args, net, f", x0 = {args.input}, method {args.method}"))
-    print(table(["eps", "local bound", "global bound", "local/global", "seconds"],
-                [[r.eps, r.bound, glob.bound, r.bound / glob.bound, r.seconds] for r in results]))
+    print(table(["eps", "local bound", "from", "||J(x0)||", "bound/||J||", "global bound", "seconds"],
+                [[r.eps, r.bound, r.source, lower, ratio, glob.bound, r.seconds]
+                 for r, ratio in zip(results, ratios)]))
+    print("\n".join(f"note: {n}" for n in notes) + ("\n" if notes else ""), end="")
+    if lower is None and not args.no_lower:
+        print("||J(x0)||: no lower bound here (a ReLU input or a max-pooling window is tied at x0)")
     worst = max([glob, *results], key=lambda r: r.delta)
     print(f"{_guarantee(worst)} (each bound)")
     if args.verbose:
@@ -316,6 +327,14 @@ def run_bound(args) -> int:
             print(f"\neps = {r.eps:g}: local bound {r.bound:.6g}")
             print(table(LAYER_HEADERS, layer_rows(r.layers)))
     return 0
+
+
+def _jacobian_lower(net: Network, x0) -> float | None:
+    """||J(x0) v|| for J's top direction v, less its rounding bound: a lower bound
+    of L(x0, ε) at every ε when no ReLU input or max-pooling window is tied at
+    x0 (None otherwise)."""
+    search = net.lower_bound_search(x0)
+    return search.jacobian_certified if search.ties == 0 else None
 
 
 def run_sweep_command(args) -> int:
@@ -425,7 +444,7 @@ def _dataset_output(args, title: str, head: dict, result: DatasetResult) -> int:
         plot_title = (f"{os.path.basename(head['model'])}: {len(result.rows)} inputs from "
                       f"{os.path.basename(head['input'])}")
         _write(args.plot, "--plot", lambda r, path: plot_certified_accuracy(
-            r, path, plot_title, head["method"] or "paper"), result)
+            r, path, plot_title, head["method"] or "auto"), result)
     failed = result.failed
     if failed:
         first = min(failed)

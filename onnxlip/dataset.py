@@ -273,7 +273,7 @@ def read_results(path: str | os.PathLike) -> tuple[dict, list[dict], int]:
 
 def certify_dataset(load_kwargs: dict, batch: np.ndarray, labels: np.ndarray | None,
                     rel_tol: float = 1e-3, workers: int | None = None,
-                    progress: bool = False, method: str = "paper", rule: Rule = TOP_CLASS, *,
+                    progress: bool = False, method: str = "auto", rule: Rule = TOP_CLASS, *,
                     out: str | os.PathLike | None = None, source: str = "",
                     start: int = 0, end: int | None = None, scheduler: str | None = None,
                     client=None) -> DatasetResult:
@@ -368,7 +368,7 @@ def write_rows(result: DatasetResult, path: str | Path) -> None:
 
 
 def plot_certified_accuracy(result: DatasetResult, path: str | Path, title: str,
-                            method: str = "paper") -> None:
+                            method: str = "auto") -> None:
     """Certified accuracy against radius, from the local and the global bound, and
     the attack's curve: an upper limit of robust accuracy (not a certificate).
     Without labels, the fractions of inputs whose predicted class is certified."""

@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 
 from . import bounds
+from .auto import auto_local_bound
 from .blocks import Block, BlockOptions, Lowered, build_blocks
 from .certify import SQRT2, TOP_CLASS, Rule, certify
 from .errors import OnnxlipError
@@ -26,6 +27,9 @@ from .spectral import DEFAULT_DELTA, DEFAULT_TOL, Solver
 from .tight import tight_local_bound
 
 OPERATOR_MODES = ("auto", "sparse", "matrix-free")
+#: Local bound methods: 'auto' (the default, onnxlip.auto), 'paper' (Avant &
+#: Morgansen's product of per-block bounds), 'tight' (onnxlip.tight).
+METHODS = ("auto", "paper", "tight")
 
 
 #: Re-solves with fresh starts before a lower bound above an upper bound is an error.
@@ -43,10 +47,12 @@ class Network:
     if it persists, raise an OnnxlipError.
     """
 
-    def __init__(self, graph: ModelGraph, blocks: list[Block], solver: Solver | None = None):
+    def __init__(self, graph: ModelGraph, blocks: list[Block], solver: Solver | None = None,
+                 memory_budget: float = 1e9):
         self.graph = graph
         self.blocks = blocks
         self.solver = solver or Solver()
+        self.memory_budget = memory_budget
         self._global: bounds.BoundResult | None = None
         self._runner: ModelRunner | None = None
         self._uppers: dict[bytes, list[tuple[float, str, bounds.BoundResult, bounds.Trace]]] = {}
@@ -105,27 +111,29 @@ class Network:
     def trace(self, x) -> bounds.Trace:
         return bounds.trace(self.blocks, self.check_input(x))
 
-    def local_bound(self, x0, eps: float, method: str = "paper") -> bounds.BoundResult:
+    def local_bound(self, x0, eps: float, method: str = "auto") -> bounds.BoundResult:
         """Upper bound of the local Lipschitz constant at x0 in the L2 ball of radius eps.
 
-        method: 'paper' (Avant & Morgansen: the product of per-block bounds) or
-        'tight' (the norm of the product with its uncertain neurons bounded
-        apart, never above 'paper'; see onnxlip.tight).
+        method: 'auto' (the default: ||J(x0)|| itself where every neuron provably
+        keeps its state over the ball, else the tighter of the two below with
+        the exact reach of every neuron; see onnxlip.auto), 'paper' (Avant &
+        Morgansen: the product of per-block bounds) or 'tight' (the norm of the
+        product with its uncertain neurons bounded apart, never above 'paper';
+        see onnxlip.tight). The result's `source` says what produced the number.
         """
         return self.local_bounds(x0, [eps], method)[0]
 
     def local_bounds(self, x0, eps_values: Iterable[float],
-                     method: str = "paper") -> list[bounds.BoundResult]:
+                     method: str = "auto") -> list[bounds.BoundResult]:
         """Local bounds at several radii, sharing one forward pass."""
         eps_values = [check_eps(e) for e in eps_values]
         nominal = self.trace(x0)
         return [self.local_bound_from(nominal, e, method) for e in eps_values]
 
     def local_bound_from(self, nominal: bounds.Trace, eps: float,
-                         method: str = "paper") -> bounds.BoundResult:
+                         method: str = "auto") -> bounds.BoundResult:
         """The local bound at eps around an already computed forward pass."""
-        if method not in ("paper", "tight"):
-            raise OnnxlipError(f"method must be 'paper' or 'tight', got {method!r}")
+        check_method(method)
         eps = check_eps(eps)
         result = self._local(nominal, eps, method, self.solver)
         key = _digest(nominal.inputs[0])
@@ -134,8 +142,13 @@ class Network:
         return result
 
     def _local(self, nominal: bounds.Trace, eps: float, method: str, solver: Solver) -> bounds.BoundResult:
-        bound = tight_local_bound if method == "tight" else bounds.local_bound
-        result = _finite(bound(self.blocks, nominal, eps, solver), self.path)
+        if method == "auto":
+            result = auto_local_bound(self.blocks, nominal, eps, solver, self.memory_budget)
+        elif method == "tight":
+            result = tight_local_bound(self.blocks, nominal, eps, solver)
+        else:
+            result = bounds.local_bound(self.blocks, nominal, eps, solver)
+        result = _finite(result, self.path)
         glob = self._global
         if glob is not None and glob.bound < result.bound:  # the global bound holds at every ε
             result = replace(result, bound=glob.bound, delta=result.delta + glob.delta)
@@ -200,7 +213,7 @@ class Network:
         return self._runner
 
     def certify(self, x0, rel_tol: float = 1e-3, label: int | None = None,
-                method: str = "paper", rule: Rule = TOP_CLASS):
+                method: str = "auto", rule: Rule = TOP_CLASS):
         """Certified L2 radius of x0's decision (by default its top class), see onnxlip.certify."""
         for _ in range(RETRIES + 1):
             cert = certify(self, x0, rel_tol=rel_tol, label=label, method=method, rule=rule)
@@ -262,6 +275,12 @@ def _finite(result: bounds.BoundResult, path: str) -> bounds.BoundResult:
         where = f" at block {worst.name!r}" if worst else ""
         raise OnnxlipError(f"{path}: the bound overflowed float arithmetic{where}")
     return result
+
+
+def check_method(method) -> str:
+    if method not in METHODS:
+        raise OnnxlipError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return method
 
 
 def check_eps(eps) -> float:
@@ -327,7 +346,7 @@ def load(
     release(graph)
     solver = Solver(tol=float(tol), delta=float(delta)) if seed is None else \
         Solver(tol=float(tol), delta=float(delta), seed=int(seed))
-    return Network(graph, blocks, solver)
+    return Network(graph, blocks, solver, float(memory_budget))
 
 
 #: The largest norm (and bias) of one block: its Gram operator, applied in

@@ -12,7 +12,7 @@ from .bounds import LayerRecord
 from .errors import OnnxlipError
 
 #: How plots and tables name the local-bound methods.
-METHOD_LABELS = {"paper": "paper's method", "tight": "--method tight"}
+METHOD_LABELS = {"auto": "onnxlip's default", "paper": "paper's method", "tight": "--method tight"}
 
 
 def method_label(method: str) -> str:
@@ -73,14 +73,16 @@ BLOCK_HEADERS = ["#", "name", "kind", "ops", "reads", "input", "output", "operat
 
 def layer_rows(layers: Sequence[LayerRecord]) -> list[list]:
     return [
-        [r.index, r.name, r.kind, r.eps_in, r.bound, r.active, r.inactive, r.uncertain,
+        [r.index, r.name, r.kind, r.eps_in, r.bound, r.active, r.inactive, r.uncertain, r.test,
          r.iterations, r.residual if r.iterations else None, r.seconds]
         for r in layers
     ]
 
 
+#: "decided by": how the states were proven (method auto: exact reach, relaxed
+#: reach or paper radius; the paper's radii otherwise).
 LAYER_HEADERS = ["#", "name", "kind", "eps_in", "L_k", "active", "inactive", "uncertain",
-                 "iters", "residual", "seconds"]
+                 "decided by", "iters", "residual", "seconds"]
 
 
 def plot_formats() -> list[str]:

@@ -36,7 +36,7 @@ class Sweep:
     points: list[SweepPoint]
     seconds: float
     upper_seconds: float
-    method: str = "paper"
+    method: str = "auto"
 
     def lower_bounds(self) -> list[tuple[float, float | None]]:
         """At each ε, the largest lower bound found at any radius up to ε, and that radius.
@@ -59,10 +59,12 @@ class Sweep:
         out = []
         running = self.lower_bounds()
         for p, (best, where) in zip(self.points, running):
-            row = {"eps": p.eps, "local_bound": p.local.bound, "guarantee": p.local.guarantee,
-                   "delta": p.local.delta, "global_bound": self.global_bound}
+            row = {"eps": p.eps, "local_bound": p.local.bound, "source": p.local.source,
+                   "guarantee": p.local.guarantee, "delta": p.local.delta,
+                   "global_bound": self.global_bound, "notes": p.local.notes}
             if p.lower is not None:
-                row.update({"lower_bound": best, "lower_bound_eps": where})
+                row.update({"lower_bound": best, "lower_bound_eps": where,
+                            "ratio": p.local.bound / best if best > 0 else None})
                 low = p.lower.to_dict()
                 row.update({f"lower_{k}": v for k, v in low.items() if k != "eps"})
             row["seconds"] = p.local.seconds
@@ -85,7 +87,7 @@ def eps_grid(eps_min: float, eps_max: float, count: int, spacing: str = "log") -
 
 
 def run_sweep(net: Network, x0, eps_values: list[float], lower: bool = True,
-              progress: bool = False, input_name: str = "x0", method: str = "paper") -> Sweep:
+              progress: bool = False, input_name: str = "x0", method: str = "auto") -> Sweep:
     """Local bound (and lower bounds) at every ε, sharing the forward pass and J(x0)."""
     start = time.perf_counter()
     eps_values = [check_eps(e) for e in eps_values]
@@ -116,7 +118,7 @@ def _sweep(path: str, input_name: str, glob: bounds.BoundResult, points: list[Sw
 
 
 def run_sweep_distributed(load_kwargs: dict, x0, eps_values: list[float], lower: bool = True,
-                          progress: bool = False, input_name: str = "x0", method: str = "paper",
+                          progress: bool = False, input_name: str = "x0", method: str = "auto",
                           workers: int | None = None, scheduler: str | None = None,
                           client=None) -> Sweep:
     """run_sweep with the radii (and the global bound) as Dask tasks: each worker makes
@@ -174,7 +176,7 @@ def _point_on_worker(options: dict, x0: np.ndarray, index: int, eps: float, lowe
 
 def write_csv(sweep: Sweep, path: str | Path) -> None:
     check_output(path, "CSV file")
-    rows = sweep.rows()
+    rows = [r | {"notes": "; ".join(r["notes"])} for r in sweep.rows()]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -197,7 +197,7 @@ def test_gemm_relu_block(tmp_path):
     assert np.sum((y0 < 0) & (ybar > 0)) > 0 and np.any(ybar <= 0) and np.any(y0 >= 0)
     expected = spectral(r[:, None] * a)
 
-    result = _load(net, tmp_path).local_bound(x0.reshape(1, 6), eps)
+    result = _load(net, tmp_path).local_bound(x0.reshape(1, 6), eps, method="paper")
     assert result.layers[0].kind == "affine-relu"
     _check_record(result.layers[0], {
         "bound": expected, "eps_in": eps, "active": int(np.sum(y0 >= 0)),
@@ -222,7 +222,7 @@ def test_conv_relu_block(tmp_path):
 
     engine = _load(net, tmp_path)
     assert engine.blocks[0].map.representation == "matrix-free"
-    result = engine.local_bound(x0, eps)
+    result = engine.local_bound(x0, eps, method="paper")
     _check_record(result.layers[0], {
         "bound": expected, "eps_in": eps, "active": int(np.sum(y0 >= 0)),
         "inactive": int(np.sum(ybar <= 0)), "uncertain": int(np.sum((y0 < 0) & (ybar > 0)))})
@@ -260,7 +260,7 @@ def test_second_block_uses_mask_of_first(tmp_path, kind):
     l2 = spectral(r2[:, None] * a2 * d[None, :])
     assert l2 < spectral(r2[:, None] * a2) * (1 - 1e-3), "D should matter"
 
-    result = _load(net, tmp_path).local_bound(x0, eps)
+    result = _load(net, tmp_path).local_bound(x0, eps, method="paper")
     assert len(result.layers) == 2
     _check_record(result.layers[0], {"bound": l1, "eps_in": eps})
     _check_record(result.layers[1], {
@@ -353,7 +353,7 @@ def test_maxpool_constant_counts_windows(tmp_path, config):
     engine = onnxlip.load(path)
     assert engine.global_bound().bound == pytest.approx(expected, rel=1e-12)
     x0 = np.random.default_rng(0).standard_normal(shape)
-    assert engine.local_bound(x0, 0.3).bound == pytest.approx(expected, rel=1e-12)
+    assert engine.local_bound(x0, 0.3, method="paper").bound == pytest.approx(expected, rel=1e-12)
     np.testing.assert_allclose(engine.forward(x0).ravel(),
                                session.run(None, {"x": x0.astype(np.float32)})[0].ravel(), rtol=1e-6)
 
@@ -380,7 +380,7 @@ def test_every_block_matches_dense(tmp_path, family, seed):
     eps = level * float(np.linalg.norm(x0))
 
     total, records = dense_bounds(net, engine, x0, eps)
-    result = engine.local_bound(x0, eps)
+    result = engine.local_bound(x0, eps, method="paper")
     assert len(result.layers) == len(records)
     for record, expected in zip(result.layers, records):
         _check_record(record, expected)

@@ -68,14 +68,14 @@ def test_bound_json_matches_api(capsys):
     assert code == 0 and set(data) == {"model", "input", "input_shape", "output_shape", "method",
                                        "global_bound", "points", "seconds", "global_guarantee",
                                        "global_delta", "seed", "delta"}
-    assert data["model"] == str(model) and data["input"] == str(x) and data["method"] == "paper"
+    assert data["model"] == str(model) and data["input"] == str(x) and data["method"] == "auto"
     points = data["points"]
     assert [e["eps"] for e in points] == [0.01, 0.5]
-    assert {"guarantee", "delta"} <= set(points[0])
+    assert {"guarantee", "delta", "source", "lower_bound", "ratio", "notes"} <= set(points[0])
     net = onnxlip.load(model, seed=data["seed"])  # the recorded seed replays the run
     expected = net.local_bound(np.load(x), 0.5).bound
     assert points[1]["local_bound"] == pytest.approx(expected, rel=1e-9)
-    assert points[0]["local_bound"] <= points[1]["local_bound"] <= data["global_bound"] * (1 + 1e-9)
+    assert all(p["lower_bound"] <= p["local_bound"] <= data["global_bound"] * (1 + 1e-9) for p in points)
     assert len(points[0]["layers"]) == len(net.blocks)
 
 

@@ -51,7 +51,7 @@ def test_lower_bounds_below_local_bound(tmp_path, family, seed):
     scale = np.linalg.norm(x0)
     radii = [0.01 * scale, 0.3 * scale]
     lows = engine.lower_bounds(x0, radii, samples=24, ascent_steps=8)
-    for low, up in zip(lows, engine.local_bounds(x0, radii)):
+    for low, up in zip(lows, engine.local_bounds(x0, radii, method="paper")):
         assert 0 < low.best <= up.bound
         assert max(low.sampled, low.ascent) <= up.bound
         if low.jacobian_exact:
@@ -75,9 +75,9 @@ def test_sweep_shares_solves_only_where_slopes_and_masks_coincide():
     x0 = np.load(MODELS / "digits_cnn_x0.npy")
     eps = np.geomspace(1e-7, 1.0, 12).tolist()
     nominal = net.trace(x0)
-    shared = [net.local_bound_from(nominal, e) for e in eps]
+    shared = [net.local_bound_from(nominal, e, method="paper") for e in eps]
     for e, result in zip(eps, shared):
-        fresh = net.local_bound(x0, e)
+        fresh = net.local_bound(x0, e, method="paper")
         assert result.bound == fresh.bound
         assert [r.bound for r in result.layers] == [r.bound for r in fresh.layers]
     affine = sum(r.kind.startswith("affine") for r in shared[0].layers)

@@ -70,7 +70,7 @@ def test_model(path):
     assert netgen.rel_err(engine.forward(x0), y_ort) <= 1e-4
     assert tuple(engine.output_shape) == tuple(session.get_outputs()[0].shape)
 
-    local = engine.local_bound(x0, EPS)
+    local = engine.local_bound(x0, EPS, method="paper")
     glob = engine.global_bound()
     assert 0 < local.bound <= glob.bound * (1 + 1e-6)
     assert all(layer.converged for layer in local.layers + glob.layers)
@@ -109,7 +109,7 @@ def test_tiny_dense_by_hand():
     # hidden relu([0.75, 1, -0.75, -0.5]) = [0.75, 1, 0, 0]; y = [0.75 + 2 + 0.5, -1 - 1]
     np.testing.assert_allclose(engine.forward(x0).ravel(), [3.25, -2.0], atol=1e-6)
 
-    r = engine.local_bound(x0, EPS)
+    r = engine.local_bound(x0, EPS, method="paper")
     assert r.bound == pytest.approx(math.sqrt(6) * (1 + math.sqrt(2)), rel=1e-9)
     first, second = r.layers
     assert (first.bound, first.active, first.inactive, first.uncertain) == \
@@ -121,7 +121,7 @@ def test_tiny_dense_by_hand():
 
     # eps = 0.5: unit 4 (pre -0.5, reach 0.5√6) is uncertain with slope (√6-1)/√6; unit 3 stays off
     eps = 0.5
-    r = engine.local_bound(x0, eps)
+    r = engine.local_bound(x0, eps, method="paper")
     slope = (math.sqrt(6) - 1) / math.sqrt(6)
     rows = np.diag([1, 1, 0, slope]) @ w1
     l1 = np.linalg.norm(rows, 2)
@@ -140,9 +140,9 @@ def test_user_errors_are_onnxlip_errors(tmp_path):
     x0 = np.load(MODELS_DIR / "tiny_dense_x0.npy")
     for eps in (0.0, -1.0, float("nan"), float("inf"), "big"):
         with pytest.raises(onnxlip.OnnxlipError):
-            engine.local_bound(x0, eps)
+            engine.local_bound(x0, eps, method="paper")
     with pytest.raises(onnxlip.OnnxlipError):
-        engine.local_bound(np.zeros(4), 0.1)
+        engine.local_bound(np.zeros(4), 0.1, method="paper")
     with pytest.raises(onnxlip.OnnxlipError):
         engine.forward(np.array([0.0, np.nan, 1.0]))
     with pytest.raises(onnxlip.OnnxlipError):

@@ -163,7 +163,8 @@ def test_sparse_and_matrix_free_agree(tmp_path):
         assert netgen.rel_err(sparse.forward(x0), free.forward(x0)) <= 1e-6
         assert netgen.rel_err(sparse.forward(x0), net(x0)[0]) <= 1e-6
         radii = [level * np.linalg.norm(x0) for level in (0.01, 0.1, 1.0)]
-        for a, b in zip(sparse.local_bounds(x0, radii), free.local_bounds(x0, radii)):
+        for a, b in zip(sparse.local_bounds(x0, radii, method="paper"),
+                        free.local_bounds(x0, radii, method="paper")):
             assert a.bound == pytest.approx(b.bound, rel=1e-6, abs=1e-12), net.name
         assert sparse.global_bound().bound == pytest.approx(free.global_bound().bound, rel=1e-6)
 
@@ -184,8 +185,8 @@ def test_sparse_mode_falls_back_to_matrix_free(tmp_path):
         x0 = np.random.default_rng(1).standard_normal(net.input_shape)
         assert netgen.rel_err(tiny.forward(x0), net(x0)[0]) <= 1e-6
         eps = 0.1 * np.linalg.norm(x0)
-        bound = tiny.local_bound(x0, eps).bound
-        assert bound == pytest.approx(free.local_bound(x0, eps).bound, rel=1e-6)
+        bound = tiny.local_bound(x0, eps, method="paper").bound
+        assert bound == pytest.approx(free.local_bound(x0, eps, method="paper").bound, rel=1e-6)
         assert bound >= np.linalg.norm(net.jacobian(x0), 2) * (1 - 1e-6)
 
 

@@ -126,7 +126,7 @@ def test_plots_and_files_are_written(tmp_path, capsys):
     code, _, err = run(capsys, "sweep", MLP, "-x", MLP_X0, "-n", "3", "--csv", files["csv"],
                        "--plot", files["plot"])
     assert code == 0, err
-    assert files["csv"].read_text().startswith("eps,local_bound,guarantee,delta,global_bound,lower_bound,")
+    assert files["csv"].read_text().startswith("eps,local_bound,source,guarantee,delta,global_bound,notes,")
     assert files["plot"].read_text().lstrip().startswith("<?xml")
 
 
@@ -206,7 +206,7 @@ def test_single_input_label_and_correct(capsys):
     assert code == 0 and data["label"] is None and data["correct"] is None
     code, out, _ = run(capsys, "certify", MLP, "-x", MLP_X0)
     assert out.splitlines()[0] == (f"{MLP}: input 1x1x8x8 -> output 1x10, {len(net.blocks)} blocks, "
-                                   f"x0 = {MLP_X0}, method paper")
+                                   f"x0 = {MLP_X0}, method auto")
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -261,14 +261,14 @@ def saved_figures(monkeypatch) -> list:
     return figures
 
 
-@pytest.mark.parametrize("method", ["paper", "tight"])
+@pytest.mark.parametrize("method", ["auto", "paper", "tight"])
 def test_sweep_plot_names_the_method(tmp_path, capsys, saved_figures, method):
     code, _, err = run(capsys, "sweep", MLP, "-x", MLP_X0, "-n", "3", "--method", method,
                        "--plot", tmp_path / "s.png")
     assert code == 0, err
     ax = saved_figures[0].axes[0]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    name = {"paper": "paper's method", "tight": "--method tight"}[method]
+    name = {"auto": "onnxlip's default", "paper": "paper's method", "tight": "--method tight"}[method]
     assert any(name in t for t in legend) and repr(method) in ax.get_title()
 
 
@@ -316,7 +316,7 @@ def test_json_outputs_use_the_same_names(tmp_path, capsys):
         assert "bound" not in data and "local" not in data and "local_bound" not in data, name
         if name != "inspect":
             assert data["input"] == (batch if name == "certify --inputs" else MLP_X0), name
-            assert data["method"] == "paper", name
+            assert data["method"] == "auto", name
     for name in ("inspect", "bound", "sweep"):  # each run's recorded seed replays it
         glob = onnxlip.load(MLP, seed=outputs[name]["seed"]).global_bound().bound
         assert outputs[name]["global_bound"] == pytest.approx(glob, rel=1e-12), name

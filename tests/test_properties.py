@@ -99,7 +99,7 @@ def test_lower_local_global_are_ordered(workdir, spec, eps):
 @example(spec=SETTLED_EARLY, eps=5.623413251903491)
 def test_local_bound_grows_with_eps(workdir, spec, eps):
     net, _ = _load(workdir, spec)
-    small, large = net.local_bounds(nominal(spec), [eps, 2 * eps])
+    small, large = net.local_bounds(nominal(spec), [eps, 2 * eps], method="paper")
     note(f"L(eps) {small.bound!r}, L(2 eps) {large.bound!r}")
     assert small.ritz <= large.bound * (1 + SLACK)
 
@@ -108,7 +108,7 @@ def test_local_bound_grows_with_eps(workdir, spec, eps):
 @example(spec=ONE_BY_ONE, eps=10.0)
 def test_block_local_bounds_below_block_norms(workdir, spec, eps):
     net, _ = _load(workdir, spec)
-    local, glob = net.local_bound(nominal(spec), eps), net.global_bound()
+    local, glob = net.local_bound(nominal(spec), eps, method="paper"), net.global_bound()
     assert len(local.layers) == len(glob.layers) == len(net.blocks)
     for mine, norm in zip(local.layers, glob.layers):
         ritz = mine.bound if mine.ritz is None else mine.ritz  # at most the block's true norm

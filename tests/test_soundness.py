@@ -54,7 +54,8 @@ def test_local_bound_is_sound(tmp_path, family, seed):
     directions = list(vt[: min(3, len(vt))])
 
     radii = [level * float(np.linalg.norm(x0)) for level in EPS_LEVELS]
-    results = engine.local_bounds(x0, radii)
+    results = engine.local_bounds(x0, radii, method="paper")
+    autos = engine.local_bounds(x0, radii)  # the default, never above the paper's
     glob = engine.global_bound().bound
     assert np.isfinite(glob) and glob >= 0
 
@@ -73,6 +74,11 @@ def test_local_bound_is_sound(tmp_path, family, seed):
         assert ratio <= bound * SLACK, (
             f"eps={eps:.4g}: sampled ratio {ratio!r} above the local bound {bound!r}"
         )
+    for eps, auto, paper in zip(radii, autos, results):
+        assert jac_norm <= auto.bound * SLACK
+        assert auto.bound <= paper.bound * (1 + 2 * engine.tol)
+        points = netgen.ball_points(rng, x0, eps, N_SPHERE // 2, N_INSIDE // 2, directions)
+        assert netgen.max_ratio(net, x0, points) <= auto.bound * SLACK, (eps, auto.source)
 
 
 # ---------------------------------------------------------------------- tight cases
@@ -126,7 +132,7 @@ def test_neuron_chain_bound_is_exact(tmp_path, seed, depth):
     rng = np.random.default_rng(100 + seed)
     eps = float(rng.uniform(0.05, 2.0))
     net, x0, expected, direction = _neuron_chain(rng, int(rng.integers(2, 12)), eps, depth)
-    result = onnxlip.load(net.save(tmp_path / "chain.onnx")).local_bound(x0, eps)
+    result = onnxlip.load(net.save(tmp_path / "chain.onnx")).local_bound(x0, eps, method="paper")
     ratio = netgen.max_ratio(net, x0, netgen.ball_points(rng, x0, eps, 200, 200, [direction]))
     assert ratio <= result.bound * SLACK
     assert result.bound == pytest.approx(expected, rel=1e-6)
@@ -154,7 +160,7 @@ def test_maxpool_constant_is_reached(tmp_path, in_shape, kernel, stride, pads, s
     direction = np.zeros(in_shape)
     direction[(0, 0, *spike)] = 1.0
     eps = 0.5
-    result = onnxlip.load(net.save(tmp_path / "pool.onnx")).local_bound(x0, eps)
+    result = onnxlip.load(net.save(tmp_path / "pool.onnx")).local_bound(x0, eps, method="paper")
     ratio = netgen.max_ratio(net, x0, netgen.ball_points(rng, x0, eps, 300, 300, [direction]))
     assert result.bound == pytest.approx(1.5 * expected, rel=1e-6)
     assert ratio == pytest.approx(1.5 * expected, rel=1e-6)
@@ -214,7 +220,7 @@ def test_tight_bound_is_sound(tmp_path, family, seed):
     _, sv, vt = np.linalg.svd(net.jacobian(x0))
     radii = [level * float(np.linalg.norm(x0)) for level in TIGHT_LEVELS]
     tight = engine.local_bounds(x0, radii, method="tight")
-    paper = engine.local_bounds(x0, radii)
+    paper = engine.local_bounds(x0, radii, method="paper")
     for eps, t, p in zip(radii, tight, paper):
         assert t.bound <= p.bound
         assert sv[0] <= t.bound * SLACK
@@ -231,5 +237,5 @@ def test_tight_bound_is_much_tighter_on_a_trained_cnn():
     engine = onnxlip.load(models / "digits_cnn.onnx")
     x0 = np.load(models / "digits_cnn_x0.npy")
     tight = engine.local_bound(x0, 1e-3, method="tight").bound
-    paper = engine.local_bound(x0, 1e-3).bound
+    paper = engine.local_bound(x0, 1e-3, method="paper").bound
     assert engine.jacobian_norm(x0) <= tight < paper / 2

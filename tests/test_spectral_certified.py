@@ -54,7 +54,8 @@ def test_old_fixed_start_no_longer_fools_the_bound(tmp_path):
     assert exact == pytest.approx(10.0)
     net = onnxlip.load(_matmul_net(tmp_path, w, "adversarial"))
     x0 = np.zeros(n)
-    results = [net.global_bound(), net.local_bound(x0, 0.1), net.local_bound(x0, 0.1, "tight")]
+    results = [net.global_bound(), net.local_bound(x0, 0.1, method="paper"),
+               net.local_bound(x0, 0.1, "tight"), net.local_bound(x0, 0.1)]
     for result in results:
         assert exact * (1 - 1e-6) <= result.bound <= exact * (1 + 2 * net.tol)
         assert result.guarantee == "probabilistic" and 0 < result.delta <= 1e-8
@@ -89,7 +90,7 @@ def test_replay_with_the_recorded_seed_is_identical():
 
     def run(seed):
         net = onnxlip.load(model.save(_tmp() / "replay.onnx"), seed=seed)
-        results = [net.global_bound(), *net.local_bounds(x0, [1e-3, 0.1, 1.0]),
+        results = [net.global_bound(), *net.local_bounds(x0, [1e-3, 0.1, 1.0], method="paper"),
                    net.local_bound(x0, 0.1, "tight")]
         return net.seed, [(r.bound, r.delta, r.seed, [(b.bound, b.iterations) for b in r.layers])
                           for r in results]
@@ -135,7 +136,7 @@ def test_cluster_plus_outlier_as_mul(tmp_path):
         exact = float(np.float64(c[12345]))
         assert exact <= glob.bound <= exact * (1 + 1e-12)
         assert glob.guarantee == "deterministic" and glob.delta == 0
-        local = engine.local_bound(np.zeros(n), 1.0)
+        local = engine.local_bound(np.zeros(n), 1.0, method="paper")
         assert exact <= local.bound <= exact * (1 + 1e-12)
 
 
@@ -268,7 +269,7 @@ def test_contradiction_is_resolved_or_reported(tmp_path, monkeypatch):
     (the caller's result corrected in place), and an error if it persists."""
     net = onnxlip.load(netgen.dense_net(2).save(tmp_path / "d.onnx"))
     x0 = np.random.default_rng(0).standard_normal(net.input_shape).ravel()
-    truth = net.local_bound(x0, 0.5)
+    truth = net.local_bound(x0, 0.5, method="paper")
     real = bounds.local_bound
     calls = []
 
@@ -279,7 +280,7 @@ def test_contradiction_is_resolved_or_reported(tmp_path, monkeypatch):
             result.bound / 10, result.layers, result.seconds, result.eps, result.delta, result.seed)
 
     monkeypatch.setattr(bounds, "local_bound", failing_once)
-    low = net.local_bound(x0, 0.5)
+    low = net.local_bound(x0, 0.5, method="paper")
     assert low.bound == pytest.approx(truth.bound / 10)
     net.found_lower(x0, 0.1, truth.bound / 2, "a test ratio")
     assert low.bound == pytest.approx(truth.bound, rel=1e-2)  # re-solved in place
@@ -292,7 +293,7 @@ def test_lower_bounds_are_checked_against_the_bounds(tmp_path):
     """The run's own lower bounds (||J(x0)||, sampled ratios) never exceed its upper bounds."""
     net = onnxlip.load(netgen.conv_net(5).save(tmp_path / "c.onnx"))
     x0 = np.random.default_rng(1).standard_normal(net.input_shape).ravel()
-    uppers = net.local_bounds(x0, [1e-3, 0.1])
+    uppers = net.local_bounds(x0, [1e-3, 0.1], method="paper")
     lowers = net.lower_bounds(x0, [1e-3, 0.1], samples=8, ascent_steps=3)
     for up, low in zip(uppers, lowers):
         assert low.best <= up.bound

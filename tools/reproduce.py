@@ -32,9 +32,9 @@ def reproduce(reference: Path, name: str, out: Path) -> tuple[str, dict]:
     x0 = np.load(reference / f"{name}_x0.npy")
     net = onnxlip.load(reference / f"{name}.onnx")
     start = time.perf_counter()
-    net.local_bound(x0, published["eps"][0])
+    net.local_bound(x0, published["eps"][0], method="paper")
     single_s = time.perf_counter() - start
-    sweep = run_sweep(net, x0, published["eps"], lower=True, input_name=f"{name}_x0.npy")
+    sweep = run_sweep(net, x0, published["eps"], lower=True, input_name=f"{name}_x0.npy", method="paper")
     plot(sweep, out / f"{name}_sweep.png",
          title=f"{NETWORKS[name]}: {name}.onnx, x0 = {name}_x0.npy")
     rows, ratios = [], []

@@ -1,0 +1,226 @@
+"""The default method 'auto' and the reach analysis behind it.
+
+Soundness against float64 sampling on random chains and graphs, lower <= auto
+<= paper, the analysis' linear part and error interval against sampled output
+changes, exactness on networks that are affine on the ball (the tight set of
+shipped models, with their proven counts), and adversarial cases:
+pre-activations at the kink, max-pooling ties, first-layer pre-activations
+just inside the ball's reach.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dagnets
+import netgen
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, note
+from hypothesis import strategies as st
+from propnets import build, networks, nominal
+
+import onnxlip
+from onnxlip.reach import analyse
+
+ROOT = Path(__file__).resolve().parent.parent
+SLACK = 1 + 1e-6
+TOL = 1e-3  # the solver's default tolerance: two certified bounds agree to this
+
+
+def _chain(family: str, seed: int, tmp_path):
+    net = {"dense": netgen.dense_net, "conv": netgen.conv_net}[family](seed)
+    path = net.save(tmp_path / f"{family}{seed}.onnx")
+    x0 = np.random.default_rng(seed).standard_normal(net.input_shape)
+    return (lambda p: net(p.reshape((-1, *net.input_shape[1:])))), onnxlip.load(path), x0
+
+
+def _graph(family: str, seed: int, tmp_path):
+    net = dagnets.FAMILIES[family](seed)
+    path = net.save(tmp_path / f"{net.name}.onnx")
+    x0 = np.random.default_rng(seed + 1000).standard_normal(net.input_shape)
+    return net.twin(), onnxlip.load(path), x0
+
+
+CASES = ([("chain", f, s) for f in ("dense", "conv") for s in range(8)]
+         + [("graph", f, s) for f in dagnets.FAMILIES for s in range(3)])
+
+
+@pytest.mark.parametrize(("kind", "family", "seed"), CASES, ids=[f"{f}{s}" for _, f, s in CASES])
+def test_auto_is_sound_and_below_paper(tmp_path, kind, family, seed):
+    twin, engine, x0 = (_chain if kind == "chain" else _graph)(family, seed, tmp_path)
+    rng = np.random.default_rng(seed)
+    jac = engine.jacobian(x0).dense()
+    directions = list(np.linalg.svd(jac)[2][:2])
+    for level in (1e-4, 1e-2, 0.3):
+        eps = level * float(np.linalg.norm(x0))
+        auto = engine.local_bound(x0, eps)
+        assert auto.source in ("exact", "tight", "paper")
+        paper = engine.local_bound(x0, eps, method="paper")
+        assert auto.bound <= paper.bound * (1 + 2 * TOL)
+        points = netgen.ball_points(rng, x0, eps, 200, 200, directions)
+        assert netgen.max_ratio(twin, x0, points) <= auto.bound * SLACK
+        lower = engine.lower_bounds(x0, [eps], samples=16, ascent_steps=5)[0]
+        assert lower.best <= auto.bound * SLACK
+        # the analysis' Δz = L Δx + e holds at every sampled point
+        reach = analyse(engine.blocks, engine.trace(x0), eps, 1e9)
+        out = reach.output
+        change = twin(points) - twin(x0.ravel()[None])
+        linear = (points - x0.ravel()) @ out.L.T
+        # the float64 twin keeps the weights unrounded: it is off by ~1e-7 relative
+        slack = eps * (out.rho + 1e-6 * np.linalg.norm(out.L, axis=1)) + 1e-6 * np.abs(change)
+        assert np.all(change - linear >= out.lo - slack)
+        assert np.all(change - linear <= out.hi + slack)
+
+
+def test_exact_where_the_network_is_affine_on_the_ball(tmp_path):
+    """A tiny radius keeps every neuron (away from its kink) in its state: auto is
+    ||J(x0)|| itself, deterministic, with no eigensolver, and the paper's bound is not."""
+    for seed in range(5):
+        _, engine, x0 = _chain("conv", seed, tmp_path)
+        jac = np.linalg.norm(engine.jacobian(x0).dense(), 2)
+        result = engine.local_bound(x0, 1e-7)
+        assert result.source == "exact"
+        assert result.guarantee == "deterministic"
+        assert jac * (1 - 1e-6) <= result.bound <= jac * (1 + 1e-4)  # float32 convolutions
+        assert all(r.test == "exact reach" for r in result.layers)
+
+
+def _kink_net(tmp_path) -> onnxlip.Network:
+    net = dagnets.DagNet("kink", (1, 1, 4, 4), np.random.default_rng(0))
+    h = net.node("MaxPool", ["x"], kernel_shape=[2, 2], strides=[2, 2])
+    h = net.node("Flatten", [h])
+    w = net.const(np.eye(4))
+    b = net.const(np.array([0.0, -1.0, 1.0, 0.0]))
+    net.output, net.output_shape = net.node("Relu", [net.node("Gemm", [h, w, b], transB=1)]), ("N", 4)
+    return onnxlip.load(net.save(tmp_path / "kink.onnx"))
+
+
+def test_kinks_and_ties_are_uncertain(tmp_path):
+    """A pre-activation exactly at 0 and a max-pooling window whose maximum is
+    attained twice are never declared stable, at any radius, and the bound
+    covers the slope that moving the tied entries shows."""
+    engine = _kink_net(tmp_path)
+    x0 = np.zeros((1, 1, 4, 4))
+    x0[0, 0, 0, :2] = 1.0  # window 0: a tie (1, 1)
+    x0[0, 0, 2:, 2:] = 5.0  # window 3: all tied at 5
+    x0[0, 0, 0, 2] = 1.0  # window 1: max 1, minus 1: pre-activation exactly 0
+    reach = analyse(engine.blocks, engine.trace(x0), 1e-12)
+    pool, relu = reach.counts
+    assert pool[2] >= 2 and relu[2] >= 1
+    result = engine.local_bound(x0, 1e-12)
+    assert result.source != "exact"
+    assert result.bound >= 1.0 - 1e-9  # moving one entry of window 1 up moves the output at rate 1
+
+
+def test_window_whose_winner_holds_is_exact(tmp_path):
+    """Clear winners and clear signs: the same net is exact at a small radius."""
+    engine = _kink_net(tmp_path)
+    x0 = np.arange(16.0).reshape(1, 1, 4, 4) / 4
+    result = engine.local_bound(x0, 1e-3)
+    assert result.source == "exact"
+    jac = engine.jacobian(x0).dense()
+    assert result.bound == pytest.approx(np.linalg.norm(jac, 2), rel=1e-9)
+
+
+def test_first_layer_just_inside_the_reach(tmp_path):
+    """Adversarial: pre-activations placed at ±(1 ± 1e-3)·ε·||a_i|| from the kink.
+    Those just outside the ball's reach are stable, those just inside are not,
+    and the bound still covers sampled ratios."""
+    rng = np.random.default_rng(7)
+    net = dagnets.DagNet("edge", (1, 8), rng)
+    a = rng.standard_normal((6, 8))
+    x0 = rng.standard_normal(8)
+    eps = 1e-2
+    reach = eps * np.linalg.norm(a, axis=1)
+    signs = np.array([1, -1, 1, -1, 1, -1])
+    margin = np.array([1 + 1e-3, 1 + 1e-3, 1 - 1e-3, 1 - 1e-3, 3.0, 3.0])
+    b = signs * margin * reach - a @ x0
+    h = net.node("Relu", [net.node("Gemm", ["x", net.const(a), net.const(b)], transB=1)])
+    net.output, net.output_shape = net.node("Gemm", [h, net.const(rng.standard_normal((3, 6)))],
+                                            transB=1), ("N", 3)
+    engine = onnxlip.load(net.save(tmp_path / "edge.onnx"))
+    counts = analyse(engine.blocks, engine.trace(x0[None]), eps).counts[0]
+    assert counts == (2, 2, 2)  # rows 0, 4 active; 1, 5 inactive; 2, 3 (just inside) uncertain
+    result = engine.local_bound(x0[None], eps)
+    points = netgen.ball_points(rng, x0, eps, 400, 400, [])
+    twin = net.twin()
+    assert netgen.max_ratio(twin, x0, points) <= result.bound * SLACK
+
+
+TIGHT_SET = ["tight_mlp6x50", "tight_mlp6x50_matmul", "tight_cnn_maxpool", "tight_cnn_avgpool",
+             "tight_cnn_bn"]
+
+
+@pytest.mark.parametrize("name", TIGHT_SET)
+def test_tight_set_is_exact(name):
+    """Issue acceptance: at ε = 1e-3 every ReLU and window of the trained tight
+    set is proven stable (the counts the model was built with, in its
+    metadata) and the bound is within 0.1% of ||J(x0)||."""
+    path = ROOT / "models" / f"{name}.onnx"
+    meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+    engine = onnxlip.load(path)
+    x0 = np.load(ROOT / "models" / f"{name}_x0.npy")
+    eps = float(meta["stable_eps"])
+    result = engine.local_bound(x0, eps)
+    assert result.source == "exact"
+    relus = sum(r.active + r.inactive for r in result.layers if r.kind in ("affine-relu", "relu"))
+    windows = sum(r.active for r in result.layers if r.kind == "maxpool")
+    assert relus == int(meta["stable_relus"])
+    assert windows == int(meta["stable_maxpool_windows"])
+    assert all(not r.uncertain for r in result.layers)
+    lower = engine.lower_bounds(x0, [eps], samples=8, ascent_steps=3)[0]
+    assert lower.jacobian_certified <= result.bound <= 1.001 * lower.jacobian_certified
+    assert result.bound <= engine.local_bound(x0, eps, method="paper").bound
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn", "cifar_bn", "tiny_dense"])
+def test_shipped_models_never_above_paper(name):
+    engine = onnxlip.load(ROOT / "models" / f"{name}.onnx")
+    x0 = np.load(ROOT / "models" / f"{name}_x0.npy")
+    for eps in (1e-3, 1e-1):
+        auto = engine.local_bound(x0, eps)
+        paper = engine.local_bound(x0, eps, method="paper")
+        jac = engine.jacobian_norm(x0)
+        assert jac * (1 - 1e-6) <= auto.bound <= paper.bound * (1 + 2 * TOL)
+
+
+def test_memory_budget_falls_back_with_a_note(tmp_path):
+    """Past the budget the analysis stops, the blocks keep the paper's radii, and
+    the result says so; the bound stays sound."""
+    _, engine, x0 = _chain("dense", 1, tmp_path)
+    engine.memory_budget = 10.0
+    result = engine.local_bound(x0, 1e-3)
+    assert result.source in ("paper", "tight")
+    assert any("memory budget" in n for n in result.notes)
+    assert all(r.test == "paper radius" for r in result.layers)
+
+
+def test_cli_defaults_to_auto_and_reports_it(tmp_path):
+    model, x0 = ROOT / "models" / "tight_mlp6x50.onnx", ROOT / "models" / "tight_mlp6x50_x0.npy"
+    out = subprocess.run([sys.executable, "-m", "onnxlip", "bound", str(model), "-x", str(x0),
+                          "--eps", "1e-3", "--json"], capture_output=True, text=True, cwd=ROOT, check=True)
+    data = json.loads(out.stdout)
+    assert data["method"] == "auto"
+    point = data["points"][0]
+    assert point["source"] == "exact" and point["guarantee"] == "deterministic"
+    assert point["lower_bound"] <= point["local_bound"] <= 1.001 * point["lower_bound"]
+
+
+@given(spec=networks(), eps=st.floats(-4.0, 1.0).map(lambda e: float(10.0**e)))
+def test_lower_auto_paper_are_ordered(tmp_path_factory, spec, eps):
+    """hypothesis: lower ≤ auto ≤ paper on random small networks (tests/propnets.py)."""
+    note(repr(spec))
+    path = tmp_path_factory.mktemp("auto") / "net.onnx"
+    onnx.save(build(spec), path)
+    net = onnxlip.load(path)
+    x0 = nominal(spec)
+    lower = net.lower_bounds(x0, [eps], samples=16, ascent_steps=5)[0].best
+    auto, paper = net.local_bound(x0, eps), net.local_bound(x0, eps, method="paper")
+    note(f"lower {lower!r}, auto {auto.bound!r} ({auto.source}), paper {paper.bound!r}")
+    assert 0 <= lower <= auto.bound * SLACK
+    assert auto.bound <= paper.bound * (1 + 2 * TOL)
