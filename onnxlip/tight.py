@@ -23,6 +23,12 @@ windows sharing one input):
 Where nothing is uncertain this is ||J(x0)||, the truth. Each term is a
 Lanczos norm of a matrix-free product (upper estimates, as everywhere). The
 reported bound is the smaller of this and the paper's.
+
+Only ReLU activations (and max-pooling) are telescoped: the split S = S⁰ + U
+above assumes slopes in [0, 1] with exact 0/1 stable slopes. A network with any
+other activation (sigmoid, GELU, LeakyReLU, Clip, ...) gets the paper's bound
+(bounds.local_bound_detail, sound for signed slopes through |chord slope|), and
+so does a network that is not a chain.
 """
 
 from __future__ import annotations
@@ -82,8 +88,8 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
     solver = as_solver(solver)
     paper, widths = local_bound_detail(blocks, nominal, eps, solver)
     solves = Solves(solver)
-    if not is_chain(blocks):
-        return paper  # the telescoping below is written for chains
+    if not is_chain(blocks) or not all(_telescoped(b) for b in blocks):
+        return paper  # the telescoping below is written for chains of ReLU and max-pooling
     steps = _stable_steps(blocks, nominal, paper, widths, eps)
     sizes = [x.size for x in nominal.inputs]
     uncertain = [j for j, s in enumerate(steps) if s.uncertain is not None and s.uncertain.any()]
@@ -98,6 +104,14 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
         return paper
     return BoundResult(bound, paper.layers, time.perf_counter() - start, eps,
                        paper.delta + solves.delta, solver.seed)
+
+
+def _telescoped(block: Block) -> bool:
+    """Whether the telescoping handles the block: affine (alone or with ReLU), max-pooling,
+    a lone ReLU."""
+    if isinstance(block, AffineBlock):
+        return block.activation is None or block.relu
+    return isinstance(block, MaxPoolBlock) or block.relu
 
 
 def _eta(m: int, uncertain: list[int], carry: dict, steps: list[_Step], sizes, solves) -> float:
