@@ -68,9 +68,9 @@ def test_activation_bounds_are_sound(tmp_path, family, kind, seed):
 
 
 def _model(nodes, inits, shape, out_shape, opset=17):
+    weights = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, list(shape))],
-                              [helper.make_tensor_value_info("y", 1, list(out_shape))],
-                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+                              [helper.make_tensor_value_info("y", 1, list(out_shape))], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 9
     return model
