@@ -464,9 +464,9 @@ def _affine_local(block: AffineBlock, nominal: Trace, index: int, masks, changes
         out = relu_error(y0, width)
     elif block.activation is not None:
         activation = block.activation
-        rows, low, high, reach = slope_bounds(activation, y0, width, reach)
-        stable = activation.stable(low - reach, high + reach)
-        constant = activation.constant(low - reach, high + reach)
+        rows, lowest, highest = slope_bounds(activation, y0, width, reach)
+        stable = activation.stable(lowest, highest)
+        constant = activation.constant(lowest, highest)
         record.active = int(np.count_nonzero(stable & ~constant))
         record.inactive = int(np.count_nonzero(constant))
         record.uncertain = y0.size - record.active - record.inactive
@@ -489,10 +489,11 @@ def _affine_local(block: AffineBlock, nominal: Trace, index: int, masks, changes
 
 
 def slope_bounds(activation: Activation, y0: np.ndarray, width, reach: np.ndarray):
-    """(r, low, high, reach): r_i ≥ |chord slope of σ relative to the exact y0*_i| over
+    """(r, lowest, highest): r_i ≥ |chord slope of σ relative to the exact y0*_i| over
     [y0* − reach_i, y0* + reach_i], for every y0* in [low, high] = y0 ∓ width (the
-    paper's R where y0 is known only within its rounding-error bound), with low, high
-    and the reach rounded outwards.
+    paper's R where y0 is known only within its rounding-error bound), and an interval
+    [lowest, highest] ⊇ [low − reach, high + reach] that holds every pre-activation of
+    the ball (all rounded outwards).
 
     A chord from y0* to y > high is a convex combination of the chord from y0* to high
     (in σ' 's range over [low, high], mean value theorem) and the chord from high to y
@@ -504,9 +505,10 @@ def slope_bounds(activation: Activation, y0: np.ndarray, width, reach: np.ndarra
     reach = np.nextafter(reach, np.inf)
     dmin, dmax = activation.derivative_range(low, high)
     inner = np.maximum(np.abs(dmin), np.abs(dmax))
-    up = activation.max_abs_slope(high, high, np.nextafter(high + reach, np.inf))
-    down = activation.max_abs_slope(low, np.nextafter(low - reach, -np.inf), low)
-    return np.maximum(inner, np.maximum(up, down)), low, high, reach
+    lowest, highest = np.nextafter(low - reach, -np.inf), np.nextafter(high + reach, np.inf)
+    up = activation.max_abs_slope(high, high, highest)
+    down = activation.max_abs_slope(low, lowest, low)
+    return np.maximum(inner, np.maximum(up, down)), lowest, highest
 
 
 def _activation_local(block: ActivationBlock, x: np.ndarray, elem: np.ndarray, mask: np.ndarray,
@@ -516,9 +518,9 @@ def _activation_local(block: ActivationBlock, x: np.ndarray, elem: np.ndarray, m
     the next mask, and the output's elementwise and 2-norm error bounds (the 2-norm one
     through σ's global Lipschitz constant, plus its own evaluation error)."""
     activation = block.activation
-    rows, low, high, reach = slope_bounds(activation, x, elem, np.full(x.size, float(change)))
+    rows, lowest, highest = slope_bounds(activation, x, elem, np.full(x.size, float(change)))
     norm = float(np.max(rows[mask > 0], initial=0.0))
-    next_mask = mask * ~activation.constant(low - reach, high + reach)
+    next_mask = mask * ~activation.constant(lowest, highest)
     out = activation.value_bounded(x, elem)[1]
     extra = float(np.linalg.norm(activation.value_error(x)))
     carried = min(activation.global_lipschitz * carried + extra, float(np.linalg.norm(out))) * SLACK
@@ -555,7 +557,9 @@ def global_bound(blocks: list[Block], solver: Solver | float | None = None) -> B
                 _fill(record, norm, first=p == 0)
                 norms.append(norm.value)
             if block.activation is not None:  # ||σ(A y) − σ(A y')|| ≤ Lip(σ) ||A|| ||y − y'||
-                norms = [n * block.activation.global_lipschitz for n in norms]
+                lip = block.activation.global_lipschitz
+                norms = [n * lip for n in norms]
+                record.ritz = None if record.ritz is None else record.ritz * lip
         elif isinstance(block, MaxPoolBlock):
             norms = [block.lipschitz]
         else:

@@ -10,6 +10,8 @@ difference quotient of the float64 twin (and the lower-bound search) â‰¤ local â
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import actnets
 import netgen
 import numpy as np
@@ -172,3 +174,12 @@ def test_bad_activation_inputs_are_one_line_errors(tmp_path):
         with pytest.raises(onnxlip.OnnxlipError, match=words) as info:
             onnxlip.load(path)
         assert "\n" not in str(info.value)
+
+
+def test_dynamo_softplus_is_read_with_a_note():
+    """torch's dynamo export of nn.Softplus is Where(x > 20, x, Softplus(x)): bounded as
+    Softplus, and the engine's notes say so."""
+    path = Path(__file__).resolve().parents[1] / "models" / "act_softplus_dynamo.onnx"
+    engine = onnxlip.load(path)
+    assert [b.kind for b in engine.blocks] == ["affine-softplus", "affine-softplus", "affine"]
+    assert any("thresholded softplus" in note for note in engine.notes)
