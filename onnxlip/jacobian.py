@@ -9,9 +9,9 @@ It is the Jacobian of the exact network only when no activation input lies
 within its rounding-error bound of a kink (where σ' jumps: ReLU's 0, Clip's
 bounds, ...) and no max-pooling window's largest entry is within the error
 bounds of another: `ties` counts those (0: exact). A trace without error bounds
-counts exact ties only. For an activation that is not ReLU the slope σ'(y0*) at
-the exact pre-activation is enclosed by σ' 's range over the rounding interval:
-the gate is its midpoint, and `certified_gain` carries the half-width.
+counts exact ties only. For an activation that is not ReLU the gate is σ' at the
+computed pre-activation, and `certified_gain` carries its distance to σ' 's range
+over the rounding interval, which holds the slope at the exact pre-activation.
 """
 
 from __future__ import annotations
@@ -173,12 +173,13 @@ class Jacobian:
 
 
 def _slope_gate(activation: Activation, y: np.ndarray, width) -> tuple[np.ndarray, np.ndarray]:
-    """(gate, half-width): σ' 's range over [y − width, y + width] (which holds the exact
-    pre-activation) as its midpoint and a bound of the distance to any point of it."""
+    """(gate, error): σ'(y) at the computed pre-activation (the right derivative at a
+    kink), and a bound of its distance to σ' anywhere in [y − width, y + width], which
+    holds the exact pre-activation (σ' 's range there, derivative_range)."""
     with np.errstate(all="ignore"):
         low, high = np.nextafter(y - width, -np.inf), np.nextafter(y + width, np.inf)
     dmin, dmax = activation.derivative_range(low, high)
-    gate = 0.5 * dmin + 0.5 * dmax
+    gate = np.clip(activation.derivative(y), dmin, dmax)
     return gate, np.maximum(dmax - gate, gate - dmin) * (1 + 4 * U64) + 1e-300
 
 

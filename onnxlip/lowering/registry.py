@@ -44,7 +44,9 @@ def node_label(node: onnx.NodeProto) -> str:
 
 def supported_ops() -> str:
     """The ops onnxlip lowers, for error messages (from the registry)."""
-    return ", ".join(sorted(LOWERINGS)) + "; " + "/".join(OUTPUT_ONLY) + " as the last node"
+    standard = sorted(op for op in LOWERINGS if "." not in op)  # not the fused private ops
+    return (", ".join(standard) + "; GELU, SiLU, HardSwish as exporters spell them; "
+            + "/".join(OUTPUT_ONLY) + " as the last node")
 
 
 #: Lowerings that accept several computed tensors (Add, Concat, ...).
