@@ -1,4 +1,4 @@
-"""Hypothesis strategies that draw small random ONNX ReLU networks.
+"""Hypothesis strategies that draw small random ONNX networks (mostly ReLU).
 
 A drawn `NetSpec` holds the structure (input shape and a list of ops with
 their hyper-parameters: what hypothesis shrinks) and a seed for the weights,
