@@ -302,6 +302,11 @@ class LeakyReLU(PiecewiseLinear):
         y = np.asarray(y, dtype=np.float64)
         return np.where(y >= 0, y, self.alpha * y)
 
+    def value_error(self, y) -> np.ndarray:
+        """Exact for y ≥ 0, one product below."""
+        y = np.asarray(y, dtype=np.float64)
+        return np.where(y >= 0, 0.0, _ULP * np.abs(self.alpha * y))
+
     def __repr__(self) -> str:
         return f"LeakyReLU(alpha={self.alpha})"
 
@@ -347,6 +352,11 @@ class PRelu(PiecewiseLinear):
         y = np.asarray(y, dtype=np.float64)
         return np.where(y >= 0, y, self.slope * y)
 
+    def value_error(self, y) -> np.ndarray:
+        """Exact for y ≥ 0, one product below."""
+        y = np.asarray(y, dtype=np.float64)
+        return np.where(y >= 0, 0.0, _ULP * np.abs(self.slope * y))
+
     def __repr__(self) -> str:
         return f"PRelu(slope shape {self.slope.shape})"
 
@@ -376,6 +386,10 @@ class Clip(PiecewiseLinear):
         if self.high is not None:
             y = np.minimum(y, self.high)
         return y
+
+    def value_error(self, y) -> np.ndarray:
+        """Maxima and minima are exact."""
+        return np.zeros(np.shape(y))
 
     def __repr__(self) -> str:
         return f"Clip(min={self.low}, max={self.high})"
@@ -415,8 +429,12 @@ class HardSigmoid(PiecewiseLinear):
         return np.clip(self.alpha * np.asarray(y, dtype=np.float64) + self.beta, 0.0, 1.0)
 
     def value_error(self, y) -> np.ndarray:
-        """A product and a sum (the clip is exact)."""
-        return 2 * _ULP * (np.abs(self.alpha * np.asarray(y, dtype=np.float64)) + abs(self.beta))
+        """A product and a sum (the clip is exact); none where the computed and the exact
+        αy + β are both beyond the same end of [0, 1]."""
+        t = self.alpha * np.asarray(y, dtype=np.float64)
+        error = 2 * _ULP * (np.abs(t) + abs(self.beta))
+        t = t + self.beta
+        return np.where((t + error < 0) | (t - error > 1), 0.0, error)
 
     def __repr__(self) -> str:
         return f"HardSigmoid(alpha={self.alpha}, beta={self.beta})"
