@@ -1,4 +1,4 @@
-"""onnxlip: sound local and global Lipschitz bounds of ONNX ReLU networks."""
+"""onnxlip: sound local and global Lipschitz bounds of ONNX networks (ReLU and other common activations)."""
 
 from .bounds import BoundResult, LayerRecord
 from .errors import OnnxlipError

@@ -98,6 +98,35 @@ class Activation(ABC):
 
     #: True when σ is continuous piecewise linear.
     is_piecewise_linear: bool = False
+    #: Short name (block kinds and reports).
+    name: str = "activation"
+
+    @abstractmethod
+    def value_error(self, y) -> np.ndarray:
+        """A bound of |value(y) − σ(y)|, the evaluation's own rounding (for the smooth
+        activations: the REL·scale + ABS this module assumes)."""
+
+    def value_bounded(self, y, err) -> Pair:
+        """(σ(y) as computed, e) with |computed − σ(y*)| ≤ e for every exact y* with
+        |y* − y| ≤ err: sup |σ'| over [y − err, y + err] (derivative_range; the mean
+        value theorem) times err, plus value_error(y), lifted by 4 ulps for these
+        float64 operations. Sound under the module's assumption on σ's evaluation."""
+        y = np.asarray(y, dtype=np.float64)
+        err = np.asarray(err, dtype=np.float64)
+        with np.errstate(all="ignore"):
+            lo, hi = np.nextafter(y - err, -np.inf), np.nextafter(y + err, np.inf)
+        dmin, dmax = self.derivative_range(lo, hi)
+        slope = np.maximum(np.abs(dmin), np.abs(dmax))
+        return self.value(y), (slope * err + self.value_error(y)) * (1 + 4 * _ULP)
+
+    def kinked(self, lo, hi) -> np.ndarray:
+        """Mask of intervals [lo, hi] that hold a point where σ' jumps (σ has no
+        derivative there: a Jacobian tie)."""
+        lo, hi = _check_interval(lo, hi)
+        out = np.zeros(lo.shape, dtype=bool)
+        for k in self.kinks:
+            out |= (lo <= k) & (k <= hi)
+        return out
 
     @abstractmethod
     def value(self, y) -> np.ndarray:
@@ -213,6 +242,13 @@ class PiecewiseLinear(Activation):
         lo, hi = _check_interval(lo, hi)
         return sum(t.astype(int) for t in _touched(lo, hi, self._k_lo, self._k_hi)) == 1
 
+    def kinked(self, lo, hi) -> np.ndarray:
+        return ~self.stable(lo, hi)
+
+    def value_error(self, y) -> np.ndarray:
+        """One product by a piece slope (maxima, minima and selections are exact)."""
+        return _ULP * self._cmax * np.abs(np.asarray(y, dtype=np.float64))
+
     def derivative_range(self, lo, hi) -> Pair:
         lo, hi = _check_interval(lo, hi)
         return self._hull(lo, hi)
@@ -256,6 +292,8 @@ class PiecewiseLinear(Activation):
 class LeakyReLU(PiecewiseLinear):
     """max(y, 0) + alpha·min(y, 0) (ONNX LeakyRelu; alpha may be negative or > 1)."""
 
+    name = "leakyrelu"
+
     def __init__(self, alpha: float = 0.01):
         self.alpha = float(alpha)
         super().__init__([0.0], [0.0], [self.alpha, 1.0])
@@ -264,6 +302,11 @@ class LeakyReLU(PiecewiseLinear):
         y = np.asarray(y, dtype=np.float64)
         return np.where(y >= 0, y, self.alpha * y)
 
+    def value_error(self, y) -> np.ndarray:
+        """Exact for y ≥ 0, one product below."""
+        y = np.asarray(y, dtype=np.float64)
+        return np.where(y >= 0, 0.0, _ULP * np.abs(self.alpha * y))
+
     def __repr__(self) -> str:
         return f"LeakyReLU(alpha={self.alpha})"
 
@@ -271,15 +314,35 @@ class LeakyReLU(PiecewiseLinear):
 class ReLU(LeakyReLU):
     """max(y, 0)."""
 
+    name = "relu"
+
     def __init__(self):
         super().__init__(0.0)
+
+    def value(self, y) -> np.ndarray:
+        return np.maximum(np.asarray(y, dtype=np.float64), 0.0)
+
+    def value_error(self, y) -> np.ndarray:
+        return np.zeros(np.shape(y))
+
+    def value_bounded(self, y, err) -> Pair:
+        y = np.asarray(y, dtype=np.float64)
+        return np.maximum(y, 0.0), relu_error(y, err)
 
     def __repr__(self) -> str:
         return "ReLU()"
 
 
+def relu_error(x: np.ndarray, err: np.ndarray) -> np.ndarray:
+    """ReLU is exact and 1-Lipschitz: errors do not grow, and vanish where x + err ≤ 0
+    (computed and exact value both at most 0, both map to 0)."""
+    return np.where(x + err <= 0, 0.0, err)
+
+
 class PRelu(PiecewiseLinear):
     """ONNX PRelu: y for y ≥ 0, slope·y below, slope a constant array broadcastable to y."""
+
+    name = "prelu"
 
     def __init__(self, slope):
         self.slope = np.asarray(slope, dtype=np.float64)
@@ -289,6 +352,11 @@ class PRelu(PiecewiseLinear):
         y = np.asarray(y, dtype=np.float64)
         return np.where(y >= 0, y, self.slope * y)
 
+    def value_error(self, y) -> np.ndarray:
+        """Exact for y ≥ 0, one product below."""
+        y = np.asarray(y, dtype=np.float64)
+        return np.where(y >= 0, 0.0, _ULP * np.abs(self.slope * y))
+
     def __repr__(self) -> str:
         return f"PRelu(slope shape {self.slope.shape})"
 
@@ -296,6 +364,8 @@ class PRelu(PiecewiseLinear):
 class Clip(PiecewiseLinear):
     """ONNX Clip: min(max(y, low), high), either bound optional (Relu6 = Clip(0, 6),
     HardTanh = Clip(−1, 1)); constant when low ≥ high."""
+
+    name = "clip"
 
     def __init__(self, low: float | None = None, high: float | None = None):
         self.low = None if low is None else float(low)
@@ -316,6 +386,10 @@ class Clip(PiecewiseLinear):
         if self.high is not None:
             y = np.minimum(y, self.high)
         return y
+
+    def value_error(self, y) -> np.ndarray:
+        """Maxima and minima are exact."""
+        return np.zeros(np.shape(y))
 
     def __repr__(self) -> str:
         return f"Clip(min={self.low}, max={self.high})"
@@ -340,6 +414,8 @@ class HardSigmoid(PiecewiseLinear):
     """ONNX HardSigmoid: max(0, min(1, alpha·y + beta)). Its kinks −β/α and (1−β)/α
     are enclosed in a few ulps (they are rarely doubles)."""
 
+    name = "hardsigmoid"
+
     def __init__(self, alpha: float = 0.2, beta: float = 0.5):
         self.alpha, self.beta = float(alpha), float(beta)
         if self.alpha == 0.0:
@@ -351,6 +427,14 @@ class HardSigmoid(PiecewiseLinear):
 
     def value(self, y) -> np.ndarray:
         return np.clip(self.alpha * np.asarray(y, dtype=np.float64) + self.beta, 0.0, 1.0)
+
+    def value_error(self, y) -> np.ndarray:
+        """A product and a sum (the clip is exact); none where the computed and the exact
+        αy + β are both beyond the same end of [0, 1]."""
+        t = self.alpha * np.asarray(y, dtype=np.float64)
+        error = 2 * _ULP * (np.abs(t) + abs(self.beta))
+        t = t + self.beta
+        return np.where((t + error < 0) | (t - error > 1), 0.0, error)
 
     def __repr__(self) -> str:
         return f"HardSigmoid(alpha={self.alpha}, beta={self.beta})"
@@ -392,6 +476,10 @@ class PiecewiseConvex(Activation):
     def value(self, y) -> np.ndarray:
         with np.errstate(all="ignore"):
             return self._eval(np.asarray(y, dtype=np.float64))[0]
+
+    def value_error(self, y) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            return REL * self._eval(np.asarray(y, dtype=np.float64))[1] + ABS
 
     def derivative(self, y, side: int = 1) -> np.ndarray:
         with np.errstate(all="ignore"):
@@ -535,6 +623,8 @@ def _side_is_right(y: np.ndarray, at: float, side) -> np.ndarray:
 class Sigmoid(PiecewiseConvex):
     """1 / (1 + e^−y): convex below 0, concave above."""
 
+    name = "sigmoid"
+
     def __init__(self):
         super().__init__([0.0], [1, -1], [None, None])
 
@@ -552,6 +642,8 @@ class Sigmoid(PiecewiseConvex):
 
 class Tanh(PiecewiseConvex):
     """tanh(y): convex below 0, concave above."""
+
+    name = "tanh"
 
     def __init__(self):
         super().__init__([0.0], [1, -1], [None, None])
@@ -572,6 +664,8 @@ class Tanh(PiecewiseConvex):
 class Softplus(PiecewiseConvex):
     """log(1 + e^y): convex."""
 
+    name = "softplus"
+
     def __init__(self):
         super().__init__([], [1], [None])
 
@@ -590,6 +684,8 @@ class Softplus(PiecewiseConvex):
 class ELU(PiecewiseConvex):
     """ONNX Elu: y for y ≥ 0, alpha·(e^y − 1) below; a kink at 0 unless alpha = 1.
     Convex below 0 for alpha > 0, concave for alpha < 0 (negative slopes)."""
+
+    name = "elu"
 
     def __init__(self, alpha: float = 1.0):
         self.alpha = float(alpha)
@@ -643,6 +739,8 @@ class GELU(PiecewiseConvex):
     (approximate='tanh'). Concave outside its inflection points ±c, convex between;
     σ' < 0 left of its minimum near −0.75."""
 
+    name = "gelu"
+
     def __init__(self, approximate: str = "none"):
         if approximate not in ("none", "tanh"):
             raise OnnxlipError(f"GELU approximate must be 'none' or 'tanh', got {approximate!r}")
@@ -678,6 +776,8 @@ class SiLU(PiecewiseConvex):
     """y·sigmoid(y) (SiLU, Swish with β = 1). Concave outside ±2.3994, convex between;
     σ' < 0 left of its minimum near −1.278."""
 
+    name = "silu"
+
     def __init__(self):
         c = _SILU_INFLECTION
         super().__init__([-c, c], [-1, 1, -1], [None, None, None])
@@ -698,6 +798,8 @@ class SiLU(PiecewiseConvex):
 class HardSwish(PiecewiseConvex):
     """ONNX HardSwish: y·max(0, min(1, y/6 + 1/2)): 0 below −3, y above 3, y(y+3)/6
     between (convex); σ' jumps at ±3 (0 → −1/2 and 3/2 → 1)."""
+
+    name = "hardswish"
 
     def __init__(self):
         super().__init__([-3.0, 3.0], [0, 1, 0], [0.0, None, 1.0], kinks=[-3.0, 3.0])

@@ -1,12 +1,13 @@
-"""The graph of blocks: affine(-ReLU), max-pooling and lone ReLU blocks.
+"""The graph of blocks: affine(-activation), max-pooling and lone activation blocks.
 
 `build_blocks` groups the layers of the nodes: affine layers compose into one
-map (where the composition keeps row norms exact and cheap), a ReLU closes an
-affine-ReLU block, a MaxPool is a block of its own, and a block may read the
-outputs of several earlier blocks (residual Add, Concat): its map is then a
-block row [A_1 … A_k] on the concatenation of their values. The blocks are
-held in a topological order; `flow` and `flow_t` are the one traversal every
-forward pass, Jacobian product and bound walks.
+map (where the composition keeps row norms exact and cheap), an activation
+(ReLU, sigmoid, GELU, ...: onnxlip.activations) closes an affine-activation
+block, a MaxPool is a block of its own, and a block may read the outputs of
+several earlier blocks (residual Add, Concat): its map is then a block row
+[A_1 … A_k] on the concatenation of their values. The blocks are held in a
+topological order; `flow` and `flow_t` are the one traversal every forward
+pass, Jacobian product and bound walks.
 
 The forward pass applies an affine block's layers one by one, as the model
 does (never the composed map plus the composed bias: a normalization's Sub of
@@ -23,7 +24,8 @@ from functools import cached_property
 
 import numpy as np
 
-from .layers import Affine, Layer, MaxPool, Merge, Relu, Reshape
+from .activations import Activation, ReLU
+from .layers import Activate, Affine, Layer, MaxPool, Merge, Reshape
 from .operators.base import SLACK, U64, LinearMap
 from .operators.chain import chain
 from .operators.matrix import DenseMap, SparseMap, sparse_bytes
@@ -55,6 +57,11 @@ class Block:
     def out_size(self) -> int:
         return math.prod(self.out_shape)
 
+    @property
+    def relu(self) -> bool:
+        """Whether the block ends in the plain ReLU."""
+        return False
+
     def describe(self) -> str:
         return "-"
 
@@ -65,11 +72,11 @@ class Block:
 
 @dataclass
 class AffineBlock(Block):
-    """z = A y + b, followed by a ReLU when `relu` is set."""
+    """z = σ(A y + b), σ the block's `activation` (None: z = A y + b)."""
 
     map: LinearMap = None
     bias: np.ndarray = None
-    relu: bool = False
+    activation: Activation | None = None
     #: The model's own layers (map, bias), in order, one list per input: how the
     #: forward pass evaluates the block, Σ_j (input j through its layers) +
     #: shared (None: the composed map and bias).
@@ -78,8 +85,28 @@ class AffineBlock(Block):
     shared: np.ndarray | None = None
 
     @property
+    def relu(self) -> bool:
+        """Whether the activation is the plain ReLU (the paper's affine-ReLU block)."""
+        return isinstance(self.activation, ReLU)
+
+    def reachable(self) -> bool:
+        """The reach analysis and the telescoping follow affine maps and ReLUs."""
+        return self.activation is None or self.relu
+
+    @property
     def kind(self) -> str:
-        return "affine-relu" if self.relu else "affine"
+        return "affine" if self.activation is None else f"affine-{self.activation.name}"
+
+    def activate(self, y: np.ndarray) -> np.ndarray:
+        """The activation applied to pre-activations y (y itself without one)."""
+        return y if self.activation is None else self.activation.value(y)
+
+    def activate_bounded(self, y: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """σ(y) and a bound of its error when |y − y*| ≤ err (Activation.value_bounded:
+        for ReLU, errors do not grow and vanish where y + err ≤ 0; for a smooth σ,
+        sup |σ'| near y times err plus σ's evaluation error, REL·scale as the
+        activations module assumes)."""
+        return (y, err) if self.activation is None else self.activation.value_bounded(y, err)
 
     def describe(self) -> str:
         return self.map.describe()
@@ -133,8 +160,7 @@ class AffineBlock(Block):
         return total, sums
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        pre = self.pre_activation(x)
-        return np.maximum(pre, 0.0) if self.relu else pre
+        return self.activate(self.pre_activation(x))
 
 
 def _run_bounded(layers, x: np.ndarray, errors: list[np.ndarray], biases: bool = True):
@@ -250,22 +276,29 @@ class MaxPoolBlock(Block):
 
 
 @dataclass
-class ReluBlock(Block):
-    """A ReLU that follows a non-affine block (e.g. MaxPool then Relu): 1-Lipschitz."""
+class ActivationBlock(Block):
+    """An activation that follows a block it cannot join (e.g. MaxPool then Relu, or a
+    tensor that other nodes read too): z = σ(x), elementwise."""
 
-    kind = "relu"
+    activation: Activation = None
+
+    @property
+    def kind(self) -> str:
+        return self.activation.name
+
+    @property
+    def relu(self) -> bool:
+        return isinstance(self.activation, ReLU)
+
+    def reachable(self) -> bool:
+        return self.relu
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return np.maximum(x, 0.0)
+        return self.activation.value(x)
 
     def forward_bounded(self, x: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.forward(x), relu_error(x, err)
-
-
-def relu_error(x: np.ndarray, err: np.ndarray) -> np.ndarray:
-    """ReLU is exact and 1-Lipschitz: errors do not grow, and vanish where x + err ≤ 0
-    (computed and exact value both at most 0, both map to 0)."""
-    return np.where(x + err <= 0, 0.0, err)
+        """σ(x) and its error bound (Activation.value_bounded)."""
+        return self.activation.value_bounded(x, err)
 
 
 @dataclass
@@ -357,7 +390,7 @@ class _Builder:
     def finish(self, output: str) -> list[Block]:
         pending = self.state[output]
         if not pending.trivial:
-            pending = self._close(pending, relu=False)
+            pending = self._close(pending)
         source = pending.parts[0].source
         if source == INPUT:
             return []
@@ -370,7 +403,7 @@ class _Builder:
         """The pending expression of a tensor; one read by several nodes is made a block first."""
         pending = self.state[name]
         if shared and not pending.trivial:
-            pending = self.state[name] = self._close(pending, relu=False)
+            pending = self.state[name] = self._close(pending)
         return pending.copy()
 
     def _apply(self, layer: Layer, pending: _Pending, pendings: list[_Pending], node: Lowered):
@@ -382,19 +415,21 @@ class _Builder:
             return _merged(pendings, layer, node)
         if isinstance(layer, Affine):
             return self._affine(pending, layer, node)
-        if isinstance(layer, Relu):
+        if isinstance(layer, Activate):
             if not pending.trivial:
-                return self._close(pending, relu=True, label=node.op)
+                return self._close(pending, layer.activation, label=node.op)
             source = pending.parts[0].source
             last = self.blocks[source] if source != INPUT else None
-            if isinstance(last, AffineBlock) and last.relu and not pending.ops:
+            relu = isinstance(layer.activation, ReLU)
+            if relu and isinstance(last, (AffineBlock, ActivationBlock)) and last.relu and not pending.ops:
                 last.ops.append(node.op)  # a ReLU of a ReLU
                 return pending
-            return self._block(ReluBlock(node.name, pending.ops + [node.op], pending.shape,
-                                         pending.shape, inputs=(source,)))
+            return self._block(ActivationBlock(node.name, pending.ops + [node.op], pending.shape,
+                                               pending.shape, inputs=(source,),
+                                               activation=layer.activation))
         if isinstance(layer, MaxPool):
             if not pending.trivial:
-                pending = self._close(pending, relu=False)
+                pending = self._close(pending)
             block = MaxPoolBlock(node.name, pending.ops + [node.op], layer.in_shape,
                                  layer.out_shape, inputs=(pending.parts[0].source,), layer=layer)
             return self._block(block)
@@ -405,12 +440,12 @@ class _Builder:
         map closes the block first unless the two compose into one dense matrix."""
         heavy = not layer.map.monomial
         if heavy and len(pending.parts) > 1:
-            pending = self._close(pending, relu=False)
+            pending = self._close(pending)
         merged = False
         if heavy and any(not m.monomial for m in pending.parts[0].maps):
             merged = _merge_dense(pending.parts[0], layer, self.options)
             if not merged:
-                pending = self._close(pending, relu=False)
+                pending = self._close(pending)
         single = len(pending.parts) == 1
         for part in pending.parts:
             if not merged:
@@ -426,8 +461,9 @@ class _Builder:
         pending.shape = layer.map.out_shape
         return pending
 
-    def _close(self, pending: _Pending, relu: bool, label: str | None = None) -> _Pending:
-        """Make the pending expression (and a ReLU after it) a block; the block's output."""
+    def _close(self, pending: _Pending, activation: Activation | None = None,
+               label: str | None = None) -> _Pending:
+        """Make the pending expression (and the activation after it) a block; its output."""
         maps = [chain(p.maps) if p.maps else MonomialMap.diagonal(np.ones(pending.shape), pending.shape)
                 for p in pending.parts]
         names = [n for p in pending.parts for n in p.names]
@@ -439,7 +475,7 @@ class _Builder:
         layers = [p.layers or [(m, 0.0)] for p, m in zip(pending.parts, maps)]
         block = AffineBlock(name, ops, linear.in_shape, pending.shape,
                             inputs=tuple(p.source for p in pending.parts), map=linear, bias=bias,
-                            relu=relu, layers=layers, shared=pending.shared)
+                            activation=activation, layers=layers, shared=pending.shared)
         return self._block(block)
 
     def _block(self, block: Block) -> _Pending:

@@ -1,10 +1,18 @@
 """Local and global Lipschitz bounds of a graph of blocks (docs/method.md).
 
-Local: for each affine-ReLU block, the reachable pre-activation
-ȳ = y0 + ε_k·||a_iᵀ D||, the ReLU chord slopes r, and L_k = ||R A D||; ε is
-carried as ε_{k+1} = L_k ε_k and D (the inputs that can change) is tracked
-through ReLU, max-pooling and reshapes; where a block reads several blocks
-their contributions add. Global: the product of ||A_k||, likewise composed.
+Local: for each affine-activation block, the reachable pre-activation
+ȳ = y0 ± ε_k·||a_iᵀ D||, the activation's largest |chord slope| r_i relative to y0
+over that interval (onnxlip.activations; for ReLU the paper's chord slopes), and
+L_k = ||R A D||; ε is carried as ε_{k+1} = L_k ε_k and D (the inputs that can
+change: the complement of the neurons whose activation is constant over their
+interval) is tracked through activations, max-pooling and reshapes; where a block
+reads several blocks their contributions add. Global: the product of
+Lip(σ_k)·||A_k||, likewise composed.
+
+The per-block record's active / inactive / uncertain counts: neurons whose
+interval stays in one linear piece of σ with a nonzero slope (ReLU: on) / on
+which σ is constant (ReLU: off) / the others (every neuron of a smooth σ such as
+the sigmoid is 'uncertain' unless saturated to a constant).
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import scipy.sparse as sp
 
-from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, flow, relu_error
+from .activations import Activation, relu_error
+from .blocks import INPUT, ActivationBlock, AffineBlock, Block, MaxPoolBlock, flow
 from .operators.base import BLAS_THREADS, SLACK, U64, LinearMap, gamma
 from .operators.chain import _carried
 from .operators.matrix import DenseMap
@@ -131,7 +140,7 @@ def trace(blocks: list[Block], x: np.ndarray, rounding: bool = True) -> Trace:
             inputs.append(x_in)
             y = block.pre_activation(x_in) if isinstance(block, AffineBlock) else None
             pre.append(y)
-            return block.forward(x_in) if y is None else np.maximum(y, 0.0) if block.relu else y
+            return block.forward(x_in) if y is None else block.activate(y)
 
         return Trace(x, inputs, pre, flow(blocks, x, step)[-1])
     # numpy's BLAS threads spin between the many small float64 products and fight
@@ -154,7 +163,7 @@ def _bounded_trace(blocks: list[Block], x: np.ndarray) -> Trace:
             pre.append(y)
             pre_errors.append(err)
             pre_local.append(local)
-            out = (np.maximum(y, 0.0), relu_error(y, err)) if block.relu else (y, err)
+            out = block.activate_bounded(y, err)
         else:
             pre.append(None)
             pre_errors.append(None)
@@ -413,9 +422,12 @@ def local_bound_detail(blocks: list[Block], nominal: Trace, eps: float,
                 norms, masks[k] = [block.lipschitz], block.pool_mask(mask)
                 elem = block.forward(elem)
                 carried = min(block.lipschitz * carried, float(np.linalg.norm(elem)))
-            else:
+            elif block.relu:
                 norms, masks[k] = [1.0], mask
                 elem = relu_error(nominal.inputs[k], elem)
+            else:
+                norms, masks[k], elem, carried = _activation_local(
+                    block, nominal.inputs[k], elem, mask, eps * gain_in, carried)
         if np.any((elem > 0) & (masks[k] == 0)):
             carried = math.inf  # an error outside the next mask: only the elementwise bound holds
         elems[k], carries[k] = elem, carried
@@ -467,7 +479,8 @@ def _affine_local(block: AffineBlock, nominal: Trace, index: int, masks, changes
         rownorm = np.sqrt(sum(r**2 for r in rownorms))  # of [A_1 … A_k] on the stacked input
         width = np.minimum(width, (local + carried * ROW_NORMS * rownorm) * SLACK)
     low, high = y0 - width, y0 + width
-    if block.relu:
+    extra = 0.0  # 2-norm of the activation's own evaluation error
+    if block.relu:  # the paper's ReLU, exactly as published (reach: see `limit`)
         ybar = high + (reach if limit is None else np.minimum(reach, np.maximum(limit, 0.0)))
         rows = chord_slopes(high, ybar)
         record.active = int(np.count_nonzero(low >= 0))
@@ -475,6 +488,17 @@ def _affine_local(block: AffineBlock, nominal: Trace, index: int, masks, changes
         record.uncertain = ybar.size - record.active - record.inactive
         next_mask = (ybar > 0).astype(float)
         out = relu_error(y0, width)
+    elif block.activation is not None:
+        activation = block.activation
+        rows, lowest, highest = slope_bounds(activation, y0, width, reach)
+        stable = activation.stable(lowest, highest)
+        constant = activation.constant(lowest, highest)
+        record.active = int(np.count_nonzero(stable & ~constant))
+        record.inactive = int(np.count_nonzero(constant))
+        record.uncertain = y0.size - record.active - record.inactive
+        next_mask = (~constant).astype(float)
+        out = activation.value_bounded(y0, width)[1]
+        extra = float(np.linalg.norm(activation.value_error(y0)))
     else:
         rows = np.ones_like(y0)
         next_mask = (reach > 0).astype(float)
@@ -485,9 +509,48 @@ def _affine_local(block: AffineBlock, nominal: Trace, index: int, masks, changes
         _fill(record, norm, first=p == 0)
         norms.append(norm.value)
     # ||R [A_1 … A_k] D|| ≤ Σ_j ||R A_j D_j|| carries the 2-norm error
-    carried = min(sum(norms) * carried + float(np.linalg.norm(rows * local)),
-                  float(np.linalg.norm(rows * width))) * SLACK
+    carried = (min(sum(norms) * carried + float(np.linalg.norm(rows * local)),
+                   float(np.linalg.norm(rows * width))) + extra) * SLACK
     return norms, next_mask, out, carried, width
+
+
+def slope_bounds(activation: Activation, y0: np.ndarray, width, reach: np.ndarray):
+    """(r, lowest, highest): r_i ≥ |chord slope of σ relative to the exact y0*_i| over
+    [y0* − reach_i, y0* + reach_i], for every y0* in [low, high] = y0 ∓ width (the
+    paper's R where y0 is known only within its rounding-error bound), and an interval
+    [lowest, highest] ⊇ [low − reach, high + reach] that holds every pre-activation of
+    the ball (all rounded outwards).
+
+    A chord from y0* to y > high is a convex combination of the chord from y0* to high
+    (in σ' 's range over [low, high], mean value theorem) and the chord from high to y
+    (relative to high, over [high, high + reach]); likewise below low; a y inside
+    [low, high] gives a chord within σ' 's range there. With width 0 it is the paper's
+    chord relative to y0 over [y0 − reach, y0 + reach]."""
+    low = np.nextafter(y0 - width, -np.inf)
+    high = np.nextafter(y0 + width, np.inf)
+    reach = np.nextafter(reach, np.inf)
+    dmin, dmax = activation.derivative_range(low, high)
+    inner = np.maximum(np.abs(dmin), np.abs(dmax))
+    lowest, highest = np.nextafter(low - reach, -np.inf), np.nextafter(high + reach, np.inf)
+    up = activation.max_abs_slope(high, high, highest)
+    down = activation.max_abs_slope(low, lowest, low)
+    return np.maximum(inner, np.maximum(up, down)), lowest, highest
+
+
+def _activation_local(block: ActivationBlock, x: np.ndarray, elem: np.ndarray, mask: np.ndarray,
+                      change: float, carried: float):
+    """A lone activation z = σ(x) whose inputs each move by at most `change` (the ball's
+    2-norm change): its factor max r_i over the inputs that can change (a diagonal map),
+    the next mask, and the output's elementwise and 2-norm error bounds (the 2-norm one
+    through σ's global Lipschitz constant, plus its own evaluation error)."""
+    activation = block.activation
+    rows, lowest, highest = slope_bounds(activation, x, elem, np.full(x.size, float(change)))
+    norm = float(np.max(rows[mask > 0], initial=0.0))
+    next_mask = mask * ~activation.constant(lowest, highest)
+    out = activation.value_bounded(x, elem)[1]
+    extra = float(np.linalg.norm(activation.value_error(x)))
+    carried = min(activation.global_lipschitz * carried + extra, float(np.linalg.norm(out))) * SLACK
+    return [norm], next_mask, out, carried
 
 
 def cached_norm(nominal: Trace, key, linear: LinearMap, rows: np.ndarray,
@@ -519,8 +582,14 @@ def global_bound(blocks: list[Block], solver: Solver | float | None = None) -> B
                 norm = masked_norm(part, ones_out, ones_in, solver, key=(k, p))
                 _fill(record, norm, first=p == 0)
                 norms.append(norm.value)
+            if block.activation is not None:  # ||σ(A y) − σ(A y')|| ≤ Lip(σ) ||A|| ||y − y'||
+                lip = block.activation.global_lipschitz
+                norms = [n * lip for n in norms]
+                record.ritz = None if record.ritz is None else record.ritz * lip
+        elif isinstance(block, MaxPoolBlock):
+            norms = [block.lipschitz]
         else:
-            norms = [block.lipschitz if isinstance(block, MaxPoolBlock) else 1.0]
+            norms = [block.activation.global_lipschitz]
         gains[k], record.bound = _compose(gains, block, norms)
         record.seconds = time.perf_counter() - tic
         records.append(record)

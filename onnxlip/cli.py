@@ -125,7 +125,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="onnxlip", description="Local and global Lipschitz bounds of ONNX ReLU networks.")
+        prog="onnxlip",
+        description="Local and global Lipschitz bounds of ONNX networks (ReLU and other common activations).")
     parser.add_argument("--version", action="version", version=f"onnxlip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)

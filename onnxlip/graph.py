@@ -3,7 +3,9 @@
 Loading runs the ONNX checker and shape inference; the graph is held as a
 networkx DiGraph; constant subgraphs (initializers, Constant nodes and the
 Shape -> Gather -> Concat -> Reshape chains exporters emit) are folded with
-onnx's reference evaluator; no-op nodes are dropped.
+onnx's reference evaluator; no-op nodes are dropped; activations that exporters
+spell as several nodes (GELU, SiLU, HardSwish) are fused into one node each
+(onnxlip.patterns) before the DAG is built.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from onnx.reference import ReferenceEvaluator
 
 from .errors import OnnxlipError
 from .lowering.registry import MAX_ELEMENTS, OUTPUT_ONLY, check_size, node_label
+from .patterns import THRESHOLDED_SOFTPLUS, fuse_activations, may_fuse
 
 NO_OPS = {"Identity", "Dropout"}
 
@@ -102,11 +105,19 @@ def load_graph(
         shape = _static_input_shape(model, name, input_shape, path)
         _fix_input_shape(model, name, shape)
         model = _infer_shapes(model, path)
-        graph = _needed_by(_build_digraph(model), out)
-        constants = _fold_constants(model, graph, path)
+        # multi-node activation idioms (GELU, SiLU, HardSwish) become one node each;
+        # `model` itself stays runnable by onnxruntime
+        fused = fuse_activations(model) if may_fuse(model) else model
+        graph = _needed_by(_build_digraph(fused), out)
+        constants = _fold_constants(fused, graph, path)
         nodes, out = _data_nodes(graph, constants, name, out, path)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     nodes, logits, notes = _drop_output_softmax(nodes, out, _known_shapes(model), opset, path)
+    thresholded = [node_label(n) for n in nodes if n.doc_string == THRESHOLDED_SOFTPLUS]
+    if thresholded:
+        notes.append(f"{', '.join(thresholded)}: torch's thresholded softplus Where(x > t, x, "
+                     "Softplus(x)) is bounded as Softplus(x); the two differ by at most "
+                     "log(1 + exp(-t)) <= 2.1e-9, below float32 resolution where x > t >= 20.")
     if logits != out:
         _expose_output(model, logits)
     return ModelGraph(str(path), model, name, shape, logits, nodes, constants, opset, notes)

@@ -1,15 +1,17 @@
 """The network's Jacobian at a point, matrix-free: J v forward, Jᵀ u backward.
 
-On a chain J = A_K S_{K-1} A_{K-1} … S_1 A_1, with S_k = diag(pre-activation
-> 0) and max-pooling replaced by its selection of each window's argmax at the
+On a chain J = A_K S_{K-1} A_{K-1} … S_1 A_1, with S_k = diag(σ'(pre-activation))
+(ReLU: diag(pre-activation > 0)) and max-pooling replaced by its selection of each window's argmax at the
 point; on a graph of blocks the same steps run along the graph (products add
 where a block reads several blocks, and their transposes split).
 
-It is the Jacobian of the exact network (and f is affine around the point)
-only when no ReLU input lies within its rounding-error bound of the kink and
-no max-pooling window's largest entry is within the error bounds of another:
-`ties` counts those (0: exact). A trace without error bounds counts exact
-ties only.
+It is the Jacobian of the exact network only when no activation input lies
+within its rounding-error bound of a kink (where σ' jumps: ReLU's 0, Clip's
+bounds, ...) and no max-pooling window's largest entry is within the error
+bounds of another: `ties` counts those (0: exact). A trace without error bounds
+counts exact ties only. For an activation that is not ReLU the gate is σ' at the
+computed pre-activation, and `certified_gain` carries its distance to σ' 's range
+over the rounding interval, which holds the slope at the exact pre-activation.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from functools import cached_property
 
 import numpy as np
 
+from .activations import Activation
 from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, flow, flow_t
 from .bounds import Trace
 from .operators.base import U64, gamma
@@ -46,14 +49,27 @@ class Jacobian:
     def __init__(self, blocks: list[Block], at: Trace):
         self.blocks = blocks
         self.steps: list[Gated] = []
-        for block, x_in, pre in zip(blocks, at.inputs, at.pre):
+        #: per block, a bound of |gate − σ'(exact pre-activation)| (None: the gate is exact)
+        self.gate_errors: list[np.ndarray | None] = []
+        for k, (block, x_in, pre) in enumerate(zip(blocks, at.inputs, at.pre)):
+            gate_error = None
             if isinstance(block, AffineBlock):
-                gate = (pre > 0).astype(float) if block.relu else None
+                gate = None
+                if block.relu:
+                    gate = (pre > 0).astype(float)
+                elif block.activation is not None:
+                    width = 0.0 if at.pre_errors is None else at.pre_errors[k]
+                    gate, gate_error = _slope_gate(block.activation, pre, width)
                 self.steps.append(Gated(block.map, gate))
             elif isinstance(block, MaxPoolBlock):
                 self.steps.append(Gated(block.selection(x_in), None))
-            else:
+            elif block.relu:
                 self.steps.append(Gated(None, (x_in > 0).astype(float)))
+            else:
+                width = 0.0 if at.in_errors is None else at.in_errors[k]
+                gate, gate_error = _slope_gate(block.activation, x_in, width)
+                self.steps.append(Gated(None, gate))
+            self.gate_errors.append(gate_error)
         self.at = at
         self.in_size = at.x.size
         self.out_size = at.output.size
@@ -69,7 +85,7 @@ class Jacobian:
         return self.count_ties()
 
     def count_ties(self, widths: list[np.ndarray] | None = None) -> tuple[int, int]:
-        """(ReLU inputs within their error bound of the kink, max-pooling windows whose
+        """(activation inputs within their error bound of a kink, max-pooling windows whose
         largest entry is within the error bounds of another), counting only values
         that vary with the input around the point (a ReLU input below its kink by
         more than its error, or a constant, does not vary): a tie between constants
@@ -87,10 +103,9 @@ class Jacobian:
             width = 0.0 if widths[k] is None else widths[k]
             if isinstance(block, AffineBlock):
                 varies = block.map.abs_matvec(varies.astype(float)) > 0
-                if block.relu:
+                if block.activation is not None:
                     low, high = at.pre[k] - width, at.pre[k] + width
-                    relu += int(np.count_nonzero(varies & (low <= 0) & (high >= 0)))
-                    varies &= high >= 0
+                    relu, varies = _kinks(block.activation, block.relu, low, high, varies, relu)
             elif isinstance(block, MaxPoolBlock):
                 x_in = at.inputs[k]
                 spread = np.broadcast_to(width, x_in.shape)
@@ -98,8 +113,7 @@ class Jacobian:
                 varies = block.forward(varies.astype(float)) > 0
             else:
                 low, high = at.inputs[k] - width, at.inputs[k] + width
-                relu += int(np.count_nonzero(varies & (low <= 0) & (high >= 0)))
-                varies &= high >= 0
+                relu, varies = _kinks(block.activation, block.relu, low, high, varies, relu)
             outputs[k] = varies
         return relu, pool
 
@@ -118,7 +132,13 @@ class Jacobian:
                 u, (err,) = block.apply_bounded(u, [err], biases=False)
             elif step.linear is not None:
                 u, (err,) = step.linear.matvec_bounded(u, [err])
-            if step.gate is not None:
+            gate_error = self.gate_errors[k]
+            if gate_error is not None:  # |g* w* − fl(g w)| ≤ |g| e + δg (|w| + e) + rounding
+                w = u
+                u = w * step.gate
+                err = (np.abs(step.gate) * err + gate_error * (np.abs(w) + err)
+                       + 2 * U64 * np.abs(u)) * (1 + 4 * U64)
+            elif step.gate is not None:
                 u, err = u * step.gate, err * step.gate
             values[k] = (u, err)
         n = max(u.size, v.size) + 2
@@ -150,3 +170,25 @@ class Jacobian:
             vector[0] = 1.0
         return JacobianNorm(result.value, vector / np.linalg.norm(vector), result)
 
+
+
+def _slope_gate(activation: Activation, y: np.ndarray, width) -> tuple[np.ndarray, np.ndarray]:
+    """(gate, error): σ'(y) at the computed pre-activation (the right derivative at a
+    kink), and a bound of its distance to σ' anywhere in [y − width, y + width], which
+    holds the exact pre-activation (σ' 's range there, derivative_range)."""
+    with np.errstate(all="ignore"):
+        low, high = np.nextafter(y - width, -np.inf), np.nextafter(y + width, np.inf)
+    dmin, dmax = activation.derivative_range(low, high)
+    gate = np.clip(activation.derivative(y), dmin, dmax)
+    return gate, np.maximum(dmax - gate, gate - dmin) * (1 + 4 * U64) + 1e-300
+
+
+def _kinks(activation: Activation, relu: bool, low: np.ndarray, high: np.ndarray, varies: np.ndarray,
+           count: int) -> tuple[int, np.ndarray]:
+    """Add the varying inputs whose interval holds a kink of σ to `count`; the outputs
+    that still vary (σ not constant over the interval)."""
+    if relu:
+        count += int(np.count_nonzero(varies & (low <= 0) & (high >= 0)))
+        return count, varies & (high >= 0)
+    count += int(np.count_nonzero(varies & activation.kinked(low, high)))
+    return count, varies & ~activation.constant(low, high)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .activations import Activation
 from .operators.base import LinearMap
 
 
@@ -18,10 +19,11 @@ class Affine:
 
 
 @dataclass
-class Relu:
-    """Elementwise max(x, 0)."""
+class Activate:
+    """An elementwise activation σ (ReLU, sigmoid, GELU, ...), on the flat vector."""
 
     shape: tuple[int, ...]
+    activation: Activation
 
 
 @dataclass
@@ -53,4 +55,4 @@ class Merge:
     shape: tuple[int, ...]
 
 
-Layer = Affine | Relu | Reshape | MaxPool | Merge
+Layer = Affine | Activate | Reshape | MaxPool | Merge

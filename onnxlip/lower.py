@@ -2,10 +2,10 @@
 
 Three kinds, each below L(x0, ε):
 - ||J(x0) v|| for its top singular vector v, computed with a rigorous bound of
-  its rounding errors subtracted, when no ReLU input lies within its
-  rounding-error bound of the kink and no max-pooling window is tied within
-  the error bounds at x0 (then J(x0) is the exact Jacobian, f is affine near x0
-  and the ratio tends to ||J v|| along v). Otherwise ||J(x0)|| is reported
+  its rounding errors subtracted, when no activation input lies within its
+  rounding-error bound of a kink and no max-pooling window is tied within
+  the error bounds at x0 (then J(x0) is the exact Jacobian, f is differentiable
+  at x0 and the ratio tends to ||J v|| along v). Otherwise ||J(x0)|| is reported
   but is no lower bound: ties at x0 can make it exceed L(x0, ε);
 - ratios ||f(x) − f(x0)|| / ||x − x0|| at points of the ball, along the top
   singular vector of J(x0) and in random directions, evaluated by onnxruntime
@@ -33,7 +33,7 @@ class LowerBounds:
     eps: float
     jacobian_norm: float  # ||J(x0)||, the eigensolver's estimate
     jacobian_certified: float  # ||J(x0) v|| less its rounding-error bound (v: top direction)
-    ties: int  # ReLU inputs near their kink + max-pooling windows tied, within error bounds
+    ties: int  # activation inputs near a kink + max-pooling windows tied, within error bounds
     sampled: float
     ascent: float
     evaluations: int
@@ -149,7 +149,7 @@ def output_change(blocks: list[Block], nominal: Trace, delta: np.ndarray) -> np.
         x_in, pre = nominal.inputs[k], nominal.pre[k]
         if isinstance(block, AffineBlock):
             change = block.map.matvec(change_in)
-            return np.maximum(pre + change, 0.0) - np.maximum(pre, 0.0) if block.relu else change
+            return change if block.activation is None else block.activate(pre + change) - block.activate(pre)
         return block.forward(x_in + change_in) - block.forward(x_in)
 
     return flow(blocks, delta, step)[-1]

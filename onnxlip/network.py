@@ -37,7 +37,7 @@ RETRIES = 2
 
 
 class Network:
-    """An ONNX model lowered to a graph of affine-ReLU, max-pooling and ReLU blocks.
+    """An ONNX model lowered to a graph of affine(-activation), max-pooling and activation blocks.
 
     `solver` says how spectral norms are certified (tolerance, failure
     probability, the run's seed: see onnxlip.spectral.Solver). The network
@@ -191,7 +191,8 @@ class Network:
         return Jacobian(self.blocks, self.trace(x0))
 
     def jacobian_norm(self, x0) -> float:
-        """||J(x0)||: a lower bound of L(x0, ε) for every ε when no ReLU is at its kink."""
+        """||J(x0)||: a lower bound of L(x0, ε) for every ε when no activation input is at a
+        kink."""
         return self.jacobian(x0).norm().value
 
     def lower_bounds(self, x0, eps_values: Iterable[float], samples: int = 64,

@@ -11,7 +11,11 @@ whose input is the activation's argument x and whose output is the idiom's resul
   √(2/π) as a constant or as a constant subgraph (Sqrt(Div(2, π))), or factored as
   x·√(2/π)·(1 + 0.044715·x²);
 - SiLU: x·Sigmoid(x);
-- HardSwish: x·HardSigmoid(x) with alpha = 1/6, beta = 1/2, and x·Clip(x + 3, 0, 6)/6.
+- HardSwish: x·HardSigmoid(x) with alpha = 1/6, beta = 1/2, and x·Clip(x + 3, 0, 6)/6;
+- torch's thresholded softplus, Where(x > t, x, Softplus(x)) with t ≥ 20 (the dynamo
+  exporter), becomes a standard Softplus node: the two differ by at most
+  log(1 + e^−t) ≤ 2.1e-9, below float32 resolution there, and the node's doc_string
+  (THRESHOLDED_SOFTPLUS) says so for the loader to report.
 
 The argument of Erf/Tanh/... and the factors around it are read as polynomials in one
 tensor x through Mul, Add, Sub, Div, Pow, Neg, Sqrt, Cast, CastLike and Identity nodes
@@ -225,6 +229,9 @@ _IDIOMS = [
 ]
 
 
+_CORES = {op for op, *_ in _IDIOMS} | {"Softplus"}
+
+
 @dataclass
 class _Match:
     x: str
@@ -233,6 +240,8 @@ class _Match:
     nodes: set[int]
     op: str
     attrs: dict
+    domain: str = DOMAIN
+    doc: str = ""
 
 
 def _core_attrs_match(g: _Graph, node: onnx.NodeProto, want: dict) -> bool:
@@ -317,6 +326,48 @@ def _check_private(g: _Graph, nodes: set[int], last: int) -> None:
                 raise _NoMatch
 
 
+def may_fuse(model: onnx.ModelProto) -> bool:
+    """Whether the model has a node an idiom is built around (else fuse_activations,
+    which copies the model, has nothing to do)."""
+    return any(node.op_type in _CORES for node in model.graph.node)
+
+
+#: The smallest threshold t of Where(x > t, x, Softplus(x)) read as Softplus.
+SOFTPLUS_THRESHOLD = 20.0
+THRESHOLDED_SOFTPLUS = ("onnxlip: Where(x > t, x, Softplus(x)) with t >= 20 read as Softplus(x) "
+                        "(they differ by at most log(1 + exp(-t)) <= 2.1e-9)")
+
+
+def _match_softplus(g: _Graph, i: int) -> _Match | None:
+    """Where(Greater(x, t), x, Softplus(x)) (t ≥ SOFTPLUS_THRESHOLD), or Less(t, x)."""
+    core = g.node(i)
+    x, out = core.input[0], core.output[0]
+    if core.domain not in ("", "ai.onnx") or not g.private(out):
+        return None
+    j = g.consumers[out][0]
+    where = g.node(j)
+    if where.op_type != "Where" or where.domain not in ("", "ai.onnx") or list(where.input[1:]) != [x, out]:
+        return None
+    k = g.producer.get(where.input[0])
+    if k is None or not g.private(where.input[0]):
+        return None
+    test = g.node(k)
+    if test.op_type == "Greater" and test.input[0] == x:
+        t = g.scalar(test.input[1])
+    elif test.op_type == "Less" and test.input[1] == x:
+        t = g.scalar(test.input[0])
+    else:
+        return None
+    if t is None or not t >= SOFTPLUS_THRESHOLD:
+        return None
+    nodes = {i, j, k}
+    try:
+        _check_private(g, nodes, j)
+    except _NoMatch:
+        return None
+    return _Match(x, where.output[0], j, nodes, "Softplus", {}, domain="", doc=THRESHOLDED_SOFTPLUS)
+
+
 def fuse_activations(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the model with each multi-node activation idiom replaced by one
     'onnxlip.fused' node (the input model is not changed)."""
@@ -325,8 +376,8 @@ def fuse_activations(model: onnx.ModelProto) -> onnx.ModelProto:
     matches: list[_Match] = []
     claimed: set[int] = set()
     for i, node in enumerate(model.graph.node):
-        if node.op_type in {op for op, *_ in _IDIOMS} and i not in claimed:
-            match = _match_at(g, i)
+        if node.op_type in _CORES and i not in claimed:
+            match = _match_softplus(g, i) if node.op_type == "Softplus" else _match_at(g, i)
             if match is not None and not match.nodes & claimed:
                 matches.append(match)
                 claimed |= match.nodes
@@ -339,7 +390,7 @@ def fuse_activations(model: onnx.ModelProto) -> onnx.ModelProto:
         if i in by_last:
             m = by_last[i]
             nodes.append(helper.make_node(m.op, [m.x], [m.output], name=node.name or f"{m.op}_{m.output}",
-                                          domain=DOMAIN, **m.attrs))
+                                          domain=m.domain, doc_string=m.doc or None, **m.attrs))
         elif i not in claimed:
             nodes.append(node)
     _drop_unused_constants(model, nodes, removed_inputs)
@@ -433,8 +484,10 @@ _FUSED = {
     "HardSwish": lambda n, c: act.HardSwish(),
 }
 
-#: Elementwise activation ops understood, standard and fused.
-SUPPORTED = sorted(_STANDARD) + [f"{DOMAIN}.{op}" for op in sorted(_FUSED)]
+#: Elementwise activation ops understood: standard ONNX ops, and ops of DOMAIN.
+STANDARD_OPS = sorted(_STANDARD)
+FUSED_OPS = sorted(_FUSED)
+SUPPORTED = STANDARD_OPS + [f"{DOMAIN}.{op}" for op in FUSED_OPS]
 
 
 def activation_of(node: onnx.NodeProto, constants: Mapping[str, np.ndarray]) -> act.Activation | None:

@@ -26,6 +26,12 @@ gap each member can rise, and the members of tied windows, see _maxpool_step):
 Where nothing is uncertain this is ||J(x0)||, the truth. Each term is a
 Lanczos norm of a matrix-free product (upper estimates, as everywhere). The
 reported bound is the smaller of this and the paper's.
+
+Only ReLU activations (and max-pooling) are telescoped: the split S = S⁰ + U
+above assumes slopes in [0, 1] with exact 0/1 stable slopes. A network with any
+other activation (sigmoid, GELU, LeakyReLU, Clip, ...) gets the paper's bound
+(bounds.local_bound_detail, sound for signed slopes through |chord slope|), and
+so does a network that is not a chain.
 """
 
 from __future__ import annotations
@@ -97,8 +103,8 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
     solver = as_solver(solver)
     paper, widths = local_bound_detail(blocks, nominal, eps, solver, reach)
     solves = Solves(solver)
-    if not is_chain(blocks):
-        return paper  # the telescoping below is written for chains
+    if not is_chain(blocks) or not all(b.reachable() for b in blocks):
+        return paper  # the telescoping below is written for chains of ReLU and max-pooling
     bound = min(_telescoped(_stable_steps(blocks, nominal, paper, widths, eps, reach, centered),
                             nominal, solves, centered) for centered in (True, False))
     if bound >= paper.bound:

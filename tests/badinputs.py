@@ -183,14 +183,14 @@ def make_cases(folder: Path) -> list[Case]:
 
     # --- graphs onnxlip does not handle
     m = dense()
-    m.graph.node.append(helper.make_node("Sigmoid", ["y"], ["s"], name="squash"))
+    m.graph.node.append(helper.make_node("Softsign", ["y"], ["s"], name="squash"))
     m.graph.output[0].name = "s"
-    add("unsupported op (names node and op)", ["inspect", save(f, "sigmoid.onnx", m)],
-        "'squash' (Sigmoid)", load("sigmoid.onnx"), in_test_cli=True)
+    add("unsupported op (names node and op)", ["inspect", save(f, "softsign.onnx", m)],
+        "'squash' (Softsign)", load("softsign.onnx"), in_test_cli=True)
     m = dense()
-    m.graph.node[1].op_type = "LeakyRelu"
-    add("unsupported op in the middle of the chain", ["inspect", save(f, "leaky.onnx", m)],
-        "node 'act' (LeakyRelu): op LeakyRelu is not supported", load("leaky.onnx"))
+    m.graph.node[1].op_type = "Selu"
+    add("unsupported op in the middle of the chain", ["inspect", save(f, "selu.onnx", m)],
+        "node 'act' (Selu): op Selu is not supported", load("selu.onnx"))
     m = dense()
     m.graph.node.append(helper.make_node("Mul", ["h", "y"], ["s"], name="gate"))
     m.graph.output[0].name = "s"

@@ -1,4 +1,4 @@
-"""Hypothesis strategies that draw small random ONNX ReLU networks.
+"""Hypothesis strategies that draw small random ONNX networks (mostly ReLU).
 
 A drawn `NetSpec` holds the structure (input shape and a list of ops with
 their hyper-parameters: what hypothesis shrinks) and a seed for the weights,
@@ -8,7 +8,9 @@ with onnx.helper (opset 17); `nominal(spec)` draws an input x0.
 Ops: Gemm / MatMul, Conv (1-D and 2-D: kernel, stride, pads, dilation,
 group), MaxPool, AveragePool, GlobalAveragePool, BatchNormalization,
 Sub / Div / Mul / Add by a constant (scalar, per-channel or full shape, on
-either side), Relu, Flatten.
+either side), Relu (or, one time in three, another activation: LeakyRelu,
+Clip, Sigmoid, Tanh, Softplus, Elu, HardSigmoid, HardSwish, SiLU as
+x·Sigmoid(x)), Flatten.
 """
 
 from __future__ import annotations
@@ -50,6 +52,22 @@ def _elementwise(draw, shape: tuple[int, ...]) -> tuple[str, tuple]:
     return op, (("const_shape", const_shape),)
 
 
+#: Activations other than Relu ("Act" ops): name -> (ONNX op, attributes).
+ACTIVATIONS = {
+    "leakyrelu": ("LeakyRelu", {"alpha": 0.1}), "leakyneg": ("LeakyRelu", {"alpha": -0.3}),
+    "relu6": ("Clip", {}), "sigmoid": ("Sigmoid", {}), "tanh": ("Tanh", {}),
+    "softplus": ("Softplus", {}), "elu": ("Elu", {"alpha": 0.7}), "hardsigmoid": ("HardSigmoid", {}),
+    "hardswish": ("HardSwish", {}), "silu": ("Sigmoid", {}),
+}
+
+
+def _activation(draw) -> tuple[str, tuple]:
+    """Relu two times in three, else another activation."""
+    if draw(st.integers(0, 2)) < 2:
+        return ("Relu", ())
+    return ("Act", (("kind", draw(st.sampled_from(sorted(ACTIVATIONS)))),))
+
+
 @st.composite
 def _dense_layer(draw, relu: bool) -> list[tuple[str, tuple]]:
     n_out = draw(st.integers(1, 12))
@@ -64,7 +82,7 @@ def _dense_layer(draw, relu: bool) -> list[tuple[str, tuple]]:
     if draw(st.integers(0, 4)) == 0:
         ops.append(draw(_elementwise((1, n_out))))
     if relu:
-        ops.append(("Relu", ()))
+        ops.append(_activation(draw))
     return ops
 
 
@@ -134,7 +152,7 @@ def conv_nets(draw) -> NetSpec:
             ops.append(("BatchNormalization", ()))
         if draw(st.integers(0, 4)) == 0:
             ops.append(draw(_elementwise(shape)))
-        ops.append(("Relu", ()))
+        ops.append(_activation(draw))
         if draw(st.booleans()):
             pool = draw(_pool(shape))
             if pool is not None:
@@ -222,6 +240,14 @@ def build(spec: NetSpec) -> onnx.ModelProto:
             x = b.node("BatchNormalization", [x, *(b.const(v) for v in params_)], epsilon=1e-5)
         elif kind == "Relu":
             x = b.node("Relu", [x])
+        elif kind == "Act":
+            op, attrs = ACTIVATIONS[p["kind"]]
+            if p["kind"] == "relu6":
+                x = b.node("Clip", [x, b.const(np.array(0.0)), b.const(np.array(6.0))])
+            elif p["kind"] == "silu":
+                x = b.node("Mul", [x, b.node("Sigmoid", [x])])
+            else:
+                x = b.node(op, [x], **attrs)
         elif kind == "MaxPool":
             x = b.node("MaxPool", [x], kernel_shape=list(p["kernel"]), strides=list(p["strides"]),
                        pads=list(p["pads"]))

@@ -18,7 +18,7 @@ from netgen import Op, RefNet
 from onnx import TensorProto, helper
 
 import onnxlip
-from onnxlip.blocks import AffineBlock, MaxPoolBlock, ReluBlock
+from onnxlip.blocks import ActivationBlock, AffineBlock, MaxPoolBlock
 
 RTOL = 1e-5
 # Reported norms are the Lanczos Ritz value plus its residual correction: at or
@@ -133,7 +133,7 @@ def dense_bounds(net: RefNet, engine, x0: np.ndarray, eps: float | None):
             if eps is not None:
                 mask = (member @ mask > 0).astype(float)
         else:
-            assert isinstance(block, ReluBlock)
+            assert isinstance(block, ActivationBlock) and block.relu
             rec["bound"] = 1.0
             x = np.maximum(x, 0.0)
         shape = netgen.apply_shapes(ops, shape)

@@ -32,13 +32,13 @@ def save_model(path: Path, nodes, inputs, outputs, inits=()) -> Path:
     return path
 
 
-def dense_model(path: Path, batch="1", with_sigmoid=False, product=False) -> Path:
+def dense_model(path: Path, batch="1", with_unsupported=False, product=False) -> Path:
     """x -> Gemm; with `product`, h * Relu(h) (two computed tensors multiplied: refused)."""
     w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) / 10, "W")
     nodes = [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1, name="fc")]
     last = "h"
-    if with_sigmoid:
-        nodes.append(helper.make_node("Sigmoid", ["h"], ["s"], name="squash"))
+    if with_unsupported:
+        nodes.append(helper.make_node("Softsign", ["h"], ["s"], name="squash"))
         last = "s"
     if product:
         nodes.append(helper.make_node("Relu", ["h"], ["r"], name="act"))
@@ -122,8 +122,8 @@ def error_cases(tmp_path: Path) -> dict[str, tuple[list, str]]:
     return {
         "missing model": (["bound", tmp_path / "nope.onnx", "-x", x, "-e", "1"], "no such file"),
         "not onnx": (["inspect", junk], "junk.onnx"),
-        "unsupported op": (["inspect", dense_model(tmp_path / "s.onnx", with_sigmoid=True)],
-                           "'squash' (Sigmoid)"),
+        "unsupported op": (["inspect", dense_model(tmp_path / "s.onnx", with_unsupported=True)],
+                           "'squash' (Softsign)"),
         "not affine": (["inspect", dense_model(tmp_path / "r.onnx", product=True)], "not affine"),
         "symbolic dim": (["inspect", symbolic], "--input-shape"),
         "wrong input size": (["bound", good, "-x", wrong, "-e", "1"], "(1, 5)"),

@@ -464,8 +464,8 @@ def test_unsupported_op_error_names_unnamed_node_by_output_and_lists_the_registr
     message = str(info.value)
     assert "\n" not in message
     assert "node 'hm' (Hardmax): op Hardmax is not supported (supported: " in message
-    for op in LOWERINGS:
-        assert op in message
+    for op in LOWERINGS:  # standard ops by name; the private fused ones as idioms
+        assert op in message if "." not in op else op.split(".")[-1].upper() in message.upper()
 
 
 @pytest.mark.parametrize("opset", [18, 19, 21])

@@ -15,18 +15,9 @@ from onnxlip.blocks import is_chain
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 MODELS = sorted(p for p in MODELS_DIR.glob("*.onnx") if p.with_name(f"{p.stem}_x0.npy").is_file())
 EPS = 1e-3
-# Exporter-zoo models (tools/models/zoo.py) the engine cannot load yet: residual nets, global mean
-# pooling, activations other than ReLU (issue 12). Strict: once the engine loads one, this test
-# fails until its prefix is removed here, so the model gets the full check below.
-PENDING_ISSUE_12 = ("act_",)
-
-
-def _param(path: Path):
-    if path.stem.startswith(PENDING_ISSUE_12):
-        reason = "issue 12: the engine does not load this model yet"
-        mark = pytest.mark.xfail(raises=onnxlip.OnnxlipError, strict=True, reason=reason)
-        return pytest.param(path, marks=mark)
-    return path
+#: The exporter zoo's MLPs (tools/models/zoo.py), one per activation, TorchScript and dynamo.
+ACTIVATIONS = ("leakyrelu", "prelu", "relu6", "hardtanh", "sigmoid", "tanh", "softplus", "elu",
+               "gelu_erf", "gelu_tanh", "silu", "hardsigmoid", "hardswish")
 
 
 def test_models_are_there():
@@ -34,7 +25,7 @@ def test_models_are_there():
     tight = {"mlp6x50", "mlp6x50_matmul", "cnn_maxpool", "cnn_avgpool", "cnn_bn"}
     tight = {f"tight_{name}" for name in tight}
     assert tight <= {p.stem for p in MODELS}
-    assert any(p.stem.startswith(PENDING_ISSUE_12) for p in MODELS)
+    assert {f"act_{a}_{e}" for a in ACTIVATIONS for e in ("ts", "dynamo")} <= {p.stem for p in MODELS}
 
 
 def _ort_lower_bound(session, x0: np.ndarray, eps: float, directions, rng, n_random: int = 64) -> float:
@@ -60,7 +51,7 @@ def _ort_lower_bound(session, x0: np.ndarray, eps: float, directions, rng, n_ran
     return best
 
 
-@pytest.mark.parametrize("path", [_param(p) for p in MODELS], ids=[p.stem for p in MODELS])
+@pytest.mark.parametrize("path", MODELS, ids=[p.stem for p in MODELS])
 def test_model(path):
     """Forward == onnxruntime; ||J(x0)|| <= sampled-from-ORT ratios <= local(1e-3) <= global."""
     x0 = np.load(path.with_name(f"{path.stem}_x0.npy"))

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxlip import activations as A
 from onnxlip.errors import OnnxlipError
-from onnxlip.patterns import DOMAIN, activation_of, fuse_activations
+from onnxlip.patterns import DOMAIN, THRESHOLDED_SOFTPLUS, activation_of, fuse_activations
 
 WIDTH = 5
 KAPPA = 0.044715
@@ -380,3 +380,27 @@ def test_torch_exports_are_recognized(dynamo, opset):
         activation = activation_of(node, {})
         assert repr(activation) == text
         np.testing.assert_allclose(activation.value(x.astype(np.float64)), value, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize(("threshold", "compare", "fused"), [
+    (20.0, "Greater", True), (30.0, "Less", True), (5.0, "Greater", False), (20.0, "GreaterOrEqual", False)])
+def test_thresholded_softplus(threshold, compare, fused):
+    """torch's dynamo softplus, Where(x > t, x, Softplus(x)), is a standard Softplus for t ≥ 20
+    (with a doc_string the loader reports); a lower threshold or another test is left alone."""
+    b = Builder()
+    x = b.op("Add", "inp", b.const(np.zeros(WIDTH)))
+    soft = b.op("Softplus", x)
+    t = b.const(np.float32(threshold))
+    test = b.op(compare, t, x) if compare == "Less" else b.op(compare, x, t)
+    y = b.op("Where", test, x, soft)
+    result = fuse_activations(b.model([y]))
+    ops = [n.op_type for n in result.graph.node]
+    if not fused:
+        assert "Where" in ops
+        return
+    assert ops == ["Add", "Softplus"]
+    node = result.graph.node[1]
+    assert (list(node.input), list(node.output), node.domain) == ([x], [y], "")
+    assert node.doc_string == THRESHOLDED_SOFTPLUS
+    assert repr(activation_of(node, {})) == "Softplus()"
+    onnx.checker.check_model(result)

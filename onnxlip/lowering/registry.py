@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from ..errors import OnnxlipError
-from ..layers import Affine, Layer, MaxPool, Merge, Relu, Reshape
+from ..layers import Activate, Affine, Layer, MaxPool, Merge, Reshape
 from ..operators.base import LinearMap
 
 #: The most elements of any activation, bias or generated constant: larger
@@ -30,6 +30,13 @@ def node_name(node: onnx.NodeProto) -> str:
     return node.name or next((o for o in node.output if o), "")
 
 
+def op_key(node: onnx.NodeProto) -> str:
+    """The registry key of a node: its op type, prefixed by its domain outside the
+    standard one (the activations onnxlip fuses: 'onnxlip.fused.Silu')."""
+    standard = node.domain in ("", "ai.onnx")
+    return node.op_type if standard else f"{node.domain}.{node.op_type}"
+
+
 def node_label(node: onnx.NodeProto) -> str:
     """How errors name a node: node 'name' (OpType)."""
     return f"node {node_name(node)!r} ({node.op_type})"
@@ -37,7 +44,9 @@ def node_label(node: onnx.NodeProto) -> str:
 
 def supported_ops() -> str:
     """The ops onnxlip lowers, for error messages (from the registry)."""
-    return ", ".join(sorted(LOWERINGS)) + "; " + "/".join(OUTPUT_ONLY) + " as the last node"
+    standard = sorted(op for op in LOWERINGS if "." not in op)  # not the fused private ops
+    return (", ".join(standard) + "; GELU, SiLU, HardSwish as exporters spell them; "
+            + "/".join(OUTPUT_ONLY) + " as the last node")
 
 
 #: Lowerings that accept several computed tensors (Add, Concat, ...).
@@ -189,10 +198,10 @@ def lower(ctx: NodeContext) -> list[Layer]:
     node (set ONNXLIP_DEBUG=1 to let them through), and every layer produced
     is checked for a sane size and finite constants.
     """
-    if ctx.node.domain not in ("", "ai.onnx"):
+    func = LOWERINGS.get(op_key(ctx.node))
+    if ctx.node.domain not in ("", "ai.onnx") and func is None:
         raise ctx.fail(f"op {ctx.node.op_type} of domain {ctx.node.domain!r} is not supported "
                        "(only standard ONNX ops)")
-    func = LOWERINGS.get(ctx.node.op_type)
     if ctx.node.op_type in OUTPUT_ONLY:
         raise ctx.fail(f"op {ctx.node.op_type} is supported only as the last node (onnxlip then "
                        "bounds its input, the logits), not inside the network")
@@ -230,7 +239,7 @@ def _check_layer(ctx: NodeContext, layer: Layer) -> None:
             raise ctx.fail("its linear map contains NaN or Inf (check its constants)")
     elif isinstance(layer, MaxPool):
         ctx.check_size(layer.out_shape)
-    elif isinstance(layer, (Relu, Reshape, Merge)):
+    elif isinstance(layer, (Activate, Reshape, Merge)):
         ctx.check_size(layer.shape)
 
 
