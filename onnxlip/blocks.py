@@ -25,6 +25,7 @@ from functools import cached_property
 import numpy as np
 
 from .activations import Activation, ReLU
+from .errors import OnnxlipError
 from .layers import Activate, Affine, Layer, MaxPool, Merge, Reshape
 from .operators.base import SLACK, U64, LinearMap
 from .operators.chain import chain
@@ -35,6 +36,10 @@ from .operators.stack import StackMap
 
 #: The source index of the network's input among a block's inputs.
 INPUT = -1
+
+#: The largest norm (and bias) of one block: its Gram operator, applied in
+#: float32 by onnxruntime's convolution kernels, must stay finite.
+MAX_BLOCK_NORM = 1e18
 
 
 @dataclass
@@ -68,6 +73,14 @@ class Block:
     def reachable(self) -> bool:
         """Whether the reach analysis (onnxlip.reach) follows this block exactly."""
         return True
+
+    def where(self, path: str) -> str:
+        """The block as an error message names it."""
+        return f"{path}: block {self.name!r} ({'+'.join(self.ops)})"
+
+    def check_magnitude(self, path: str) -> None:
+        """An OnnxlipError if the block's coefficients are beyond the float arithmetic
+        its bounds are computed in (a block without coefficients has none)."""
 
 
 @dataclass
@@ -110,6 +123,22 @@ class AffineBlock(Block):
 
     def describe(self) -> str:
         return self.map.describe()
+
+    def check_magnitude(self, path: str) -> None:
+        """Refuse a composed bias that overflowed, or one or a map too large for float
+        arithmetic (the map's norm bounded from its stored coefficients)."""
+        bias = self.bias
+        if not np.all(np.isfinite(bias)):
+            raise OnnxlipError(f"{self.where(path)}: its composed bias overflows to Inf or NaN "
+                               "(check the magnitude of the weights)")
+        if bias.size and np.max(np.abs(bias)) > MAX_BLOCK_NORM:
+            raise OnnxlipError(f"{self.where(path)}: its bias reaches {np.max(np.abs(bias)):.3g}, "
+                               f"beyond the {MAX_BLOCK_NORM:g} onnxlip computes with")
+        bound = self.map.coefficient_bound()
+        if not bound <= MAX_BLOCK_NORM:
+            raise OnnxlipError(f"{self.where(path)}: its weights are too large for floating-point "
+                               f"arithmetic (norm up to {bound:.3g}; onnxlip handles up to "
+                               f"{MAX_BLOCK_NORM:g})")
 
     def parts(self) -> list[LinearMap]:
         """The map of each input: [A_1 … A_k] where the block reads k blocks."""

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-from .bounds import trace
+from .blocks import Block
+from .bounds import BoundResult, Trace, trace
 from .errors import OnnxlipError
+from .evaluate import ModelRunner
 from .jacobian import Jacobian
-
-if TYPE_CHECKING:  # certify takes a Network; network.py imports this module
-    from .network import Network
 
 SQRT2 = math.sqrt(2.0)
 DECISIONS = ("argmax", "argmin")
@@ -69,6 +68,28 @@ class Rule:
 TOP_CLASS = Rule()
 
 
+class Certifiable(Protocol):
+    """What certification reads of a network: onnxlip.network.Network is one
+    (this module does not import it: Network.certify calls into here)."""
+
+    blocks: list[Block]
+
+    @property
+    def path(self) -> str: ...
+
+    def check_input(self, x, source: str | None = None) -> np.ndarray: ...
+
+    def forward(self, x) -> np.ndarray: ...
+
+    def trace(self, x) -> Trace: ...
+
+    def local_bound_from(self, nominal: Trace, eps: float, method: str = "paper") -> BoundResult: ...
+
+    def global_bound(self) -> BoundResult: ...
+
+    def runner(self) -> ModelRunner: ...
+
+
 @dataclass
 class Certificate:
     """The certificate of one input."""
@@ -93,7 +114,7 @@ class Certificate:
         return asdict(self) | {"correct": self.correct}
 
 
-def certify(net: Network, x0, rel_tol: float = 1e-3, attack_steps: int = 50,
+def certify(net: Certifiable, x0, rel_tol: float = 1e-3, attack_steps: int = 50,
             label: int | None = None, method: str = "auto", rule: Rule = TOP_CLASS) -> Certificate:
     """Certified radii (local and global bound) and an attack distance at x0: the
     radius within which `rule` holds (by default: the top class stays the top)."""
@@ -117,7 +138,7 @@ def certify(net: Network, x0, rel_tol: float = 1e-3, attack_steps: int = 50,
                        time.perf_counter() - start, rule.decision, rule.margin)
 
 
-def _local_radius(net: Network, x: np.ndarray, margin: float, floor: float,
+def _local_radius(net: Certifiable, x: np.ndarray, margin: float, floor: float,
                   rel_tol: float, method: str) -> tuple[float, int]:
     """Largest ε (to rel_tol) with √2·ε·L(x0, ε) < margin, and the bounds computed."""
     if margin <= 0:
@@ -144,7 +165,7 @@ def _local_radius(net: Network, x: np.ndarray, margin: float, floor: float,
     return low, count
 
 
-def attack_distance(net: Network, x0: np.ndarray, top: int, steps: int = 50,
+def attack_distance(net: Certifiable, x0: np.ndarray, top: int, steps: int = 50,
                     rule: Rule = TOP_CLASS) -> float:
     """Distance to the nearest point found where onnxruntime confirms the rule fails
     (by default: the top class is no longer `top`).
@@ -165,7 +186,7 @@ def attack_distance(net: Network, x0: np.ndarray, top: int, steps: int = 50,
     return best
 
 
-def _margin_gradient(net: Network, x: np.ndarray, top: int, rival: int, rule: Rule) -> np.ndarray:
+def _margin_gradient(net: Certifiable, x: np.ndarray, top: int, rival: int, rule: Rule) -> np.ndarray:
     """The gradient of scores[top] − scores[rival] at x."""
     at = trace(net.blocks, x, rounding=False)
     seed = np.zeros(at.output.size)
@@ -188,7 +209,7 @@ def _ray(runner, x0: np.ndarray, top: int, gradient: np.ndarray, rule: Rule) -> 
     return None
 
 
-def _deepfool(net: Network, x0, top: int, rival: int, steps: int, rule: Rule) -> np.ndarray | None:
+def _deepfool(net: Certifiable, x0, top: int, rival: int, steps: int, rule: Rule) -> np.ndarray | None:
     """Linearized steps across the boundary where `rival` comes within the required
     margin of `top`."""
     x = x0.copy()

@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: exit 0 on success, 2 with a one-line message on a user error."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "seed", "absent") is None:  # one seed for the whole run (workers too)
+    if args.seed is None:  # one seed for the whole run (workers too)
         args.seed = fresh_seed()
     try:
         _check_outputs(args)
@@ -97,15 +97,14 @@ def _stdout_gone() -> bool:
 def _check_outputs(args: argparse.Namespace) -> None:
     """The output files of every subcommand, checked before any work: a bad path or
     format fails in a second, not after hours of bounds."""
-    options = vars(args)
-    if options.get("plot") is not None:
-        check_plot(options["plot"], "--plot")
-    if options.get("csv") is not None:
-        check_output(options["csv"], "--csv")
-    if options.get("out") is not None:
-        check_output(options["out"], "--out", ROW_FORMATS)
-    if options.get("graph") is not None:
-        check_graph_path(options["graph"])
+    if args.plot is not None:
+        check_plot(args.plot, "--plot")
+    if args.csv is not None:
+        check_output(args.csv, "--csv")
+    if args.out is not None:
+        check_output(args.out, "--out", ROW_FORMATS)
+    if args.graph is not None:
+        check_graph_path(args.graph)
 
 
 def _write(path: str, option: str, write, *what) -> None:
@@ -114,6 +113,10 @@ def _write(path: str, option: str, write, *what) -> None:
         write(*what, path)
     except OSError as exc:
         raise OnnxlipError(f"{option} {path}: cannot write ({exc.strerror or exc})") from None
+
+
+#: What main() reads of every subcommand's arguments: None where it has no such option.
+COMMON_DEFAULTS = dict(seed=None, plot=None, csv=None, out=None, graph=None)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,16 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
 
-    inspect = sub.add_parser("inspect", help="show the graph of blocks of a model")
-    _model_options(inspect)
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        """A subcommand with every attribute of COMMON_DEFAULTS (its own options'
+        defaults, added after, take precedence)."""
+        p = sub.add_parser(name, help=summary)
+        p.set_defaults(**COMMON_DEFAULTS)
+        return p
+
+    inspect = command("inspect", "show the graph of blocks of a model")
+    _model_options(inspect, method=False)
     inspect.add_argument("--norms", action="store_true", help="also compute each block's spectral norm")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.add_argument("--graph", help="write the graph of blocks to this .dot/.gv file, or "
                                          ".svg/.png/.pdf through Graphviz's dot program")
     inspect.set_defaults(run=run_inspect)
 
-    bound = sub.add_parser("bound", help="local bounds at radii eps, and the global bound")
-    _model_options(bound)
+    bound = command("bound", "local bounds at radii eps, and the global bound")
+    _model_options(bound, method=True)
     bound.add_argument("--input", "-x", required=True, help="nominal input x0 (.npy, .npz, .pb)")
     bound.add_argument("--eps", "-e", required=True, nargs="+", type=_number, metavar="E",
                        help="L2 radii of the input ball")
@@ -150,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     bound.add_argument("--json", action="store_true", help="print one JSON object")
     bound.set_defaults(run=run_bound)
 
-    sweep = sub.add_parser("sweep", help="bounds against eps: local, global and lower bounds")
-    _model_options(sweep)
+    sweep = command("sweep", "bounds against eps: local, global and lower bounds")
+    _model_options(sweep, method=True)
     sweep.add_argument("--input", "-x", required=True, help="nominal input x0 (.npy, .npz, .pb)")
     sweep.add_argument("--eps-min", type=_number, default=1e-3, help="smallest radius (1e-3)")
     sweep.add_argument("--eps-max", type=_number, default=1.0, help="largest radius (1)")
@@ -164,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_options(sweep, "radii on a Dask LocalCluster of N processes (default: in this process)")
     sweep.set_defaults(run=run_sweep_command)
 
-    cert = sub.add_parser("certify", help="certified L2 radius of the top class")
-    _model_options(cert)
+    cert = command("certify", "certified L2 radius of the top class")
+    _model_options(cert, method=True)
     source = cert.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", "-x", help="one input (.npy, .npz, .pb)")
     source.add_argument("--inputs", help="a batch (.npy, .npz with inputs and labels) or a folder of .npy")
@@ -189,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the lead the class must keep over every other (default 0)")
     cert.set_defaults(run=run_certify)
 
-    report = sub.add_parser("report", help="summary (and plot) of a certify --out .jsonl file")
+    report = command("report", "summary (and plot) of a certify --out .jsonl file")
     report.add_argument("results", help="results file of certify --inputs --out FILE.jsonl")
     report.add_argument("--radii", type=_number, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.5],
                         help="radii for certified accuracy in the summary")
@@ -205,7 +215,7 @@ def _cluster_options(p: argparse.ArgumentParser, workers_help: str) -> None:
                    help="use the Dask cluster of this scheduler, e.g. tcp://10.0.0.5:8786")
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
+def _model_options(p: argparse.ArgumentParser, method: bool) -> None:
     p.add_argument("model", help="ONNX model file")
     p.add_argument("--input-shape", type=_shape, help="input shape, e.g. 1,3,32,32 (symbolic dims)")
     p.add_argument("--input-name", help="graph input to use when there are several")
@@ -222,7 +232,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                         "from the OS; every result prints it, pass it to replay the run)")
     p.add_argument("--delta", type=_number, default=DEFAULT_DELTA,
                    help=f"failure probability of each probabilistic norm (default {DEFAULT_DELTA:g})")
-    if p.prog.split()[-1] in ("bound", "sweep", "certify"):
+    if method:
         p.add_argument("--method", choices=METHODS, default="auto",
                        help="local bound: 'auto' (default: ||J(x0)|| where every neuron provably "
                             "keeps its state over the ball, else the tightest proven bound), "

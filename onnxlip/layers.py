@@ -1,4 +1,6 @@
-"""The pieces a lowering turns an ONNX node into, before blocks are formed."""
+"""The pieces a lowering turns an ONNX node into, before blocks are formed.
+
+Each has an `out_shape`: the shape of the tensor it outputs (() for a scalar)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ class Affine:
     map: LinearMap
     bias: np.ndarray
 
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.map.out_shape
+
 
 @dataclass
 class Activate:
@@ -25,12 +31,20 @@ class Activate:
     shape: tuple[int, ...]
     activation: Activation
 
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape
+
 
 @dataclass
 class Reshape:
     """A change of shape that keeps the C-order flat vector as it is."""
 
     shape: tuple[int, ...]
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape
 
 
 @dataclass
@@ -53,6 +67,10 @@ class Merge:
 
     maps: list[LinearMap]
     shape: tuple[int, ...]
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape
 
 
 Layer = Affine | Activate | Reshape | MaxPool | Merge

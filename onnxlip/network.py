@@ -19,7 +19,6 @@ from .errors import OnnxlipError
 from .evaluate import ModelRunner
 from .graph import ModelGraph, load_graph, release
 from .jacobian import Jacobian
-from .layers import Affine, MaxPool
 from .lower import LowerBounds, LowerBoundSearch
 from .lowering import NodeContext, lower
 from .lowering.registry import node_name
@@ -335,7 +334,7 @@ def load(
                 layers = lower(ctx)
                 name = node_name(node) + (f":{k}" if k else "")
                 lowered.append(Lowered(name, node.op_type, layers, data, output))
-                shapes[output] = _out_shape(layers, in_shapes[0])
+                shapes[output] = tuple(layers[-1].out_shape) if layers else in_shapes[0]
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         blocks = build_blocks(lowered, graph.input_name, graph.input_shape, graph.output_name,
@@ -343,53 +342,11 @@ def load(
     if not blocks:
         raise OnnxlipError(f"{graph.path}: the model has no layers to bound")
     for block in blocks:
-        _check_magnitude(block, graph.path)
+        block.check_magnitude(graph.path)
     release(graph)
     solver = Solver(tol=float(tol), delta=float(delta)) if seed is None else \
         Solver(tol=float(tol), delta=float(delta), seed=int(seed))
     return Network(graph, blocks, solver, float(memory_budget))
-
-
-#: The largest norm (and bias) of one block: its Gram operator, applied in
-#: float32 by onnxruntime's convolution kernels, must stay finite.
-MAX_BLOCK_NORM = 1e18
-
-
-def _check_magnitude(block: Block, path: str) -> None:
-    """Refuse a block whose bias overflowed or whose map is too large for float arithmetic."""
-    where = f"{path}: block {block.name!r} ({'+'.join(block.ops)})"
-    bias = getattr(block, "bias", None)
-    if bias is not None and not np.all(np.isfinite(bias)):
-        raise OnnxlipError(f"{where}: its composed bias overflows to Inf or NaN "
-                           "(check the magnitude of the weights)")
-    if bias is not None and bias.size and np.max(np.abs(bias)) > MAX_BLOCK_NORM:
-        raise OnnxlipError(f"{where}: its bias reaches {np.max(np.abs(bias)):.3g}, beyond the "
-                           f"{MAX_BLOCK_NORM:g} onnxlip computes with")
-    linear = getattr(block, "map", None)
-    bound = _norm_bound(linear) if linear is not None else 0.0
-    if not bound <= MAX_BLOCK_NORM:
-        raise OnnxlipError(f"{where}: its weights are too large for floating-point arithmetic "
-                           f"(norm up to {bound:.3g}; onnxlip handles up to {MAX_BLOCK_NORM:g})")
-
-
-def _norm_bound(linear) -> float:
-    """A cheap upper bound of a map's spectral norm, from its stored coefficients."""
-    parts = getattr(linear, "maps", None)
-    if parts is not None:
-        return math.prod(_norm_bound(m) for m in parts)
-    with np.errstate(all="ignore"):
-        if getattr(linear, "scale", None) is not None:
-            scale = np.abs(linear.scale)
-            widest = 1 if linear.monomial else np.bincount(linear.source[linear.source >= 0]).max()
-            return float(scale.max(initial=0.0)) * math.sqrt(widest)
-        if hasattr(linear, "matrix"):
-            return float(np.linalg.norm(linear.matrix.data))
-        weight = getattr(linear, "weight", None)
-        if weight is None:
-            return 0.0
-        if weight.ndim > 2:  # a convolution: Schur's test, both sums at most sum |w|
-            return float(np.abs(weight).sum(dtype=np.float64))
-        return float(np.linalg.norm(weight.ravel()))  # Frobenius, in the stored precision
 
 
 def _check_positive(value, what: str) -> None:
@@ -399,14 +356,3 @@ def _check_positive(value, what: str) -> None:
         ok = False
     if not ok:
         raise OnnxlipError(f"{what} must be a positive finite number, got {value!r}")
-
-
-def _out_shape(layers, shape):
-    for layer in layers:
-        if isinstance(layer, Affine):
-            shape = layer.map.out_shape
-        elif isinstance(layer, MaxPool):
-            shape = layer.out_shape
-        else:
-            shape = layer.shape  # () for a scalar output
-    return tuple(shape)

@@ -412,6 +412,23 @@ def make_cases(folder: Path) -> list[Case]:
         ["inspect", save(f, "big_conv.onnx", conv(_nan((2, 1, 3, 3), 0, 1e30),
                                                    out_shape=[1, 2, 3, 3]))],
         "node 'conv' (Conv): kernel has values of magnitude above 1e19", load("big_conv.onnx"))
+    add("Gemm weight whose norm exceeds 1e18",
+        ["inspect", save(f, "big_gemm.onnx", dense(weight=np.full((4, 3), 3e17, np.float32)))],
+        "block 'fc' (Gemm+Relu): its weights are too large for floating-point arithmetic "
+        "(norm up to 1.04e+18", load("big_gemm.onnx"))
+    residual = model([helper.make_node("Gemm", ["x", "A"], ["h"], transB=1, name="fc1"),
+                      helper.make_node("Relu", ["h"], ["r"], name="act1"),
+                      helper.make_node("Gemm", ["r", "B"], ["g"], transB=1, name="fc2"),
+                      helper.make_node("Add", ["g", "r"], ["s"], name="residual"),
+                      helper.make_node("Relu", ["s"], ["y"], name="act2")],
+                     [vi("x", [1, 3])], [vi("y", [1, 3])],
+                     [const("A", np.eye(3)), const("B", np.full((3, 3), 1e18))])
+    add("residual block (two inputs) whose weights exceed 1e18",
+        ["inspect", save(f, "big_residual.onnx", residual)],
+        "block 'fc2' (Gemm+Add+Relu): its weights are too large for floating-point arithmetic",
+        load("big_residual.onnx"))
+    add("Gemm bias of 1e19", ["inspect", save(f, "big_bias.onnx", dense(bias=np.full(4, 1e19, np.float32)))],
+        "block 'fc' (Gemm+Relu): its bias reaches 1e+19, beyond the 1e+18", load("big_bias.onnx"))
 
     # --- too large for memory: refused before allocating
     big = conv(in_shape=(1, 3, 100000, 100000), kernel=np.ones((2, 3, 3, 3), np.float32),

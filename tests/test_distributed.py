@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -237,6 +238,47 @@ def test_sweep_on_cluster_equals_sequential(client):
             assert a[key] == pytest.approx(b[key], rel=1e-6), key
 
 
+def test_seeded_sweep_on_cluster_has_the_sequential_rows(client):
+    """With the run's seed given, every value of every row is the in-process sweep's,
+    whichever worker took which radius and in whatever order."""
+    options = dict(OPTIONS, seed=5)
+    x0 = np.load(ROOT / "models" / "digits_cnn_x0.npy")
+    eps = list(np.geomspace(1e-3, 1.0, 6))
+    parallel = within(WAIT, run_sweep_distributed, options, x0, eps, client=client)
+    sequential = run_sweep(load(**options), x0, eps)
+    assert parallel.global_bound == sequential.global_bound
+    assert comparable(parallel.rows()) == comparable(sequential.rows())
+    assert len(comparable(parallel.rows())) == len(eps)
+
+
+def test_local_cluster_keeps_malloc_thresholds_dynamic(client):
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which fixes glibc's mmap threshold
+    (each large array then mapped and unmapped afresh: twice the CPU of a sweep). The
+    LocalCluster unsets it, in its workers and in this process's environment."""
+    assert set(client.run(trim_setting()).values()) == {None}
+    assert distributed.TRIM_VARIABLE not in os.environ
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_worker_of_another_cluster_sets_malloc_thresholds(monkeypatch):
+    monkeypatch.delenv(distributed.TRIM_VARIABLE, raising=False)
+    assert not distributed.keep_malloc_dynamic()  # nothing fixed them: left to glibc
+    monkeypatch.setenv(distributed.TRIM_VARIABLE, "65536")
+    assert distributed.keep_malloc_dynamic()
+
+
+def trim_setting():
+    """A function that returns its worker's MALLOC_TRIM_THRESHOLD_, made here so that
+    it is sent by value (the workers cannot import this module), and reading the
+    worker's environment (os.environ.get would be sent with this process's)."""
+    def setting() -> str | None:
+        import os
+
+        return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+    return setting
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -263,6 +305,10 @@ def test_separate_scheduler_and_workers_certify_digits(digits, clean, tmp_path):
         assert done.returncode == 0, done.stderr
         assert f"Dask cluster {address}" in done.stderr
         assert comparable(rows_of(out)) == comparable(clean[:20])
+        with distributed.open_client(scheduler=address, announce=False) as other:
+            # these workers' nanny fixed malloc's thresholds; onnxlip's tasks set them again
+            assert all(other.run(trim_setting()).values())
+            assert set(other.run(distributed.keep_malloc_dynamic).values()) == {True}
     finally:
         for proc in started:
             kill_group(proc)

@@ -15,7 +15,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxlip
 from onnxlip.blocks import AffineBlock
-from onnxlip.operators.conv import ConvMap
+from onnxlip.operators.base import LinearMap
+from onnxlip.operators.chain import ChainMap
+from onnxlip.operators.conv import ConvMap, ConvTransposeMap
+from onnxlip.operators.matrix import DenseMap, SparseMap
+from onnxlip.operators.monomial import MonomialMap
+from onnxlip.operators.stack import StackMap
 
 RTOL = 1e-5
 
@@ -216,3 +221,63 @@ def test_node_models_take_the_lowest_ir_version_of_their_opset():
     model = node_model("MaxPool", {}, 4, np.float64, ("y", "argmax"), kernel_shape=[2, 2])
     assert model.ir_version == onnx.helper.find_min_ir_version_for(model.opset_import)
     assert OPSET == 17 and model.ir_version == 8
+
+
+def _coefficient_cases() -> dict[str, LinearMap]:
+    """One map of each operator class, some built so that the cheap bound is tight."""
+    rng = np.random.default_rng(11)
+    dense = DenseMap(rng.standard_normal((5, 4)), (4,), (5,))
+    rank_one = DenseMap(np.ones((3, 4)), (4,), (3,))  # ||A|| = Frobenius
+    conv, _ = _conv_map(FIXED[0])
+    strided, _ = _conv_map(FIXED[4], seed=3)
+    positive = ConvMap(np.ones((1, 1, 3, 3), np.float32), (1, 1, 30, 30), (1, 1), (1, 1, 1, 1),
+                       (1, 1), 1)  # interior rows and columns sum to Σ|w|: Schur's test nearly tight
+    # one input feeding three outputs at the largest scale: ||A|| = 3·√3, the bound exactly
+    fan_out = MonomialMap(np.array([0, 0, 0, 1, -1]), np.array([3.0, -3.0, 3.0, 1.0, 9.0]), (2,), (5,))
+    diagonal = MonomialMap.diagonal(np.array([0.5, -4.0, 2.0]), (3,))
+    return {
+        "dense": dense, "rank_one": rank_one,
+        "sparse": SparseMap(sp.random(6, 5, density=0.5, random_state=1), (5,), (6,)),
+        "conv": conv, "strided": strided, "positive": positive,
+        "transpose": ConvTransposeMap(strided),
+        "fan_out": fan_out, "diagonal": diagonal,
+        "chain": ChainMap([diagonal, DenseMap(rng.standard_normal((4, 3)), (3,), (4,))]),
+        "stack": StackMap([dense, DenseMap(rng.standard_normal((5, 2)), (2,), (5,))]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_coefficient_cases()))
+def test_coefficient_bound_is_above_the_norm(name):
+    linear = _coefficient_cases()[name]
+    exact = np.linalg.norm(linear.to_sparse().toarray(), 2)
+    bound = linear.coefficient_bound()
+    assert bound >= exact * (1 - 1e-9)
+    if name in ("rank_one", "fan_out"):
+        assert bound == pytest.approx(exact, rel=1e-9)
+    if name == "positive":
+        assert bound == pytest.approx(exact, rel=0.02)
+
+
+@pytest.mark.parametrize("name", list(_coefficient_cases()))
+def test_coefficients_finite_sees_a_nan_in_any_factor(name):
+    linear = _coefficient_cases()[name]
+    assert linear.coefficients_finite()
+    for stored in _stored_coefficients(linear):
+        stored.flat[stored.size // 2] = np.nan
+        assert not linear.coefficients_finite()
+        assert not linear.coefficient_bound() <= 1e300  # NaN: no bound, and load refuses it
+        stored.flat[stored.size // 2] = 1.0
+
+
+def _stored_coefficients(linear: LinearMap) -> list[np.ndarray]:
+    """The arrays a map keeps its coefficients in (this test's own knowledge of them)."""
+    if isinstance(linear, (ChainMap, StackMap)):
+        parts = linear.maps if isinstance(linear, ChainMap) else linear.parts
+        return [a for part in parts for a in _stored_coefficients(part)]
+    if isinstance(linear, ConvTransposeMap):
+        return _stored_coefficients(linear.conv)
+    if isinstance(linear, SparseMap):
+        return [linear.matrix.data]
+    if isinstance(linear, MonomialMap):
+        return [linear.scale]
+    return [linear.weight]

@@ -12,8 +12,7 @@ import numpy as np
 import onnx
 
 from ..errors import OnnxlipError
-from ..layers import Activate, Affine, Layer, MaxPool, Merge, Reshape
-from ..operators.base import LinearMap
+from ..layers import Affine, Layer
 
 #: The most elements of any activation, bias or generated constant: larger
 #: tensors stop with an error before anything of that size is allocated.
@@ -231,25 +230,9 @@ def lower(ctx: NodeContext) -> list[Layer]:
 
 
 def _check_layer(ctx: NodeContext, layer: Layer) -> None:
+    ctx.check_size(layer.out_shape)
     if isinstance(layer, Affine):
-        ctx.check_size(layer.map.out_shape)
         if not np.all(np.isfinite(layer.bias)):
             raise ctx.fail("the bias it computes contains NaN or Inf (check its constants)")
-        if not _finite_map(layer.map):
+        if not layer.map.coefficients_finite():
             raise ctx.fail("its linear map contains NaN or Inf (check its constants)")
-    elif isinstance(layer, MaxPool):
-        ctx.check_size(layer.out_shape)
-    elif isinstance(layer, (Activate, Reshape, Merge)):
-        ctx.check_size(layer.shape)
-
-
-def _finite_map(linear: LinearMap) -> bool:
-    """Whether the stored coefficients of a map (and of its factors) are finite."""
-    parts = getattr(linear, "maps", None)
-    if parts is not None:
-        return all(_finite_map(m) for m in parts)
-    for attr in ("weight", "scale"):
-        value = getattr(linear, attr, None)
-        if value is not None and not np.all(np.isfinite(value)):
-            return False
-    return True

@@ -143,6 +143,16 @@ class LinearMap(ABC):
         """Stored nonzeros, where the map is held as a matrix."""
         return None
 
+    @abstractmethod
+    def coefficient_bound(self) -> float:
+        """An upper bound of ||A||₂ read off the stored coefficients alone, in their
+        stored precision: cheaper than norm_cap (no transform, no matrix built), and
+        inf or NaN where they overflow it. What load checks against float range."""
+
+    @abstractmethod
+    def coefficients_finite(self) -> bool:
+        """Whether every stored coefficient (of every factor) is finite."""
+
     def norm_cap(self) -> float:
         """A proven upper bound of ||A||₂ (cheap; the Frobenius norm unless a map knows better)."""
         return frobenius_cap(self.to_sparse().data)

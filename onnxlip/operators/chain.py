@@ -36,6 +36,12 @@ class ChainMap(LinearMap):
     def norm_cap(self) -> float:
         return math.prod(m.norm_cap() for m in self.maps)
 
+    def coefficient_bound(self) -> float:
+        return math.prod(m.coefficient_bound() for m in self.maps)
+
+    def coefficients_finite(self) -> bool:
+        return all(m.coefficients_finite() for m in self.maps)
+
     def rounding(self) -> tuple[float, float]:
         """Errors of the factors carried through the others: applying M_L ⋯ M_1 one
         at a time, ||error|| ≤ Σ_j (Π_{i>j} a_i) η_j Π_{i<j} (a_i + η_i)."""

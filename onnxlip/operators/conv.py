@@ -169,6 +169,14 @@ class ConvMap(LinearMap):
     def norm_cap(self) -> float:
         return self._cap
 
+    def coefficient_bound(self) -> float:
+        """Σ|w|: Schur's test, each row's and each column's absolute sum being at most it."""
+        with np.errstate(all="ignore"):
+            return float(np.abs(self.weight).sum(dtype=np.float64))
+
+    def coefficients_finite(self) -> bool:
+        return bool(np.all(np.isfinite(self.weight)))
+
     def rounding(self) -> tuple[float, float]:
         """onnxruntime's float32 kernels: x rounded to float32 (u·||A||), then each
         output sums fan-in products (c_in/group·kernel; the adjoint c_out/group·kernel):
@@ -275,7 +283,6 @@ class ConvTransposeMap(LinearMap):
     def __init__(self, conv: ConvMap):
         super().__init__(conv.out_shape, conv.in_shape)
         self.conv = conv
-        self.weight = conv.weight  # the stored coefficients, for finiteness and norm checks
 
     @cached_property
     def _squared(self) -> NodeSession:
@@ -316,6 +323,12 @@ class ConvTransposeMap(LinearMap):
 
     def norm_cap(self) -> float:
         return self.conv.norm_cap()
+
+    def coefficient_bound(self) -> float:
+        return self.conv.coefficient_bound()  # ||Aᵀ|| = ||A||
+
+    def coefficients_finite(self) -> bool:
+        return self.conv.coefficients_finite()
 
     def rounding(self) -> tuple[float, float]:
         forward, adjoint = self.conv.rounding()

@@ -62,6 +62,14 @@ class DenseMap(LinearMap):
     def norm_cap(self) -> float:
         return self._frobenius
 
+    def coefficient_bound(self) -> float:
+        """The Frobenius norm, in the stored precision."""
+        with np.errstate(all="ignore"):
+            return float(np.linalg.norm(self.weight.ravel()))
+
+    def coefficients_finite(self) -> bool:
+        return bool(np.all(np.isfinite(self.weight)))
+
     #: float32 products sum at most this many terms in float32; the partial sums
     #: are added in float64 (the rounding bound grows with the block, not the fan-in).
     BLOCK = 1024
@@ -171,6 +179,14 @@ class SparseMap(LinearMap):
 
     def norm_cap(self) -> float:
         return frobenius_cap(self.matrix.data)
+
+    def coefficient_bound(self) -> float:
+        """The Frobenius norm of the stored entries."""
+        with np.errstate(all="ignore"):
+            return float(np.linalg.norm(self.matrix.data))
+
+    def coefficients_finite(self) -> bool:
+        return bool(np.all(np.isfinite(self.matrix.data)))
 
     def matmat(self, x):
         return np.asarray(self.matrix @ x).astype(x.dtype, copy=False)

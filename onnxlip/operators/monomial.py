@@ -9,6 +9,8 @@ in overlapping windows, in the Jacobian); then the transpose adds them up.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -45,6 +47,15 @@ class MonomialMap(LinearMap):
         """Exact up to rounding: the largest norm of the outputs one input feeds."""
         weights = np.bincount(self._cols, weights=self.scale[self._rows] ** 2, minlength=1)
         return float(np.sqrt(weights.max(initial=0.0))) * (1 + 4 * U64)
+
+    def coefficient_bound(self) -> float:
+        """max |scale| · sqrt(the most outputs one input feeds)."""
+        widest = 1 if self.monomial else int(np.bincount(self._cols, minlength=1).max(initial=0))
+        with np.errstate(all="ignore"):
+            return float(np.abs(self.scale).max(initial=0.0)) * math.sqrt(widest)
+
+    def coefficients_finite(self) -> bool:
+        return bool(np.all(np.isfinite(self.scale)))
 
     def rounding(self) -> tuple[float, float]:
         """One float64 product per entry forward; the adjoint also sums the outputs an input feeds."""

@@ -13,7 +13,8 @@ OPSET = 17
 
 #: onnxruntime threads per session: one per logical CPU. Its own default (0)
 #: ran a VGG16 convolution 1.5x slower here (59-74 ms against 39-48 ms with 2
-#: threads on 2 cores). A process pool sets 1 so that its workers share the cores.
+#: threads on 2 cores). Dask workers set 1 (onnxlip.distributed.single_threaded) so
+#: that they share the cores.
 THREADS = os.cpu_count() or 1
 
 

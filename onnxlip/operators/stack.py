@@ -89,6 +89,13 @@ class StackMap(LinearMap):
         """||[A_1 … A_k]|| ≤ sqrt(Σ_j ||A_j||²)."""
         return math.sqrt(sum(p.norm_cap() ** 2 for p in self.parts)) * (1 + 4 * U64)
 
+    def coefficient_bound(self) -> float:
+        """sqrt(Σ_j b_j²) of the parts' bounds (hypot: no overflow of the squares)."""
+        return math.hypot(*(p.coefficient_bound() for p in self.parts)) * (1 + 4 * U64)
+
+    def coefficients_finite(self) -> bool:
+        return all(p.coefficients_finite() for p in self.parts)
+
     def rounding(self) -> tuple[float, float]:
         """Forward: the parts' errors and the float64 sum of k vectors
         (γ_k·Σ_j ||A_j x_j||); adjoint: the parts' errors, stacked."""
