@@ -67,9 +67,10 @@ def test_activation_bounds_are_sound(tmp_path, family, kind, seed):
         lower = engine.lower_bounds(x0, [eps], samples=16, ascent_steps=5)[0]
         assert lower.best <= bound * SLACK
         tight = engine.local_bound(x0, eps, method="tight").bound
-        assert tight <= bound * SOLVER
+        paper = engine.local_bound(x0, eps, method="paper").bound
+        assert tight <= paper * SOLVER and bound <= paper * (1 + 2 * engine.tol)  # bound: auto
         if kind != "relu":
-            assert tight == pytest.approx(bound, rel=1e-12)  # falls back to the paper's bound
+            assert tight == pytest.approx(paper, rel=1e-12)  # falls back to the paper's bound
 
 
 def _model(nodes, inits, shape, out_shape, opset=17):
