@@ -129,6 +129,10 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
         widths = [e if isinstance(b, AffineBlock) else i
                   for b, e, i in zip(blocks, nominal.pre_errors, nominal.in_errors)]
     n0 = nominal.x.size
+    if 8.0 * n0 * n0 > budget:  # not even the input's identity fits
+        return Reach([None] * len(blocks), [None] * len(blocks), None, [
+            f"the exact reach needs more than the memory budget ({budget:.3g} bytes) from the "
+            "input on: the paper's radii"])
     last_read = {j: k for k, block in enumerate(blocks) for j in block.inputs}
     states = {INPUT: Linear(np.eye(n0), np.zeros(n0), np.zeros(n0), np.zeros(n0), np.ones(n0, bool))}
     changes: list = []

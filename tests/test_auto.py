@@ -200,6 +200,16 @@ def test_memory_budget_falls_back_with_a_note(tmp_path):
     assert all(r.test == "paper radius" for r in result.layers)
 
 
+def test_input_past_the_budget_allocates_nothing(tmp_path, monkeypatch):
+    """An input whose identity alone exceeds the budget (ImageNet-sized: 150,528² floats
+    would be 169 GiB) stops the analysis before any allocation."""
+    _, engine, x0 = _chain("conv", 2, tmp_path)
+    engine.memory_budget = 8.0 * x0.size**2 - 1
+    monkeypatch.setattr(np, "eye", lambda *a, **k: pytest.fail("allocated the identity"))
+    result = engine.local_bound(x0, 1e-3)
+    assert any("from the input on" in n for n in result.notes)
+
+
 def test_cli_defaults_to_auto_and_reports_it(tmp_path):
     model, x0 = ROOT / "models" / "tight_mlp6x50.onnx", ROOT / "models" / "tight_mlp6x50_x0.npy"
     out = subprocess.run([sys.executable, "-m", "onnxlip", "bound", str(model), "-x", str(x0),
