@@ -138,3 +138,17 @@ def test_inspect_graph_option(tmp_path, capsys):
     assert text.count("->") == sum(len(b.inputs) for b in engine.blocks) and "norm " in text
     assert main(["inspect", str(tmp_path / "missing.onnx"), "--graph", str(tmp_path / "g.xyz")]) == 2
     assert "--graph" in capsys.readouterr().err
+
+
+def test_bias_after_a_merge_is_added(tmp_path):
+    """(x + x) + c and BN(x + Relu(x)): the bias of a layer after an Add of computed
+    tensors (the block's shared bias) is in the forward pass (it was dropped once)."""
+    for joined in (["x", "x"], ["x", "relu"]):
+        net = dagnets.DagNet("merged", (1, 3), np.random.default_rng(0))
+        net.node("Relu", ["x"])
+        h = net.node("Add", [name if name == "x" else "t0" for name in joined])
+        net.output, net.output_shape = net.bn(net.node("Add", [h, net.const(np.ones(3) * 5)]), 3), ("N", 3)
+        path = net.save(tmp_path / "merged.onnx")
+        x0 = np.array([0.5, -0.25, 2.0])
+        expected = netgen.ort_run(netgen.ort_session(path), x0)
+        assert netgen.rel_err(onnxlip.load(path).forward(x0), expected) <= 1e-6
