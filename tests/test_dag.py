@@ -154,3 +154,34 @@ def test_bias_after_a_merge_is_added(tmp_path):
         x0 = np.array([0.5, -0.25, 2.0])
         expected = netgen.ort_run(netgen.ort_session(path), x0)
         assert netgen.rel_err(onnxlip.load(path).forward(x0), expected) <= 1e-6
+
+
+def test_battery_finds_nothing_on_one_net_and_flags_a_bad_bound(tmp_path, monkeypatch):
+    """tools/dag_battery.py on one pre-activation ResNet: no violation, points counted; with
+    the paper bounds shrunk a millionfold (a fake unsound engine), it reports the sampled
+    ratio above them and 'tight' above 'paper'."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from onnxlip import bounds
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "dag_battery.py"
+    spec = importlib.util.spec_from_file_location("dag_battery", path)
+    battery = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "dag_battery", battery)  # for its dataclasses
+    spec.loader.exec_module(battery)
+    clean = battery.run_one("preact", "relu", 1, tmp_path, samples=40, ascent_steps=3)
+    assert clean.violations == [] and clean.points > 4 * 80
+    assert all(r["sampled"] <= r["paper"] for r in clean.ratios)
+    honest = bounds.local_bound
+
+    def shrunk(*args, **kwargs):
+        result = honest(*args, **kwargs)
+        result.bound *= 1e-6
+        return result
+
+    monkeypatch.setattr(bounds, "local_bound", shrunk)
+    caught = {v["what"] for v in battery.run_one("preact", "relu", 1, tmp_path, samples=40,
+                                                 ascent_steps=3).violations}
+    assert {"sampled ratio above a local bound", "tight above paper"} <= caught
