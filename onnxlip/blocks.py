@@ -185,7 +185,7 @@ class AffineBlock(Block):
             total = total + y  # a sum of the inputs' values: one rounding each
             sums = [(a + b + 2 * U64 * np.abs(total)) * SLACK for a, b in zip(sums, part)]
         if biases and self.shared is not None:
-            total, sums = _add_bias(total, total - self.shared, self.shared, sums)
+            total, sums = _add_bias(total + self.shared, total, self.shared, sums)
         return total, sums
 
     def forward(self, x: np.ndarray) -> np.ndarray:

@@ -95,13 +95,20 @@ class BoundResult:
 
     @property
     def ritz(self) -> float:
-        """The product of the blocks' Ritz values: an estimate from below of the
-        product of their true norms. Two upper bounds of nearly equal products
-        (local and global, or L(ε) and L(2ε)) can come out in either order by up
-        to their tolerances; compare one's `ritz` with the other's `bound`."""
+        """The bound with every block's norm scaled down to its Ritz value: on a
+        chain the product of the Ritz values, an estimate from below of the
+        product of the true norms. On a DAG the bound is a sum over paths of
+        products of norms (each block on a path at most once), so scaling every
+        factor k by ritz_k/bound_k ≤ 1 scales it by at least the product of those
+        ratios (the product of all Ritz values would overshoot: it multiplies
+        parallel branches). Blocks without a single Ritz value (several parts)
+        count with their bound. Two upper bounds of nearly equal values (local
+        and global, or L(ε) and L(2ε)) can come out in either order by up to
+        their tolerances; compare one's `ritz` with the other's `bound`."""
         if self.estimate is not None:
             return self.estimate
-        return math.prod(r.bound if r.ritz is None else r.ritz for r in self.layers)
+        return self.bound * math.prod(r.ritz / r.bound for r in self.layers
+                                      if r.ritz is not None and r.bound)
 
 
 @dataclass

@@ -11,6 +11,11 @@ Sub / Div / Mul / Add by a constant (scalar, per-channel or full shape, on
 either side), Relu (or, one time in three, another activation: LeakyRelu,
 Clip, Sigmoid, Tanh, Softplus, Elu, HardSigmoid, HardSwish, SiLU as
 x·Sigmoid(x)), Flatten.
+
+`dag_nets()` draws graphs that are not chains (a `DagSpec`: stages that keep
+the spatial size, built with tests/dagnets.py's DagNet): residual blocks (Add
+or Sub, batch-norm, grouped convolutions), fan-out into branches joined by Sum
+or Concat, a Concat of a tensor with a function of itself, and pooling branches.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from dagnets import DagNet
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -278,3 +284,103 @@ def nominal(spec: NetSpec) -> np.ndarray:
     """A nominal input x0 drawn from the spec's seed."""
     rng = np.random.default_rng(spec.seed + 1)
     return rng.standard_normal(spec.input_shape).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- DAGs
+
+
+@dataclass(frozen=True)
+class DagSpec:
+    """A DAG network: input shape, stages (kind, params) in order, weight seed, activation."""
+
+    input_shape: tuple[int, ...]
+    stages: tuple[tuple[str, tuple], ...]
+    seed: int
+    activation: str = "relu"
+
+    def __repr__(self) -> str:
+        stages = ", ".join(f"{k}{dict(p)}" for k, p in self.stages)
+        return (f"DagSpec(input={self.input_shape}, seed={self.seed}, "
+                f"activation={self.activation!r}, stages=[{stages}])")
+
+
+@st.composite
+def _dag_stage(draw, conv: bool) -> tuple[str, tuple]:
+    kinds = ["residual", "fanout", "selfconcat"] + (["pool"] if conv else [])
+    kind = draw(st.sampled_from(kinds))
+    if kind == "residual":
+        return kind, (("join", draw(st.sampled_from(["Add", "Sub"]))), ("bn", draw(st.booleans())),
+                      ("mid", draw(st.integers(1, 4))), ("grouped", conv and draw(st.booleans())),
+                      ("act_after", draw(st.booleans())))
+    if kind == "fanout":
+        branches = draw(st.integers(2, 3))
+        return kind, (("join", draw(st.sampled_from(["Sum", "Concat"]))),
+                      ("acts", tuple(draw(st.booleans()) for _ in range(branches))),
+                      ("width", draw(st.integers(1, 3))))
+    if kind == "selfconcat":
+        return kind, (("width", draw(st.integers(1, 3))), ("act", draw(st.booleans())))
+    return kind, (("op", draw(st.sampled_from(["MaxPool", "AveragePool"]))),
+                  ("join", draw(st.sampled_from(["Add", "Concat"]))))
+
+
+@st.composite
+def dag_nets(draw, activation: str = "relu") -> DagSpec:
+    """x (1, n) or (1, C, H, W) -> an affine stem (act) -> 1-3 DAG stages -> [Flatten] -> Gemm."""
+    conv = draw(st.booleans())
+    shape = (1, draw(st.integers(1, 3)), *(draw(st.integers(2, 5)),) * 2) if conv else \
+        (1, draw(st.integers(1, 8)))
+    stages = tuple(draw(_dag_stage(conv)) for _ in range(draw(st.integers(1, 3))))
+    return DagSpec(shape, stages, draw(st.integers(0, 2**31 - 1)), activation)
+
+
+def build_dag(spec: DagSpec) -> DagNet:
+    """The DagNet of a spec (weights drawn from spec.seed); every stage keeps the
+    spatial size, so only the width (features or channels) changes."""
+    net = DagNet("propdag", spec.input_shape, np.random.default_rng(spec.seed),
+                 activation=spec.activation)
+    conv = len(spec.input_shape) == 4
+    width = 3
+
+    def layer(x: str, n_in: int, n_out: int, k: int = 3, group: int = 1) -> str:
+        return net.conv(x, n_in, n_out, k=k, group=group) if conv else net.gemm(x, n_in, n_out)
+
+    h = net.act(layer("x", spec.input_shape[1], width))
+    for kind, params in spec.stages:
+        p = dict(params)
+        if kind == "residual":
+            mid = p["mid"] * width if p["grouped"] else p["mid"]
+            branch = layer(h, width, mid, k=1) if p["grouped"] else layer(h, width, mid)
+            if p["bn"]:
+                branch = net.bn(branch, mid)
+            branch = net.act(branch)
+            branch = layer(branch, mid, width, group=width if p["grouped"] else 1)
+            h = net.node(p["join"], [h, branch])
+            h = net.act(h) if p["act_after"] else h
+        elif kind == "fanout":
+            outs = width if p["join"] == "Sum" else p["width"]
+            parts = [layer(h, width, outs) for _ in p["acts"]]
+            parts = [net.act(b) if a else b for b, a in zip(parts, p["acts"])]
+            h = net.node(p["join"], parts, **({"axis": 1} if p["join"] == "Concat" else {}))
+            width = outs if p["join"] == "Sum" else outs * len(parts)
+        elif kind == "selfconcat":
+            grown = layer(h, width, p["width"])
+            grown = net.act(grown) if p["act"] else grown
+            h = net.node("Concat", [h, grown], axis=1)
+            width += p["width"]
+        else:  # a stride-1 padded pool of h, added or concatenated to h
+            pooled = net.pool(h, p["op"], 3, 1, 1)
+            if p["join"] == "Add":
+                h = net.node("Add", [h, pooled])
+            else:
+                h, width = net.node("Concat", [h, pooled], axis=1), 2 * width
+    if conv:
+        h = net.node("Flatten", [h])
+        width *= spec.input_shape[2] * spec.input_shape[3]
+    net.output = net.gemm(h, width, 2)
+    return net
+
+
+def dag_nominal(spec: DagSpec) -> np.ndarray:
+    """A nominal input x0 drawn from the spec's seed."""
+    return np.random.default_rng(spec.seed + 1).standard_normal(spec.input_shape)
+

@@ -10,6 +10,11 @@ therefore put the Ritz value of the smaller side (`ritz`, a lower estimate)
 against the upper bound of the larger side, with the relative slack SLACK.
 Lower bounds from real evaluations are compared with the upper bound as reported.
 
+The same order holds over random DAGs (propnets.dag_nets: residual Add/Sub,
+fan-out, Concat, pooling branches), where the local bounds are computed before
+the global bound (a network caps its local bounds by a global bound it knows)
+and also checked against float64 difference quotients of the net's twin.
+
 Quick by default (25 examples per property); ONNXLIP_HYPOTHESIS_PROFILE=long
 runs thousands (profiles in tests/conftest.py).
 """
@@ -25,7 +30,8 @@ import onnxruntime as ort
 import pytest
 from hypothesis import example, given, note
 from hypothesis import strategies as st
-from propnets import NetSpec, build, dense_nets, networks, nominal
+from netgen import ball_points, max_ratio
+from propnets import NetSpec, build, build_dag, dag_nets, dag_nominal, dense_nets, networks, nominal
 
 import onnxlip
 
@@ -133,3 +139,41 @@ def test_sampled_lower_bound_below_jacobian_norm_on_affine_ball(workdir):
     lower = net.lower_bounds(x0, [eps], samples=16, ascent_steps=5)[0]
     assert lower.jacobian_exact
     assert lower.sampled <= lower.jacobian_norm * (1 + SLACK)
+
+
+def _load_dag(workdir: Path, spec) -> tuple[onnxlip.Network, Path, object]:
+    note(repr(spec))
+    net = build_dag(spec)
+    path = net.save(workdir / f"dag{next(_counter)}.onnx")
+    return onnxlip.load(path), path, net
+
+
+@given(spec=dag_nets(), eps=EPS)
+def test_dag_lower_local_global_are_ordered(workdir, spec, eps):
+    """On a DAG: forward pass = onnxruntime's; sampled ratios (float64 twin) and onnxlip's
+    lower bounds ≤ local ('paper' and 'tight') ≤ global, compared as BoundResult.ritz says."""
+    engine, path, net = _load_dag(workdir, spec)
+    x0 = dag_nominal(spec)
+    ours, ref = engine.forward(x0), _onnxruntime(path, x0.astype(np.float32))
+    assert np.linalg.norm(ours - ref) <= 1e-4 * np.linalg.norm(ref) + 1e-7
+    paper, tight = engine.local_bound(x0, eps, method="paper"), engine.local_bound(x0, eps, method="tight")
+    auto = engine.local_bound(x0, eps)
+    upper = [(r.bound, r.ritz) for r in (paper, tight, auto)]  # before anything can re-solve them
+    glob = engine.global_bound().bound
+    twin = net.twin()
+    sampled = max_ratio(twin, x0, ball_points(np.random.default_rng(spec.seed), x0, eps, 40, 40))
+    lower = engine.lower_bounds(x0, [eps], samples=16, ascent_steps=5)[0].best
+    note(f"sampled {sampled!r}, lower {lower!r}, paper {upper[0]!r}, tight {upper[1]!r}, global {glob!r}")
+    assert upper[1][1] <= upper[0][0] * (1 + SLACK)
+    assert upper[2][0] <= upper[0][0] * (1 + 2 * engine.tol)
+    for bound, ritz in upper:
+        assert max(sampled, lower) <= bound * (1 + SLACK)
+        assert ritz <= glob * (1 + SLACK)
+
+
+@given(spec=dag_nets(), eps=EPS)
+def test_dag_local_bound_grows_with_eps(workdir, spec, eps):
+    engine, _, _ = _load_dag(workdir, spec)
+    small, large = engine.local_bounds(dag_nominal(spec), [eps, 2 * eps], method="paper")
+    note(f"L(eps) {small.bound!r}, L(2 eps) {large.bound!r}")
+    assert small.ritz <= large.bound * (1 + SLACK)

@@ -4,6 +4,7 @@
     python tools/bench.py --networks cifar10_avant alexnet --sweep-points 30
     python tools/bench.py --model m.onnx --input x.npy --name mine --json bench.json
     python tools/bench.py --parallel                # Dask: 1,000 digits, a 30-radius sweep
+    python tools/bench.py --zoo resnet18_32 resnet18_224  # exported ResNets (both exporters)
 
 For each network (each in its own process, so that peak memory is its own):
 one onnxruntime forward pass, one local bound, one global bound, an ε sweep,
@@ -12,6 +13,14 @@ forward-pass timing is made), and each time's ratio to the forward pass; per-blo
 eigensolver iterations and residuals; and, with --tolerance-check, each block's
 bound against a run at a 10x tighter tolerance. Large models come from
 `python tools/make_models.py --large` (in $ONNXLIP_CACHE or ~/.cache/onnxlip).
+
+--zoo times torch-exported models instead (issue 12: `python tools/make_models.py
+--zoo` builds them into the cache): for each torchvision ResNet and each exporter
+(TorchScript `_ts`, dynamo `_dynamo`), in its own process: the engine's forward
+pass against onnxruntime's (largest difference relative to the largest output,
+must be ≤ 1e-4), one local bound (paper), the global bound, a certificate of x0
+(its top class, bisection to --zoo-rel-tol), peak memory, each time's ratio to
+onnxruntime's forward pass in the same process, and the load average.
 
 --parallel times the Dask engine instead: 1,000 digits certified on
 models/digits_cnn.onnx by 2 Dask workers against the process pool onnxlip used
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -115,6 +125,76 @@ def bench_one(name: str, model: str, x0_path: str, published: str | None, eps: f
         row["reference_s"] = reference["reference_seconds_per_eps_2core_cpu"]
         row["speedup_vs_reference"] = row["reference_s"] / local_s
     return row
+
+
+ZOO = ("resnet18_32", "resnet18_224", "resnet50_224", "mobilenet_v2_224")
+ZOO_EXPORTERS = ("ts", "dynamo")
+#: Issue 12's targets on the 2-core machine: local bound seconds (and peak GB).
+ZOO_TARGETS = {"resnet18_224": {"local_s": 60.0}, "resnet50_224": {"local_s": 300.0, "peak_gb": 6.0}}
+
+
+def zoo_models(names: list[str]) -> list[tuple[str, Path, Path]]:
+    """(name_exporter, model, x0) of the zoo members found in the cache."""
+    found = []
+    for name in names:
+        for exporter in ZOO_EXPORTERS:
+            model = CACHE / f"{name}_{exporter}.onnx"
+            if model.is_file():
+                found.append((f"{name}_{exporter}", model, CACHE / f"{name}_{exporter}_x0.npy"))
+            else:
+                print(f"bench: {model} not found (python tools/make_models.py --zoo {name})",
+                      file=sys.stderr)
+    return found
+
+
+def bench_zoo_one(name: str, model: str, x0_path: str, eps: float, rel_tol: float) -> dict:
+    """One exported model: forward-pass agreement, local and global bound, certify, memory."""
+    row = {"network": name, "load_before": load_average()}
+    x0 = np.load(x0_path, allow_pickle=False)
+    fwd = forward_time(model, x0, 10)
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    reference = session.run(None, {session.get_inputs()[0].name: x0.astype(np.float32)})[0]
+    del session
+
+    def timed(what: str, func):
+        """func(), its wall and CPU seconds (all threads: robust to a loaded machine) in row."""
+        start, cpu = time.perf_counter(), time.process_time()
+        value = func()
+        row[f"{what}_s"], row[f"{what}_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
+        return value
+
+    net = timed("load", lambda: onnxlip.load(model, seed=0))
+    ours = timed("engine_forward", lambda: net.forward(x0))
+    ref = np.asarray(reference, np.float64).ravel()
+    row["forward_rel_diff"] = float(np.max(np.abs(ours.ravel() - ref)) / np.max(np.abs(ref)))
+    local = timed("local", lambda: net.local_bound(x0, eps))
+    row["peak_rss_after_local_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    glob = timed("global", net.global_bound)
+    cert = timed("certify", lambda: net.certify(x0, rel_tol=rel_tol))
+    row.update({
+        "forward_s": fwd, "eps": eps, "blocks": len(net.blocks), "local_bound": local.bound,
+        "global_bound": glob.bound, "guarantee": local.guarantee,
+        "radius_local": cert.radius_local, "radius_global": cert.radius_global,
+        "attack_distance": cert.attack_distance, "bound_evaluations": cert.bound_evaluations,
+        "local_over_forward": row["local_s"] / fwd, "global_over_forward": row["global_s"] / fwd,
+        "certify_over_forward": row["certify_s"] / fwd,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "load_after": load_average()})
+    return row
+
+
+def zoo(names: list[str], eps: float, rel_tol: float) -> dict:
+    rows = []
+    for name, model, x0 in zoo_models(names):
+        rows.append(run_in_subprocess(["--zoo-one", name, str(model), str(x0), "--eps", str(eps),
+                                       "--zoo-rel-tol", str(rel_tol)], one=False))
+        print(f"{name}: {json.dumps(rows[-1])}", file=sys.stderr)
+    for row in rows:
+        target = ZOO_TARGETS.get(row["network"].rsplit("_", 1)[0], {})
+        row["targets"] = target
+        row["meets_targets"] = row["local_s"] <= target.get("local_s", math.inf) and \
+            row["peak_rss_mb"] / 1024 <= target.get("peak_gb", math.inf)
+    return {"machine": machine(), "results": rows}
 
 
 def thousand_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -257,9 +337,9 @@ def machine() -> dict:
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
-def run_in_subprocess(args: list[str]) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--one", *args], capture_output=True,
-                          text=True, check=False)
+def run_in_subprocess(args: list[str], one: bool = True) -> dict:
+    done = subprocess.run([sys.executable, __file__, *(["--one"] if one else []), *args],
+                          capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"bench: {args[0]} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -280,6 +360,12 @@ def main() -> int:
     parser.add_argument("--parallel", nargs="?", const="all", choices=("all", "certify", "sweep"),
                         help="time the Dask engine: certify 1,000 digits, a 30-radius sweep")
     parser.add_argument("--workers", type=int, default=2, help="Dask workers for --parallel (2)")
+    parser.add_argument("--zoo", nargs="*", choices=ZOO, metavar="NAME",
+                        help=f"time exported zoo models from the cache: {', '.join(ZOO)} "
+                             "(default: every one found)")
+    parser.add_argument("--zoo-rel-tol", type=float, default=1e-2,
+                        help="relative precision of the certified radius for --zoo (1e-2)")
+    parser.add_argument("--zoo-one", nargs=3, metavar=("NAME", "MODEL", "X0"), help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=4, metavar=("NAME", "MODEL", "X0", "PUBLISHED"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -287,6 +373,20 @@ def main() -> int:
         name, model, x0, published = args.one
         print(json.dumps(bench_one(name, model, x0, None if published == "-" else published,
                                    args.eps, args.sweep_points, args.repeat, args.tolerance_check)))
+        return 0
+    if args.zoo_one:
+        print(json.dumps(bench_zoo_one(*args.zoo_one, args.eps, args.zoo_rel_tol)))
+        return 0
+    if args.zoo is not None:
+        result = zoo(args.zoo or list(ZOO), args.eps, args.zoo_rel_tol)
+        headers = ["network", "forward_s", "forward_rel_diff", "load_s", "local_s", "local_cpu_s",
+                   "global_s", "global_cpu_s", "certify_s", "certify_cpu_s", "local_over_forward",
+                   "global_over_forward", "certify_over_forward", "peak_rss_mb", "local_bound",
+                   "global_bound", "radius_local", "meets_targets", "load_before", "load_after"]
+        print(json.dumps(result["machine"]))
+        print(table(headers, [[r.get(h) for h in headers] for r in result["results"]]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
         return 0
     if args.parallel:
         result = {"machine": machine()}
