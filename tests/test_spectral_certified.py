@@ -210,6 +210,22 @@ def test_fourier_cap_is_an_upper_bound(config):
     assert fourier_cap(conv) >= exact
     assert conv._abs_norm >= exact
     assert conv.norm_cap() >= exact
+    assert conv.norm_cap() >= conv.sharp_cap() >= exact
+
+
+@pytest.mark.parametrize("config", CONVS + [(3, 2, (11, 11), (40, 40), (4, 4), (2, 2, 2, 2), (1, 1), 1),
+                                    (2, 2, (5,), (40,), (4,), (0, 0), (2,), 1)])
+def test_conv_fan_out_counts_the_adjoints_products(config):
+    """The adjoint's rounding margin counts the nonzeros of the matrix's columns
+    (the products summed into one input position): never fewer, and exactly as
+    many on an image large enough to hold a full column (strides, dilations, groups)."""
+    m, c, kernel, spatial, strides, pads, dilations, group = config
+    w = np.random.default_rng(1).uniform(1, 2, (m, c // group, *kernel))
+    conv = ConvMap(w, (1, c, *spatial), strides, pads, dilations, group)
+    column_nnz = int(np.bincount(conv.to_sparse().indices).max())
+    assert column_nnz <= conv.fan_out
+    if min(spatial) >= 20:
+        assert column_nnz == conv.fan_out
 
 
 def test_exact_paths_match_lapack():
