@@ -142,6 +142,24 @@ class ConvMap(LinearMap):
                 out[rows] += kernel @ patches
         return out.ravel()
 
+    def float64_rmatvec(self, u: np.ndarray) -> np.ndarray:
+        """Aᵀ u in float64 (numpy, the model's kernel): float64_matvec's products
+        transposed, each kernel offset's scattered back onto its strided window."""
+        weight = self.weight.astype(np.float64) if self._exact is None else self._exact
+        rank, spatial = self.rank, self.out_shape[2:]
+        padded = [self.in_shape[2 + i] + self.pads[i] + self.pads[rank + i] for i in range(rank)]
+        image = np.zeros((self.in_shape[1], *padded))
+        m, cg = weight.shape[:2]
+        mg, positions = m // self.group, math.prod(spatial)
+        grad = u.reshape(m, positions)
+        for g in range(self.group):
+            rows, chans = slice(g * mg, (g + 1) * mg), slice(g * cg, (g + 1) * cg)
+            for offset in itertools.product(*[range(k) for k in weight.shape[2:]]):
+                part = weight[(rows, slice(None), *offset)].T @ grad[rows]
+                image[(chans, *self._window(offset))] += part.reshape(cg, *spatial)
+        crop = tuple(slice(self.pads[i], self.pads[i] + self.in_shape[2 + i]) for i in range(rank))
+        return image[(slice(None), *crop)].ravel()
+
     def _window(self, offset: tuple[int, ...]) -> tuple[slice, ...]:
         """The input positions that kernel offset `offset` meets, one per output position."""
         return tuple(slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in
