@@ -208,21 +208,28 @@ def masked_norm(linear: LinearMap, rows: np.ndarray, cols: np.ndarray,
     matrix of the smaller side when it is short (dense_norm). Otherwise
     certified Lanczos, matrix-free (spectral.gram_norm): the Gram operator
     D Aᵀ R² A D (or R A D Aᵀ R, on the smaller side) with the masks skipped
-    where they are all ones, the start in the range of the mask, the map's
-    proven norm cap (times max |r|) as a cap, and its products' rounding
-    (LinearMap.rounding) carried into a bound of the Gram operator's error.
+    where they are all ones, the start in the range of the mask, a proven cap
+    (the map's sharp_cap where unmasked, else max |r| times its norm_cap), and
+    its products' rounding (LinearMap.rounding) carried into a bound of the
+    Gram operator's error.
     """
     solver = as_solver(solver)
     if not rows.any() or not cols.any():
         return SpectralNorm(0.0, 0)
+    active_rows, active_cols = np.flatnonzero(rows), np.flatnonzero(cols)
+    sub = linear.restricted(active_rows, active_cols)
+    if sub is not None:  # the same norm, on the active part held apart (cheaper products)
+        return masked_norm(sub, rows[active_rows], np.ones(active_cols.size), solver, key)
     exact = dense_norm(linear, rows, cols)
     if exact is not None:
         return exact
     scale = float(np.max(np.abs(rows)))
-    cap = scale * linear.norm_cap()
     error = gram_error(linear, scale)
     rows = None if np.all(rows == 1) else rows
     cols = None if np.all(cols == 1) else cols
+    # The costlier sharp cap only for the unmasked map: a masked one's norm is
+    # mostly well below ||A||, where no cap can stop the solve.
+    cap = linear.sharp_cap() if rows is None and cols is None else scale * linear.norm_cap()
     if linear.in_size <= linear.out_size:
         weight = None if rows is None else rows**2
 
@@ -254,11 +261,13 @@ def gram_error(linear: LinearMap, scale: float) -> tuple[float, float]:
     η_f, η_a per unit input (LinearMap.rounding); the float64 weighting by r² by a
     relative 2u, folded into η_a as 2u·a (a ≥ ||A||). Forward first:
     B̃x − Bx = Mᵀ(R e₁) + e₂ with ||R e₁|| ≤ r·η_f||x||, ||e₂|| ≤ η_a·r(σ + r·η_f)||x||,
-    so c₁ = r(η_f + η_a), c₀ = r²η_fη_a; the other side is symmetric."""
+    so c₁ = r(η_f + η_a), c₀ = r²η_fη_a. Adjoint first (R u, Aᵀ, D, A, R) the
+    same with η_f and η_a swapped, the two weightings by r folded into η_f: both
+    get 2u·a, and either order is covered."""
     a = linear.norm_cap()
     eta_f, eta_a = linear.rounding()
     u = float(np.finfo(np.float64).eps)
-    eta_f, eta_a = max(eta_f, eta_a) + 2 * u * a, max(eta_f, eta_a) + 2 * u * a  # either order
+    eta_f, eta_a = eta_f + 2 * u * a, eta_a + 2 * u * a
     return _lift(scale * (eta_f + eta_a), scale**2 * eta_f * eta_a)
 
 

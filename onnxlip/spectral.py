@@ -14,13 +14,20 @@ published bounds, each at δ/2:
   and Lanczos algorithms with a random start", SIAM J. Matrix Anal. Appl.
   13(4):1094-1122, 1992 (abstract: the probabilistic failure of Lanczos is "at
   most √n·e^{−(2k−1)√ε}" up to a constant; their Theorem 4.2 gives the constant
-  1.648 ≈ √e, which we could not check against the paper's text and round up
-  to KW_CONSTANT = 2): for a symmetric positive (semi-)definite n×n matrix,
+  1.648 ≈ √e, which we could not check against the paper's text (only its
+  abstract, SIAM's and technical report CUCS-465-89's, which state the form
+  without the constant) and round up to KW_CONSTANT = 2 ≥ 1.648): for a
+  symmetric positive (semi-)definite n×n matrix,
   P[θ_k < (1 − ε)λ_max] ≤ C·√n·e^{−√ε(2k−1)}. Inverted: with
   ε_k = (ln(C√n/δ)/(2k−1))², λ_max ≤ θ_k/(1 − ε_k). Worst case over spectra.
   Their k counts matrix-vector products ([b, Ab, …, A^k b]); in case it means
   a Krylov space of dimension k + 1, the bound is applied with k − 1 for our
-  dimension-k space (θ_k ≥ θ_{k−1}: one step of insurance).
+  dimension-k space (θ_k ≥ θ_{k−1}: one step of insurance). Their probability
+  is for one k fixed in advance, not for a step chosen by looking at the
+  results (the stopping step: the failure events of different k need not
+  nest), so KW is evaluated only at the steps of a fixed geometric schedule
+  (kw_steps: ~22 up to 1000 steps), its share of δ split evenly among them
+  (a union bound).
 * van Dorsselaer, Hochstenbach & van der Vorst, "Computing probabilistic bounds
   for extreme eigenvalues of symmetric matrices with the Lanczos method", SIAM
   J. Matrix Anal. Appl. 22(3), 2000 (the "Lanczos polynomial" bound): with
@@ -29,7 +36,8 @@ published bounds, each at δ/2:
   betaincinv). For χ the characteristic polynomial of T_{k−1},
   |c₁χ(λ_max)| ≤ ||χ(B)b|| = β₁⋯β_{k−1}, so λ_max is at most the λ > θ_max(T_{k−1})
   where |χ(λ)| = β₁⋯β_{k−1}/t_δ. Adapts to the actual spectrum (tight after a
-  gap), where KW covers every spectrum.
+  gap), where KW covers every spectrum. It holds at every step at once (on the
+  one event |c₁| ≥ t_δ), so the stopping step may depend on the results.
 
 The solve stops when the certified bound is within `tol` of the Ritz value
 sqrt(θ_k), which is below the true norm: the reported bound is then at most
@@ -166,41 +174,55 @@ def gram_norm(gram: Apply, n: int, solver: Solver | None = None, key: Hashable =
     if mask is not None:
         v = v * (mask != 0)
     full = want_vector or n * 8 * BASIS_STEPS <= solver.basis_bytes
-    certify = _Certificate(dim, solver.delta, full) if upper else None
+    certify = _Certificate(dim, solver.delta, full, solver.max_iter) if upper else None
     result = _lanczos(gram, v, solver, full, certify, cap, error)
     result.seed = solver.seed
     return result
+
+
+def kw_steps(max_iter: int) -> frozenset[int]:
+    """The steps (fixed in advance) where the KW bound is evaluated: ⌈8·1.25^j⌉ up to
+    max_iter, at most 25% past any step where it would first have stopped the solve."""
+    steps, j = set(), 0
+    while (k := math.ceil(8 * 1.25**j)) <= max_iter:
+        steps.add(k)
+        j += 1
+    return frozenset(steps)
 
 
 class _Certificate:
     """Upper bounds of λ_max from the Lanczos coefficients, each holding with
     probability ≥ 1 − δ over the random start (see the module docstring)."""
 
-    def __init__(self, dim: int, delta: float, full: bool):
+    def __init__(self, dim: int, delta: float, full: bool, max_iter: int):
         self.dim, self.delta = dim, delta
         self.use_kw = full  # KW needs the exact-arithmetic process: full reorthogonalization
         share = delta / 2 if full else delta
-        self.kw_log = math.log(KW_CONSTANT * math.sqrt(dim) / share)
+        self.kw_steps = kw_steps(max_iter)
+        self.kw_log = math.log(KW_CONSTANT * math.sqrt(dim) * len(self.kw_steps) / share)
         # |c₁| ≥ t with probability 1 − share: t² is Beta(1/2, (dim−1)/2)'s share-quantile.
         self.log_t = 0.0 if dim == 1 else 0.5 * math.log(float(betaincinv(0.5, (dim - 1) / 2, share)))
 
-    def bound(self, theta: float, alphas: list[float], betas: list[float]) -> float:
+    def bound(self, theta: float, alphas: list[float], betas: list[float],
+              previous: np.ndarray | None = None) -> float:
         """The smaller certified upper bound of λ_max after k = len(alphas) steps
-        (betas: β₁..β_{k−1}, the coefficients inside T_k)."""
+        (betas: β₁..β_k; previous: T_{k−1}'s eigenvalues where already known)."""
         k = len(alphas)
         best = math.inf
-        if self.use_kw:
-            eps = (self.kw_log / (2 * k - 3)) ** 2 if k >= 2 else math.inf  # KW at k − 1 (module docstring)
+        if self.use_kw and k in self.kw_steps:
+            eps = (self.kw_log / (2 * k - 3)) ** 2  # KW at k − 1 (module docstring)
             if eps < 1:
                 best = theta / (1 - eps)
         if k >= 2 and all(b > 0 for b in betas[: k - 1]):
-            best = min(best, self._polynomial(alphas[: k - 1], betas[: k - 1]))
+            best = min(best, self._polynomial(alphas[: k - 1], betas[: k - 1], previous))
         return best
 
-    def _polynomial(self, alphas: list[float], betas: list[float]) -> float:
-        """The λ above T_{k−1}'s Ritz values where |χ(λ)| = β₁⋯β_{k−1}/t."""
-        ritz = eigvalsh_tridiagonal(np.array(alphas), np.array(betas[:-1])) if len(alphas) > 1 \
-            else np.array(alphas)
+    def _polynomial(self, alphas: list[float], betas: list[float],
+                    ritz: np.ndarray | None = None) -> float:
+        """The λ above T_{k−1}'s Ritz values (`ritz`, computed unless given) where
+        |χ(λ)| = β₁⋯β_{k−1}/t."""
+        if ritz is None:
+            ritz = _ritz_values(alphas, betas[:-1])
         target = float(np.sum(np.log(betas))) - self.log_t
         top = float(ritz[-1])
 
@@ -228,15 +250,18 @@ def _lanczos(gram: Apply, v: np.ndarray, solver: Solver, full: bool,
     basis = _Basis(v / norm) if full else _RecentBasis(v / norm)
     alphas: list[float] = []
     betas: list[float] = []
-    theta, settled, value = 0.0, 0, math.inf
+    theta, settled, value, previous = 0.0, 0, math.inf, None
     for step in range(1, solver.max_iter + 1):
         w = gram(basis.last)
         alphas.append(float(basis.last @ w))
         w = basis.orthogonalize(w)
         beta = float(np.linalg.norm(w))
-        values, vectors = _ritz(alphas, betas)
+        if certify is None:  # the top Ritz vector at every step, for its residual
+            values, vectors = _ritz(alphas, betas)
+            residual = abs(beta * vectors[-1, -1]) / max(float(values[-1]), 1e-300)
+        else:  # all of T_k's eigenvalues (the next step's polynomial bound needs them)
+            values = _ritz_values(alphas, betas)
         new_theta = max(float(values[-1]), 0.0)
-        residual = abs(beta * vectors[-1, -1]) / new_theta if new_theta > 0 else 0.0
         settled = settled + 1 if new_theta - theta <= solver.tol * new_theta else 0
         theta = new_theta
         ritz = math.sqrt(theta)
@@ -245,13 +270,14 @@ def _lanczos(gram: Apply, v: np.ndarray, solver: Solver, full: bool,
             if (settled >= 3 and residual <= 1e-2) or residual <= solver.tol or exhausted:
                 return SpectralNorm(ritz, step, residual, True, basis.combine(vectors[:, -1]), ritz)
         else:
-            lam = certify.bound(theta, alphas, betas + [beta])
+            lam = certify.bound(theta, alphas, betas + [beta], previous)
+            previous = values
             if exhausted:
                 lam = min(lam, theta + beta)
             value = _with_rounding(lam * (1 + RITZ_SLACK), error) if np.isfinite(lam) else math.inf
             floor = _with_rounding(theta, error)  # the rounding margin is there whatever the step
             if value <= (1 + solver.tol) * floor or exhausted or cap <= (1 + solver.tol) * floor:
-                return _result(value, cap, step, residual, True, basis, vectors, ritz, certify)
+                return _result(value, cap, step, True, basis, alphas, betas, beta, certify)
         if beta == 0.0:
             break
         betas.append(beta)
@@ -259,7 +285,7 @@ def _lanczos(gram: Apply, v: np.ndarray, solver: Solver, full: bool,
     if certify is None:
         return SpectralNorm(math.sqrt(theta), step, residual, False,
                             basis.combine(_padded(vectors[:, -1], basis)), math.sqrt(theta))
-    return _result(value, cap, step, residual, False, basis, vectors, math.sqrt(theta), certify)
+    return _result(value, cap, step, False, basis, alphas, betas[: len(alphas) - 1], beta, certify)
 
 
 def _with_rounding(lam: float, error: tuple[float, float]) -> float:
@@ -268,8 +294,13 @@ def _with_rounding(lam: float, error: tuple[float, float]) -> float:
     return (c1 + math.sqrt(c1 * c1 + 4 * (lam + c0))) / 2
 
 
-def _result(value, cap, step, residual, converged, basis, vectors, ritz, certify) -> SpectralNorm:
-    vector = basis.combine(_padded(vectors[:, -1], basis))
+def _result(value, cap, step, converged, basis, alphas, betas, beta, certify) -> SpectralNorm:
+    """The certified value (or the cap, where lower), with the top Ritz pair of T_k
+    (betas: its k − 1 off-diagonal coefficients; beta: β_k, for the residual)."""
+    values, vectors = _ritz(alphas, betas)
+    theta = max(float(values[-1]), 0.0)
+    residual = abs(beta * vectors[-1, -1]) / theta if theta > 0 else 0.0
+    vector, ritz = basis.combine(_padded(vectors[:, -1], basis)), math.sqrt(theta)
     if cap <= value:
         return SpectralNorm(cap, step, residual, True, vector, ritz)
     return SpectralNorm(value, step, residual, converged, vector, ritz, "probabilistic",
@@ -283,10 +314,14 @@ def _padded(coefficients: np.ndarray, basis) -> np.ndarray:
 
 
 class _Basis:
-    """The Lanczos vectors, stored as rows of a preallocated array."""
+    """The Lanczos vectors, stored as rows of one preallocated array: room for
+    BASIS_STEPS rows from the start (up to 256 MB: the budget the full basis is
+    granted for; untouched pages cost nothing), doubled when a solve needs more. Growing
+    it by doubling from 16 rows cost 0.7 s of AlexNet's local bound in copies."""
 
     def __init__(self, first: np.ndarray):
-        self._rows = np.empty((16, first.size))
+        rows = min(BASIS_STEPS, max(16, int(BASIS_STEPS * 125_000 // first.size)))  # ≤ 256 MB
+        self._rows = np.empty((rows, first.size))
         self._rows[0] = first
         self._count = 1
 
@@ -311,12 +346,13 @@ class _Basis:
         """Full reorthogonalization: the three-term recurrence against the last two
         vectors first, then classical Gram-Schmidt against the whole basis,
         repeated once when it cancelled most of w (Kahan's "twice is enough")."""
+        w = np.array(w, dtype=np.float64)  # a copy: updated in place below
         for i in range(max(self._count - 2, 0), self._count):
-            w = w - (self._rows[i] @ w) * self._rows[i]
+            w -= (self._rows[i] @ w) * self._rows[i]
         rows = self._rows[: self._count]
         for _ in range(2):
             before = np.linalg.norm(w)
-            w = w - (rows @ w) @ rows
+            w -= (rows @ w) @ rows
             if np.linalg.norm(w) >= 0.7 * before:
                 break
         return w
@@ -342,6 +378,13 @@ class _RecentBasis:
             if q is not None:
                 w = w - (q @ w) * q
         return w
+
+
+def _ritz_values(alphas: list[float], betas: list[float]) -> np.ndarray:
+    """All eigenvalues of the k×k tridiagonal matrix, ascending."""
+    if len(alphas) == 1:
+        return np.array(alphas, dtype=float)
+    return eigvalsh_tridiagonal(np.array(alphas), np.array(betas[: len(alphas) - 1]))
 
 
 def _ritz(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -211,6 +211,35 @@ def test_fourier_cap_is_an_upper_bound(config):
     assert fourier_cap(conv) >= exact
     assert conv._abs_norm >= exact
     assert conv.norm_cap() >= exact
+    assert conv.norm_cap() >= conv.sharp_cap() >= exact
+
+
+@pytest.mark.parametrize("config", CONVS + [(3, 2, (11, 11), (40, 40), (4, 4), (2, 2, 2, 2), (1, 1), 1),
+                                    (2, 2, (5,), (40,), (4,), (0, 0), (2,), 1)])
+def test_conv_fan_out_counts_the_adjoints_products(config):
+    """The adjoint's rounding margin counts the nonzeros of the matrix's columns
+    (the products summed into one input position): never fewer, and exactly as
+    many on an image large enough to hold a full column (strides, dilations, groups)."""
+    m, c, kernel, spatial, strides, pads, dilations, group = config
+    w = np.random.default_rng(1).uniform(1, 2, (m, c // group, *kernel))
+    conv = ConvMap(w, (1, c, *spatial), strides, pads, dilations, group)
+    column_nnz = int(np.bincount(conv.to_sparse().indices).max())
+    assert column_nnz <= conv.fan_out
+    if min(spatial) >= 20:
+        assert column_nnz == conv.fan_out
+
+
+@pytest.mark.parametrize("config", CONVS)
+def test_conv_float64_products_match_the_matrix(config):
+    """float64_matvec and float64_rmatvec (the references' products) are A and Aᵀ."""
+    m, c, kernel, spatial, strides, pads, dilations, group = config
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((m, c // group, *kernel)).astype(np.float32)  # to_sparse's own
+    conv = ConvMap(weight, (1, c, *spatial), strides, pads, dilations, group)
+    matrix = conv.to_sparse()
+    x, u = rng.standard_normal(conv.in_size), rng.standard_normal(conv.out_size)
+    np.testing.assert_allclose(conv.float64_matvec(x), matrix @ x, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(conv.float64_rmatvec(u), matrix.T @ u, rtol=1e-12, atol=1e-12)
 
 
 def test_exact_paths_match_lapack():
@@ -330,3 +359,37 @@ def test_cli_seed_and_delta(tmp_path, capsys):
     assert all(layer["seed"] in (7, None) for layer in first["points"][0]["layers"])
     assert main(["bound", str(path), "-x", str(x), "--eps", "0.1", "--delta", "2"]) == 2
     assert "delta" in capsys.readouterr().err
+
+
+def test_masked_float32_dense_norm_on_its_active_part():
+    """A float32 matrix (a float64 model's, rounded when stored) masked to a fifth of
+    it is solved on that part held apart; the bound covers the model's exact masked
+    norm, and the rounded storage's margin goes with the part."""
+    rng = np.random.default_rng(11)
+    model = rng.standard_normal((1200, 1000))  # float64: stored as float32, rounded
+    dense = DenseMap(model, (1, 1000), (1, 1200))
+    assert dense.weight.dtype == np.float32 and dense._rounded
+    rows = rng.uniform(size=1200) * (rng.uniform(size=1200) < 0.4)
+    cols = (rng.uniform(size=1000) < 0.5).astype(float)
+    sub = dense.restricted(np.flatnonzero(rows), np.flatnonzero(cols))
+    assert sub is not None and sub._rounded and sub.rounding()[0] <= dense.rounding()[0]
+    assert dense.restricted(np.arange(1200), np.arange(1000)) is None  # all of it: masks instead
+    exact = np.linalg.norm(rows[:, None] * model * cols[None, :], 2)
+    for seed in range(3):
+        result = bounds.masked_norm(dense, rows, cols, Solver(seed=seed))
+        assert exact <= result.value <= exact * 1.01
+
+
+def test_kw_is_evaluated_on_its_fixed_schedule_only():
+    """KW's probability holds for a step fixed in advance: the certificate uses it at
+    the scheduled steps only (its δ share split among them), never at another step."""
+    schedule = spectral.kw_steps(1000)
+    assert 15 <= len(schedule) <= 25
+    ordered = sorted(schedule)
+    assert all(b <= math.ceil(1.25 * a) + 1 for a, b in zip(ordered, ordered[1:]))
+    certificate = spectral._Certificate(10_000, 1e-9, True, 1000)
+    for k in range(2, 400):  # β = 0: no polynomial bound, KW alone
+        value = certificate.bound(1.0, [1.0] * k, [0.0] * k)
+        eps = (math.log(2 * 100 * len(schedule) / 5e-10) / (2 * k - 3)) ** 2
+        assert value == pytest.approx(1 / (1 - eps) if k in schedule and eps < 1 else math.inf,
+                                      rel=1e-12)

@@ -157,6 +157,18 @@ class LinearMap(ABC):
         """A proven upper bound of ||A||₂ (cheap; the Frobenius norm unless a map knows better)."""
         return frobenius_cap(self.to_sparse().data)
 
+    def restricted(self, rows: np.ndarray, cols: np.ndarray) -> LinearMap | None:
+        """The map from the input coordinates `cols` to the output coordinates `rows`
+        (index arrays; 1-D shapes), where holding that copy makes its products
+        cheaper than masking the full map's (None: mask instead)."""
+        return None
+
+    def sharp_cap(self) -> float:
+        """A proven upper bound of ||A||₂ at most norm_cap, where a tighter one costs
+        more (a convolution's Fourier symbol: seconds); worth it for the unmasked
+        norm (global bounds), where it can be within the tolerance of the truth."""
+        return self.norm_cap()
+
     def rounding(self) -> tuple[float, float]:
         """(η_f, η_a): proven bounds of ||fl(A x) − A x|| / ||x|| and ||fl(Aᵀu) − Aᵀu|| / ||u||
         for the products as this map computes them. Default: float64 sums of at most

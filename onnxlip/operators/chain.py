@@ -42,6 +42,9 @@ class ChainMap(LinearMap):
     def coefficients_finite(self) -> bool:
         return all(m.coefficients_finite() for m in self.maps)
 
+    def sharp_cap(self) -> float:
+        return math.prod(m.sharp_cap() for m in self.maps)
+
     def rounding(self) -> tuple[float, float]:
         """Errors of the factors carried through the others: applying M_L ⋯ M_1 one
         at a time, ||error|| ≤ Σ_j (Π_{i>j} a_i) η_j Π_{i<j} (a_i + η_i)."""

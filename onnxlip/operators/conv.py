@@ -9,7 +9,7 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-from .base import U32, U64, LinearMap, gamma
+from .base import BLAS_THREADS, U32, U64, LinearMap, gamma
 from .ort import NodeSession
 
 
@@ -142,6 +142,24 @@ class ConvMap(LinearMap):
                 out[rows] += kernel @ patches
         return out.ravel()
 
+    def float64_rmatvec(self, u: np.ndarray) -> np.ndarray:
+        """Aᵀ u in float64 (numpy, the model's kernel): float64_matvec's products
+        transposed, each kernel offset's scattered back onto its strided window."""
+        weight = self.weight.astype(np.float64) if self._exact is None else self._exact
+        rank, spatial = self.rank, self.out_shape[2:]
+        padded = [self.in_shape[2 + i] + self.pads[i] + self.pads[rank + i] for i in range(rank)]
+        image = np.zeros((self.in_shape[1], *padded))
+        m, cg = weight.shape[:2]
+        mg, positions = m // self.group, math.prod(spatial)
+        grad = u.reshape(m, positions)
+        for g in range(self.group):
+            rows, chans = slice(g * mg, (g + 1) * mg), slice(g * cg, (g + 1) * cg)
+            for offset in itertools.product(*[range(k) for k in weight.shape[2:]]):
+                part = weight[(rows, slice(None), *offset)].T @ grad[rows]
+                image[(chans, *self._window(offset))] += part.reshape(cg, *spatial)
+        crop = tuple(slice(self.pads[i], self.pads[i] + self.in_shape[2 + i]) for i in range(rank))
+        return image[(slice(None), *crop)].ravel()
+
     def _window(self, offset: tuple[int, ...]) -> tuple[slice, ...]:
         """The input positions that kernel offset `offset` meets, one per output position."""
         return tuple(slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in
@@ -158,16 +176,30 @@ class ConvMap(LinearMap):
         sums = np.abs(self.weight.astype(np.float64)).sum(axis=tuple(range(2, 2 + self.rank)))
         m, cg = sums.shape
         blocks = sums.reshape(self.group, m // self.group, cg)
-        top = max(float(np.linalg.norm(b, 2)) for b in blocks)
+        with BLAS_THREADS.limit(limits=1, user_api="blas"):  # see fourier_cap
+            top = max(float(np.linalg.norm(b, 2)) for b in blocks)
         return top * (1 + 8 * max(m, cg) * U64) + gamma(self.weight[0, 0].size, U64) * top
 
-    @cached_property
-    def _cap(self) -> float:
-        cap = fourier_cap(self)
-        return min(cap, self._abs_norm)
-
     def norm_cap(self) -> float:
-        return self._cap
+        """|| |A| || (see _abs_norm): cheap, and enough for the rounding margins."""
+        return self._abs_norm
+
+    @cached_property
+    def _sharp_cap(self) -> float:
+        return min(fourier_cap(self), self._abs_norm)
+
+    def sharp_cap(self) -> float:
+        return self._sharp_cap
+
+    @property
+    def fan_out(self) -> int:
+        """The most nonzero products in one output of the adjoint: c_out/group times,
+        per axis, the kernel taps that can meet one input position. Tap j meets
+        input p when p + pad − j·d ≡ 0 (mod s): one residue class of j modulo
+        s/gcd(s, d), at most ceil(k·gcd(s, d)/s) taps of k (all k for stride 1)."""
+        taps = math.prod(min(k, -(-k * math.gcd(s, d) // s)) for k, s, d in
+                         zip(self.weight.shape[2:], self.strides, self.dilations))
+        return self.weight.shape[0] // self.group * taps
 
     def coefficient_bound(self) -> float:
         """Σ|w|: Schur's test, each row's and each column's absolute sum being at most it."""
@@ -179,14 +211,14 @@ class ConvMap(LinearMap):
 
     def rounding(self) -> tuple[float, float]:
         """onnxruntime's float32 kernels: x rounded to float32 (u·||A||), then each
-        output sums fan-in products (c_in/group·kernel; the adjoint c_out/group·kernel):
+        output sums its nonzero products (c_in/group·kernel; the adjoint: fan_out,
+        9·c_out where a stride-4 11x11 kernel meets each input at most 3x3 times):
         γ_m·|| |A| ||·||x32||. Assumes the kernel computes each output as a sum of
-        those products in some order (im2col + GEMM or direct; no Winograd/FFT)."""
-        kernel = math.prod(self.weight.shape[2:])
-        fan_in = self.weight.shape[1] * kernel
-        fan_out = self.weight.shape[0] // self.group * kernel
+        those products in some order, zeros aside (im2col + GEMM, col2im for the
+        adjoint, or direct; no Winograd/FFT)."""
+        fan_in = self.weight.shape[1] * math.prod(self.weight.shape[2:])
         cap, lift = self.norm_cap(), self._abs_norm * (1 + U32)
-        return U32 * cap + gamma(fan_in, U32) * lift, U32 * cap + gamma(fan_out, U32) * lift
+        return U32 * cap + gamma(fan_in, U32) * lift, U32 * cap + gamma(self.fan_out, U32) * lift
 
     def to_sparse(self) -> sp.csr_matrix:
         """The exact matrix, built by vectorized index arithmetic."""
@@ -207,33 +239,51 @@ def fourier_cap(conv: ConvMap, work_max: float | None = None) -> float:
     its norm is the largest σ_max over the P-point DFT frequencies f of the
     kernel's c_out×c_in symbol Ŵ(f) = Σ_j w_j e^{−2πi f·j d/P} (per axis,
     per group). Stride s keeps every s-th output: a row selection, norm ≤ 1.
-    Rounding: |fl(Ŵ) − Ŵ| ≤ γ_{taps+2}·Σ|w| entrywise and LAPACK's SVD backward
-    error, both bounded through ||(Σ|w|)||_F and added.
+    The kernel is real, so Ŵ(−f) is Ŵ(f)'s conjugate (the same singular values):
+    the first axis's frequencies 0..P₀/2 cover all.
+
+    Rounding: the phase is reduced exactly in integers, (f_i j_i d_i mod P_i),
+    before one division per axis, so the angle θ ∈ [0, 2π·rank) is off by at
+    most 2π·(2·rank + 2)·u and each computed e^{−iθ} by that plus 2u; the real
+    and imaginary parts are sums of `taps` products (γ_taps); so
+    |fl(Ŵ) − Ŵ| ≤ √2·(γ_taps + (13·rank + 15)·u)·Σ|w| entrywise (covered by
+    γ_{taps + 13·rank + 15}·√2), bounded through ||(Σ|w|)||_F, plus LAPACK's SVD
+    backward error (8·max(c_out, c_in)·u relative, through the same norm).
+
+    On one BLAS thread: on the shared 2-core machine, threads woken for each of
+    the many small SVDs made AlexNet's second convolution's cap 20 s against 1.1 s.
     """
+    with BLAS_THREADS.limit(limits=1, user_api="blas"):
+        return _fourier_cap(conv, FOURIER_WORK_MAX if work_max is None else work_max)
+
+
+def _fourier_cap(conv: ConvMap, work_max: float) -> float:
     w = conv.weight.astype(np.float64)
     m, cg = w.shape[:2]
-    kernel = w.shape[2:]
-    periods = [conv.in_shape[2 + i] + conv.dilations[i] * (kernel[i] - 1) for i in range(conv.rank)]
-    freqs = math.prod(periods)
-    work_max = FOURIER_WORK_MAX if work_max is None else work_max
+    kernel, rank = w.shape[2:], conv.rank
+    periods = [conv.in_shape[2 + i] + conv.dilations[i] * (kernel[i] - 1) for i in range(rank)]
+    axes = [np.arange(periods[0] // 2 + 1)] + [np.arange(p) for p in periods[1:]]
+    freqs = math.prod(a.size for a in axes)
     if freqs * m * cg * min(m // conv.group, cg) > work_max:
         return math.inf
-    # phase[f, j] over the flattened spatial frequencies and kernel taps
-    phase = np.zeros((freqs, math.prod(kernel)))
-    grids_f = np.meshgrid(*[np.arange(p) for p in periods], indexing="ij")
+    grids_f = np.meshgrid(*axes, indexing="ij")
     grids_k = np.meshgrid(*[np.arange(k) for k in kernel], indexing="ij")
-    for i in range(conv.rank):
-        phase += np.outer(grids_f[i].ravel() / periods[i], grids_k[i].ravel() * conv.dilations[i])
-    basis = np.exp(-2j * np.pi * phase)
-    taps = w.reshape(conv.group, m // conv.group, cg, -1)
+    turns = np.zeros((freqs, math.prod(kernel)))  # the phase in turns, Σ_i (f_i j_i d_i mod P_i)/P_i
+    for i in range(rank):
+        step = np.outer(grids_f[i].ravel(), grids_k[i].ravel() * conv.dilations[i])
+        turns += (step % periods[i]) / periods[i]
+    taps = w.reshape(conv.group * (m // conv.group) * cg, -1).T  # (taps, g·m/g·cg)
     top, chunk = 0.0, max(1, int(2e7 // max(1, m * cg)))
     for start in range(0, freqs, chunk):
-        symbol = np.einsum("fj,gocj->gfoc", basis[start:start + chunk], taps)
+        angle = 2 * np.pi * turns[start:start + chunk]
+        real, imag = np.cos(angle) @ taps, np.sin(angle) @ taps
+        symbol = (real - 1j * imag).reshape(-1, conv.group, m // conv.group, cg)
         top = max(top, float(np.linalg.norm(symbol, 2, axis=(-2, -1)).max()))
-    sums = np.abs(taps).sum(axis=-1)
+    sums = np.abs(w.reshape(conv.group, m // conv.group, cg, -1)).sum(axis=-1)
     frob = max(float(np.linalg.norm(b)) for b in sums)
-    margin = (gamma(taps.shape[-1] + 2, U64) + 8 * max(m, cg) * U64) * frob
-    return top + margin
+    count = taps.shape[0] + 13 * rank + 15
+    margin = (math.sqrt(2) * gamma(count, U64) + 8 * max(m, cg) * U64) * frob
+    return (top + margin) * (1 + 4 * U64)
 
 
 def _run(session: NodeSession, x: np.ndarray, shape, out_size: int) -> np.ndarray:
@@ -307,8 +357,7 @@ class ConvTransposeMap(LinearMap):
     @property
     def fan_in(self) -> int:
         """The products summed into one output: the convolution's adjoint fan-in."""
-        weight = self.conv.weight
-        return weight.shape[0] // self.conv.group * math.prod(weight.shape[2:])
+        return self.conv.fan_out
 
     @cached_property
     def _absolute(self) -> ConvMap:
@@ -329,6 +378,9 @@ class ConvTransposeMap(LinearMap):
 
     def coefficients_finite(self) -> bool:
         return self.conv.coefficients_finite()
+
+    def sharp_cap(self) -> float:
+        return self.conv.sharp_cap()
 
     def rounding(self) -> tuple[float, float]:
         forward, adjoint = self.conv.rounding()

@@ -96,6 +96,9 @@ class StackMap(LinearMap):
     def coefficients_finite(self) -> bool:
         return all(p.coefficients_finite() for p in self.parts)
 
+    def sharp_cap(self) -> float:
+        return math.sqrt(sum(p.sharp_cap() ** 2 for p in self.parts)) * (1 + 4 * U64)
+
     def rounding(self) -> tuple[float, float]:
         """Forward: the parts' errors and the float64 sum of k vectors
         (γ_k·Σ_j ||A_j x_j||); adjoint: the parts' errors, stacked."""
