@@ -60,11 +60,17 @@ class Linear:
         """The same, with the rows that cannot move set exactly to Δz = 0."""
         fixed = ~self.moving
         self.L[fixed], self.rho[fixed], self.lo[fixed], self.hi[fixed] = 0.0, 0.0, 0.0, 0.0
+        self.__dict__.pop("row_norms", None)  # L changed
         return self
+
+    @cached_property
+    def row_norms(self) -> np.ndarray:
+        """||L_i|| of every row (one pass over L, shared by change() and the ReLU step)."""
+        return np.linalg.norm(self.L, axis=1)
 
     def change(self, eps: float) -> tuple[np.ndarray, np.ndarray]:
         """Bounds of Δz over the ball."""
-        radius = eps * (np.linalg.norm(self.L, axis=1) + self.rho) * (1 + WIDEN)
+        radius = eps * (self.row_norms + self.rho) * (1 + WIDEN)
         return _down(self.lo - radius), _up(self.hi + radius)
 
     def rows(self, index: np.ndarray) -> Linear:
@@ -241,7 +247,7 @@ def _relu(state: Linear, nominal: tuple[np.ndarray, np.ndarray],
     d_hi = np.where(uncertain, np.maximum.reduce([upper(low), upper(high), upper(kink)]), 0.0)
     slack = np.where(uncertain, WIDEN * (np.abs(d_lo) + np.abs(d_hi) + np.abs(y_lo) + np.abs(y_hi))
                      + 1e-300, 0.0)
-    rows = np.linalg.norm(state.L, axis=1)
+    rows = state.row_norms
     rho = np.where(active, state.rho, (state.rho + U64 * rows) * lam * (1 + 2 * U64))
     out = Linear(state.L * lam[:, None], rho, _down(lam * state.lo + d_lo - slack),
                  _up(lam * state.hi + d_hi + slack), active | uncertain).still()
