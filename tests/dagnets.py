@@ -135,7 +135,8 @@ def residual_mlp(seed: int, activation: str = "relu") -> DagNet:
 
 def residual_cnn(seed: int, activation: str = "relu") -> DagNet:
     """ResNet-style basic blocks (conv-bn-relu-conv-bn + identity or 1x1
-    projection shortcut, then ReLU), max- or average-pooling, global pooling, Gemm."""
+    projection shortcut, then ReLU), max- or average-pooling, global average (or, one seed
+    in three, max) pooling, Gemm."""
     rng = np.random.default_rng(seed)
     c, size = int(rng.integers(1, 4)), int(rng.integers(5, 9))
     net = DagNet(f"rescnn{seed}", (1, c, size, size), rng, activation=activation)
@@ -152,7 +153,8 @@ def residual_cnn(seed: int, activation: str = "relu") -> DagNet:
     if size >= 4 and rng.random() < 0.5:
         h = net.node("MaxPool" if rng.random() < 0.5 else "AveragePool", [h], kernel_shape=[2, 2],
                      strides=[2, 2])
-    h = net.node("Flatten", [net.node("GlobalAveragePool", [h])])
+    pool = "GlobalMaxPool" if seed % 3 == 0 else "GlobalAveragePool"  # no draw: same weights
+    h = net.node("Flatten", [net.node(pool, [h])])
     net.output = net.gemm(h, width, int(rng.integers(2, 5)))
     return net
 

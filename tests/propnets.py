@@ -6,7 +6,7 @@ which numpy draws when the model is built. `build(spec)` makes the ONNX model
 with onnx.helper (opset 17); `nominal(spec)` draws an input x0.
 
 Ops: Gemm / MatMul, Conv (1-D and 2-D: kernel, stride, pads, dilation,
-group), MaxPool, AveragePool, GlobalAveragePool, BatchNormalization,
+group), MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool, BatchNormalization,
 Sub / Div / Mul / Add by a constant (scalar, per-channel or full shape, on
 either side), Relu (or, one time in three, another activation: LeakyRelu,
 Clip, Sigmoid, Tanh, Softplus, Elu, HardSigmoid, HardSwish, SiLU as
@@ -124,8 +124,8 @@ def _conv(draw, shape: tuple[int, ...]) -> tuple[str, tuple] | None:
 @st.composite
 def _pool(draw, shape: tuple[int, ...]) -> tuple[str, tuple] | None:
     rank = len(shape) - 2
-    kind = draw(st.sampled_from(["MaxPool", "AveragePool", "GlobalAveragePool"]))
-    if kind == "GlobalAveragePool":
+    kind = draw(st.sampled_from(["MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"]))
+    if kind.startswith("Global"):
         return kind, (("out", shape[:2] + (1,) * rank),)
     k = tuple(draw(st.integers(1, 3)) for _ in range(rank))
     s = tuple(draw(st.integers(1, 2)) for _ in range(rank))
@@ -263,8 +263,8 @@ def build(spec: NetSpec) -> onnx.ModelProto:
                        strides=list(p["strides"]), pads=list(p["pads"]),
                        count_include_pad=p["count_include_pad"])
             shape = p["out"]
-        elif kind == "GlobalAveragePool":
-            x = b.node("GlobalAveragePool", [x])
+        elif kind in ("GlobalAveragePool", "GlobalMaxPool"):
+            x = b.node(kind, [x])
             shape = p["out"]
         elif kind == "Flatten":
             x = b.node("Flatten", [x], axis=1)

@@ -127,6 +127,34 @@ def test_window_whose_winner_holds_is_exact(tmp_path):
     assert result.bound == pytest.approx(np.linalg.norm(jac, 2), rel=1e-9)
 
 
+def test_global_max_pooling_with_every_entry_tied(tmp_path):
+    """GlobalMaxPool: one window per channel. On a constant image every entry of
+    a channel ties; moving all of them up together moves the maximum at rate 1,
+    so the bound covers ||W|| times that direction's gain, at every method."""
+    net = dagnets.DagNet("gmax", (1, 2, 3, 3), np.random.default_rng(1))
+    w = np.array([[1.0, 2.0], [-3.0, 0.5]])
+    h = net.node("Flatten", [net.node("GlobalMaxPool", ["x"])])
+    net.output, net.output_shape = net.node("Gemm", [h, net.const(w)], transB=1), ("N", 2)
+    engine = onnxlip.load(net.save(tmp_path / "gmax.onnx"))
+    x0 = np.ones((1, 2, 3, 3))
+    x0[0, 1] = -2.0
+    assert np.allclose(engine.forward(x0), w @ np.array([1.0, -2.0]))
+    eps = 1e-3
+    one_each = np.zeros((2, 9))
+    one_each[:, 0] = np.abs(np.linalg.svd(w)[2][0])  # one entry per channel, up
+    directions = [np.ones(18), one_each.ravel(), *np.random.default_rng(2).standard_normal((200, 18))]
+    worst = 0.0
+    for d in directions:
+        x = x0 + eps * (d / np.linalg.norm(d)).reshape(x0.shape)
+        worst = max(worst, np.linalg.norm(engine.forward(x) - engine.forward(x0)) / eps)
+    assert worst > 0.5 * np.linalg.norm(w, 2)  # the tied entries' slope was found
+    for method in ("auto", "paper", "tight"):
+        result = engine.local_bound(x0, eps, method=method)
+        assert result.bound >= worst * (1 - 1e-9), method
+        assert result.source != "exact"
+    assert engine.global_bound().bound >= worst * (1 - 1e-9)
+
+
 def test_first_layer_just_inside_the_reach(tmp_path):
     """Adversarial: pre-activations placed at ±(1 ± 1e-3)·ε·||a_i|| from the kink.
     Those just outside the ball's reach are stable, those just inside are not,

@@ -1,4 +1,5 @@
-"""Pooling: MaxPool (its own block), AveragePool and GlobalAveragePool (affine)."""
+"""Pooling: MaxPool and GlobalMaxPool (their own block), AveragePool and
+GlobalAveragePool (affine)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,18 @@ def lower_maxpool(ctx: NodeContext) -> list[MaxPool]:
     out_shape = session(np.zeros(ctx.in_shape, dtype=np.float32)).shape
     ctx.check_size(out_shape)
     return [MaxPool(ctx.in_shape, out_shape, kernel, strides, pads, dilations, ceil_mode)]
+
+
+@lowering("GlobalMaxPool")
+def lower_global_maxpool(ctx: NodeContext) -> list[MaxPool]:
+    """One window per channel, the whole spatial extent: a MaxPool without pads."""
+    if len(ctx.in_shape) < 3:
+        raise ctx.fail(f"input shape {ctx.in_shape} has no spatial dimensions")
+    kernel = tuple(ctx.in_shape[2:])
+    rank = len(kernel)
+    check_spatial_input(ctx, rank)
+    out_shape = (*ctx.in_shape[:2], *(1,) * rank)
+    return [MaxPool(ctx.in_shape, out_shape, kernel, (1,) * rank, (0,) * 2 * rank, (1,) * rank, 0)]
 
 
 @lowering("AveragePool")
