@@ -220,6 +220,41 @@ def test_reduce_mean_is_global_average_pooling(tmp_path, form):
     assert net.local_bound(x0, 0.3, method="paper").bound == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("form", ["opset18-input-keepdims0", "opset17-attr-keepdims1",
+                                  "global-max-pool", "one-spatial-axis"])
+def test_reduce_max_is_global_max_pooling(tmp_path, form):
+    """ReduceMax over spatial axes is max-pooling with one window per channel (or
+    per row, over one axis): same forward as onnxruntime, sound bounds, and over
+    [2, 3] the GlobalMaxPool net's bounds."""
+    flat = _n("Flatten", ["m"], ["p"])
+    nodes, opset, extra = {
+        "opset18-input-keepdims0": ([_n("ReduceMax", ["r", "axes"], ["p"], keepdims=0,
+                                        name="node_amax")], 18, {"axes": np.array([-2, -1])}),
+        "opset17-attr-keepdims1": ([_n("ReduceMax", ["r"], ["m"], axes=[2, 3]), flat], 17, {}),
+        "global-max-pool": ([_n("GlobalMaxPool", ["r"], ["m"]), flat], 17, {}),
+        "one-spatial-axis": ([_n("ReduceMax", ["r", "axes"], ["m"], keepdims=1), flat], 18,
+                             {"axes": np.array([3]), "F": _w(np.random.default_rng(3), 3, 20)}),
+    }[form]
+    net, x0 = _check_form(_dynamo_cnn(tmp_path, nodes, opset, extra))
+    assert [b.kind for b in net.blocks].count("maxpool") == 1
+    if form != "one-spatial-axis":
+        reference = onnxlip.load(_dynamo_cnn(tmp_path / "..", [_n("GlobalMaxPool", ["r"], ["m"]),
+                                                               flat], 17))
+        assert net.global_bound().bound == pytest.approx(reference.global_bound().bound, rel=1e-6)
+        expected = reference.local_bound(x0, 0.3, method="paper").bound
+        assert net.local_bound(x0, 0.3, method="paper").bound == pytest.approx(expected, rel=1e-6)
+
+
+def test_reduce_max_over_channels_is_refused(tmp_path):
+    rng = np.random.default_rng(4)
+    nodes = [_n("Conv", ["x", "W"], ["c1"], pads=[1, 1, 1, 1]), _n("Relu", ["c1"], ["r"]),
+             _n("ReduceMax", ["r", "axes"], ["y"], keepdims=0, name="amax")]
+    path = _form_model(tmp_path / "r.onnx", nodes, {"W": _w(rng, 4, 2, 3, 3),
+                                                    "axes": np.array([1], np.int64)}, [1, 2, 4, 4], 18)
+    with pytest.raises(onnxlip.OnnxlipError, match=r"amax.*ReduceMax over axes \[1\].*only spatial"):
+        onnxlip.load(path)
+
+
 #: onnxruntime before 1.24 (the newest for Python 3.10 is 1.23) refuses a ReduceSum with
 #: noop_with_empty_axes=1 and no axes ("Reduction on all axes, output size should be 1"),
 #: so onnxlip's reference evaluations of such a model fail there: a known limitation.

@@ -51,11 +51,15 @@ def lower_global_maxpool(ctx: NodeContext) -> list[MaxPool]:
     """One window per channel, the whole spatial extent: a MaxPool without pads."""
     if len(ctx.in_shape) < 3:
         raise ctx.fail(f"input shape {ctx.in_shape} has no spatial dimensions")
-    kernel = tuple(ctx.in_shape[2:])
+    check_spatial_input(ctx, len(ctx.in_shape) - 2)
+    return [window_max(ctx.in_shape, tuple(ctx.in_shape[2:]))]
+
+
+def window_max(in_shape: tuple[int, ...], kernel: tuple[int, ...]) -> MaxPool:
+    """Max-pooling by windows of `kernel` that tile the input (stride = kernel, no pads)."""
     rank = len(kernel)
-    check_spatial_input(ctx, rank)
-    out_shape = (*ctx.in_shape[:2], *(1,) * rank)
-    return [MaxPool(ctx.in_shape, out_shape, kernel, (1,) * rank, (0,) * 2 * rank, (1,) * rank, 0)]
+    out_shape = (*in_shape[:2], *(n // k for n, k in zip(in_shape[2:], kernel)))
+    return MaxPool(in_shape, out_shape, kernel, kernel, (0,) * 2 * rank, (1,) * rank, 0)
 
 
 @lowering("AveragePool")

@@ -1,4 +1,4 @@
-"""ReduceSum and ReduceMean -> linear maps.
+"""ReduceSum and ReduceMean -> linear maps; ReduceMax over spatial axes -> max-pooling.
 
 Over spatial axes only (global pooling as torch's dynamo exporter writes it:
 ReduceMean over axes [2, 3]) the map is the window sum of GlobalAveragePool,
@@ -6,6 +6,9 @@ with a window the size of the reduced axes; over any other axes (channels,
 features) it is the exact CSR matrix that adds each input into its output.
 Axes come as an attribute (ReduceSum before opset 13, ReduceMean before 18) or
 as a constant input; no axes reduce everything unless noop_with_empty_axes.
+ReduceMax (global max-pooling as the dynamo exporter may write it) is a
+max-pooling block with one window over the reduced spatial axes; over the
+batch or channel axis it is refused.
 """
 
 from __future__ import annotations
@@ -17,22 +20,45 @@ import scipy.sparse as sp
 
 from ..layers import Affine, Layer, Reshape
 from ..operators.matrix import SparseMap
-from .pool import scaled, window_sum
+from .pool import scaled, window_max, window_sum
 from .registry import NodeContext, lowering
 
 
-@lowering("ReduceSum", "ReduceMean")
-def lower_reduce(ctx: NodeContext) -> list[Layer]:
+def _reduced(ctx: NodeContext) -> tuple[list[int] | None, tuple[int, ...], tuple[int, ...]]:
+    """(the reduced axes, None for none; the shape with them kept as 1; the output shape)."""
     rank = len(ctx.in_shape)
     axes = ctx.axes(1)
     if not axes:
         if ctx.attr("noop_with_empty_axes", 0):
-            return [Reshape(ctx.in_shape)]
+            return None, ctx.in_shape, ctx.in_shape
         axes = list(range(rank))
     axes = ctx.check_axes(axes, rank)
     kept = tuple(1 if i in axes else d for i, d in enumerate(ctx.in_shape))
     out_shape = kept if ctx.attr("keepdims", 1) else tuple(
         d for i, d in enumerate(ctx.in_shape) if i not in axes)
+    return axes, kept, out_shape
+
+
+@lowering("ReduceMax")
+def lower_reduce_max(ctx: NodeContext) -> list[Layer]:
+    axes, kept, out_shape = _reduced(ctx)
+    if axes is None:
+        return [Reshape(out_shape)]
+    summed = [a for a in axes if ctx.in_shape[a] > 1]
+    if summed and (len(ctx.in_shape) < 3 or ctx.in_shape[0] != 1 or min(summed) < 2):
+        raise ctx.fail(f"ReduceMax over axes {axes} of shape {ctx.in_shape}: only spatial "
+                       "axes (2 and beyond, batch 1) are supported")
+    layers: list[Layer] = [window_max(ctx.in_shape, tuple(
+        ctx.in_shape[i] if i in summed else 1 for i in range(2, len(ctx.in_shape))))] if summed else []
+    return layers + [Reshape(out_shape)]
+
+
+@lowering("ReduceSum", "ReduceMean")
+def lower_reduce(ctx: NodeContext) -> list[Layer]:
+    rank = len(ctx.in_shape)
+    axes, kept, out_shape = _reduced(ctx)
+    if axes is None:
+        return [Reshape(out_shape)]
     count = math.prod(ctx.in_shape[a] for a in axes)
     scale = 1.0 / count if ctx.node.op_type == "ReduceMean" else 1.0
     summed = [a for a in axes if ctx.in_shape[a] > 1]
