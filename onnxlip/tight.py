@@ -173,7 +173,8 @@ class _Linearized:
                 back = held[0] if held else np.zeros(self.size(start))
             return back * in_mask
 
-        out_size = forward(np.zeros(self.size(start))).size
+        out_size = self.size(last) if end is None else \
+            self.input_size(end) if head is None else head.out_size
         rounding, cap = self._rounding(start, live, end, head)
         return solves.product_norm(forward, adjoint, self.size(start), out_size, key, in_mask,
                                    rounding, cap)
