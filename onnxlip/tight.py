@@ -249,28 +249,33 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
     solves = Solves(solver)
     if not all(b.reachable() for b in blocks) or not math.isfinite(paper.bound):
         return paper  # the telescoping below is written for ReLU and max-pooling
-    bound = min(_telescoped(_Linearized(blocks, _stable_steps(blocks, nominal, paper, widths, eps,
-                                                              solves, reach, centered),
-                                        nominal.x.size), solves, centered)
-                for centered in (True, False))
+    bound = paper.bound
+    for centered in (True, False):
+        steps = _stable_steps(blocks, nominal, paper, widths, eps, solves, reach, centered)
+        bound = min(bound, _telescoped(_Linearized(blocks, steps, nominal.x.size), solves, centered,
+                                       bound))
     if bound >= paper.bound:
         return paper
     return BoundResult(bound, paper.layers, time.perf_counter() - start, eps,
                        paper.delta + solves.delta, solver.seed, source="tight")
 
 
-def _telescoped(net: _Linearized, solves: Solves, variant) -> float:
-    """||E|| + η(input) for one choice of the fixed part S⁰ (see _stable_steps)."""
+def _telescoped(net: _Linearized, solves: Solves, variant, limit: float = math.inf) -> float:
+    """||E|| + η(input) for one choice of the fixed part S⁰ (see _stable_steps);
+    inf as soon as its partial sum reaches `limit` (the terms are not negative)."""
     steps = net.steps
     uncertain = [j for j, s in enumerate(steps) if s.uncertain is not None and s.uncertain.any()]
+    ones = np.ones(net.in_size)
+    total = net.norm(INPUT, ones, None, solves, ("stable", variant))
     carry: dict[int, float] = {}  # ||Post^E_l Q_l|| + η(l) for every uncertain block l
     for j in reversed(uncertain):
+        if total >= limit:
+            return math.inf
         q = steps[j].uncertain
         carry[j] = (net.norm(j, q, None, solves, ("suffix", j, variant))
                     + _eta(net, j, q, uncertain, carry, solves, variant))
-    ones = np.ones(net.in_size)
-    return (net.norm(INPUT, ones, None, solves, ("stable", variant))
-            + _eta(net, INPUT, ones, uncertain, carry, solves, variant))
+        total += _eta(net, INPUT, ones, [j], carry, solves, variant)  # its term of η(input)
+    return total if total < limit else math.inf
 
 
 def _eta(net: _Linearized, start: int, mask: np.ndarray, uncertain: list[int], carry: dict,
