@@ -337,8 +337,9 @@ def _stable_steps(blocks: list[Block], nominal: Trace, paper: BoundResult, width
                 step, change, next_mask = _relu_step(interval, change, mask, centered)
         paper_masks[k] = len(sources) == 1 and paper_masks[sources[0]]
         if isinstance(block, AffineBlock) and not paper_masks[k]:
-            gate = np.ones(block.out_size) if step.gate is None else step.gate
-            norm = cached_norm(nominal, ("tight cap", k), block.map, gate, mask, solves.solver)
+            # gate ∨ uncertain is the same for both choices of S⁰ (one solve) and above each
+            rows = np.ones(block.out_size) if step.gate is None else np.maximum(step.gate, step.uncertain)
+            norm = cached_norm(nominal, ("tight cap", k), block.map, rows, mask, solves.solver)
             solves.delta += norm.delta
             step.cap = norm.value
         else:
