@@ -29,7 +29,6 @@ import scipy.sparse as sp
 from .activations import Activation, relu_error
 from .blocks import INPUT, ActivationBlock, AffineBlock, Block, MaxPoolBlock, flow
 from .operators.base import BLAS_THREADS, SLACK, U64, LinearMap, gamma
-from .operators.chain import _carried
 from .operators.matrix import DenseMap
 from .spectral import Solver, SpectralNorm, dense_gram_norm, gram_norm
 
@@ -283,23 +282,17 @@ class Solves:
     solver: Solver
     delta: float = 0.0
 
-    def product_norm(self, forward, adjoint, in_size: int, out_size: int,
-                     maps: list[LinearMap], key, in_mask: np.ndarray | None = None,
-                     caps: list[float] | None = None) -> float:
-        """Certified ||M|| of a product M of `maps` (in order) interleaved with
-        diagonal gates of entries in [0, 1]: the cap is the product of the maps'
-        caps, the products' rounding is carried through the factors. `caps`:
-        proven bounds of each factor's norm as the product applies it (gated,
-        on the vectors it meets), where tighter than the maps' own caps: the
-        rounding of one factor grows by the later factors' norms, so these
-        keep a deep product's rounding bound near its true size."""
-        caps = [m.norm_cap() for m in maps] if caps is None else \
-            [min(m.norm_cap(), c) for m, c in zip(maps, caps)]
-        eta_f = _carried(caps, [m.rounding()[0] + U64 * c for m, c in zip(maps, caps)])
-        eta_a = _carried(caps[::-1], [m.rounding()[1] + U64 * c for m, c in zip(maps[::-1], caps[::-1])])
-        a = math.prod(caps)
+    def product_norm(self, forward, adjoint, in_size: int, out_size: int, key,
+                     in_mask: np.ndarray | None, rounding: tuple[float, float], cap: float) -> float:
+        """Certified ||M|| of a linear map M applied by `forward` and `adjoint`
+        (products of maps and diagonal gates of entries in [0, 1], see
+        onnxlip.tight): `rounding` = (η_f, η_a) bounds the distance of each
+        computed product to the exact one per unit input, `cap` is a proven
+        bound of ||M||."""
+        eta_f, eta_a = rounding
         eta = max(eta_f, eta_a)
-        error = _lift(2 * eta, eta * eta) if a > 0 else (0.0, 0.0)  # as in gram_error, r ≤ 1
+        error = _lift(2 * eta, eta * eta) if cap > 0 else (0.0, 0.0)  # as in gram_error, r ≤ 1
+        a = cap
         dense = self._dense(forward, adjoint, in_size, out_size, in_mask, eta_f, eta_a)
         if dense is not None:
             return dense

@@ -1,50 +1,63 @@
-"""A tighter local bound: the norm of the product, not the product of norms.
+"""A tighter local bound: the norm of the linearized network, not the product of norms.
 
-Within the ball, f(x) − f(x0) = S_K A_K ⋯ S_1 A_1 (x − x0), where S_k is
-diagonal (ReLU secant slopes) or a convex selection (max-pooling). With the
-paper's per-block radii ε_k (or the exact reach of onnxlip.reach) every neuron
-is stable (its slope is exactly 1 or 0 all over the ball) or uncertain, every
-max-pooling window stable (one input stays the largest, or none can change)
-or not. Write S_k = S⁰_k + U_k, the fixed part (stable slopes, the slope of an
-uncertain neuron's side at x0, every window's nominal winner unless tied at
-x0) plus the
-uncertain rest, E for the product with every U set to 0 (J(x0) where no
-neuron is at its kink), and E_{l←m} for its blocks m..l. Telescoping over the
-first uncertain block l,
+Within the ball, f(x) − f(x0) = P (x − x0), P the network's graph of blocks
+with every activation replaced by its secant: S_k (diagonal ReLU secant
+slopes, or a convex selection for max-pooling) after the block's map A_k,
+products adding where a block reads several blocks (Add: J_g + J_h, the
+residual x + g(x): I + J_g) and stacking at Concat; on a chain P = S_K A_K ⋯
+S_1 A_1. With the paper's per-block radii ε_k (or the exact reach of
+onnxlip.reach) every neuron is stable (its slope is exactly 1 or 0 all over
+the ball) or uncertain, every max-pooling window stable (one input stays the
+largest, or none can change) or not. Write S_k = S⁰_k + U_k, the fixed part
+(stable slopes, the slope of an uncertain neuron's side at x0, every window's
+nominal winner unless tied at x0) plus the uncertain rest, and E for the
+network with every U set to 0 (J(x0) where no neuron is at its kink).
 
-    P − E = Σ_l P_{K←l+1} U_l A_l E_{l−1←1},
+P is linear in each S_l (every block appears once in the graph), so swapping
+S for S⁰ one block at a time, in the blocks' topological order, telescopes:
 
-and, with η^(m) a bound of ||P_{K←m} − E_{K←m}||, Q_l the uncertain outputs
-of block l, ρ_l(M) = ||R_u A_l M|| (ReLU: bounds of |U|, see _relu_gates)
-or ||P_l M|| (max-pooling: member-minus-winner rows scaled by how far past its
-gap each member can rise, and the members of tied windows, see _maxpool_step):
+    P − E = Σ_l Post_l · U_l A_l · Pre_l,
 
-    η^(m) = Σ_{l ≥ m} (||E_{K←l+1} Q_l|| + η^(l+1)) · ρ_l(E_{l−1←m}),
+Pre_l the stable network from the input to block l's input vector (blocks
+before l at S⁰), Post_l the network from block l's output to the output with
+every block after l at its true S. The same expansion holds from any block
+s's output: with Post^E_s the stable network from s's output to the output,
+Q_s the projection onto s's uncertain outputs, Pre_{l←s} the stable network
+from s's output to l's input (zero where l reads nothing that depends on s),
+and ρ_l(M) = ||R_u A_l M|| (ReLU: bounds of |U|, see _relu_gates) or ||P_l M||
+(max-pooling: member-minus-winner rows scaled by how far past its gap each
+member can rise, and the members of tied windows, see _maxpool_step):
 
-    L(x0, ε) ≤ ||E|| + η^(1).
+    carry_s = ||Post^E_s Q_s|| + η(s) ≥ ||Post_s Q_s||,
+    η(s)    = Σ_{l uncertain, after s} carry_l · ρ_l(Pre_{l←s} Q_s),
 
-Where nothing is uncertain this is ||J(x0)||, the truth. Each term is a
-Lanczos norm of a matrix-free product (upper estimates, as everywhere). The
-reported bound is the smaller of this and the paper's.
+    L(x0, ε) ≤ ||E|| + η(input).
+
+On a residual unit this bounds ||I + J_branch|| with the linearized branch
+directly, where the paper's composition pays 1 + the product of the branch's
+block norms. Where nothing is uncertain it is ||J(x0)||, the truth. Each term
+is a certified norm of a matrix-free product over the graph (_Linearized: the
+blocks' own traversal, blocks.flow / flow_t). The reported bound is the
+smaller of this and the paper's.
 
 Only ReLU activations (and max-pooling) are telescoped: the split S = S⁰ + U
 above assumes slopes in [0, 1] with exact 0/1 stable slopes. A network with any
 other activation (sigmoid, GELU, LeakyReLU, Clip, ...) gets the paper's bound
-(bounds.local_bound_detail, sound for signed slopes through |chord slope|), and
-so does a network that is not a chain.
+(bounds.local_bound_detail, sound for signed slopes through |chord slope|).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
-from .blocks import AffineBlock, Block, MaxPoolBlock, is_chain
-from .bounds import BoundResult, Solves, Trace, as_solver, chord_slopes, local_bound_detail
-from .operators.base import LinearMap
+from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, flow, flow_t
+from .bounds import BoundResult, Solves, Trace, as_solver, cached_norm, chord_slopes, local_bound_detail
+from .operators.base import U64, LinearMap, gamma
 from .operators.gated import Gated, apply_steps, apply_steps_t
 from .operators.matrix import SparseMap
 from .operators.monomial import MonomialMap
@@ -53,48 +66,179 @@ from .spectral import Solver
 
 @dataclass
 class _Step(Gated):
-    """One block of the stable product (its gate: the fixed slopes S⁰, 0/1 for
+    """One block of the stable network (its gate: the fixed slopes S⁰, 0/1 for
     ReLUs, the nominal winners for max-pooling), and what is uncertain in it:
     its uncertain part U moves the output by at most ||diag(slopes)·head·Δ||
-    for an input change Δ (head None: the identity; slopes None: all ones)."""
+    for a change Δ of its input vector (head None: the identity; slopes None:
+    all ones)."""
 
-    in_mask: np.ndarray = None  # inputs that can change
+    in_mask: np.ndarray = None  # entries of the input vector that can change
     uncertain: np.ndarray | None = None  # outputs with an uncertain slope / unstable window
     slopes: np.ndarray | None = None
     head: LinearMap | None = None
-    #: A proven bound of ||gate · linear|| on the vectors the product feeds it
-    #: (the paper's factor ||R A D|| of the block: R ≥ the gate, D ⊇ the support
-    #: of the previous gate), for the rounding bound of products (Solves.product_norm).
+    #: A proven bound of ||gate · linear · diag(in_mask)||, for the rounding
+    #: bound and the cap of products (Solves.product_norm).
     cap: float = np.inf
 
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """gate · A · (in_mask ∘ x): the mask only zeroes what is zero in exact
+        arithmetic, and keeps the computed products within the caps."""
+        return apply_steps((self,), x * self.in_mask)
 
-def _norm(steps: list[_Step], in_size: int, in_mask: np.ndarray | None,
-          out_rows: np.ndarray | None, head: LinearMap | None, solves: Solves, key) -> float:
-    """||diag(out_rows) · head · E_steps · diag(in_mask)||, certified (bounds.Solves)."""
-    if (out_rows is not None and not out_rows.any()) or (in_mask is not None and not in_mask.any()):
-        return 0.0
+    def adjoint(self, u: np.ndarray) -> np.ndarray:
+        return apply_steps_t((self,), u) * self.in_mask
 
-    def forward(v):
-        v = v if in_mask is None else v * in_mask
-        v = apply_steps(steps, v)
-        v = v if head is None else head.matvec(v)
-        return v if out_rows is None else v * out_rows
+    def factors(self, direction: int) -> tuple[float, float]:
+        """(cap, rounding per unit input) of the step's product (direction 0:
+        forward, 1: adjoint); gates and masks multiply exactly or within U64."""
+        if self.linear is None:
+            return 1.0, 0.0
+        cap = min(self.linear.norm_cap(), self.cap)
+        return cap, self.linear.rounding()[direction] + U64 * cap
 
-    def adjoint(u):
-        u = u if out_rows is None else u * out_rows
-        u = u if head is None else head.rmatvec(u)
-        u = apply_steps_t(steps, u)
-        return u if in_mask is None else u * in_mask
 
-    out_size = forward(np.zeros(in_size)).size
-    maps = [s.linear for s in steps if s.linear is not None] + ([head] if head is not None else [])
-    caps = [s.cap for s in steps if s.linear is not None] + ([head.norm_cap()] if head is not None else [])
-    return solves.product_norm(forward, adjoint, in_size, out_size, maps, key, in_mask, caps)
+class _Linearized:
+    """The stable network E as a graph: `steps` in the blocks' topological
+    order, each reading what its block reads. Norms of its pieces: from the
+    input or a block's output (`start`, masked) to the output or to a block's
+    input vector (`end`, then a head and row weights), every block that does
+    not depend on `start` holding 0. A chain is the case where every block
+    reads the one before."""
+
+    def __init__(self, blocks: list[Block], steps: list[_Step], in_size: int):
+        self.blocks, self.steps, self.in_size = blocks, steps, in_size
+        self._after: dict[int, np.ndarray] = {}
+
+    def size(self, j: int) -> int:
+        return self.in_size if j == INPUT else self.blocks[j].out_size
+
+    def input_size(self, k: int) -> int:
+        return sum(self.size(j) for j in self.blocks[k].inputs)
+
+    def after(self, start: int) -> np.ndarray:
+        """Which blocks depend on the output of `start` (every block for the input)."""
+        if start not in self._after:
+            reached = np.full(len(self.blocks), start == INPUT)
+            for k, block in enumerate(self.blocks):
+                reached[k] |= k > start and any(j == start or (j != INPUT and reached[j])
+                                                for j in block.inputs)
+            self._after[start] = reached
+        return self._after[start]
+
+    def norm(self, start: int, in_mask: np.ndarray, end: int | None, solves: Solves, key,
+             out_rows: np.ndarray | None = None, head: LinearMap | None = None) -> float:
+        """||diag(out_rows) · head · E_{end←start} · diag(in_mask)|| (end None: to the
+        network's output, without head and rows), certified (bounds.Solves)."""
+        last = len(self.blocks) - 1 if end is None else end
+        after = self.after(start)
+        reads = start == last or any(j == start or (j != INPUT and after[j])
+                                     for j in self.blocks[last].inputs)
+        if not in_mask.any() or (out_rows is not None and not out_rows.any()) or not reads:
+            return 0.0
+        live = np.flatnonzero(after[:last + (end is None)])
+        blocks = self.blocks[:last + 1]
+        steps = self.steps
+
+        def tail(x):
+            x = x if head is None else head.matvec(x)
+            return x if out_rows is None else x * out_rows
+
+        def forward(v):
+            v = v * in_mask
+
+            def step(k, block, x):
+                if k == start:
+                    return v
+                if k == end:
+                    return tail(x)
+                return steps[k].forward(x) if after[k] else np.zeros(block.out_size)
+
+            return flow(blocks, v if start == INPUT else np.zeros(self.in_size), step)[-1]
+
+        def adjoint(u):
+            held = []
+
+            def step_t(k, block, w):
+                if k == end:
+                    w = w if out_rows is None else w * out_rows
+                    return w if head is None else head.rmatvec(w)
+                if k == start:
+                    held.append(w)
+                elif after[k]:
+                    return steps[k].adjoint(w)
+                return np.zeros(self.input_size(k))
+
+            back = flow_t(blocks, u, step_t, self.in_size)
+            if start != INPUT:
+                back = held[0] if held else np.zeros(self.size(start))
+            return back * in_mask
+
+        out_size = self.size(last) if end is None else \
+            self.input_size(end) if head is None else head.out_size
+        rounding, cap = self._rounding(start, live, end, head)
+        return solves.product_norm(forward, adjoint, self.size(start), out_size, key, in_mask,
+                                   rounding, cap)
+
+    def _rounding(self, start: int, live: np.ndarray, end: int | None, head: LinearMap | None):
+        """((η_f, η_a), cap): bounds of the computed products' distance to the exact
+        ones per unit input, forward and adjoint, and of the norm itself, carried
+        through the graph from the steps' caps and roundings: a value's norm g and
+        its error r become c·g and c·r + η·(g + r) through a step (c its cap, η its
+        rounding); the values a block reads stack (forward, exact) or add (adjoint,
+        with the float64 sum's rounding). On a chain this is the chain map's
+        carried rounding (operators.chain)."""
+        blocks, steps = self.blocks, self.steps
+        head_factors = [(1.0, 0.0)] if head is None else [
+            (head.norm_cap(), head.rounding()[d] + U64 * head.norm_cap()) for d in (0, 1)]
+        # forward: norms and errors of each value per unit input
+        g, r = {start: 1.0}, {start: 0.0}
+
+        def stacked(k):
+            pieces = [j for j in blocks[k].inputs if j in g]
+            return (math.sqrt(sum(g[j] ** 2 for j in pieces)),
+                    math.sqrt(sum(r[j] ** 2 for j in pieces)))
+
+        for k in live:
+            gk, rk = stacked(k)
+            c, eta = steps[k].factors(0)
+            g[k], r[k] = c * gk, c * rk + eta * (gk + rk)
+        if end is None:
+            gk, rk = g.get(len(blocks) - 1, 0.0), r.get(len(blocks) - 1, 0.0)
+        else:
+            gk, rk = stacked(end)
+            c, eta = head_factors[0]
+            gk, rk = c * gk, c * rk + eta * (gk + rk)
+        cap_f, eta_f = gk, (rk + U64 * (gk + rk)) * (1 + 4 * U64)  # and the rows' product
+        # adjoint: the same backwards, pieces of a value read several times summed
+        h: dict[int, list[tuple[float, float]]] = {}
+
+        def send(k, gk, rk):
+            for j in blocks[k].inputs:
+                h.setdefault(j, []).append((gk, rk))
+
+        def gathered(j):
+            pieces = h.get(j, [])
+            gj, rj = sum(p[0] for p in pieces), sum(p[1] for p in pieces)
+            return gj, rj + gamma(max(len(pieces) - 1, 0), U64) * (gj + rj)
+
+        if end is None:
+            h[len(blocks) - 1] = [(1.0, 0.0)]
+        else:
+            c, eta = head_factors[-1]
+            send(end, c, eta + U64 * c)
+        for k in live[::-1]:
+            if k == end or k not in h:
+                continue
+            gk, rk = gathered(k)
+            c, eta = steps[k].factors(1)
+            send(k, c * gk, c * rk + eta * (gk + rk))
+        cap_a, eta_a = gathered(start)
+        return (eta_f, eta_a * (1 + 4 * U64)), min(cap_f, cap_a) * (1 + 4 * U64)
 
 
 def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
                       solver: Solver | float | None = None, reach: list | None = None) -> BoundResult:
-    """min(paper bound, ||E|| + η^(1)); the per-block records are the paper's.
+    """min(paper bound, ||E|| + η(input)); the per-block records are the paper's.
 
     `reach` (optional, see onnxlip.reach): per block, proven bounds (lo, hi) of
     the change over the ball of its pre-activation (affine blocks) or input
@@ -103,47 +247,52 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
     solver = as_solver(solver)
     paper, widths = local_bound_detail(blocks, nominal, eps, solver, reach)
     solves = Solves(solver)
-    if not is_chain(blocks) or not all(b.reachable() for b in blocks):
-        return paper  # the telescoping below is written for chains of ReLU and max-pooling
-    bound = min(_telescoped(_stable_steps(blocks, nominal, paper, widths, eps, reach, centered),
-                            nominal, solves, centered) for centered in (True, False))
+    if not all(b.reachable() for b in blocks) or not math.isfinite(paper.bound):
+        return paper  # the telescoping below is written for ReLU and max-pooling
+    bound = paper.bound
+    for centered in (True, False):
+        steps = _stable_steps(blocks, nominal, paper, widths, eps, solves, reach, centered)
+        bound = min(bound, _telescoped(_Linearized(blocks, steps, nominal.x.size), solves, centered,
+                                       bound))
     if bound >= paper.bound:
         return paper
     return BoundResult(bound, paper.layers, time.perf_counter() - start, eps,
                        paper.delta + solves.delta, solver.seed, source="tight")
 
 
-def _telescoped(steps: list[_Step], nominal: Trace, solves: Solves, variant) -> float:
-    """||E|| + η^(1) for one choice of the fixed part S⁰ (see _stable_steps)."""
-    sizes = [x.size for x in nominal.inputs]
+def _telescoped(net: _Linearized, solves: Solves, variant, limit: float = math.inf) -> float:
+    """||E|| + η(input) for one choice of the fixed part S⁰ (see _stable_steps);
+    inf as soon as its partial sum reaches `limit` (the terms are not negative)."""
+    steps = net.steps
     uncertain = [j for j, s in enumerate(steps) if s.uncertain is not None and s.uncertain.any()]
-    carry: dict[int, float] = {}  # ||E_{K←l+1} Q_l|| + η^(l+1) for every uncertain block l
+    ones = np.ones(net.in_size)
+    total = net.norm(INPUT, ones, None, solves, ("stable", variant))
+    carry: dict[int, float] = {}  # ||Post^E_l Q_l|| + η(l) for every uncertain block l
     for j in reversed(uncertain):
-        suffix = _norm(steps[j + 1:], steps[j].uncertain.size, steps[j].uncertain, None, None, solves,
-                       ("suffix", j, variant))
-        carry[j] = suffix + _eta(j + 1, uncertain, carry, steps, sizes, solves, variant)
-    eta = _eta(0, uncertain, carry, steps, sizes, solves, variant)
-    return _norm(steps, sizes[0], steps[0].in_mask, None, None, solves, ("stable", variant)) + eta
+        if total >= limit:
+            return math.inf
+        q = steps[j].uncertain
+        carry[j] = (net.norm(j, q, None, solves, ("suffix", j, variant))
+                    + _eta(net, j, q, uncertain, carry, solves, variant))
+        total += _eta(net, INPUT, ones, [j], carry, solves, variant)  # its term of η(input)
+    return total if total < limit else math.inf
 
 
-def _eta(m: int, uncertain: list[int], carry: dict, steps: list[_Step], sizes, solves,
-         variant) -> float:
-    """η^(m) = Σ_{l ≥ m uncertain} carry_l · ρ_l(E_{l−1←m})."""
+def _eta(net: _Linearized, start: int, mask: np.ndarray, uncertain: list[int], carry: dict,
+         solves: Solves, variant) -> float:
+    """η(start) = Σ_{l uncertain after start} carry_l · ρ_l(Pre_{l←start} diag(mask))."""
+    after = net.after(start)
     total = 0.0
     for j in uncertain:
-        if j >= m:
-            total += carry[j] * _rho(steps, m, j, sizes, solves, variant)
+        if j > start and after[j]:
+            s = net.steps[j]
+            total += carry[j] * net.norm(start, mask, j, solves, ("rho", start, j, variant),
+                                         s.slopes, s.head)
     return total
 
 
-def _rho(steps: list[_Step], m: int, j: int, sizes, solves, variant) -> float:
-    """ρ_j(E_{j−1←m}): how far block j's uncertain part can move, per unit input of block m."""
-    s = steps[j]
-    return _norm(steps[m:j], sizes[m], steps[m].in_mask, s.slopes, s.head, solves, ("rho", m, j, variant))
-
-
-def _stable_steps(blocks: list[Block], nominal: Trace, paper: BoundResult, widths,
-                  eps: float, reach: list | None = None, centered: bool = True) -> list[_Step]:
+def _stable_steps(blocks: list[Block], nominal: Trace, paper: BoundResult, widths, eps: float,
+                  solves: Solves, reach: list | None = None, centered: bool = True) -> list[_Step]:
     """Each block's stable part and what is uncertain in it, every decision made on
     the interval that holds the exact value: computed ± the rounding-error bound
     the paper's bound used (`widths`, see bounds.local_bound_detail).
@@ -153,16 +302,31 @@ def _stable_steps(blocks: list[Block], nominal: Trace, paper: BoundResult, width
     and windows their nominal winner (E close to J(x0), small U where the
     states barely change). Otherwise every uncertain neuron and unstable
     window is left out of S⁰ (E smaller, and the suffixes after uncertain rows
-    often vanish)."""
-    steps, mask = [], np.ones(nominal.x.size)
-    change = np.full(mask.size, eps)  # bound on |Δ| of each coordinate of the block input
+    often vanish).
+
+    A block reading one block takes the paper's radius (record.eps_in) and
+    its factor ||R A D|| as the cap of its step (its masks are within the
+    paper's: the same decisions). A block reading several adds the reaches of
+    its sources (each source's output moves by at most its record's eps_in
+    times its factor, the paper's gain), and its cap, like that of every
+    affine block after it (whose masks may then differ from the paper's by
+    rounding), is its own gated norm (bounds.cached_norm)."""
+    n = nominal.x.size
+    steps: list[_Step] = []
+    masks, changes = {INPUT: np.ones(n)}, {INPUT: np.full(n, eps)}  # per output: can change, |Δ| bound
+    moved, paper_masks = {INPUT: eps}, {INPUT: True}  # ||Δ|| bound; masks within the paper's
     for k, (block, record) in enumerate(zip(blocks, paper.layers)):
         proven = None if reach is None else reach[k]
+        sources = block.inputs
+        mask = np.concatenate([masks[j] for j in sources])
         if isinstance(block, AffineBlock):
             interval = nominal.pre[k] - widths[k], nominal.pre[k] + widths[k]
-            step, change, next_mask = _affine_step(block, interval, record.eps_in, mask, proven,
-                                                   centered)
+            radius = sum(moved[j] * np.sqrt(np.maximum(part.sq_matvec(masks[j]), 0.0))
+                         for j, part in zip(sources, block.parts())) if len(sources) > 1 else \
+                record.eps_in * np.sqrt(np.maximum(block.map.sq_matvec(mask), 0.0))
+            step, change, next_mask = _affine_step(block, interval, radius, mask, proven, centered)
         else:
+            change = changes[sources[0]]
             if proven is not None:
                 change = np.minimum(change, np.maximum(-proven[0], proven[1]))
             if isinstance(block, MaxPoolBlock):
@@ -171,19 +335,27 @@ def _stable_steps(blocks: list[Block], nominal: Trace, paper: BoundResult, width
             else:
                 interval = nominal.inputs[k] - widths[k], nominal.inputs[k] + widths[k]
                 step, change, next_mask = _relu_step(interval, change, mask, centered)
-        step.cap = record.bound
+        paper_masks[k] = len(sources) == 1 and paper_masks[sources[0]]
+        if isinstance(block, AffineBlock) and not paper_masks[k]:
+            # gate ∨ uncertain is the same for both choices of S⁰ (one solve) and above each
+            rows = np.ones(block.out_size) if step.gate is None else np.maximum(step.gate, step.uncertain)
+            norm = cached_norm(nominal, ("tight cap", k), block.map, rows, mask, solves.solver)
+            solves.delta += norm.delta
+            step.cap = norm.value
+        else:
+            step.cap = record.bound
         steps.append(step)
-        mask = next_mask
+        masks[k], changes[k] = next_mask, change
+        moved[k] = record.eps_in * record.bound * (1 + 4 * U64)
     return steps
 
 
-def _affine_step(block: AffineBlock, interval, eps_k, mask, proven=None, centered=True):
+def _affine_step(block: AffineBlock, interval, reach, mask, proven=None, centered=True):
     """ReLU rows: active where low − fall ≥ 0, inactive where high + rise ≤ 0,
     uncertain otherwise (rows that cannot move, reach 0, never are). The paper's
-    reach bounds both the fall and the rise; `proven` (lo, hi) bounds of the
+    `reach` bounds both the fall and the rise; `proven` (lo, hi) bounds of the
     change tighten them. See _relu_gates for the uncertain rows."""
     low, high = interval
-    reach = eps_k * np.sqrt(np.maximum(block.map.sq_matvec(mask), 0.0))
     fall, rise = reach, reach
     if proven is not None:
         fall = np.minimum(reach, np.maximum(-proven[0], 0.0))
