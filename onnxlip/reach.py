@@ -24,8 +24,15 @@ computed trace ± its rigorous elementwise rounding-error bounds
 distance to the exact rows (LinearMap.matmat_bounded); error terms are pushed
 with |A| rounded upwards, and every interval is widened by WIDEN relative.
 
-L costs (outputs × inputs) floats per live tensor; past the memory budget
-the analysis stops, and the blocks from there on keep the paper's radii.
+L is multiplied in float64 by column chunks of CHUNK_BYTES and stored in
+float64 where that fits the memory budget, else in float32 (half the memory:
+the CIFAR-10 reference's L, 28,800 × 3,072 after conv1, fits in the default
+budget so). ρ also covers the rounding of every stored entry (u relative
+plus TINY below the normal range, only on rows that did not convert
+exactly: float32 kernels' products do), and the rows' norms are upper bounds
+summed in float64. Past the memory budget, or where an entry of L leaves
+float32's range, the analysis stops, and the blocks from there on keep the
+paper's radii.
 """
 
 from __future__ import annotations
@@ -37,44 +44,49 @@ import numpy as np
 
 from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock
 from .bounds import Trace
-from .operators.base import U64, LinearMap
+from .operators.base import U32, U64, LinearMap, gamma
 
 #: Relative widening of quantities computed in float64 from the bounds (a few
 #: roundings each): far above their errors, far below anything that matters.
 WIDEN = 1e-12
+#: The compact storage of L, where float64 does not fit (see the module's docstring).
+COMPACT = np.dtype(np.float32)
+#: float64 temporaries of one column chunk of a product (input, output, the map's own copies).
+CHUNK_BYTES = 64e6
+#: (u, tiny) of rounding to each storage: |fl(t) − t| ≤ u·|t| + tiny within its range.
+ROUNDING = {np.dtype(np.float32): (U32, 2.0**-150), np.dtype(np.float64): (U64, 2.0**-1075)}
 
 
 @dataclass
 class Linear:
     """Δz = L Δx + e over the ball: rows of L, their rounding bound, e's interval."""
 
-    L: np.ndarray
-    rho: np.ndarray  # ||computed row − exact row|| ≤ rho
+    L: np.ndarray  # float64 or COMPACT, in Fortran order (column chunks contiguous)
+    rho: np.ndarray  # ||stored row − exact row|| ≤ rho
     lo: np.ndarray
     hi: np.ndarray
     #: Rows that can change at all (the paper's mask D: where a row reads no
     #: moving value, Δz = 0 exactly and its rounding terms are dropped).
     moving: np.ndarray
+    #: Upper bounds of the stored rows' norms ||L_i||.
+    norms: np.ndarray
 
     def still(self) -> Linear:
         """The same, with the rows that cannot move set exactly to Δz = 0."""
         fixed = ~self.moving
-        self.L[fixed], self.rho[fixed], self.lo[fixed], self.hi[fixed] = 0.0, 0.0, 0.0, 0.0
-        self.__dict__.pop("row_norms", None)  # L changed
+        if fixed.any():  # one pass over L (L is finite: multiplying by 0 zeroes exactly)
+            self.L *= self.moving[:, None].astype(self.L.dtype)
+        self.rho[fixed], self.lo[fixed], self.hi[fixed], self.norms[fixed] = 0.0, 0.0, 0.0, 0.0
         return self
-
-    @cached_property
-    def row_norms(self) -> np.ndarray:
-        """||L_i|| of every row (one pass over L, shared by change() and the ReLU step)."""
-        return np.linalg.norm(self.L, axis=1)
 
     def change(self, eps: float) -> tuple[np.ndarray, np.ndarray]:
         """Bounds of Δz over the ball."""
-        radius = eps * (self.row_norms + self.rho) * (1 + WIDEN)
+        radius = eps * (self.norms + self.rho) * (1 + WIDEN)
         return _down(self.lo - radius), _up(self.hi + radius)
 
     def rows(self, index: np.ndarray) -> Linear:
-        return Linear(self.L[index], self.rho[index], self.lo[index], self.hi[index], self.moving[index])
+        return Linear(self.L.T[:, index].T, self.rho[index], self.lo[index], self.hi[index],
+                      self.moving[index], self.norms[index])
 
 
 @dataclass
@@ -103,7 +115,7 @@ class Reach:
     @cached_property
     def _top(self) -> float:
         """||L|| of the output's dense L (LAPACK SVD, float64)."""
-        L = self.output.L
+        L = self.output.L.astype(np.float64)
         return float(np.linalg.norm(L, 2)) if L.size else 0.0
 
     def jacobian_norm_bound(self) -> float:
@@ -135,27 +147,40 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
         widths = [e if isinstance(b, AffineBlock) else i
                   for b, e, i in zip(blocks, nominal.pre_errors, nominal.in_errors)]
     n0 = nominal.x.size
-    if 8.0 * n0 * n0 > budget:  # not even the input's identity fits
+    last_read = {j: k for k, block in enumerate(blocks) for j in block.inputs}
+    if COMPACT.itemsize * n0 * n0 > budget:  # not even the input's identity fits
         return Reach([None] * len(blocks), [None] * len(blocks), None, [
             f"the exact reach needs more than the memory budget ({budget:.3g} bytes) from the "
             "input on: the paper's radii"])
-    last_read = {j: k for k, block in enumerate(blocks) for j in block.inputs}
-    states = {INPUT: Linear(np.eye(n0), np.zeros(n0), np.zeros(n0), np.zeros(n0), np.ones(n0, bool))}
+    states = {INPUT: Linear(np.eye(n0, dtype=COMPACT, order="F"), np.zeros(n0), np.zeros(n0), np.zeros(n0),
+                            np.ones(n0, bool), np.ones(n0))}
     changes: list = []
     counts: list = []
+    stop = None  # (block, why the analysis stopped there)
     for k, block in enumerate(blocks):
-        if not block.reachable() or any(j not in states for j in block.inputs) \
-                or _bytes(states, block, n0) > budget:
+        why, state = None, None
+        if not block.reachable():
+            why = "its activation is not analysed"
+        elif any(j not in states for j in block.inputs):
+            why = "an input was not analysed"
+        elif (dtype := _storage(states, block, n0, budget)) is None:
+            why = f"it needs more than the memory budget ({budget:.3g} bytes)"
+        else:
+            state = _stack([states[j] for j in block.inputs])
+            if isinstance(block, AffineBlock):
+                state = _affine(block.map, state, dtype)
+                if state is None:
+                    why = "its rows of L leave float32's range"
+        if state is None:
+            stop = stop or (k, why)
             changes.append(None)
             counts.append(None)
             states.pop(k, None)
             continue
-        state = _stack([states[j] for j in block.inputs])
         if isinstance(block, AffineBlock):
-            state = _affine(block.map, state)
             changes.append(state.change(eps))
             if block.relu:
-                state, count = _relu(state, _interval(nominal.pre[k], widths[k]), changes[-1])
+                state, count = _relu(state, _interval(nominal.pre[k], widths[k]), changes[-1], True)
             else:
                 count = (0, 0, 0)
         elif isinstance(block, MaxPoolBlock):
@@ -163,7 +188,7 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
             state, count = _maxpool(block, state, _interval(nominal.inputs[k], widths[k]), changes[-1])
         else:  # a lone ReLU
             changes.append(state.change(eps))
-            state, count = _relu(state, _interval(nominal.inputs[k], widths[k]), changes[-1])
+            state, count = _relu(state, _interval(nominal.inputs[k], widths[k]), changes[-1], False)
         counts.append(count)
         states[k] = state
         for j in set(block.inputs):
@@ -171,12 +196,10 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
                 states.pop(j, None)
     last = states.get(len(blocks) - 1)
     notes = []
-    stop = next((k for k, c in enumerate(changes) if c is None), None)
     if stop is not None:
-        notes.append(f"the exact reach stops at block {stop} ({blocks[stop].name}): "
-                     + ("its activation is not analysed" if not blocks[stop].reachable() else
-                        f"it needs more than the memory budget ({budget:.3g} bytes)")
-                     + "; the paper's radii from there on")
+        k, why = stop
+        notes.append(f"the exact reach stops at block {k} ({blocks[k].name}): {why}; "
+                     "the paper's radii from there on")
     return Reach(changes, counts, last, notes)
 
 
@@ -193,32 +216,73 @@ def _up(x: np.ndarray) -> np.ndarray:
     return x + WIDEN * np.abs(x) + 1e-300
 
 
-def _bytes(states: dict, block: Block, n0: int) -> float:
-    """Memory of the L matrices alive while this block runs (inputs, output, temporaries)."""
-    live = sum(s.L.shape[0] for s in states.values())
-    return 8.0 * n0 * (live + 2 * block.out_size)
+def _storage(states: dict, block: Block, n0: int, budget: float) -> np.dtype | None:
+    """The storage of the block's L with the L matrices alive while it runs and the
+    float64 temporaries of one column chunk: float64 within a quarter of the
+    budget (room left for the blocks after it), else COMPACT within the budget
+    for affine blocks (their products are rounded to it; the other blocks keep
+    their input's), None where nothing fits."""
+    widest = max(states[j].L.shape[0] for j in block.inputs) + 2 * block.out_size
+    live = sum(s.L.nbytes for s in states.values()) + min(CHUNK_BYTES, 8.0 * n0 * widest)
+    if isinstance(block, AffineBlock):
+        options = [(np.dtype(np.float64), budget / 4), (COMPACT, budget)]
+    else:
+        options = [(np.result_type(*(states[j].L.dtype for j in block.inputs)), budget)]
+    return next((d for d, room in options if live + d.itemsize * n0 * block.out_size <= room), None)
 
 
 def _stack(parts: list[Linear]) -> Linear:
     if len(parts) == 1:
         return parts[0]
-    return Linear(*(np.concatenate([getattr(p, f) for p in parts])
-                    for f in ("L", "rho", "lo", "hi", "moving")))
+    fields = ("rho", "lo", "hi", "moving", "norms")
+    return Linear(np.concatenate([p.L.T for p in parts], axis=1).T,
+                  *(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
 
-def _affine(linear: LinearMap, state: Linear) -> Linear:
-    """Δz = A Δy: L and e mapped exactly, the rounding of every product bounded."""
-    L, rho = linear.matmat_bounded(state.L, state.rho)
+def _norms(L: np.ndarray) -> np.ndarray:
+    """Upper bounds of the rows' norms: float64 sums of squares (γ covers their rounding)."""
+    if L.dtype != np.float64:
+        L = L.astype(np.float64)
+    return np.sqrt(np.einsum("ij,ij->i", L, L)) * (1 + gamma(L.shape[1] + 4, U64))
+
+
+def _affine(linear: LinearMap, state: Linear, dtype: np.dtype) -> Linear | None:
+    """Δz = A Δy: L and e mapped exactly, the rounding of every product bounded.
+    L by column chunks in float64 (LinearMap.matmat_bounded, no incoming error:
+    the chunks' rounding bounds add up in squares, the rows' incoming error is
+    pushed once by |A|), stored in `dtype` with its rounding added to ρ on the
+    rows it changed. None where an entry leaves the storage's range."""
+    n_in, n0 = state.L.shape
+    n_out = linear.out_size
+    L = np.empty((n_out, n0), dtype, order="F")
+    squares, norms, inexact = np.zeros(n_out), np.zeros(n_out), np.zeros(n_out, bool)
+    width = max(1, int(CHUNK_BYTES // (8 * (n_in + 2 * n_out))))
+    chunks = range(0, n0, width)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in chunks:
+            part = slice(start, start + width)
+            product, rounding = linear.matmat_bounded(state.L[:, part].astype(np.float64), np.zeros(n_in))
+            L[:, part] = product
+            if dtype != product.dtype:
+                inexact |= (L[:, part] != product).any(axis=1)
+            squares += rounding**2
+            norms += _norms(L[:, part]) ** 2
+    norms = np.sqrt(norms) * (1 + gamma(len(chunks) + 4, U64))
+    if not (np.all(np.isfinite(norms)) and np.all(np.isfinite(squares))):
+        return None
+    u, tiny = ROUNDING[np.dtype(dtype)]
+    stored = np.where(inexact, u * norms * (1 + 2 * u) + np.sqrt(n0) * tiny, 0.0)  # the rounding to dtype
+    rho = (linear.abs_bound(state.rho) + np.sqrt(squares) + stored) * (1 + gamma(len(chunks) + 4, U64))
     mid = (state.lo + state.hi) / 2
     radius = (state.hi - state.lo) / 2 * (1 + 4 * U64) + 2 * U64 * np.abs(mid)
     image, (mid_err,) = linear.matvec_bounded(mid, [np.zeros(mid.size)])
     radius = linear.abs_bound(radius) + mid_err
     moving = linear.sq_matvec(state.moving.astype(float)) > 0
-    return Linear(L, rho, _down(image - radius), _up(image + radius), moving).still()
+    return Linear(L, rho, _down(image - radius), _up(image + radius), moving, norms).still()
 
 
 def _relu(state: Linear, nominal: tuple[np.ndarray, np.ndarray],
-          change: tuple[np.ndarray, np.ndarray]) -> tuple[Linear, tuple[int, int, int]]:
+          change: tuple[np.ndarray, np.ndarray], own: bool) -> tuple[Linear, tuple[int, int, int]]:
     """ReLU after a pre-activation y* ∈ [low, high] (its exact value at x0) that
     moves by Δy = state, Δy ∈ change over the ball.
 
@@ -227,6 +291,10 @@ def _relu(state: Linear, nominal: tuple[np.ndarray, np.ndarray],
     slope λ of the ReLU over [y_lo, y_hi], the reachable values: λy ≤ relu(y)
     ≤ λ(y − y_lo), so Δz = λΔy + δ with δ ∈ [min(λy* − relu y*),
     max(λ(y* − y_lo) − relu y*)] over y* ∈ [low, high].
+
+    The rows are scaled in place where the state is `own` (no other block reads
+    it): in the storage's u and tiny (ROUNDING), fl(fl(λ)·L_ij) is within
+    (2u + u²)·λ|L_ij| + tiny of λL_ij.
     """
     low, high = nominal
     y_lo, y_hi = _down(low + change[0]), _up(high + change[1])
@@ -247,10 +315,15 @@ def _relu(state: Linear, nominal: tuple[np.ndarray, np.ndarray],
     d_hi = np.where(uncertain, np.maximum.reduce([upper(low), upper(high), upper(kink)]), 0.0)
     slack = np.where(uncertain, WIDEN * (np.abs(d_lo) + np.abs(d_hi) + np.abs(y_lo) + np.abs(y_hi))
                      + 1e-300, 0.0)
-    rows = state.row_norms
-    rho = np.where(active, state.rho, (state.rho + U64 * rows) * lam * (1 + 2 * U64))
-    out = Linear(state.L * lam[:, None], rho, _down(lam * state.lo + d_lo - slack),
-                 _up(lam * state.hi + d_hi + slack), active | uncertain).still()
+    L = state.L if own else state.L.copy(order="F")
+    if uncertain.any():  # the inactive and still rows are zeroed by still()
+        L[uncertain] *= lam[uncertain, None].astype(L.dtype)
+    u, tiny = ROUNDING[L.dtype]
+    tiny = np.where(uncertain, np.sqrt(L.shape[1]) * tiny, 0.0)
+    rho = np.where(active, state.rho, (state.rho + 3 * u * state.norms) * lam * (1 + 2 * U64) + tiny)
+    norms = np.where(active, state.norms, state.norms * lam * (1 + 3 * u) + tiny)
+    out = Linear(L, rho, _down(lam * state.lo + d_lo - slack),
+                 _up(lam * state.hi + d_hi + slack), active | uncertain, norms).still()
     out.lo[active], out.hi[active] = state.lo[active], state.hi[active]
     # a row that cannot move keeps its state: active or inactive by its sign at x0
     return out, (int((active | still & (low >= 0)).sum()), int((inactive | still & (low < 0)).sum()),
@@ -292,5 +365,5 @@ def _maxpool(block: MaxPoolBlock, state: Linear, nominal: tuple[np.ndarray, np.n
     t_hi = np.where(stable, 0.0, _up(top_y - y_lo[winner]))
     out = state.rows(winner)
     out = Linear(out.L, out.rho, _down(out.lo + t_lo), _up(out.hi + t_hi),
-                 moves.any(axis=1) & ~constant).still()
+                 moves.any(axis=1) & ~constant, out.norms).still()
     return out, (int(stable.sum()), 0, int((~stable).sum()))

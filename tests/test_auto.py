@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from propnets import build, networks, nominal
 
 import onnxlip
+from onnxlip import reach as reach_module
 from onnxlip.reach import analyse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,6 +153,67 @@ def test_first_layer_just_inside_the_reach(tmp_path):
     assert netgen.max_ratio(twin, x0, points) <= result.bound * SLACK
 
 
+def _compact(monkeypatch):
+    """Every affine block's L stored in float32 (as where float64 would not fit the budget)."""
+    monkeypatch.setattr(reach_module, "_storage", lambda states, block, n0, budget: reach_module.COMPACT)
+
+
+@pytest.mark.parametrize(("family", "seed"), [(f, s) for f in ("dense", "conv") for s in range(8)])
+def test_compact_storage_is_sound(tmp_path, monkeypatch, family, seed):
+    """L stored in float32: every stored row is within ρ of the float64
+    analysis' row (which is within its own ρ of the exact one), and Δz = LΔx + e
+    still holds at sampled points. Normalization and batch-norm folds make
+    float64 maps whose products float32 cannot hold exactly."""
+    twin, engine, x0 = _chain(family, seed, tmp_path)
+    rng = np.random.default_rng(seed)
+    nominal_trace = engine.trace(x0)
+    for level in (1e-4, 1e-2):
+        eps = level * float(np.linalg.norm(x0))
+        wide = analyse(engine.blocks, nominal_trace, eps, 1e9)
+        with monkeypatch.context() as m:
+            _compact(m)
+            compact = analyse(engine.blocks, nominal_trace, eps, 1e9)
+        out, ref = compact.output, wide.output
+        assert out.L.dtype == np.float32 and ref.L.dtype == np.float64
+        if compact.counts == wide.counts:  # the same relaxation: the same rows up to rounding
+            gap = np.linalg.norm(out.L.astype(np.float64) - ref.L, axis=1)
+            assert np.all(gap <= out.rho + ref.rho)
+        points = netgen.ball_points(rng, x0, eps, 200, 200, [])
+        change = twin(points) - twin(x0.ravel()[None])
+        linear = (points - x0.ravel()) @ out.L.astype(np.float64).T
+        slack = eps * (out.rho + 1e-6 * out.norms) + 1e-6 * np.abs(change)
+        assert np.all(change - linear >= out.lo - slack)
+        assert np.all(change - linear <= out.hi + slack)
+
+
+def test_compact_rounding_counted_at_the_kink(tmp_path, monkeypatch):
+    """Adversarial: a normalized input (a float64 map, whose rows float32 rounds)
+    and first-layer pre-activations at ±(1 − 1e-9)·ε·||a_i/3|| from the kink,
+    inside the ball's reach by far less than float32's rounding of the rows: they
+    stay uncertain with L in float32; those at 1 + 1e-3 are stable."""
+    rng = np.random.default_rng(11)
+    net = dagnets.DagNet("kink32", (1, 8), rng)
+    a = rng.standard_normal((6, 8)).astype(np.float32)  # the model's weights are float32
+    b = rng.standard_normal(6).astype(np.float32)
+    eps = 1e-2
+    scaled = a.astype(np.float64) / 3.0
+    reach = eps * np.linalg.norm(scaled, axis=1)
+    signs = np.array([1, -1, 1, -1, 1, -1])
+    margin = np.array([1 + 1e-3, 1 + 1e-3, 1 - 1e-9, 1 - 1e-9, 1 - 1e-9, 1 - 1e-9])
+    x0 = np.linalg.lstsq(scaled, signs * margin * reach - b, rcond=None)[0]  # a x0 / 3 + b there
+    assert np.allclose(scaled @ x0 + b, signs * margin * reach, rtol=0, atol=1e-11 * reach.min())
+    h = net.node("Div", ["x", net.const(np.array([3.0]))])
+    h = net.node("Relu", [net.node("Gemm", [h, net.const(a), net.const(b)], transB=1)])
+    net.output, net.output_shape = net.node("Gemm", [h, net.const(rng.standard_normal((3, 6)))],
+                                            transB=1), ("N", 3)
+    engine = onnxlip.load(net.save(tmp_path / "kink32.onnx"))
+    _compact(monkeypatch)
+    result = analyse(engine.blocks, engine.trace(x0[None]), eps, 1e9)
+    assert result.output.L.dtype == np.float32
+    assert sum(c[2] for c in result.counts if c) == 4
+    assert sum(c[0] + c[1] for c in result.counts if c) == 2
+
+
 TIGHT_SET = ["tight_mlp6x50", "tight_mlp6x50_matmul", "tight_cnn_maxpool", "tight_cnn_avgpool",
              "tight_cnn_bn"]
 
@@ -202,9 +264,9 @@ def test_memory_budget_falls_back_with_a_note(tmp_path):
 
 def test_input_past_the_budget_allocates_nothing(tmp_path, monkeypatch):
     """An input whose identity alone exceeds the budget (ImageNet-sized: 150,528² floats
-    would be 169 GiB) stops the analysis before any allocation."""
+    would be 84 GiB even in float32) stops the analysis before any allocation."""
     _, engine, x0 = _chain("conv", 2, tmp_path)
-    engine.memory_budget = 8.0 * x0.size**2 - 1
+    engine.memory_budget = reach_module.COMPACT.itemsize * x0.size**2 - 1
     monkeypatch.setattr(np, "eye", lambda *a, **k: pytest.fail("allocated the identity"))
     result = engine.local_bound(x0, 1e-3)
     assert any("from the input on" in n for n in result.notes)
