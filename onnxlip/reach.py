@@ -42,9 +42,10 @@ from functools import cached_property
 
 import numpy as np
 
-from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock
+from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, is_chain
 from .bounds import Trace
 from .operators.base import U32, U64, LinearMap, gamma
+from .refine import REFINE_ROWS, Relaxation, maxpool_relaxation, refine, relu_relaxation
 
 #: Relative widening of quantities computed in float64 from the bounds (a few
 #: roundings each): far above their errors, far below anything that matters.
@@ -101,6 +102,9 @@ class Reach:
     counts: list[tuple[int, int, int] | None]
     output: Linear | None = None
     notes: list[str] = field(default_factory=list)
+    #: Per block reached, how its output change follows its input's (chains only;
+    #: onnxlip.refine), for backward bounds.
+    relaxations: list[Relaxation] | None = None
 
     @property
     def uncertain(self) -> int:
@@ -157,6 +161,10 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
     changes: list = []
     counts: list = []
     stop = None  # (block, why the analysis stopped there)
+    # the blocks' relaxations for the backward refinement (chains only), and a
+    # bound of ||Δ(the next block's input)||
+    relaxations: list[Relaxation] | None = [] if is_chain(blocks) else None
+    in_bound = eps
     for k, block in enumerate(blocks):
         why, state = None, None
         if not block.reachable():
@@ -178,17 +186,29 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
             states.pop(k, None)
             continue
         if isinstance(block, AffineBlock):
-            changes.append(state.change(eps))
+            change = state.change(eps)
+            interval = _interval(nominal.pre[k], widths[k])
+            if relaxations is not None and block.relu and any(c[2] for c in counts):
+                change = _refined(relaxations, block.map, interval, change, state.moving, in_bound, eps)
+            changes.append(change)
             if block.relu:
-                state, count = _relu(state, _interval(nominal.pre[k], widths[k]), changes[-1], True)
+                state, count, relaxation = _relu(state, interval, change, True, block.map, in_bound)
             else:
                 count = (0, 0, 0)
+                ones = np.ones(block.out_size)
+                relaxation = Relaxation(block.map, ones, 0 * ones, ones, 0 * ones, in_bound, _bound(change),
+                                        _bound(change))
         elif isinstance(block, MaxPoolBlock):
             changes.append(state.change(eps))
-            state, count = _maxpool(block, state, _interval(nominal.inputs[k], widths[k]), changes[-1])
+            state, count, relaxation = _maxpool(block, state, _interval(nominal.inputs[k], widths[k]),
+                                                changes[-1], in_bound)
         else:  # a lone ReLU
             changes.append(state.change(eps))
-            state, count = _relu(state, _interval(nominal.inputs[k], widths[k]), changes[-1], False)
+            state, count, relaxation = _relu(state, _interval(nominal.inputs[k], widths[k]), changes[-1],
+                                             False, None, in_bound)
+        if relaxations is not None:
+            relaxations.append(relaxation)
+            in_bound = relaxation.out_bound
         counts.append(count)
         states[k] = state
         for j in set(block.inputs):
@@ -200,7 +220,26 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
         k, why = stop
         notes.append(f"the exact reach stops at block {k} ({blocks[k].name}): {why}; "
                      "the paper's radii from there on")
-    return Reach(changes, counts, last, notes)
+    return Reach(changes, counts, last, notes, relaxations)
+
+
+def _refined(relaxations: list[Relaxation], linear: LinearMap, interval: tuple[np.ndarray, np.ndarray],
+             change: tuple[np.ndarray, np.ndarray], moving: np.ndarray, in_bound: float,
+             eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """The change bounds with the rows they leave uncertain (at most REFINE_ROWS,
+    those nearest to a decision first) tightened by the backward pass."""
+    low, high = interval
+    y_lo, y_hi = _down(low + change[0]), _up(high + change[1])
+    uncertain = np.flatnonzero(moving & (y_lo < 0) & (y_hi > 0))
+    if not uncertain.size:
+        return change
+    nearest = np.minimum(-y_lo, y_hi)[uncertain] / (y_hi - y_lo)[uncertain]
+    rows = uncertain[np.argsort(nearest, kind="stable")[:REFINE_ROWS]]
+    lo, hi = refine(relaxations, linear, rows, in_bound, eps)
+    change = change[0].copy(), change[1].copy()
+    change[0][rows] = np.maximum(change[0][rows], lo)
+    change[1][rows] = np.minimum(change[1][rows], hi)
+    return change
 
 
 def _interval(value: np.ndarray, width: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -282,7 +321,8 @@ def _affine(linear: LinearMap, state: Linear, dtype: np.dtype) -> Linear | None:
 
 
 def _relu(state: Linear, nominal: tuple[np.ndarray, np.ndarray],
-          change: tuple[np.ndarray, np.ndarray], own: bool) -> tuple[Linear, tuple[int, int, int]]:
+          change: tuple[np.ndarray, np.ndarray], own: bool, linear: LinearMap | None = None,
+          in_bound: float = np.inf) -> tuple[Linear, tuple[int, int, int], Relaxation]:
     """ReLU after a pre-activation y* ∈ [low, high] (its exact value at x0) that
     moves by Δy = state, Δy ∈ change over the ball.
 
@@ -294,7 +334,8 @@ def _relu(state: Linear, nominal: tuple[np.ndarray, np.ndarray],
 
     The rows are scaled in place where the state is `own` (no other block reads
     it): in the storage's u and tiny (ROUNDING), fl(fl(λ)·L_ij) is within
-    (2u + u²)·λ|L_ij| + tiny of λL_ij.
+    (2u + u²)·λ|L_ij| + tiny of λL_ij. The relaxation for the backward pass
+    (onnxlip.refine) has the same upper line; `linear` the map before it.
     """
     low, high = nominal
     y_lo, y_hi = _down(low + change[0]), _up(high + change[1])
@@ -325,13 +366,23 @@ def _relu(state: Linear, nominal: tuple[np.ndarray, np.ndarray],
     out = Linear(L, rho, _down(lam * state.lo + d_lo - slack),
                  _up(lam * state.hi + d_hi + slack), active | uncertain, norms).still()
     out.lo[active], out.hi[active] = state.lo[active], state.hi[active]
+    relaxation = relu_relaxation(linear, lam, _up(d_hi + slack), low, high, y_lo, y_hi, active, uncertain,
+                                 in_bound, _bound(change, active | uncertain))
     # a row that cannot move keeps its state: active or inactive by its sign at x0
     return out, (int((active | still & (low >= 0)).sum()), int((inactive | still & (low < 0)).sum()),
-                 int(uncertain.sum()))
+                 int(uncertain.sum())), relaxation
+
+
+def _bound(change: tuple[np.ndarray, np.ndarray], rows: np.ndarray | None = None) -> float:
+    """An upper bound of ||Δ|| over the ball from elementwise bounds of Δ (on `rows`)."""
+    top = np.maximum(-change[0], change[1])
+    top = top if rows is None else top[rows]
+    return float(np.linalg.norm(top)) * (1 + gamma(top.size + 4, U64))
 
 
 def _maxpool(block: MaxPoolBlock, state: Linear, nominal: tuple[np.ndarray, np.ndarray],
-             change: tuple[np.ndarray, np.ndarray]) -> tuple[Linear, tuple[int, int, int]]:
+             change: tuple[np.ndarray, np.ndarray],
+             in_bound: float) -> tuple[Linear, tuple[int, int, int], Relaxation]:
     """Each window as its nominal winner w plus t: out − out* = Δz_w + t with
     t = (out − z_w) − (out* − z*_w).
 
@@ -364,6 +415,10 @@ def _maxpool(block: MaxPoolBlock, state: Linear, nominal: tuple[np.ndarray, np.n
     t_lo = np.where(stable, 0.0, _down(-(top_z - zlo[winner])))
     t_hi = np.where(stable, 0.0, _up(top_y - y_lo[winner]))
     out = state.rows(winner)
-    out = Linear(out.L, out.rho, _down(out.lo + t_lo), _up(out.hi + t_hi),
-                 moves.any(axis=1) & ~constant, out.norms).still()
-    return out, (int(stable.sum()), 0, int((~stable).sum()))
+    follows = moves.any(axis=1) & ~constant
+    out = Linear(out.L, out.rho, _down(out.lo + t_lo), _up(out.hi + t_hi), follows, out.norms).still()
+    # |Δ max| ≤ the largest |Δ| of a moving member
+    reach = np.where(moves, np.maximum(-change[0], change[1])[index], 0.0).max(axis=1)
+    relaxation = maxpool_relaxation(np.where(follows, winner, -1), t_lo, t_hi, zlo.size, in_bound,
+                                    _bound((-reach, reach)))
+    return out, (int(stable.sum()), 0, int((~stable).sum())), relaxation
