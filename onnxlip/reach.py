@@ -237,8 +237,8 @@ def _refined(relaxations: list[Relaxation], linear: LinearMap, interval: tuple[n
     rows = uncertain[np.argsort(nearest, kind="stable")[:REFINE_ROWS]]
     lo, hi = refine(relaxations, linear, rows, in_bound, eps)
     change = change[0].copy(), change[1].copy()
-    change[0][rows] = np.maximum(change[0][rows], lo)
-    change[1][rows] = np.minimum(change[1][rows], hi)
+    change[0][rows] = np.fmax(change[0][rows], lo)  # fmax, fmin: a NaN bound (inf·0) is ignored
+    change[1][rows] = np.fmin(change[1][rows], hi)
     return change
 
 
