@@ -278,13 +278,6 @@ def _stack(parts: list[Linear]) -> Linear:
                   *(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
 
-def _norms(L: np.ndarray) -> np.ndarray:
-    """Upper bounds of the rows' norms: float64 sums of squares (γ covers their rounding)."""
-    if L.dtype != np.float64:
-        L = L.astype(np.float64)
-    return np.sqrt(np.einsum("ij,ij->i", L, L)) * (1 + gamma(L.shape[1] + 4, U64))
-
-
 def _affine(linear: LinearMap, state: Linear, dtype: np.dtype) -> Linear | None:
     """Δz = A Δy: L and e mapped exactly, the rounding of every product bounded.
     L by column chunks in float64 (LinearMap.matmat_bounded, no incoming error:
@@ -302,11 +295,12 @@ def _affine(linear: LinearMap, state: Linear, dtype: np.dtype) -> Linear | None:
             part = slice(start, start + width)
             product, rounding = linear.matmat_bounded(state.L[:, part].astype(np.float64), np.zeros(n_in))
             L[:, part] = product
+            stored = L[:, part].astype(np.float64)
             if dtype != product.dtype:
-                inexact |= (L[:, part] != product).any(axis=1)
+                inexact |= (stored != product).any(axis=1)
             squares += rounding**2
-            norms += _norms(L[:, part]) ** 2
-    norms = np.sqrt(norms) * (1 + gamma(len(chunks) + 4, U64))
+            norms += np.einsum("ij,ij->i", stored, stored)
+    norms = np.sqrt(norms) * (1 + gamma(n0 + 4, U64))  # n0 squares summed in float64
     if not (np.all(np.isfinite(norms)) and np.all(np.isfinite(squares))):
         return None
     u, tiny = ROUNDING[np.dtype(dtype)]
