@@ -16,7 +16,10 @@ pre-activation, ε·||L_i||, is exact (the paper's ε_k·||a_iᵀ D|| bounds it 
 a product of norms). An uncertain ReLU is replaced by its chord over the
 reachable interval plus a bounded error (the triangle relaxation); a
 max-pooling window by its nominal winner plus a bounded error unless the
-winner provably stays the largest.
+winner provably stays the largest. On chains, after the first uncertain
+block, the pre-activations this leaves uncertain are bounded again by a
+backward pass through every block's relaxation (onnxlip.refine); the
+tighter interval is kept.
 
 Rounding is covered: the exact values at x0 are only known to lie in the
 computed trace ± its rigorous elementwise rounding-error bounds
@@ -227,14 +230,18 @@ def _refined(relaxations: list[Relaxation], linear: LinearMap, interval: tuple[n
              change: tuple[np.ndarray, np.ndarray], moving: np.ndarray, in_bound: float,
              eps: float) -> tuple[np.ndarray, np.ndarray]:
     """The change bounds with the rows they leave uncertain (at most REFINE_ROWS,
-    those nearest to a decision first) tightened by the backward pass."""
+    and no more than CHUNK_BYTES of columns hold; those nearest to a decision
+    first) tightened by the backward pass."""
     low, high = interval
     y_lo, y_hi = _down(low + change[0]), _up(high + change[1])
     uncertain = np.flatnonzero(moving & (y_lo < 0) & (y_hi > 0))
     if not uncertain.size:
         return change
     nearest = np.minimum(-y_lo, y_hi)[uncertain] / (y_hi - y_lo)[uncertain]
-    rows = uncertain[np.argsort(nearest, kind="stable")[:REFINE_ROWS]]
+    # the pass holds 2 float64 columns per row at every block: within one chunk's memory
+    widest = max([linear.out_size, linear.in_size] + [r.upper_c.size for r in relaxations])
+    count = max(1, min(REFINE_ROWS, int(CHUNK_BYTES // (16 * widest))))
+    rows = uncertain[np.argsort(nearest, kind="stable")[:count]]
     lo, hi = refine(relaxations, linear, rows, in_bound, eps)
     change = change[0].copy(), change[1].copy()
     change[0][rows] = np.fmax(change[0][rows], lo)  # fmax, fmin: a NaN bound (inf·0) is ignored

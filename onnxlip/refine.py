@@ -24,9 +24,9 @@ bounded from the analysis' own intervals (`Relaxation.bound`); the sums of
 intercepts carry γ_n. Everything is added to the bound.
 
 Cost: one backward pass per refined block, 2·rows columns through every
-block before it; rows are capped at REFINE_ROWS per block (the most nearly
-decided first), so the cost is bounded by the network's size, not by its
-uncertain count.
+block before it; rows are capped at REFINE_ROWS per block and to 64 MB of
+columns (reach._refined: the most nearly decided first), so the cost is
+bounded by the network's size, not by its uncertain count.
 """
 
 from __future__ import annotations
