@@ -16,7 +16,10 @@ pre-activation, ε·||L_i||, is exact (the paper's ε_k·||a_iᵀ D|| bounds it 
 a product of norms). An uncertain ReLU is replaced by its chord over the
 reachable interval plus a bounded error (the triangle relaxation); a
 max-pooling window by its nominal winner plus a bounded error unless the
-winner provably stays the largest.
+winner provably stays the largest. On chains, after the first uncertain
+block, the pre-activations this leaves uncertain are bounded again by a
+backward pass through every block's relaxation (onnxlip.refine); the
+tighter interval is kept.
 
 Rounding is covered: the exact values at x0 are only known to lie in the
 computed trace ± its rigorous elementwise rounding-error bounds
@@ -24,8 +27,15 @@ computed trace ± its rigorous elementwise rounding-error bounds
 distance to the exact rows (LinearMap.matmat_bounded); error terms are pushed
 with |A| rounded upwards, and every interval is widened by WIDEN relative.
 
-L costs (outputs × inputs) floats per live tensor; past the memory budget
-the analysis stops, and the blocks from there on keep the paper's radii.
+L is multiplied in float64 by column chunks of CHUNK_BYTES and stored in
+float64 where that fits the memory budget, else in float32 (half the memory:
+the CIFAR-10 reference's L, 28,800 × 3,072 after conv1, fits in the default
+budget so). ρ also covers the rounding of every stored entry (u relative
+plus TINY below the normal range, only on rows that did not convert
+exactly: float32 kernels' products do), and the rows' norms are upper bounds
+summed in float64. Past the memory budget, or where an entry of L leaves
+float32's range, the analysis stops, and the blocks from there on keep the
+paper's radii.
 """
 
 from __future__ import annotations
@@ -35,46 +45,52 @@ from functools import cached_property
 
 import numpy as np
 
-from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock
+from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, is_chain
 from .bounds import Trace
-from .operators.base import U64, LinearMap
+from .operators.base import U32, U64, LinearMap, gamma
+from .refine import REFINE_ROWS, Relaxation, maxpool_relaxation, refine, relu_relaxation
 
 #: Relative widening of quantities computed in float64 from the bounds (a few
 #: roundings each): far above their errors, far below anything that matters.
 WIDEN = 1e-12
+#: The compact storage of L, where float64 does not fit (see the module's docstring).
+COMPACT = np.dtype(np.float32)
+#: float64 temporaries of one column chunk of a product (input, output, the map's own copies).
+CHUNK_BYTES = 64e6
+#: (u, tiny) of rounding to each storage: |fl(t) − t| ≤ u·|t| + tiny within its range.
+ROUNDING = {np.dtype(np.float32): (U32, 2.0**-150), np.dtype(np.float64): (U64, 2.0**-1075)}
 
 
 @dataclass
 class Linear:
     """Δz = L Δx + e over the ball: rows of L, their rounding bound, e's interval."""
 
-    L: np.ndarray
-    rho: np.ndarray  # ||computed row − exact row|| ≤ rho
+    L: np.ndarray  # float64 or COMPACT, in Fortran order (column chunks contiguous)
+    rho: np.ndarray  # ||stored row − exact row|| ≤ rho
     lo: np.ndarray
     hi: np.ndarray
     #: Rows that can change at all (the paper's mask D: where a row reads no
     #: moving value, Δz = 0 exactly and its rounding terms are dropped).
     moving: np.ndarray
+    #: Upper bounds of the stored rows' norms ||L_i||.
+    norms: np.ndarray
 
     def still(self) -> Linear:
         """The same, with the rows that cannot move set exactly to Δz = 0."""
         fixed = ~self.moving
-        self.L[fixed], self.rho[fixed], self.lo[fixed], self.hi[fixed] = 0.0, 0.0, 0.0, 0.0
-        self.__dict__.pop("row_norms", None)  # L changed
+        if fixed.any():  # one pass over L (L is finite: multiplying by 0 zeroes exactly)
+            self.L *= self.moving[:, None].astype(self.L.dtype)
+        self.rho[fixed], self.lo[fixed], self.hi[fixed], self.norms[fixed] = 0.0, 0.0, 0.0, 0.0
         return self
-
-    @cached_property
-    def row_norms(self) -> np.ndarray:
-        """||L_i|| of every row (one pass over L, shared by change() and the ReLU step)."""
-        return np.linalg.norm(self.L, axis=1)
 
     def change(self, eps: float) -> tuple[np.ndarray, np.ndarray]:
         """Bounds of Δz over the ball."""
-        radius = eps * (self.row_norms + self.rho) * (1 + WIDEN)
+        radius = eps * (self.norms + self.rho) * (1 + WIDEN)
         return _down(self.lo - radius), _up(self.hi + radius)
 
     def rows(self, index: np.ndarray) -> Linear:
-        return Linear(self.L[index], self.rho[index], self.lo[index], self.hi[index], self.moving[index])
+        return Linear(self.L.T[:, index].T, self.rho[index], self.lo[index], self.hi[index],
+                      self.moving[index], self.norms[index])
 
 
 @dataclass
@@ -89,6 +105,9 @@ class Reach:
     counts: list[tuple[int, int, int] | None]
     output: Linear | None = None
     notes: list[str] = field(default_factory=list)
+    #: Per block reached, how its output change follows its input's (chains only;
+    #: onnxlip.refine), for backward bounds.
+    relaxations: list[Relaxation] | None = None
 
     @property
     def uncertain(self) -> int:
@@ -103,7 +122,7 @@ class Reach:
     @cached_property
     def _top(self) -> float:
         """||L|| of the output's dense L (LAPACK SVD, float64)."""
-        L = self.output.L
+        L = self.output.L.astype(np.float64)
         return float(np.linalg.norm(L, 2)) if L.size else 0.0
 
     def jacobian_norm_bound(self) -> float:
@@ -135,35 +154,64 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
         widths = [e if isinstance(b, AffineBlock) else i
                   for b, e, i in zip(blocks, nominal.pre_errors, nominal.in_errors)]
     n0 = nominal.x.size
-    if 8.0 * n0 * n0 > budget:  # not even the input's identity fits
+    last_read = {j: k for k, block in enumerate(blocks) for j in block.inputs}
+    if COMPACT.itemsize * n0 * n0 > budget:  # not even the input's identity fits
         return Reach([None] * len(blocks), [None] * len(blocks), None, [
             f"the exact reach needs more than the memory budget ({budget:.3g} bytes) from the "
             "input on: the paper's radii"])
-    last_read = {j: k for k, block in enumerate(blocks) for j in block.inputs}
-    states = {INPUT: Linear(np.eye(n0), np.zeros(n0), np.zeros(n0), np.zeros(n0), np.ones(n0, bool))}
+    states = {INPUT: Linear(np.eye(n0, dtype=COMPACT, order="F"), np.zeros(n0), np.zeros(n0), np.zeros(n0),
+                            np.ones(n0, bool), np.ones(n0))}
     changes: list = []
     counts: list = []
+    stop = None  # (block, why the analysis stopped there)
+    # the blocks' relaxations for the backward refinement (chains only), and a
+    # bound of ||Δ(the next block's input)||
+    relaxations: list[Relaxation] | None = [] if is_chain(blocks) else None
+    in_bound = eps
     for k, block in enumerate(blocks):
-        if not block.reachable() or any(j not in states for j in block.inputs) \
-                or _bytes(states, block, n0) > budget:
+        why, state = None, None
+        if not block.reachable():
+            why = "its activation is not analysed"
+        elif any(j not in states for j in block.inputs):
+            why = "an input was not analysed"
+        elif (dtype := _storage(states, block, n0, budget)) is None:
+            why = f"it needs more than the memory budget ({budget:.3g} bytes)"
+        else:
+            state = _stack([states[j] for j in block.inputs])
+            if isinstance(block, AffineBlock):
+                state = _affine(block.map, state, dtype)
+                if state is None:
+                    why = "its rows of L leave float32's range"
+        if state is None:
+            stop = stop or (k, why)
             changes.append(None)
             counts.append(None)
             states.pop(k, None)
             continue
-        state = _stack([states[j] for j in block.inputs])
         if isinstance(block, AffineBlock):
-            state = _affine(block.map, state)
-            changes.append(state.change(eps))
+            change = state.change(eps)
+            interval = _interval(nominal.pre[k], widths[k])
+            if relaxations is not None and block.relu and any(c[2] for c in counts):
+                change = _refined(relaxations, block.map, interval, change, state.moving, in_bound, eps)
+            changes.append(change)
             if block.relu:
-                state, count = _relu(state, _interval(nominal.pre[k], widths[k]), changes[-1])
+                state, count, relaxation = _relu(state, interval, change, True, block.map, in_bound)
             else:
                 count = (0, 0, 0)
+                ones = np.ones(block.out_size)
+                relaxation = Relaxation(block.map, ones, 0 * ones, ones, 0 * ones, in_bound, _bound(change),
+                                        _bound(change))
         elif isinstance(block, MaxPoolBlock):
             changes.append(state.change(eps))
-            state, count = _maxpool(block, state, _interval(nominal.inputs[k], widths[k]), changes[-1])
+            state, count, relaxation = _maxpool(block, state, _interval(nominal.inputs[k], widths[k]),
+                                                changes[-1], in_bound)
         else:  # a lone ReLU
             changes.append(state.change(eps))
-            state, count = _relu(state, _interval(nominal.inputs[k], widths[k]), changes[-1])
+            state, count, relaxation = _relu(state, _interval(nominal.inputs[k], widths[k]), changes[-1],
+                                             False, None, in_bound)
+        if relaxations is not None:
+            relaxations.append(relaxation)
+            in_bound = relaxation.out_bound
         counts.append(count)
         states[k] = state
         for j in set(block.inputs):
@@ -171,13 +219,34 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
                 states.pop(j, None)
     last = states.get(len(blocks) - 1)
     notes = []
-    stop = next((k for k, c in enumerate(changes) if c is None), None)
     if stop is not None:
-        notes.append(f"the exact reach stops at block {stop} ({blocks[stop].name}): "
-                     + ("its activation is not analysed" if not blocks[stop].reachable() else
-                        f"it needs more than the memory budget ({budget:.3g} bytes)")
-                     + "; the paper's radii from there on")
-    return Reach(changes, counts, last, notes)
+        k, why = stop
+        notes.append(f"the exact reach stops at block {k} ({blocks[k].name}): {why}; "
+                     "the paper's radii from there on")
+    return Reach(changes, counts, last, notes, relaxations)
+
+
+def _refined(relaxations: list[Relaxation], linear: LinearMap, interval: tuple[np.ndarray, np.ndarray],
+             change: tuple[np.ndarray, np.ndarray], moving: np.ndarray, in_bound: float,
+             eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """The change bounds with the rows they leave uncertain (at most REFINE_ROWS,
+    and no more than CHUNK_BYTES of columns hold; those nearest to a decision
+    first) tightened by the backward pass."""
+    low, high = interval
+    y_lo, y_hi = _down(low + change[0]), _up(high + change[1])
+    uncertain = np.flatnonzero(moving & (y_lo < 0) & (y_hi > 0))
+    if not uncertain.size:
+        return change
+    nearest = np.minimum(-y_lo, y_hi)[uncertain] / (y_hi - y_lo)[uncertain]
+    # the pass holds 2 float64 columns per row at every block: within one chunk's memory
+    widest = max([linear.out_size, linear.in_size] + [r.upper_c.size for r in relaxations])
+    count = max(1, min(REFINE_ROWS, int(CHUNK_BYTES // (16 * widest))))
+    rows = uncertain[np.argsort(nearest, kind="stable")[:count]]
+    lo, hi = refine(relaxations, linear, rows, in_bound, eps)
+    change = change[0].copy(), change[1].copy()
+    change[0][rows] = np.fmax(change[0][rows], lo)  # fmax, fmin: a NaN bound (inf·0) is ignored
+    change[1][rows] = np.fmin(change[1][rows], hi)
+    return change
 
 
 def _interval(value: np.ndarray, width: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -193,32 +262,68 @@ def _up(x: np.ndarray) -> np.ndarray:
     return x + WIDEN * np.abs(x) + 1e-300
 
 
-def _bytes(states: dict, block: Block, n0: int) -> float:
-    """Memory of the L matrices alive while this block runs (inputs, output, temporaries)."""
-    live = sum(s.L.shape[0] for s in states.values())
-    return 8.0 * n0 * (live + 2 * block.out_size)
+def _storage(states: dict, block: Block, n0: int, budget: float) -> np.dtype | None:
+    """The storage of the block's L with the L matrices alive while it runs and the
+    float64 temporaries of one column chunk: float64 within a quarter of the
+    budget (room left for the blocks after it), else COMPACT within the budget
+    for affine blocks (their products are rounded to it; the other blocks keep
+    their input's), None where nothing fits."""
+    widest = max(states[j].L.shape[0] for j in block.inputs) + 2 * block.out_size
+    live = sum(s.L.nbytes for s in states.values()) + min(CHUNK_BYTES, 8.0 * n0 * widest)
+    if isinstance(block, AffineBlock):
+        options = [(np.dtype(np.float64), budget / 4), (COMPACT, budget)]
+    else:
+        options = [(np.result_type(*(states[j].L.dtype for j in block.inputs)), budget)]
+    return next((d for d, room in options if live + d.itemsize * n0 * block.out_size <= room), None)
 
 
 def _stack(parts: list[Linear]) -> Linear:
     if len(parts) == 1:
         return parts[0]
-    return Linear(*(np.concatenate([getattr(p, f) for p in parts])
-                    for f in ("L", "rho", "lo", "hi", "moving")))
+    fields = ("rho", "lo", "hi", "moving", "norms")
+    return Linear(np.concatenate([p.L.T for p in parts], axis=1).T,
+                  *(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
 
-def _affine(linear: LinearMap, state: Linear) -> Linear:
-    """Δz = A Δy: L and e mapped exactly, the rounding of every product bounded."""
-    L, rho = linear.matmat_bounded(state.L, state.rho)
+def _affine(linear: LinearMap, state: Linear, dtype: np.dtype) -> Linear | None:
+    """Δz = A Δy: L and e mapped exactly, the rounding of every product bounded.
+    L by column chunks in float64 (LinearMap.matmat_bounded, no incoming error:
+    the chunks' rounding bounds add up in squares, the rows' incoming error is
+    pushed once by |A|), stored in `dtype` with its rounding added to ρ on the
+    rows it changed. None where an entry leaves the storage's range."""
+    n_in, n0 = state.L.shape
+    n_out = linear.out_size
+    L = np.empty((n_out, n0), dtype, order="F")
+    squares, norms, inexact = np.zeros(n_out), np.zeros(n_out), np.zeros(n_out, bool)
+    width = max(1, int(CHUNK_BYTES // (8 * (n_in + 2 * n_out))))
+    chunks = range(0, n0, width)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in chunks:
+            part = slice(start, start + width)
+            product, rounding = linear.matmat_bounded(state.L[:, part].astype(np.float64), np.zeros(n_in))
+            L[:, part] = product
+            stored = L[:, part].astype(np.float64)
+            if dtype != product.dtype:
+                inexact |= (stored != product).any(axis=1)
+            squares += rounding**2
+            norms += np.einsum("ij,ij->i", stored, stored)
+    norms = np.sqrt(norms) * (1 + gamma(n0 + 4, U64))  # n0 squares summed in float64
+    if not (np.all(np.isfinite(norms)) and np.all(np.isfinite(squares))):
+        return None
+    u, tiny = ROUNDING[np.dtype(dtype)]
+    stored = np.where(inexact, u * norms * (1 + 2 * u) + np.sqrt(n0) * tiny, 0.0)  # the rounding to dtype
+    rho = (linear.abs_bound(state.rho) + np.sqrt(squares) + stored) * (1 + gamma(len(chunks) + 4, U64))
     mid = (state.lo + state.hi) / 2
     radius = (state.hi - state.lo) / 2 * (1 + 4 * U64) + 2 * U64 * np.abs(mid)
     image, (mid_err,) = linear.matvec_bounded(mid, [np.zeros(mid.size)])
     radius = linear.abs_bound(radius) + mid_err
     moving = linear.sq_matvec(state.moving.astype(float)) > 0
-    return Linear(L, rho, _down(image - radius), _up(image + radius), moving).still()
+    return Linear(L, rho, _down(image - radius), _up(image + radius), moving, norms).still()
 
 
 def _relu(state: Linear, nominal: tuple[np.ndarray, np.ndarray],
-          change: tuple[np.ndarray, np.ndarray]) -> tuple[Linear, tuple[int, int, int]]:
+          change: tuple[np.ndarray, np.ndarray], own: bool, linear: LinearMap | None = None,
+          in_bound: float = np.inf) -> tuple[Linear, tuple[int, int, int], Relaxation]:
     """ReLU after a pre-activation y* ∈ [low, high] (its exact value at x0) that
     moves by Δy = state, Δy ∈ change over the ball.
 
@@ -227,6 +332,11 @@ def _relu(state: Linear, nominal: tuple[np.ndarray, np.ndarray],
     slope λ of the ReLU over [y_lo, y_hi], the reachable values: λy ≤ relu(y)
     ≤ λ(y − y_lo), so Δz = λΔy + δ with δ ∈ [min(λy* − relu y*),
     max(λ(y* − y_lo) − relu y*)] over y* ∈ [low, high].
+
+    The rows are scaled in place where the state is `own` (no other block reads
+    it): in the storage's u and tiny (ROUNDING), fl(fl(λ)·L_ij) is within
+    (2u + u²)·λ|L_ij| + tiny of λL_ij. The relaxation for the backward pass
+    (onnxlip.refine) has the same upper line; `linear` the map before it.
     """
     low, high = nominal
     y_lo, y_hi = _down(low + change[0]), _up(high + change[1])
@@ -247,18 +357,33 @@ def _relu(state: Linear, nominal: tuple[np.ndarray, np.ndarray],
     d_hi = np.where(uncertain, np.maximum.reduce([upper(low), upper(high), upper(kink)]), 0.0)
     slack = np.where(uncertain, WIDEN * (np.abs(d_lo) + np.abs(d_hi) + np.abs(y_lo) + np.abs(y_hi))
                      + 1e-300, 0.0)
-    rows = state.row_norms
-    rho = np.where(active, state.rho, (state.rho + U64 * rows) * lam * (1 + 2 * U64))
-    out = Linear(state.L * lam[:, None], rho, _down(lam * state.lo + d_lo - slack),
-                 _up(lam * state.hi + d_hi + slack), active | uncertain).still()
+    L = state.L if own else state.L.copy(order="F")
+    if uncertain.any():  # the inactive and still rows are zeroed by still()
+        L[uncertain] *= lam[uncertain, None].astype(L.dtype)
+    u, tiny = ROUNDING[L.dtype]
+    tiny = np.where(uncertain, np.sqrt(L.shape[1]) * tiny, 0.0)
+    rho = np.where(active, state.rho, (state.rho + 3 * u * state.norms) * lam * (1 + 2 * U64) + tiny)
+    norms = np.where(active, state.norms, state.norms * lam * (1 + 3 * u) + tiny)
+    out = Linear(L, rho, _down(lam * state.lo + d_lo - slack),
+                 _up(lam * state.hi + d_hi + slack), active | uncertain, norms).still()
     out.lo[active], out.hi[active] = state.lo[active], state.hi[active]
+    relaxation = relu_relaxation(linear, lam, _up(d_hi + slack), low, high, y_lo, y_hi, active, uncertain,
+                                 in_bound, _bound(change, active | uncertain))
     # a row that cannot move keeps its state: active or inactive by its sign at x0
     return out, (int((active | still & (low >= 0)).sum()), int((inactive | still & (low < 0)).sum()),
-                 int(uncertain.sum()))
+                 int(uncertain.sum())), relaxation
+
+
+def _bound(change: tuple[np.ndarray, np.ndarray], rows: np.ndarray | None = None) -> float:
+    """An upper bound of ||Δ|| over the ball from elementwise bounds of Δ (on `rows`)."""
+    top = np.maximum(-change[0], change[1])
+    top = top if rows is None else top[rows]
+    return float(np.linalg.norm(top)) * (1 + gamma(top.size + 4, U64))
 
 
 def _maxpool(block: MaxPoolBlock, state: Linear, nominal: tuple[np.ndarray, np.ndarray],
-             change: tuple[np.ndarray, np.ndarray]) -> tuple[Linear, tuple[int, int, int]]:
+             change: tuple[np.ndarray, np.ndarray],
+             in_bound: float) -> tuple[Linear, tuple[int, int, int], Relaxation]:
     """Each window as its nominal winner w plus t: out − out* = Δz_w + t with
     t = (out − z_w) − (out* − z*_w).
 
@@ -291,6 +416,10 @@ def _maxpool(block: MaxPoolBlock, state: Linear, nominal: tuple[np.ndarray, np.n
     t_lo = np.where(stable, 0.0, _down(-(top_z - zlo[winner])))
     t_hi = np.where(stable, 0.0, _up(top_y - y_lo[winner]))
     out = state.rows(winner)
-    out = Linear(out.L, out.rho, _down(out.lo + t_lo), _up(out.hi + t_hi),
-                 moves.any(axis=1) & ~constant).still()
-    return out, (int(stable.sum()), 0, int((~stable).sum()))
+    follows = moves.any(axis=1) & ~constant
+    out = Linear(out.L, out.rho, _down(out.lo + t_lo), _up(out.hi + t_hi), follows, out.norms).still()
+    # |Δ max| ≤ the largest |Δ| of a moving member
+    reach = np.where(moves, np.maximum(-change[0], change[1])[index], 0.0).max(axis=1)
+    relaxation = maxpool_relaxation(np.where(follows, winner, -1), t_lo, t_hi, zlo.size, in_bound,
+                                    _bound((-reach, reach)))
+    return out, (int(stable.sum()), 0, int((~stable).sum())), relaxation

@@ -25,7 +25,10 @@ from hypothesis import strategies as st
 from propnets import build, networks, nominal
 
 import onnxlip
+from onnxlip import reach as reach_module
+from onnxlip.blocks import AffineBlock
 from onnxlip.reach import analyse
+from onnxlip.refine import refine
 
 ROOT = Path(__file__).resolve().parent.parent
 SLACK = 1 + 1e-6
@@ -180,6 +183,187 @@ def test_first_layer_just_inside_the_reach(tmp_path):
     assert netgen.max_ratio(twin, x0, points) <= result.bound * SLACK
 
 
+def _compact(monkeypatch):
+    """Every affine block's L stored in float32 (as where float64 would not fit the budget)."""
+    monkeypatch.setattr(reach_module, "_storage", lambda states, block, n0, budget: reach_module.COMPACT)
+
+
+@pytest.mark.parametrize(("family", "seed"), [(f, s) for f in ("dense", "conv") for s in range(8)])
+def test_compact_storage_is_sound(tmp_path, monkeypatch, family, seed):
+    """L stored in float32: every stored row is within ρ of the float64
+    analysis' row (which is within its own ρ of the exact one), and Δz = LΔx + e
+    still holds at sampled points. Normalization and batch-norm folds make
+    float64 maps whose products float32 cannot hold exactly."""
+    twin, engine, x0 = _chain(family, seed, tmp_path)
+    rng = np.random.default_rng(seed)
+    nominal_trace = engine.trace(x0)
+    for level in (1e-4, 1e-2):
+        eps = level * float(np.linalg.norm(x0))
+        wide = analyse(engine.blocks, nominal_trace, eps, 1e9)
+        with monkeypatch.context() as m:
+            _compact(m)
+            compact = analyse(engine.blocks, nominal_trace, eps, 1e9)
+        out, ref = compact.output, wide.output
+        assert out.L.dtype == np.float32 and ref.L.dtype == np.float64
+        if compact.counts == wide.counts:  # the same relaxation: the same rows up to rounding
+            gap = np.linalg.norm(out.L.astype(np.float64) - ref.L, axis=1)
+            assert np.all(gap <= out.rho + ref.rho)
+        points = netgen.ball_points(rng, x0, eps, 200, 200, [])
+        change = twin(points) - twin(x0.ravel()[None])
+        linear = (points - x0.ravel()) @ out.L.astype(np.float64).T
+        slack = eps * (out.rho + 1e-6 * out.norms) + 1e-6 * np.abs(change)
+        assert np.all(change - linear >= out.lo - slack)
+        assert np.all(change - linear <= out.hi + slack)
+
+
+def test_compact_rounding_counted_at_the_kink(tmp_path, monkeypatch):
+    """Adversarial: a normalized input (a float64 map, whose rows float32 rounds)
+    and first-layer pre-activations at ±(1 − 1e-9)·ε·||a_i/3|| from the kink,
+    inside the ball's reach by far less than float32's rounding of the rows: they
+    stay uncertain with L in float32; those at 1 + 1e-3 are stable."""
+    rng = np.random.default_rng(11)
+    net = dagnets.DagNet("kink32", (1, 8), rng)
+    a = rng.standard_normal((6, 8)).astype(np.float32)  # the model's weights are float32
+    b = rng.standard_normal(6).astype(np.float32)
+    eps = 1e-2
+    scaled = a.astype(np.float64) / 3.0
+    reach = eps * np.linalg.norm(scaled, axis=1)
+    signs = np.array([1, -1, 1, -1, 1, -1])
+    margin = np.array([1 + 1e-3, 1 + 1e-3, 1 - 1e-9, 1 - 1e-9, 1 - 1e-9, 1 - 1e-9])
+    x0 = np.linalg.lstsq(scaled, signs * margin * reach - b, rcond=None)[0]  # a x0 / 3 + b there
+    assert np.allclose(scaled @ x0 + b, signs * margin * reach, rtol=0, atol=1e-11 * reach.min())
+    h = net.node("Div", ["x", net.const(np.array([3.0]))])
+    h = net.node("Relu", [net.node("Gemm", [h, net.const(a), net.const(b)], transB=1)])
+    net.output, net.output_shape = net.node("Gemm", [h, net.const(rng.standard_normal((3, 6)))],
+                                            transB=1), ("N", 3)
+    engine = onnxlip.load(net.save(tmp_path / "kink32.onnx"))
+    _compact(monkeypatch)
+    result = analyse(engine.blocks, engine.trace(x0[None]), eps, 1e9)
+    assert result.output.L.dtype == np.float32
+    assert sum(c[2] for c in result.counts if c) == 4
+    assert sum(c[0] + c[1] for c in result.counts if c) == 2
+
+
+def _ascent(twin, x0: np.ndarray, eps: float, coeff: np.ndarray, rng, steps: int = 40) -> float:
+    """The largest coeff·(f(x) − f(x0)) found by projected gradient ascent in the ball."""
+    x0 = x0.ravel()
+    base = float(coeff @ twin(x0[None])[0])
+    best = -np.inf
+    for start in range(3):
+        d = rng.standard_normal(x0.size)
+        x = x0 + eps * d / np.linalg.norm(d) * (0.5 if start else 1e-3)
+        for _ in range(steps):
+            best = max(best, float(coeff @ twin(x[None])[0]) - base)
+            g = twin.vjp(x, coeff[None])[0]
+            if not np.any(g):
+                break
+            x = x + 0.3 * eps * g / np.linalg.norm(g)
+            d = x - x0
+            x = x0 + d * min(1.0, eps / np.linalg.norm(d))
+        best = max(best, float(coeff @ twin(x[None])[0]) - base)
+    return best
+
+
+@pytest.mark.parametrize(("family", "seed"), [(f, s) for f in ("dense", "conv") for s in range(8)])
+def test_backward_bounds_hold(tmp_path, family, seed):
+    """The backward (CROWN-style) bounds of the output's change, pushed through
+    every block's relaxation from the analysis, contain the changes found by
+    sampling and by gradient ascent on each output (both signs) in float64."""
+    net = {"dense": netgen.dense_net, "conv": netgen.conv_net}[family](seed)
+    twin, engine, x0 = _chain(family, seed, tmp_path)
+    rng = np.random.default_rng(seed)
+    last = engine.blocks[-1]
+    assert isinstance(last, AffineBlock) and not last.relu
+    for level in (1e-3, 3e-2, 0.3):
+        eps = level * float(np.linalg.norm(x0))
+        reach = analyse(engine.blocks, engine.trace(x0), eps, 1e9)
+        prefix = reach.relaxations[:-1]
+        lo, hi = refine(prefix, last.map, np.arange(last.out_size), prefix[-1].out_bound, eps)
+        points = netgen.ball_points(rng, x0, eps, 200, 200, [])
+        change = twin(points) - twin(x0.ravel()[None])
+        slack = 1e-6 * (np.abs(change) + eps)  # the float64 twin keeps the weights unrounded
+        assert np.all(change >= lo - slack) and np.all(change <= hi + slack)
+        for i in range(last.out_size):
+            for sign in (1.0, -1.0):
+                coeff = np.zeros(last.out_size)
+                coeff[i] = sign
+                found = _ascent(net, x0, eps, coeff, rng)
+                assert found <= (hi[i] if sign > 0 else -lo[i]) + 1e-6 * (abs(found) + eps)
+
+
+def test_backward_bounds_at_the_kink(tmp_path):
+    """Adversarial: hidden pre-activations at the kink (0), just on either side
+    (±1e-9 of the reach) and well inside the reach on the side whose reach is the
+    smaller (±0.2, ±0.6 of it: the lower line there is −relu(y*), not αΔy), under
+    output rows of both signs; the backward bounds contain the largest and
+    smallest output changes gradient ascent finds (f = C relu(Ax + b) in float64)."""
+    rng = np.random.default_rng(5)
+    net = dagnets.DagNet("kinks", (1, 8), rng)
+    a = rng.standard_normal((8, 8)).astype(np.float32)
+    c = rng.standard_normal((4, 8)).astype(np.float32)
+    eps = 0.05
+    reach = eps * np.linalg.norm(a.astype(np.float64), axis=1)
+    margin = np.array([0.0, 1e-9, -1e-9, 0.2, -0.2, 0.6, -0.6, 1.5])
+    b = (margin * reach).astype(np.float32).astype(np.float64)
+    x0 = np.zeros(8)
+    h = net.node("Relu", [net.node("Gemm", ["x", net.const(a), net.const(b)], transB=1)])
+    net.output, net.output_shape = net.node("Gemm", [h, net.const(c)], transB=1), ("N", 4)
+    engine = onnxlip.load(net.save(tmp_path / "kinks.onnx"))
+    A, C = a.astype(np.float64), c.astype(np.float64)
+    reach_ = analyse(engine.blocks, engine.trace(x0[None]), eps, 1e9)
+    assert reach_.counts[0][2] >= 6
+    last = engine.blocks[-1]
+    lo, hi = refine(reach_.relaxations[:-1], last.map, np.arange(4), reach_.relaxations[-2].out_bound, eps)
+
+    def f(x):
+        return C @ np.maximum(A @ x + b, 0.0)
+
+    base = f(x0)
+    for i in range(4):
+        for sign in (1.0, -1.0):
+            for _ in range(8):
+                d = rng.standard_normal(8)
+                x = x0 + eps * d / np.linalg.norm(d)
+                for _ in range(60):
+                    g = sign * A.T @ ((A @ x + b > 0) * C[i])
+                    if not np.any(g):
+                        break
+                    x = x + 0.2 * eps * g / np.linalg.norm(g)
+                    x = x0 + (x - x0) * min(1.0, eps / np.linalg.norm(x - x0))
+                    found = f(x)[i] - base[i]
+                    assert lo[i] - 1e-9 <= found <= hi[i] + 1e-9
+
+
+def test_relu_relaxation_lines_hold():
+    """Every ReLU relaxation line holds: for y* anywhere in [low, high] (where the
+    exact value at x0 lies) and y anywhere in the reachable [y* + Δ_lo, y* + Δ_hi],
+    lower·Δy + lower_c ≤ relu(y) − relu(y*) ≤ upper·Δy + upper_c. Adversarial
+    intervals: asymmetric reaches, y* on the side whose reach is the smaller,
+    at the kink, l = u (zero-width), and within rounding of 0."""
+    rng = np.random.default_rng(3)
+    n = 4000
+    low = rng.standard_normal(n) * 10.0 ** rng.integers(-12, 1, n)
+    low[:50] = 0.0
+    width = np.where(rng.random(n) < 0.3, 0.0, rng.random(n) * 10.0 ** rng.integers(-14, 0, n))
+    high = low + width
+    fall = rng.random(n) * 10.0 ** rng.integers(-3, 1, n)
+    rise = rng.random(n) * 10.0 ** rng.integers(-3, 1, n)
+    state = reach_module.Linear(np.zeros((n, 1)), np.zeros(n), np.zeros(n), np.zeros(n), np.ones(n, bool),
+                                np.ones(n))
+    _, counts, relax = reach_module._relu(state, (low, high), (-fall, rise), True)
+    assert counts[2] > 1000
+    for _ in range(20):
+        y_star = low + rng.random(n) * (high - low)
+        y_star[::7] = low[::7]
+        y_star[1::7] = high[1::7]
+        delta = np.where(rng.random(n) < 0.5, -fall, rise) * rng.random(n) ** 0.2
+        delta[2::7], delta[3::7] = -fall[2::7], rise[3::7]
+        truth = np.maximum(y_star + delta, 0.0) - np.maximum(y_star, 0.0)
+        scale = 1e-12 * (np.abs(y_star) + np.abs(delta))
+        assert np.all(truth <= relax.upper * delta + relax.upper_c + scale)
+        assert np.all(truth >= relax.lower * delta + relax.lower_c - scale)
+
+
 TIGHT_SET = ["tight_mlp6x50", "tight_mlp6x50_matmul", "tight_cnn_maxpool", "tight_cnn_avgpool",
              "tight_cnn_bn"]
 
@@ -230,9 +414,9 @@ def test_memory_budget_falls_back_with_a_note(tmp_path):
 
 def test_input_past_the_budget_allocates_nothing(tmp_path, monkeypatch):
     """An input whose identity alone exceeds the budget (ImageNet-sized: 150,528² floats
-    would be 169 GiB) stops the analysis before any allocation."""
+    would be 84 GiB even in float32) stops the analysis before any allocation."""
     _, engine, x0 = _chain("conv", 2, tmp_path)
-    engine.memory_budget = 8.0 * x0.size**2 - 1
+    engine.memory_budget = reach_module.COMPACT.itemsize * x0.size**2 - 1
     monkeypatch.setattr(np, "eye", lambda *a, **k: pytest.fail("allocated the identity"))
     result = engine.local_bound(x0, 1e-3)
     assert any("from the input on" in n for n in result.notes)

@@ -117,7 +117,8 @@ def test_other_decision_rules(tmp_path, seed):
     top = engine.certify(x0, rel_tol=1e-2)
     keep = 0.5 * top.margin
     strict = engine.certify(x0, rel_tol=1e-2, rule=Rule(margin=keep))
-    assert strict.radius_local < top.radius_local and strict.required_margin == keep
+    # equal where ε·L(x0, ε) jumps past both margins at one radius (a neuron turning uncertain)
+    assert strict.radius_local <= top.radius_local and strict.required_margin == keep
     for p in netgen.ball_points(rng, x0, strict.radius_local, 200, 200, []):
         out = np.ravel(net(p))
         assert out[top.top_class] - np.max(np.delete(out, top.top_class)) > keep

@@ -1,0 +1,136 @@
+"""Tighter pre-activation bounds after the first uncertain neurons: a backward
+(CROWN-style) pass in the L2 ball (../shared/METHOD.md, "Linear relaxation in
+an L2 ball") for the rows the forward reach analysis (onnxlip.reach) leaves
+uncertain.
+
+In the analysis' terms (changes relative to the exact values at x0), every
+block of a chain relaxes as
+
+    lower·Δy + lower_c ≤ Δa ≤ upper·Δy + upper_c   (elementwise),
+
+Δy its input change and Δa its output change: a ReLU's stable rows exactly
+(slope 1 or 0), an uncertain row by its chord from the lowest reachable value
+above and by αΔy (α ∈ {0, 1}, 1 where the reach above the kink is the larger)
+below; a max-pooling window by its winner plus its t interval (reach._maxpool).
+A row's change c·Δy_k is then bounded by pushing c back: at each relaxation a
+positive coefficient takes the upper line, a negative one the lower, and the
+intercepts add up; at the input, Λ·Δx ≤ ε·||Λ||. The lower bound is −(the
+upper bound of −c·Δy_k).
+
+Rounding: each computed product Aᵀu is within η_a·||u|| of the exact one
+(LinearMap.rounding) and every elementwise product within u64 relative; the
+identity w·(AΔv) = (Aᵀw)·Δv then holds up to ||error||·||Δv||, with ||Δv||
+bounded from the analysis' own intervals (`Relaxation.bound`); the sums of
+intercepts carry γ_n. Everything is added to the bound.
+
+Cost: one backward pass per refined block, 2·rows columns through every
+block before it; rows are capped at REFINE_ROWS per block and to 64 MB of
+columns (reach._refined: the most nearly decided first), so the cost is
+bounded by the network's size, not by its uncertain count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .operators.base import U64, LinearMap, gamma
+
+#: At most this many uncertain rows per block are refined (2 columns each).
+REFINE_ROWS = 256
+
+
+@dataclass
+class Relaxation:
+    """How a block's output change follows its input change (see the module's
+    docstring). `linear`: the map applied before the relaxation (affine blocks).
+    Max-pooling: `select[w]` the input window w follows (−1: the window cannot
+    change), plus a change in [lower_c, upper_c]; `in_size` its input's size.
+    `in_bound`, `bound`, `out_bound`: upper bounds of ||Δ(the map's input)||,
+    ||Δy|| (the relaxation's input) and ||Δa|| (its output)."""
+
+    linear: LinearMap | None
+    upper: np.ndarray | None
+    upper_c: np.ndarray
+    lower: np.ndarray | None
+    lower_c: np.ndarray
+    in_bound: float
+    bound: float
+    out_bound: float
+    select: np.ndarray | None = None
+    in_size: int = 0
+
+
+def relu_relaxation(linear: LinearMap | None, chord: np.ndarray, upper_c: np.ndarray, low: np.ndarray,
+                    high: np.ndarray, y_lo: np.ndarray, y_hi: np.ndarray, active: np.ndarray,
+                    uncertain: np.ndarray, in_bound: float, bound: float) -> Relaxation:
+    """A ReLU whose input is exactly in [low, high] at x0 and in [y_lo, y_hi] over
+    the ball: above, the forward analysis' line (slope `chord`, intercept
+    `upper_c`, reach._relu); below, Δa ≥ Δy + min(y*, 0) where the reach above the
+    kink is the larger, else Δa ≥ −relu(y*) (min and max round exactly). Rows
+    neither active nor uncertain do not change (slope 0)."""
+    alpha = np.where(active, 1.0, 0.0)
+    up_side = uncertain & (y_hi >= -y_lo)
+    alpha[up_side] = 1.0
+    lower_c = np.zeros(low.size)
+    lower_c[up_side] = np.minimum(low[up_side], 0.0)
+    down_side = uncertain & ~up_side
+    lower_c[down_side] = -np.maximum(high[down_side], 0.0)
+    return Relaxation(linear, chord, np.where(uncertain, upper_c, 0.0), alpha, lower_c, in_bound, bound,
+                      bound)  # |Δa| ≤ |Δy|: `bound` is over the rows that are not still or inactive
+
+
+def maxpool_relaxation(select: np.ndarray, t_lo: np.ndarray, t_hi: np.ndarray, in_size: int,
+                       in_bound: float, out_bound: float) -> Relaxation:
+    """Window w changes by Δz[select[w]] + t, t ∈ [t_lo, t_hi] (select −1: by nothing)."""
+    return Relaxation(None, None, t_hi, None, t_lo, in_bound, in_bound, out_bound, select, in_size)
+
+
+def refine(relaxations: list[Relaxation], linear: LinearMap, rows: np.ndarray, in_bound: float,
+           eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds (lo, hi) of the changes of rows `rows` of linear·(the output of the
+    relaxed chain `relaxations`) over the ball, `in_bound` ≥ ||Δ(linear's input)||."""
+    r = rows.size
+    unit = np.zeros((linear.out_size, 2 * r))
+    unit[rows, np.arange(r)] = 1.0
+    unit[rows, r + np.arange(r)] = -1.0
+    coeff, extra = _pushed(linear, unit, in_bound)
+    for step in reversed(relaxations):
+        coeff, added = _relaxed(step, coeff)
+        extra += added
+        if step.linear is not None:
+            coeff, added = _pushed(step.linear, coeff, step.in_bound)
+            extra += added
+    top = (eps * _norms(coeff) + extra) * (1 + 4 * U64)
+    return -top[r:], top[:r]
+
+
+def _norms(coeff: np.ndarray) -> np.ndarray:
+    """Upper bounds of the columns' norms."""
+    return np.linalg.norm(coeff, axis=0) * (1 + gamma(coeff.shape[0] + 4, U64))
+
+
+def _pushed(linear: LinearMap, coeff: np.ndarray, in_bound: float) -> tuple[np.ndarray, np.ndarray]:
+    """Aᵀ·coeff, and per column the bound of (its rounding)·Δv, ||Δv|| ≤ in_bound."""
+    adjoint = linear.rounding()[1]
+    return linear.rmatmat(coeff), adjoint * _norms(coeff) * in_bound * (1 + 4 * U64)
+
+
+def _relaxed(step: Relaxation, coeff: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The coefficients on the relaxation's input change, and per column the
+    intercepts (upper line where a coefficient is ≥ 0, lower line elsewhere) plus
+    the rounding of the products times step.bound."""
+    positive = coeff >= 0
+    terms = np.where(positive, coeff * step.upper_c[:, None], coeff * step.lower_c[:, None])
+    intercept = terms.sum(axis=0) + gamma(coeff.shape[0] + 2, U64) * np.abs(terms).sum(axis=0)
+    if step.select is None:
+        out = np.where(positive, coeff * step.upper[:, None], coeff * step.lower[:, None])
+        error = 2 * U64 * _norms(out)
+    else:  # max-pooling: each window's coefficient to the input it follows
+        moves = step.select >= 0
+        out = np.zeros((step.in_size, coeff.shape[1]))
+        np.add.at(out, step.select[moves], coeff[moves])
+        shared = int(np.bincount(step.select[moves], minlength=1).max())
+        error = gamma(shared + 1, U64) * np.sqrt(max(shared, 1)) * _norms(coeff)
+    return out, intercept + error * step.bound * (1 + 4 * U64)
