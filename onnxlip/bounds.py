@@ -130,7 +130,7 @@ class Trace:
     #: ||R A D|| already solved around this x0, keyed by block and exact (R, D):
     #: radii whose masks and slopes coincide (radii too small to make a neuron
     #: uncertain, some steps of a certificate's bisection) share one eigensolve
-    #: and so get the same value.
+    #: and so get the same value. Also each block's full row norms (key ("row norms", k)).
     norms: dict = field(default_factory=dict, repr=False)
 
 
@@ -166,6 +166,7 @@ def _bounded_trace(blocks: list[Block], x: np.ndarray) -> Trace:
         in_errors.append(None if isinstance(block, AffineBlock) else err)
         if isinstance(block, AffineBlock):
             y, local, err = block.pre_activation_bounded(x_in, err)
+            local, err = unknown_as_inf(local), unknown_as_inf(err)
             pre.append(y)
             pre_errors.append(err)
             pre_local.append(local)
@@ -175,7 +176,7 @@ def _bounded_trace(blocks: list[Block], x: np.ndarray) -> Trace:
             pre_errors.append(None)
             pre_local.append(None)
             out = block.forward_bounded(x_in, err)
-        values[k] = out
+        values[k] = (out[0], unknown_as_inf(out[1]))
     return Trace(x, inputs, pre, values[len(blocks) - 1][0], in_errors, pre_errors, pre_local)
 
 
@@ -184,11 +185,16 @@ def chord_slopes(y0: np.ndarray, ybar: np.ndarray) -> np.ndarray:
 
     It grows with y0 for a fixed ȳ − y0: with y0 known only to lie in an
     interval, the chord from its upper end is the worst case (a sound slope)."""
-    r = np.zeros_like(y0)
-    r[y0 >= 0] = 1.0
-    mixed = (y0 < 0) & (ybar > 0)
+    r = np.ones_like(y0)  # also where y0 or ȳ is unbounded (inf, NaN): the largest slope
+    r[(ybar <= 0) & (y0 < 0)] = 0.0
+    mixed = (y0 < 0) & (ybar > 0) & np.isfinite(ybar) & np.isfinite(y0)
     r[mixed] = ybar[mixed] / (ybar[mixed] - y0[mixed])
     return r
+
+
+def unknown_as_inf(bound: np.ndarray) -> np.ndarray:
+    """An error bound with NaN (inf·0 in |A|·err, inf − inf) made +inf: unknown."""
+    return np.where(np.isnan(bound), np.inf, bound)
 
 
 #: Exact (LAPACK) norms where the smaller active side is at most this long...
@@ -520,8 +526,12 @@ def _affine_local(block: AffineBlock, nominal: Trace, index: int, masks, changes
     rownorms = [np.sqrt(np.maximum(part.sq_matvec(d), 0.0)) for part, d in zip(parts, cols)]
     reach = sum(change * r for change, r in zip(changes, rownorms))
     width = nominal.pre_errors[index]
-    if math.isfinite(carried):
-        rownorm = np.sqrt(sum(r**2 for r in rownorms))  # of [A_1 … A_k] on the stacked input
+    if math.isfinite(carried):  # |a_i·e| ≤ ||a_i||·||e||₂: rows in full (errors off the masks too)
+        key = ("row norms", index)  # x0's trace keeps them for its other radii
+        if key not in nominal.norms:
+            full = sum(part.sq_matvec(np.ones(part.in_size)) for part in parts)
+            nominal.norms[key] = np.sqrt(np.maximum(full, 0.0))  # of [A_1 … A_k], stacked input
+        rownorm = nominal.norms[key]
         width = np.minimum(width, (local + carried * ROW_NORMS * rownorm) * SLACK)
     low, high = y0 - width, y0 + width
     extra = 0.0  # 2-norm of the activation's own evaluation error
@@ -554,8 +564,10 @@ def _affine_local(block: AffineBlock, nominal: Trace, index: int, masks, changes
         _fill(record, norm, first=p == 0)
         norms.append(norm.value)
     # ||R [A_1 … A_k] D|| ≤ Σ_j ||R A_j D_j|| carries the 2-norm error
-    carried = (min(sum(norms) * carried + float(np.linalg.norm(rows * local)),
-                   float(np.linalg.norm(rows * width))) + extra) * SLACK
+    with np.errstate(invalid="ignore"):
+        carried = (min(sum(norms) * carried + float(np.linalg.norm(rows * local)),
+                       float(np.linalg.norm(rows * width))) + extra) * SLACK
+    carried = math.inf if math.isnan(carried) else carried
     return norms, next_mask, out, carried, width
 
 

@@ -182,6 +182,12 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
                 state = _affine(block.map, state, dtype)
                 if state is None:
                     why = "its rows of L leave float32's range"
+        if state is not None:
+            change = state.change(eps)
+            interval = _interval(nominal.pre[k] if isinstance(block, AffineBlock) else nominal.inputs[k],
+                                 widths[k])
+            if not all(np.isfinite(a).all() for a in (*change, *interval)):
+                state, why = None, "its reach or its rounding-error bounds overflow"
         if state is None:
             stop = stop or (k, why)
             changes.append(None)
@@ -189,8 +195,6 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
             states.pop(k, None)
             continue
         if isinstance(block, AffineBlock):
-            change = state.change(eps)
-            interval = _interval(nominal.pre[k], widths[k])
             if relaxations is not None and block.relu and any(c[2] for c in counts):
                 change = _refined(relaxations, block.map, interval, change, state.moving, in_bound, eps)
             changes.append(change)
@@ -202,13 +206,11 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
                 relaxation = Relaxation(block.map, ones, 0 * ones, ones, 0 * ones, in_bound, _bound(change),
                                         _bound(change))
         elif isinstance(block, MaxPoolBlock):
-            changes.append(state.change(eps))
-            state, count, relaxation = _maxpool(block, state, _interval(nominal.inputs[k], widths[k]),
-                                                changes[-1], in_bound)
+            changes.append(change)
+            state, count, relaxation = _maxpool(block, state, interval, change, in_bound)
         else:  # a lone ReLU
-            changes.append(state.change(eps))
-            state, count, relaxation = _relu(state, _interval(nominal.inputs[k], widths[k]), changes[-1],
-                                             False, None, in_bound)
+            changes.append(change)
+            state, count, relaxation = _relu(state, interval, change, False, None, in_bound)
         if relaxations is not None:
             relaxations.append(relaxation)
             in_bound = relaxation.out_bound

@@ -355,3 +355,60 @@ def test_abs_matvec_equals_dense_absolute_values(tmp_path):
         exact = _exact(m.to_sparse().toarray()) @ _exact(x)
         assert all(abs(Fraction(float(a)) - b) <= Fraction(float(e))
                    for a, b, e in zip(y, exact, err))
+
+
+def test_chord_slopes_of_unbounded_intervals_are_one():
+    """An interval with an infinite or unknown (NaN) end gets the largest slope, 1,
+    never 0 (a NaN comparison is False: the old code gave such neurons slope 0)."""
+    from onnxlip.bounds import chord_slopes
+    y0 = np.array([-1.0, -1.0, np.nan, -np.inf, 2.0, -1.0, -1.0])
+    ybar = np.array([np.inf, np.nan, 1.0, 1.0, np.nan, -0.5, 1.0])
+    assert chord_slopes(y0, ybar).tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5]
+
+
+@pytest.mark.parametrize("method", ["paper", "auto", "tight"])
+def test_overflowing_error_bounds_never_give_a_zero_bound(tmp_path, monkeypatch, method):
+    """Elementwise rounding bounds that overflow (inf, and NaN from inf·0 in the
+    next |A|·err: a seeded ResNet-50 reached them at its 48th block, and its local
+    bound came out 0 while onnxruntime moved by 1.8·ε) are unknown errors: every
+    neuron after them is uncertain with slope 1, and the bound still covers
+    the sampled ratios."""
+    import dagnets
+
+    from onnxlip.blocks import AffineBlock
+    net = dagnets.FAMILIES["rescnn"](1)
+    engine = onnxlip.load(net.save(tmp_path / "r.onnx"))
+    x0 = np.random.default_rng(0).standard_normal(net.input_shape)
+    eps = 1e-2
+    rng = np.random.default_rng(1)
+    worst = 0.0
+    for _ in range(64):
+        d = rng.standard_normal(x0.size)
+        x = x0 + eps * rng.uniform(0.1, 1) * (d / np.linalg.norm(d)).reshape(x0.shape)
+        worst = max(worst, np.linalg.norm(engine.forward(x) - engine.forward(x0))
+                    / np.linalg.norm(x - x0))
+    assert worst > 0
+    original = AffineBlock.pre_activation_bounded
+    target = [b for b in engine.blocks if isinstance(b, AffineBlock)][1]
+
+    def overflowing(self, x, err):
+        y, local, total = original(self, x, err)
+        if self is target:
+            total = np.where(np.arange(total.size) % 2 == 0, np.nan, np.inf)
+        return y, local, total
+
+    monkeypatch.setattr(AffineBlock, "pre_activation_bounded", overflowing)
+    result = engine.local_bound(x0, eps, method=method)
+    assert result.bound >= worst * (1 - 1e-9)
+
+
+def test_auto_at_a_radius_whose_reach_overflows(tmp_path):
+    """At ε = 1e40 the reach analysis' intervals are infinite: it stops (with a
+    note) instead of dividing inf by inf (which gave the old code a bound of 0)."""
+    import dagnets
+    net = dagnets.FAMILIES["rescnn"](1)
+    engine = onnxlip.load(net.save(tmp_path / "r.onnx"))
+    x0 = np.random.default_rng(0).standard_normal(net.input_shape)
+    auto = engine.local_bound(x0, 1e40)
+    assert auto.bound == pytest.approx(engine.local_bound(x0, 1e40, method="paper").bound, rel=1e-9)
+    assert auto.bound > 0
