@@ -168,7 +168,8 @@ def gram_norm(gram: Apply, n: int, solver: Solver | None = None, key: Hashable =
     """sqrt(λ_max) of a Gram operator B = MᵀM on vectors of length n.
 
     mask (0/1): B's range lies in its span; the start is uniform on that
-    subspace's sphere, whose dimension enters the bounds. cap: a proven upper
+    subspace's sphere, whose dimension enters the bounds, and the Lanczos
+    vectors are held on its support only. cap: a proven upper
     bound of the norm. error: (c₁, c₀) with ||B̃ − B|| ≤ c₁·σ + c₀ for the computed B̃.
     upper=False (lower bounds): stop when the Ritz value has settled to
     solver.tol and report it.
@@ -178,13 +179,30 @@ def gram_norm(gram: Apply, n: int, solver: Solver | None = None, key: Hashable =
     if dim == 0:
         return SpectralNorm(0.0, 0)
     v = solver.generator(key).standard_normal(n)
-    if mask is not None:
-        v = v * (mask != 0)
     full = want_vector or n * 8 * BASIS_STEPS <= solver.basis_bytes
+    support = None
+    if mask is not None and dim < n:  # Lanczos on the mask's support: a shorter basis
+        support = np.flatnonzero(mask)
+        v, gram = v[support], _on_support(gram, support, n)
     certify = _Certificate(dim, solver.delta, full, solver.max_iter, solver.tol) if upper else None
     result = _lanczos(gram, v, solver, full, certify, cap, error)
+    if support is not None and result.vector is not None:
+        vector = np.zeros(n)
+        vector[support] = result.vector
+        result.vector = vector
     result.seed = solver.seed
     return result
+
+
+def _on_support(gram: Apply, support: np.ndarray, n: int) -> Apply:
+    """The Gram operator on the coordinates `support` (B's range lies in their span, so
+    B is P B P there): the same Lanczos process, its vectors (the basis that full
+    reorthogonalization reads at every step) shorter by the masked-out entries."""
+    def restricted(z: np.ndarray) -> np.ndarray:
+        x = np.zeros(n)
+        x[support] = z
+        return gram(x)[support]
+    return restricted
 
 
 def kw_steps(max_iter: int, first: int = 8) -> frozenset[int]:

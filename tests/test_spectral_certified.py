@@ -485,3 +485,29 @@ def test_polynomial_bound_is_at_least_as_sharp_as_the_last_polynomials():
             assert new <= old * (1 + 1e-9)
             sharper += new < old * (1 - 1e-9)
     assert sharper >= 20
+
+
+def test_masked_solve_runs_on_the_support_and_returns_full_vectors():
+    """With a mask, Lanczos holds its vectors on the mask's support only: the bound
+    is certified against the exact norm of D AᵀA D, and the Ritz vector comes back
+    at full length, zero off the support, an eigenvector of the Gram operator."""
+    rng = np.random.default_rng(21)
+    n = 3000
+    a = rng.standard_normal((400, n)) / math.sqrt(n)
+    a[:, :5] *= 30.0  # the largest directions mostly off the support
+    mask = (rng.uniform(size=n) < 0.4).astype(float)
+    mask[:5] = 0.0
+
+    def gram(x):
+        return mask * (a.T @ (a @ (mask * x)))
+
+    exact = np.linalg.norm(a * mask[None, :], 2)
+    for upper in (True, False):
+        result = gram_norm(gram, n, Solver(tol=1e-6, seed=3), mask=mask, want_vector=True,
+                           upper=upper)
+        assert result.vector.size == n and not np.any(result.vector[mask == 0])
+        theta = result.ritz**2
+        assert np.linalg.norm(gram(result.vector) - theta * result.vector) <= 1e-3 * theta
+        assert result.ritz == pytest.approx(exact, rel=1e-6)
+        if upper:
+            assert exact <= result.value <= exact * (1 + 2e-6)
