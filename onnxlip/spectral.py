@@ -168,8 +168,8 @@ def gram_norm(gram: Apply, n: int, solver: Solver | None = None, key: Hashable =
     """sqrt(λ_max) of a Gram operator B = MᵀM on vectors of length n.
 
     mask (0/1): B's range lies in its span; the start is uniform on that
-    subspace's sphere, whose dimension enters the bounds, and the Lanczos
-    vectors are held on its support only. cap: a proven upper
+    subspace's sphere, whose dimension enters the bounds, and a full Lanczos
+    basis is held on its support only. cap: a proven upper
     bound of the norm. error: (c₁, c₀) with ||B̃ − B|| ≤ c₁·σ + c₀ for the computed B̃.
     upper=False (lower bounds): stop when the Ritz value has settled to
     solver.tol and report it.
@@ -181,7 +181,7 @@ def gram_norm(gram: Apply, n: int, solver: Solver | None = None, key: Hashable =
     v = solver.generator(key).standard_normal(n)
     full = want_vector or n * 8 * BASIS_STEPS <= solver.basis_bytes
     support = None
-    if mask is not None and dim < n:  # Lanczos on the mask's support: a shorter basis
+    if full and mask is not None and dim < n:  # the stored basis on the mask's support only
         support = np.flatnonzero(mask)
         v, gram = v[support], _on_support(gram, support, n)
     certify = _Certificate(dim, solver.delta, full, solver.max_iter, solver.tol) if upper else None
