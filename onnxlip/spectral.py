@@ -184,6 +184,8 @@ def gram_norm(gram: Apply, n: int, solver: Solver | None = None, key: Hashable =
     if full and mask is not None and dim < n:  # the stored basis on the mask's support only
         support = np.flatnonzero(mask)
         v, gram = v[support], _on_support(gram, support, n)
+    elif mask is not None:
+        v = v * (mask != 0)
     certify = _Certificate(dim, solver.delta, full, solver.max_iter, solver.tol) if upper else None
     result = _lanczos(gram, v, solver, full, certify, cap, error)
     if support is not None and result.vector is not None:

@@ -511,3 +511,23 @@ def test_masked_solve_runs_on_the_support_and_returns_full_vectors():
         assert result.ritz == pytest.approx(exact, rel=1e-6)
         if upper:
             assert exact <= result.value <= exact * (1 + 2e-6)
+
+
+@pytest.mark.parametrize("basis_bytes", [256e6, 1e3])  # a full basis (on the support) or none
+def test_masked_solves_start_and_stay_in_the_masks_span(basis_bytes):
+    """The certificate takes the start uniform on the mask's subspace (its dimension
+    enters t): every vector the Gram operator is applied to lies in that span."""
+    rng = np.random.default_rng(22)
+    n = 2000
+    a = rng.standard_normal((300, n))
+    mask = (rng.uniform(size=n) < 0.3).astype(float)
+    seen = []
+
+    def gram(x):
+        seen.append(float(np.abs(x[mask == 0]).max()))
+        return mask * (a.T @ (a @ (mask * x)))
+
+    result = gram_norm(gram, n, Solver(tol=1e-4, seed=5, basis_bytes=basis_bytes), mask=mask)
+    exact = np.linalg.norm(a * mask[None, :], 2)
+    assert exact <= result.value <= exact * (1 + 2e-4)
+    assert len(seen) == result.iterations and max(seen) == 0.0
