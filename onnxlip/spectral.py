@@ -26,18 +26,24 @@ published bounds, each at δ/2:
   is for one k fixed in advance, not for a step chosen by looking at the
   results (the stopping step: the failure events of different k need not
   nest), so KW is evaluated only at the steps of a fixed geometric schedule
-  (kw_steps: ~22 up to 1000 steps), its share of δ split evenly among them
-  (a union bound).
+  (kw_steps), its share of δ split evenly among them (a union bound). The
+  schedule starts at the first step where KW's inflation could be within the
+  tolerance (kw_first_step: from n, δ, tol and max_iter alone, so still fixed in
+  advance; ~350 for n = 10^5, δ = 1e-9, tol = 1e-3) and ends at max_iter: 6
+  steps there instead of 22 from step 8, whose bounds were too loose to stop on.
 * van Dorsselaer, Hochstenbach & van der Vorst, "Computing probabilistic bounds
   for extreme eigenvalues of symmetric matrices with the Lanczos method", SIAM
   J. Matrix Anal. Appl. 22(3), 2000 (the "Lanczos polynomial" bound): with
   c₁ the start's component on the top eigenvector, c₁² ~ Beta(1/2, (n−1)/2),
   so |c₁| ≥ t_δ with probability 1 − δ (t_δ² its δ-quantile, scipy's
-  betaincinv). For χ the characteristic polynomial of T_{k−1},
-  |c₁χ(λ_max)| ≤ ||χ(B)b|| = β₁⋯β_{k−1}, so λ_max is at most the λ > θ_max(T_{k−1})
-  where |χ(λ)| = β₁⋯β_{k−1}/t_δ. Adapts to the actual spectrum (tight after a
-  gap), where KW covers every spectrum. It holds at every step at once (on the
-  one event |c₁| ≥ t_δ), so the stopping step may depend on the results.
+  betaincinv). Their bound: for χ the characteristic polynomial of T_{k−1},
+  |c₁χ(λ_max)| ≤ ||χ(B)b|| = β₁⋯β_{k−1}. We use every Lanczos polynomial at
+  once (q_i with v_{i+1} = q_i(B)b, q_{k−1} = χ/(β₁⋯β_{k−1})): c₁²Σ_{i≤k} q_i(λ_max)² ≤ 1
+  (_christoffel), so λ_max is at most the λ ≥ θ_k where the sum reaches 1/t_δ²:
+  never above theirs (the sum holds their term), and one step further (q_k uses
+  β_k). Adapts to the actual spectrum (tight after a gap), where KW covers every
+  spectrum. It holds at every step at once (on the one event |c₁| ≥ t_δ), so the
+  stopping step may depend on the results.
 
 The solve stops when the certified bound is within `tol` of the Ritz value
 sqrt(θ_k), which is below the true norm: the reported bound is then at most
@@ -77,6 +83,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.linalg import eigh, eigh_tridiagonal, eigvalsh_tridiagonal
+from scipy.linalg.blas import daxpy, dgemv
 from scipy.optimize import brentq
 from scipy.special import betaincinv
 
@@ -161,7 +168,8 @@ def gram_norm(gram: Apply, n: int, solver: Solver | None = None, key: Hashable =
     """sqrt(λ_max) of a Gram operator B = MᵀM on vectors of length n.
 
     mask (0/1): B's range lies in its span; the start is uniform on that
-    subspace's sphere, whose dimension enters the bounds. cap: a proven upper
+    subspace's sphere, whose dimension enters the bounds, and a full Lanczos
+    basis is held on its support only. cap: a proven upper
     bound of the norm. error: (c₁, c₀) with ||B̃ − B|| ≤ c₁·σ + c₀ for the computed B̃.
     upper=False (lower bounds): stop when the Ritz value has settled to
     solver.tol and report it.
@@ -171,76 +179,141 @@ def gram_norm(gram: Apply, n: int, solver: Solver | None = None, key: Hashable =
     if dim == 0:
         return SpectralNorm(0.0, 0)
     v = solver.generator(key).standard_normal(n)
-    if mask is not None:
-        v = v * (mask != 0)
     full = want_vector or n * 8 * BASIS_STEPS <= solver.basis_bytes
-    certify = _Certificate(dim, solver.delta, full, solver.max_iter) if upper else None
+    support = None
+    if full and mask is not None and dim < n:  # the stored basis on the mask's support only
+        support = np.flatnonzero(mask)
+        v, gram = v[support], _on_support(gram, support, n)
+    elif mask is not None:
+        v = v * (mask != 0)
+    certify = _Certificate(dim, solver.delta, full, solver.max_iter, solver.tol) if upper else None
     result = _lanczos(gram, v, solver, full, certify, cap, error)
+    if support is not None and result.vector is not None:
+        vector = np.zeros(n)
+        vector[support] = result.vector
+        result.vector = vector
     result.seed = solver.seed
     return result
 
 
-def kw_steps(max_iter: int) -> frozenset[int]:
-    """The steps (fixed in advance) where the KW bound is evaluated: ⌈8·1.25^j⌉ up to
-    max_iter, at most 25% past any step where it would first have stopped the solve."""
-    steps, j = set(), 0
-    while (k := math.ceil(8 * 1.25**j)) <= max_iter:
+def _on_support(gram: Apply, support: np.ndarray, n: int) -> Apply:
+    """The Gram operator on the coordinates `support` (B's range lies in their span, so
+    B is P B P there): the same Lanczos process, its vectors (the basis that full
+    reorthogonalization reads at every step) shorter by the masked-out entries."""
+    def restricted(z: np.ndarray) -> np.ndarray:
+        x = np.zeros(n)
+        x[support] = z
+        return gram(x)[support]
+    return restricted
+
+
+def kw_steps(max_iter: int, first: int = 8) -> frozenset[int]:
+    """The steps (fixed in advance) where the KW bound is evaluated: ⌈first·1.25^j⌉ up
+    to max_iter, and max_iter itself (the last step a solve can report), at most 25%
+    past any step where it would first have stopped the solve."""
+    steps, j = {max_iter}, 0
+    while (k := math.ceil(first * 1.25**j)) <= max_iter:
         steps.add(k)
         j += 1
     return frozenset(steps)
+
+
+def kw_first_step(dim: int, share: float, tol: float, max_iter: int) -> int:
+    """The first step where KW could stop a solve to `tol`: its inflation 1/(1 − ε_k)
+    of the Ritz value must be within (1 + tol)², i.e. ε_k ≤ 1 − (1 + tol)^−2. Before
+    it KW only gives bounds too loose to stop on, so the schedule starts there (fixed
+    from dim, δ, tol and max_iter, before the solve: the probability still holds)
+    and its δ share is split among fewer steps. The count used here is that of the
+    longest schedule (from step 8), an over-estimate: a later start stays valid."""
+    log = math.log(KW_CONSTANT * math.sqrt(dim) * len(kw_steps(max_iter)) / share)
+    eps = 1 - (1 + tol) ** -2
+    return max(8, min(max_iter, math.floor((log / math.sqrt(eps) + 3) / 2)))
 
 
 class _Certificate:
     """Upper bounds of λ_max from the Lanczos coefficients, each holding with
     probability ≥ 1 − δ over the random start (see the module docstring)."""
 
-    def __init__(self, dim: int, delta: float, full: bool, max_iter: int):
+    def __init__(self, dim: int, delta: float, full: bool, max_iter: int, tol: float = DEFAULT_TOL):
         self.dim, self.delta = dim, delta
         self.use_kw = full  # KW needs the exact-arithmetic process: full reorthogonalization
         share = delta / 2 if full else delta
-        self.kw_steps = kw_steps(max_iter)
+        self.kw_steps = kw_steps(max_iter, kw_first_step(dim, share, tol, max_iter))
         self.kw_log = math.log(KW_CONSTANT * math.sqrt(dim) * len(self.kw_steps) / share)
         # |c₁| ≥ t with probability 1 − share: t² is Beta(1/2, (dim−1)/2)'s share-quantile.
         self.log_t = 0.0 if dim == 1 else 0.5 * math.log(float(betaincinv(0.5, (dim - 1) / 2, share)))
 
     def bound(self, theta: float, alphas: list[float], betas: list[float],
-              previous: np.ndarray | None = None) -> float:
+              within: float = math.inf) -> float:
         """The smaller certified upper bound of λ_max after k = len(alphas) steps
-        (betas: β₁..β_k; previous: T_{k−1}'s eigenvalues where already known)."""
+        (theta: T_k's top eigenvalue; betas: β₁..β_k), or inf where neither is at
+        most `within` (the solve goes on: the polynomial bound's root is only
+        sought where it is known to be below `within`)."""
         k = len(alphas)
         best = math.inf
         if self.use_kw and k in self.kw_steps:
             eps = (self.kw_log / (2 * k - 3)) ** 2  # KW at k − 1 (module docstring)
             if eps < 1:
                 best = theta / (1 - eps)
-        if k >= 2 and all(b > 0 for b in betas[: k - 1]):
-            best = min(best, self._polynomial(alphas[: k - 1], betas[: k - 1], previous))
-        return best
+        if best > within:
+            best = math.inf
+        poly = self._polynomial(theta, alphas, betas, min(best, within))
+        return min(best, poly)
 
-    def _polynomial(self, alphas: list[float], betas: list[float],
-                    ritz: np.ndarray | None = None) -> float:
-        """The λ above T_{k−1}'s Ritz values (`ritz`, computed unless given) where
-        |χ(λ)| = β₁⋯β_{k−1}/t."""
-        if ritz is None:
-            ritz = _ritz_values(alphas, betas[:-1])
-        target = float(np.sum(np.log(betas))) - self.log_t
-        top = float(ritz[-1])
+    #: Relative safety on the computed Σ q_i(λ)² (the recurrence's rounding, ~k·u).
+    SUM_SAFETY = 1e-6
 
-        def excess(lam: float) -> float:  # log|χ(λ)| − target: increasing above the top
-            return float(np.sum(np.log(lam - ritz))) - target
+    def _polynomial(self, theta: float, alphas: list[float], betas: list[float],
+                    within: float) -> float:
+        """The λ ≥ θ where Σ_{i≤m} q_i(λ)² = 1/t² (m: steps with β_i > 0), if at most
+        `within` (else inf). Why it bounds λ_max: see _christoffel."""
+        m = next((i for i, b in enumerate(betas) if not b > 0), len(betas))
+        if m == 0:
+            return math.inf
+        target = -2 * self.log_t + self.SUM_SAFETY
 
-        gap = max(abs(top), float(max(betas)), 1e-300)
-        while excess(top + gap) < 0:
-            gap *= 2
-            if not np.isfinite(top + gap):
+        def excess(lam: float) -> float:  # increasing on [θ, ∞)
+            return _christoffel(lam, alphas, betas, m) - target
+
+        top = max(theta, 0.0)
+        if excess(top) >= 0:  # λ_max ≥ θ (a Ritz value) and ≤ θ: it is θ
+            return top * (1 + 1e-12)
+        if math.isfinite(within):
+            if within <= top or excess(within) < 0:
                 return math.inf
-        low = gap
-        while excess(top + low) >= 0:  # excess → −∞ at the top Ritz value
-            low /= 2
-            if low <= 1e-15 * max(abs(top), 1e-300):
-                return top + 2 * low
-        root = brentq(excess, top + low, top + 2 * low, xtol=1e-15 * max(abs(top), 1e-300), rtol=1e-13)
+            high = within
+        else:
+            gap = max(abs(top), float(max(betas[:m])), 1e-300)
+            while excess(top + gap) < 0:
+                gap *= 2
+                if not np.isfinite(top + gap):
+                    return math.inf
+            high = top + gap
+        root = brentq(excess, top, high, xtol=1e-15 * max(abs(top), 1e-300), rtol=1e-13)
         return root * (1 + 1e-12)
+
+
+def _christoffel(lam: float, alphas: list[float], betas: list[float], m: int) -> float:
+    """log Σ_{i=0}^{m} q_i(λ)², the Lanczos polynomials at λ: q₀ = 1,
+    β_i q_i = (λ − α_i) q_{i−1} − β_{i−1} q_{i−2}, so that v_{i+1} = q_i(B) v₁.
+
+    The bound (van Dorsselaer, Hochstenbach & van der Vorst's, with every Lanczos
+    vector instead of the last one): for p = Σ a_i q_i, p(B)v₁ = Σ a_i v_{i+1} has
+    norm ||a|| and component c₁ p(λ_max) on the top eigenvector, so
+    |c₁ p(λ_max)| ≤ ||a||; a_i = q_i(λ_max) gives c₁² Σ q_i(λ_max)² ≤ 1. Each q_i
+    (i ≤ m) is positive and increasing above its largest zero, T_i's top Ritz value
+    ≤ θ = T_k's: with |c₁| ≥ t, λ_max ≤ the λ ≥ θ where the sum reaches 1/t².
+    Above the spectrum the recurrence is the dominant solution (forward-stable);
+    scaled against overflow, an underflowed term only makes the sum (and the
+    bound) more conservative."""
+    previous, current, total, shift = 0.0, 1.0, 1.0, 0.0
+    for i in range(m):
+        after = ((lam - alphas[i]) * current - (betas[i - 1] * previous if i else 0.0)) / betas[i]
+        previous, current = current, after
+        total += current * current
+        if abs(current) > 1e150:
+            previous, current, total, shift = previous * 1e-150, current * 1e-150, total * 1e-300, shift + 1
+    return math.log(total) + shift * 300 * math.log(10)
 
 
 def _lanczos(gram: Apply, v: np.ndarray, solver: Solver, full: bool,
@@ -250,7 +323,7 @@ def _lanczos(gram: Apply, v: np.ndarray, solver: Solver, full: bool,
     basis = _Basis(v / norm) if full else _RecentBasis(v / norm)
     alphas: list[float] = []
     betas: list[float] = []
-    theta, settled, value, previous = 0.0, 0, math.inf, None
+    theta, settled = 0.0, 0
     for step in range(1, solver.max_iter + 1):
         w = gram(basis.last)
         alphas.append(float(basis.last @ w))
@@ -259,9 +332,9 @@ def _lanczos(gram: Apply, v: np.ndarray, solver: Solver, full: bool,
         if certify is None:  # the top Ritz vector at every step, for its residual
             values, vectors = _ritz(alphas, betas)
             residual = abs(beta * vectors[-1, -1]) / max(float(values[-1]), 1e-300)
-        else:  # all of T_k's eigenvalues (the next step's polynomial bound needs them)
-            values = _ritz_values(alphas, betas)
-        new_theta = max(float(values[-1]), 0.0)
+            new_theta = max(float(values[-1]), 0.0)
+        else:
+            new_theta = max(_top_ritz(alphas, betas), 0.0)
         settled = settled + 1 if new_theta - theta <= solver.tol * new_theta else 0
         theta = new_theta
         ritz = math.sqrt(theta)
@@ -270,21 +343,25 @@ def _lanczos(gram: Apply, v: np.ndarray, solver: Solver, full: bool,
             if (settled >= 3 and residual <= 1e-2) or residual <= solver.tol or exhausted:
                 return SpectralNorm(ritz, step, residual, True, basis.combine(vectors[:, -1]), ritz)
         else:
-            lam = certify.bound(theta, alphas, betas + [beta], previous)
-            previous = values
+            floor = _with_rounding(theta, error)  # the rounding margin is there whatever the step
+            # The largest λ whose value (below) is within the tolerance of the floor:
+            # the certificate seeks its bound only where it is at most that.
+            within = _without_rounding((1 + solver.tol) * floor, error) / (1 + RITZ_SLACK)
+            lam = certify.bound(theta, alphas, betas + [beta], within)
             if exhausted:
                 lam = min(lam, theta + beta)
-            value = _with_rounding(lam * (1 + RITZ_SLACK), error) if np.isfinite(lam) else math.inf
-            floor = _with_rounding(theta, error)  # the rounding margin is there whatever the step
-            if value <= (1 + solver.tol) * floor or exhausted or cap <= (1 + solver.tol) * floor:
+            if lam <= within or exhausted or cap <= (1 + solver.tol) * floor:
+                value = _with_rounding(lam * (1 + RITZ_SLACK), error) if np.isfinite(lam) else math.inf
                 return _result(value, cap, step, True, basis, alphas, betas, beta, certify)
         if beta == 0.0:
             break
         betas.append(beta)
-        basis.append(w / beta)
+        basis.append(w, beta)
     if certify is None:
         return SpectralNorm(math.sqrt(theta), step, residual, False,
                             basis.combine(_padded(vectors[:, -1], basis)), math.sqrt(theta))
+    lam = certify.bound(theta, alphas, betas)  # betas: β₁..β_k (β_k appended above)
+    value = _with_rounding(lam * (1 + RITZ_SLACK), error) if np.isfinite(lam) else math.inf
     return _result(value, cap, step, False, basis, alphas, betas[: len(alphas) - 1], beta, certify)
 
 
@@ -292,6 +369,12 @@ def _with_rounding(lam: float, error: tuple[float, float]) -> float:
     """The largest σ with σ² ≤ lam + c₁σ + c₀."""
     c1, c0 = error
     return (c1 + math.sqrt(c1 * c1 + 4 * (lam + c0))) / 2
+
+
+def _without_rounding(sigma: float, error: tuple[float, float]) -> float:
+    """The λ with _with_rounding(λ, error) = σ: σ² − c₁σ − c₀."""
+    c1, c0 = error
+    return sigma * sigma - c1 * sigma - c0
 
 
 def _result(value, cap, step, converged, basis, alphas, betas, beta, certify) -> SpectralNorm:
@@ -333,10 +416,11 @@ class _Basis:
     def size(self) -> int:
         return self._count
 
-    def append(self, v: np.ndarray) -> None:
+    def append(self, w: np.ndarray, beta: float) -> None:
+        """Appends w / beta."""
         if self._count == len(self._rows):
             self._rows = np.concatenate([self._rows, np.empty_like(self._rows)])
-        self._rows[self._count] = v
+        np.divide(w, beta, out=self._rows[self._count])
         self._count += 1
 
     def combine(self, coefficients: np.ndarray) -> np.ndarray:
@@ -348,11 +432,12 @@ class _Basis:
         repeated once when it cancelled most of w (Kahan's "twice is enough")."""
         w = np.array(w, dtype=np.float64)  # a copy: updated in place below
         for i in range(max(self._count - 2, 0), self._count):
-            w -= (self._rows[i] @ w) * self._rows[i]
+            w = daxpy(self._rows[i], w, a=-float(self._rows[i] @ w))
         rows = self._rows[: self._count]
         for _ in range(2):
             before = np.linalg.norm(w)
-            w -= (rows @ w) @ rows
+            # w −= rowsᵀ (rows w), in place (rows.T is Fortran-ordered: no copy)
+            w = dgemv(-1.0, rows.T, rows @ w, beta=1.0, y=w, overwrite_y=1)
             if np.linalg.norm(w) >= 0.7 * before:
                 break
         return w
@@ -367,24 +452,28 @@ class _RecentBasis:
         self._previous: np.ndarray | None = None
         self.last = first
 
-    def append(self, v: np.ndarray) -> None:
-        self._previous, self.last = self.last, v
+    def append(self, w: np.ndarray, beta: float) -> None:
+        w /= beta  # w is orthogonalize's own array
+        self._previous, self.last = self.last, w
 
     def combine(self, coefficients: np.ndarray) -> None:
         return None
 
     def orthogonalize(self, w: np.ndarray) -> np.ndarray:
+        w = np.array(w, dtype=np.float64)  # a copy: updated in place below
         for q in (self.last, self._previous):
             if q is not None:
-                w = w - (q @ w) * q
+                w = daxpy(q, w, a=-float(q @ w))
         return w
 
 
-def _ritz_values(alphas: list[float], betas: list[float]) -> np.ndarray:
-    """All eigenvalues of the k×k tridiagonal matrix, ascending."""
-    if len(alphas) == 1:
-        return np.array(alphas, dtype=float)
-    return eigvalsh_tridiagonal(np.array(alphas), np.array(betas[: len(alphas) - 1]))
+def _top_ritz(alphas: list[float], betas: list[float]) -> float:
+    """The largest eigenvalue of the k×k tridiagonal matrix (bisection)."""
+    k = len(alphas)
+    if k == 1:
+        return alphas[0]
+    return float(eigvalsh_tridiagonal(np.array(alphas), np.array(betas[: k - 1]),
+                                      select="i", select_range=(k - 1, k - 1))[0])
 
 
 def _ritz(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -382,14 +382,152 @@ def test_masked_float32_dense_norm_on_its_active_part():
 
 def test_kw_is_evaluated_on_its_fixed_schedule_only():
     """KW's probability holds for a step fixed in advance: the certificate uses it at
-    the scheduled steps only (its δ share split among them), never at another step."""
+    the scheduled steps only (its δ share split among them), never at another step.
+    The schedule starts where KW could first stop a solve to the tolerance (fixed from
+    dim, δ, tol, max_iter) and ends at max_iter."""
     schedule = spectral.kw_steps(1000)
-    assert 15 <= len(schedule) <= 25
+    assert 15 <= len(schedule) <= 26 and max(schedule) == 1000
     ordered = sorted(schedule)
     assert all(b <= math.ceil(1.25 * a) + 1 for a, b in zip(ordered, ordered[1:]))
-    certificate = spectral._Certificate(10_000, 1e-9, True, 1000)
-    for k in range(2, 400):  # β = 0: no polynomial bound, KW alone
-        value = certificate.bound(1.0, [1.0] * k, [0.0] * k)
-        eps = (math.log(2 * 100 * len(schedule) / 5e-10) / (2 * k - 3)) ** 2
-        assert value == pytest.approx(1 / (1 - eps) if k in schedule and eps < 1 else math.inf,
-                                      rel=1e-12)
+    for tol in (1e-3, 1e-2):
+        certificate = spectral._Certificate(10_000, 1e-9, True, 1000, tol)
+        first = min(certificate.kw_steps)
+        assert certificate.kw_steps == spectral.kw_steps(1000, first)
+        assert len(certificate.kw_steps) < len(schedule)  # a smaller union bound
+        log_long = math.log(2 * 100 * len(schedule) / 5e-10)  # the longest schedule's count
+        assert (log_long / (2 * (first + 1) - 3)) ** 2 <= 1 - (1 + tol) ** -2  # KW can stop soon after
+        assert first > 8 and (log_long / (2 * (first - 1) - 3)) ** 2 > 1 - (1 + tol) ** -2  # not before
+        for k in range(2, 1001, 7):  # β = 0: no polynomial bound, KW alone
+            value = certificate.bound(1.0, [1.0] * k, [0.0] * k)
+            eps = (math.log(2 * 100 * len(certificate.kw_steps) / 5e-10) / (2 * k - 3)) ** 2
+            assert value == pytest.approx(1 / (1 - eps) if k in certificate.kw_steps and eps < 1
+                                          else math.inf, rel=1e-12)
+
+
+def _exact_lanczos(d: np.ndarray, start: np.ndarray, steps: int):
+    """Lanczos on diag(d) with full reorthogonalization (twice), in float64, up to
+    `steps` steps or an exhausted Krylov space."""
+    basis = [start / np.linalg.norm(start)]
+    alphas, betas = [], []
+    for _ in range(steps):
+        w = d * basis[-1]
+        alphas.append(float(basis[-1] @ w))
+        q = np.array(basis)
+        for _ in range(2):
+            w -= (q @ w) @ q
+        betas.append(float(np.linalg.norm(w)))
+        if betas[-1] <= 1e-8 * abs(alphas[-1]):
+            break
+        basis.append(w / betas[-1])
+    return alphas, betas
+
+
+def _spectra(rng, n):
+    """Hard families: cluster + outlier, a dense top, a geometric decay."""
+    cluster = 1 - 1e-4 * rng.uniform(size=n)
+    cluster[0] = 1.02
+    dense = 1 - 1e-3 * rng.uniform(size=n)
+    dense[0] = 1.0
+    return [cluster, dense, 0.97 ** rng.uniform(0, 300, size=n), rng.uniform(size=n)]
+
+
+def test_polynomial_bound_holds_at_the_start_vectors_own_component():
+    """The theorem behind the polynomial bound, with t = |c₁| itself (the event's
+    edge, the least slack there is): λ_max ≤ the bound at every step, on hard spectra
+    and on starts nearly orthogonal to the top eigenvector (the targeted start)."""
+    rng = np.random.default_rng(11)
+    n = 3000
+    for d in _spectra(rng, n):
+        top = int(np.argmax(d))
+        for c1 in (None, 1e-3, 1e-6):
+            start = rng.standard_normal(n)
+            if c1 is not None:
+                start[top] = 0.0
+                start *= math.sqrt(1 - c1**2) / np.linalg.norm(start)
+                start[top] = c1
+            c1_exact = abs(start[top]) / np.linalg.norm(start)
+            alphas, betas = _exact_lanczos(d, start, 60)
+            certificate = spectral._Certificate(n, 1e-9, False, 1000)
+            certificate.log_t = math.log(c1_exact) - 1e-9
+            assert len(alphas) == 60
+            for k in range(1, 61):
+                theta = spectral._top_ritz(alphas[:k], betas[: k - 1])
+                bound = certificate.bound(theta, alphas[:k], betas[:k])
+                assert bound >= d.max() * (1 - 1e-12), (k, c1, bound / d.max())
+
+
+def test_polynomial_bound_is_at_least_as_sharp_as_the_last_polynomials():
+    """Σ q_i² ≥ q_{k−1}²: the bound is never above van Dorsselaer et al.'s (the root of
+    |χ_{k−1}(λ)| = β₁⋯β_{k−1}/t above T_{k−1}'s Ritz values), and on these spectra
+    it is below it, so that a solve stops sooner."""
+    rng = np.random.default_rng(12)
+    n = 3000
+    certificate = spectral._Certificate(n, 1e-9, False, 1000)
+    target = -certificate.log_t
+    sharper = 0
+    for d in _spectra(rng, n):
+        alphas, betas = _exact_lanczos(d, rng.standard_normal(n), 80)
+        assert len(alphas) == 80
+        for k in range(3, 81, 11):
+            ritz = np.linalg.eigvalsh(np.diag(alphas[: k - 1]) + np.diag(betas[: k - 2], 1)
+                                      + np.diag(betas[: k - 2], -1))
+            logs = float(np.sum(np.log(betas[: k - 1]))) + target
+
+            def excess(lam, ritz=ritz, logs=logs):
+                return float(np.sum(np.log(lam - ritz))) - logs
+
+            high, low = ritz[-1] + 1.0, ritz[-1] + 1e-14
+            while excess(high) < 0:
+                high = 2 * high
+            old = spectral.brentq(excess, low, high, xtol=1e-15) if excess(low) < 0 else ritz[-1]
+            theta = spectral._top_ritz(alphas[:k], betas[: k - 1])
+            new = certificate.bound(theta, alphas[:k], betas[:k])
+            assert new <= old * (1 + 1e-9)
+            sharper += new < old * (1 - 1e-9)
+    assert sharper >= 20
+
+
+def test_masked_solve_runs_on_the_support_and_returns_full_vectors():
+    """With a mask, Lanczos holds its vectors on the mask's support only: the bound
+    is certified against the exact norm of D AᵀA D, and the Ritz vector comes back
+    at full length, zero off the support, an eigenvector of the Gram operator."""
+    rng = np.random.default_rng(21)
+    n = 3000
+    a = rng.standard_normal((400, n)) / math.sqrt(n)
+    a[:, :5] *= 30.0  # the largest directions mostly off the support
+    mask = (rng.uniform(size=n) < 0.4).astype(float)
+    mask[:5] = 0.0
+
+    def gram(x):
+        return mask * (a.T @ (a @ (mask * x)))
+
+    exact = np.linalg.norm(a * mask[None, :], 2)
+    for upper in (True, False):
+        result = gram_norm(gram, n, Solver(tol=1e-6, seed=3), mask=mask, want_vector=True,
+                           upper=upper)
+        assert result.vector.size == n and not np.any(result.vector[mask == 0])
+        theta = result.ritz**2
+        assert np.linalg.norm(gram(result.vector) - theta * result.vector) <= 1e-3 * theta
+        assert result.ritz == pytest.approx(exact, rel=1e-6)
+        if upper:
+            assert exact <= result.value <= exact * (1 + 2e-6)
+
+
+@pytest.mark.parametrize("basis_bytes", [256e6, 1e3])  # a full basis (on the support) or none
+def test_masked_solves_start_and_stay_in_the_masks_span(basis_bytes):
+    """The certificate takes the start uniform on the mask's subspace (its dimension
+    enters t): every vector the Gram operator is applied to lies in that span."""
+    rng = np.random.default_rng(22)
+    n = 2000
+    a = rng.standard_normal((300, n))
+    mask = (rng.uniform(size=n) < 0.3).astype(float)
+    seen = []
+
+    def gram(x):
+        seen.append(float(np.abs(x[mask == 0]).max()))
+        return mask * (a.T @ (a @ (mask * x)))
+
+    result = gram_norm(gram, n, Solver(tol=1e-4, seed=5, basis_bytes=basis_bytes), mask=mask)
+    exact = np.linalg.norm(a * mask[None, :], 2)
+    assert exact <= result.value <= exact * (1 + 2e-4)
+    assert len(seen) == result.iterations and max(seen) == 0.0
