@@ -108,14 +108,19 @@ def map_unordered(client, func: Callable, jobs: Iterable[tuple], window: int,
     """(job, func(*job)) for every job, in order of completion, at most `window` in flight.
 
     A job whose future failed (its workers died ALLOWED_FAILURES + 1 times, or
-    it raised) is retried as the jobs split(job) returns when that is several;
-    otherwise it is yielded with the exception as its result.
+    it raised) is retried as the jobs split(job) returns when that is several.
+    A single job whose workers died may only have shared them with the job that
+    killed them: it runs again at the end, alone on the cluster, and its
+    outcome there is final. Otherwise a failed job is yielded with the
+    exception as its result.
     """
     from distributed import as_completed
+    from distributed.scheduler import KilledWorker
 
     todo = iter(jobs)
     running = as_completed()
     job_of: dict = {}
+    suspects: list[tuple] = []
 
     def submit(job: tuple) -> None:
         future = client.submit(func, *job, pure=False)
@@ -134,10 +139,21 @@ def map_unordered(client, func: Callable, jobs: Iterable[tuple], window: int,
             for part in parts:
                 submit(part)
             continue
-        yield job, outcome
+        if isinstance(outcome, KilledWorker) or (failed and outcome is None):  # None: lost
+            suspects.append(job)
+        else:
+            yield job, outcome
         following = next(todo, None)
         if following is not None:
             submit(following)
+    for job in suspects:  # one at a time: a death now is the job's own
+        future = client.submit(func, *job, pure=False)
+        try:
+            outcome = future.result()
+        except Exception as error:  # the job's own failure is its outcome
+            outcome = error
+        future.release()
+        yield job, outcome
 
 
 def single_threaded() -> None:

@@ -228,6 +228,25 @@ def test_poisonous_chunk_is_split_and_only_its_culprit_fails(client):
     assert isinstance(outcomes[(2,)], Exception) and len(outcomes) == 4
 
 
+def test_jobs_that_shared_a_worker_with_the_culprit_still_succeed(client):
+    """Single jobs queued on the worker a culprit kills die with it, each time:
+    they run again at the end, alone, and only the culprit fails (CI saw an
+    innocent job reported failed when its worker died under it three times)."""
+    from distributed.scheduler import KilledWorker
+
+    def die_on_two(item):
+        if item == 2:
+            os._exit(1)
+        time.sleep(0.05)
+        return item * 10
+
+    jobs = [(2,)] + [(i,) for i in range(3, 11)]
+    outcomes = dict(within(WAIT, lambda: list(distributed.map_unordered(
+        client, die_on_two, jobs, len(jobs), lambda job: [job]))))
+    assert isinstance(outcomes[(2,)], KilledWorker)
+    assert {job: outcomes[job] for job in jobs[1:]} == {(i,): i * 10 for i in range(3, 11)}
+
+
 def test_sweep_on_cluster_equals_sequential(client):
     x0 = np.load(ROOT / "models" / "digits_cnn_x0.npy")
     eps = list(np.geomspace(1e-3, 1.0, 6))
