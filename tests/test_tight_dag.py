@@ -66,15 +66,21 @@ def residual_branch(eps: float, tie: bool = False):
     return net, x0
 
 
+def _stable_stem(name: str, size: int, width: int, seed: int):
+    """(net, rng, x0, h0, h): an input of `size` and a ReLU layer of `width` whose
+    pre-activations sit near 2 (stable), h its tensor and h0 its value at x0."""
+    rng = np.random.default_rng(seed)
+    net = dagnets.DagNet(name, (1, size), rng)
+    x0 = _f32(rng.standard_normal(size) * 0.3)
+    w1, b1 = _f32(rng.standard_normal((width, size)) / 2), np.full(width, 2.0)
+    h0 = np.maximum(w1 @ x0 + b1, 0)
+    return net, rng, x0, h0, net.node("Relu", [_dense(net, "x", w1, b1)])
+
+
 def concat_branches(eps: float):
     """Two ReLU branches on one stable stem, concatenated, then a Gemm; neurons of
     both branches within reach of their kinks."""
-    rng = np.random.default_rng(12)
-    net = dagnets.DagNet("catbranch", (1, 5), rng)
-    x0 = _f32(rng.standard_normal(5) * 0.3)
-    w1, b1 = _f32(rng.standard_normal((6, 5)) / 2), np.full(6, 2.0)
-    h0 = np.maximum(w1 @ x0 + b1, 0)
-    stem = net.node("Relu", [_dense(net, "x", w1, b1)])
+    net, rng, x0, h0, stem = _stable_stem("catbranch", 5, 6, 12)
     branches = []
     for offsets in ([0.2, -0.4, 2, -2, 3], [-0.1, 0.3, 0.1, 4]):
         w = _f32(rng.standard_normal((len(offsets), 6)) / 2)
@@ -87,12 +93,7 @@ def concat_branches(eps: float):
 def fan_out(eps: float):
     """A stable hidden tensor read by three ReLU branches (neurons near their kinks)
     that are summed, with the input's middle concatenated back in."""
-    rng = np.random.default_rng(13)
-    net = dagnets.DagNet("fanbranch", (1, 6), rng)
-    x0 = _f32(rng.standard_normal(6) * 0.3)
-    w1, b1 = _f32(rng.standard_normal((5, 6)) / 2), np.full(5, 2.0)
-    h0 = np.maximum(w1 @ x0 + b1, 0)
-    h = net.node("Relu", [_dense(net, "x", w1, b1)])
+    net, rng, x0, h0, h = _stable_stem("fanbranch", 6, 5, 13)
     parts = []
     for offsets in ([0.1, -0.2, 3, -3], [-0.3, 2, 2, 0.25], [3, -3, 0.0, -0.05]):
         w = _f32(rng.standard_normal((4, 5)) / 2)
