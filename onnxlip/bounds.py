@@ -298,16 +298,15 @@ class Solves:
         eta_f, eta_a = rounding
         eta = max(eta_f, eta_a)
         error = _lift(2 * eta, eta * eta) if cap > 0 else (0.0, 0.0)  # as in gram_error, r ≤ 1
-        a = cap
         dense = self._dense(forward, adjoint, in_size, out_size, in_mask, eta_f, eta_a)
         if dense is not None:
             return dense
         if out_size < in_size:
             result = gram_norm(lambda u: forward(adjoint(u)), out_size, self.solver, key,
-                               cap=a, error=error)
+                               cap=cap, error=error)
         else:
             result = gram_norm(lambda x: adjoint(forward(x)), in_size, self.solver, key,
-                               mask=in_mask, cap=a, error=error)
+                               mask=in_mask, cap=cap, error=error)
         self.delta += result.delta
         return result.value
 

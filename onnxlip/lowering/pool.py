@@ -49,10 +49,15 @@ def lower_maxpool(ctx: NodeContext) -> list[MaxPool]:
 @lowering("GlobalMaxPool")
 def lower_global_maxpool(ctx: NodeContext) -> list[MaxPool]:
     """One window per channel, the whole spatial extent: a MaxPool without pads."""
+    return [window_max(ctx.in_shape, _global_kernel(ctx))]
+
+
+def _global_kernel(ctx: NodeContext) -> tuple[int, ...]:
+    """The whole spatial extent of a global pooling's input (checked to have one)."""
     if len(ctx.in_shape) < 3:
         raise ctx.fail(f"input shape {ctx.in_shape} has no spatial dimensions")
     check_spatial_input(ctx, len(ctx.in_shape) - 2)
-    return [window_max(ctx.in_shape, tuple(ctx.in_shape[2:]))]
+    return tuple(ctx.in_shape[2:])
 
 
 def window_max(in_shape: tuple[int, ...], kernel: tuple[int, ...]) -> MaxPool:
@@ -84,11 +89,8 @@ def lower_averagepool(ctx: NodeContext) -> list[Affine]:
 
 @lowering("GlobalAveragePool")
 def lower_global_averagepool(ctx: NodeContext) -> list[Affine]:
-    if len(ctx.in_shape) < 3:
-        raise ctx.fail(f"input shape {ctx.in_shape} has no spatial dimensions")
-    kernel = tuple(ctx.in_shape[2:])
+    kernel = _global_kernel(ctx)
     rank = len(kernel)
-    check_spatial_input(ctx, rank)
     pool = window_sum(ctx, kernel, (1,) * rank, (0,) * 2 * rank, (1,) * rank)
     return scaled(pool, np.full(pool.out_shape, 1.0 / math.prod(kernel)))
 

@@ -39,33 +39,41 @@ def _reduced(ctx: NodeContext) -> tuple[list[int] | None, tuple[int, ...], tuple
     return axes, kept, out_shape
 
 
+def _spatial_kernel(ctx: NodeContext, axes: list[int]) -> tuple[int, ...] | None:
+    """The window over the reduced axes of size > 1 when all are spatial (batch 1), else
+    None; () when none is larger than 1."""
+    moved = [a for a in axes if ctx.in_shape[a] > 1]
+    if not moved:
+        return ()
+    if len(ctx.in_shape) < 3 or ctx.in_shape[0] != 1 or min(moved) < 2:
+        return None
+    return tuple(ctx.in_shape[i] if i in moved else 1 for i in range(2, len(ctx.in_shape)))
+
+
 @lowering("ReduceMax")
 def lower_reduce_max(ctx: NodeContext) -> list[Layer]:
     axes, kept, out_shape = _reduced(ctx)
     if axes is None:
         return [Reshape(out_shape)]
-    summed = [a for a in axes if ctx.in_shape[a] > 1]
-    if summed and (len(ctx.in_shape) < 3 or ctx.in_shape[0] != 1 or min(summed) < 2):
+    kernel = _spatial_kernel(ctx, axes)
+    if kernel is None:
         raise ctx.fail(f"ReduceMax over axes {axes} of shape {ctx.in_shape}: only spatial "
                        "axes (2 and beyond, batch 1) are supported")
-    layers: list[Layer] = [window_max(ctx.in_shape, tuple(
-        ctx.in_shape[i] if i in summed else 1 for i in range(2, len(ctx.in_shape))))] if summed else []
+    layers: list[Layer] = [window_max(ctx.in_shape, kernel)] if kernel else []
     return layers + [Reshape(out_shape)]
 
 
 @lowering("ReduceSum", "ReduceMean")
 def lower_reduce(ctx: NodeContext) -> list[Layer]:
-    rank = len(ctx.in_shape)
     axes, kept, out_shape = _reduced(ctx)
     if axes is None:
         return [Reshape(out_shape)]
     count = math.prod(ctx.in_shape[a] for a in axes)
     scale = 1.0 / count if ctx.node.op_type == "ReduceMean" else 1.0
-    summed = [a for a in axes if ctx.in_shape[a] > 1]
-    if not summed:  # only axes of size 1: a change of shape (and the mean of one value)
+    kernel = _spatial_kernel(ctx, axes)
+    if kernel == ():  # only axes of size 1: a change of shape (and the mean of one value)
         layers: list[Layer] = []
-    elif rank >= 3 and ctx.in_shape[0] == 1 and min(summed) >= 2:
-        kernel = tuple(ctx.in_shape[i] if i in summed else 1 for i in range(2, rank))
+    elif kernel is not None:
         pool = window_sum(ctx, kernel, (1,) * len(kernel), (0,) * 2 * len(kernel),
                           (1,) * len(kernel))
         layers = scaled(pool, np.full(pool.out_shape, scale)) if scale != 1.0 else [
