@@ -583,7 +583,7 @@ def flow(blocks: list[Block], x: np.ndarray, step, keep: bool = False) -> list[n
 
 
 def flow_t(blocks: list[Block], u: np.ndarray, step_t, in_size: int) -> np.ndarray:
-    """The transpose of a flow: u at the last block's output goes back to the
+    """The transpose of a flow (u a vector or columns): u at the last block's output goes back to the
     input; step_t(k, block, u_k) returns the change of block k's input vector,
     which is split among its sources and summed where a value is read twice."""
     pending: dict[int, np.ndarray] = {len(blocks) - 1: u}
@@ -598,7 +598,7 @@ def flow_t(blocks: list[Block], u: np.ndarray, step_t, in_size: int) -> np.ndarr
             piece = back[offset:offset + size]
             offset += size
             pending[j] = piece if j not in pending else pending[j] + piece
-    return pending.get(INPUT, np.zeros(in_size))
+    return pending.get(INPUT, np.zeros((in_size, *u.shape[1:])))
 
 
 def is_chain(blocks: list[Block]) -> bool:

@@ -289,16 +289,19 @@ class Solves:
     delta: float = 0.0
 
     def product_norm(self, forward, adjoint, in_size: int, out_size: int, key,
-                     in_mask: np.ndarray | None, rounding: tuple[float, float], cap: float) -> float:
+                     in_mask: np.ndarray | None, rounding: tuple[float, float], cap: float,
+                     width: int | None = None) -> float:
         """Certified ||M|| of a linear map M applied by `forward` and `adjoint`
         (products of maps and diagonal gates of entries in [0, 1], see
-        onnxlip.tight): `rounding` = (η_f, η_a) bounds the distance of each
-        computed product to the exact one per unit input, `cap` is a proven
-        bound of ||M||."""
+        onnxlip.tight; a vector or columns): `rounding` = (η_f, η_a) bounds the
+        distance of each computed product to the exact one per unit input,
+        `cap` is a proven bound of ||M||, `width` the longest vector a product
+        holds (default: the longer side)."""
         eta_f, eta_a = rounding
         eta = max(eta_f, eta_a)
         error = _lift(2 * eta, eta * eta) if cap > 0 else (0.0, 0.0)  # as in gram_error, r ≤ 1
-        dense = self._dense(forward, adjoint, in_size, out_size, in_mask, eta_f, eta_a)
+        width = max(in_size, out_size, width or 0)
+        dense = self._dense(forward, adjoint, in_size, out_size, in_mask, eta_f, eta_a, width)
         if dense is not None:
             return dense
         if out_size < in_size:
@@ -313,24 +316,29 @@ class Solves:
 
     @staticmethod
     def _dense(forward, adjoint, in_size: int, out_size: int, in_mask, eta_f: float,
-               eta_a: float) -> float | None:
+               eta_a: float, width: int) -> float | None:
         """||M|| from M itself where one side is at most PRODUCT_SIDE_MAX long: its
-        columns (or rows) applied to unit vectors, then LAPACK. Each computed
-        column is within η (the product's rounding per unit input) of the exact
-        one, so ||M̃ − M|| ≤ √k·η for k columns; deterministic."""
+        columns (or rows) applied to unit vectors, as many at once as
+        PRODUCT_BATCH_BYTES holds for vectors of `width`, then LAPACK. Each
+        computed column is within η (the product's rounding per unit input) of
+        the exact one, so ||M̃ − M|| ≤ √k·η for k columns; deterministic."""
         columns = np.flatnonzero(np.ones(in_size) if in_mask is None else in_mask)
         use_rows = out_size < columns.size
         count = out_size if use_rows else columns.size
         if count > PRODUCT_SIDE_MAX:
             return None
         apply, eta = (adjoint, eta_a) if use_rows else (forward, eta_f)
-        unit = np.zeros(in_size if not use_rows else out_size)
+        if not count:
+            return 0.0
+        units = np.arange(out_size) if use_rows else columns
+        batch = max(1, int(PRODUCT_BATCH_BYTES // (8 * width)))
         stack = []
-        for i in (range(out_size) if use_rows else columns):
-            unit[i] = 1.0
-            stack.append(apply(unit.copy()))
-            unit[i] = 0.0
-        matrix = np.array(stack) if stack else np.zeros((0, 0))
+        for first in range(0, count, batch):
+            chosen = units[first:first + batch]
+            unit = np.zeros((out_size if use_rows else in_size, chosen.size))
+            unit[chosen, np.arange(chosen.size)] = 1.0
+            stack.append(apply(unit).T)
+        matrix = np.concatenate(stack)
         if not matrix.size:
             return 0.0
         gram = matrix @ matrix.T
@@ -341,8 +349,11 @@ class Solves:
         return (top + math.sqrt(count) * eta) * (1 + 1e-12)
 
 
-#: Products (onnxlip.tight) with a side at most this long are formed densely.
+#: Products (onnxlip.tight) with a side at most this long are formed densely...
 PRODUCT_SIDE_MAX = 256
+#: ...applied to this many bytes of unit vectors at once (the live vectors of a
+#: product take a few times more).
+PRODUCT_BATCH_BYTES = 16e6
 
 _MATRICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

@@ -24,7 +24,7 @@ tighter interval is kept.
 Rounding is covered: the exact values at x0 are only known to lie in the
 computed trace ± its rigorous elementwise rounding-error bounds
 (bounds.trace); the computed rows of L carry a bound ρ of their
-distance to the exact rows (LinearMap.matmat_bounded); error terms are pushed
+distance to the exact rows (LinearMap.product_rounding); error terms are pushed
 with |A| rounded upwards, and every interval is widened by WIDEN relative.
 
 L is multiplied in float64 by column chunks of CHUNK_BYTES and stored in
@@ -289,32 +289,37 @@ def _stack(parts: list[Linear]) -> Linear:
 
 def _affine(linear: LinearMap, state: Linear, dtype: np.dtype) -> Linear | None:
     """Δz = A Δy: L and e mapped exactly, the rounding of every product bounded.
-    L by column chunks in float64 (LinearMap.matmat_bounded, no incoming error:
-    the chunks' rounding bounds add up in squares, the rows' incoming error is
-    pushed once by |A|), stored in `dtype` with its rounding added to ρ on the
-    rows it changed. None where an entry leaves the storage's range."""
+    L by column chunks (in float64, or as stored where the map computes in that
+    type: float32 convolutions), without incoming error: the products' rounding
+    is bounded once from the rows' norms (LinearMap.product_rounding) and the
+    rows' incoming error is pushed by |A|; stored in `dtype`, with its rounding
+    added to ρ on the rows it changed (none where the map's products are values
+    of `dtype`: float32 kernels stored in float32). None where an entry leaves
+    the storage's range."""
     n_in, n0 = state.L.shape
     n_out = linear.out_size
     L = np.empty((n_out, n0), dtype, order="F")
-    squares, norms, inexact = np.zeros(n_out), np.zeros(n_out), np.zeros(n_out, bool)
+    norms, inexact = np.zeros(n_out), np.zeros(n_out, bool)
+    native = linear.compute_dtype
+    exact = np.can_cast(native, dtype, "safe")
+    feed = native if state.L.dtype == native else np.dtype(np.float64)
     width = max(1, int(CHUNK_BYTES // (8 * (n_in + 2 * n_out))))
-    chunks = range(0, n0, width)
     with np.errstate(over="ignore", invalid="ignore"):
-        for start in chunks:
+        for start in range(0, n0, width):
             part = slice(start, start + width)
-            product, rounding = linear.matmat_bounded(state.L[:, part].astype(np.float64), np.zeros(n_in))
+            product = linear.matmat(state.L[:, part].astype(feed, copy=False))
             L[:, part] = product
-            stored = L[:, part].astype(np.float64)
-            if dtype != product.dtype:
+            stored = product if exact else L[:, part]
+            if not exact:
                 inexact |= (stored != product).any(axis=1)
-            squares += rounding**2
-            norms += np.einsum("ij,ij->i", stored, stored)
+            norms += np.einsum("ij,ij->i", stored, stored, dtype=np.float64)  # squares exact in float64
     norms = np.sqrt(norms) * (1 + gamma(n0 + 4, U64))  # n0 squares summed in float64
-    if not (np.all(np.isfinite(norms)) and np.all(np.isfinite(squares))):
+    rounding = linear.product_rounding(state.norms, state.rho)
+    if not (np.all(np.isfinite(norms)) and np.all(np.isfinite(rounding))):
         return None
     u, tiny = ROUNDING[np.dtype(dtype)]
     stored = np.where(inexact, u * norms * (1 + 2 * u) + np.sqrt(n0) * tiny, 0.0)  # the rounding to dtype
-    rho = (linear.abs_bound(state.rho) + np.sqrt(squares) + stored) * (1 + gamma(len(chunks) + 4, U64))
+    rho = (rounding + stored) * (1 + gamma(4, U64))
     mid = (state.lo + state.hi) / 2
     radius = (state.hi - state.lo) / 2 * (1 + 4 * U64) + 2 * U64 * np.abs(mid)
     image, (mid_err,) = linear.matvec_bounded(mid, [np.zeros(mid.size)])

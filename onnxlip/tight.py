@@ -58,7 +58,7 @@ import scipy.sparse as sp
 from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, flow, flow_t
 from .bounds import BoundResult, Solves, Trace, as_solver, cached_norm, chord_slopes, local_bound_detail
 from .operators.base import U64, LinearMap, gamma
-from .operators.gated import Gated, apply_steps, apply_steps_t
+from .operators.gated import Gated, along, apply_steps, apply_steps_t, product, product_t
 from .operators.matrix import SparseMap
 from .operators.monomial import MonomialMap
 from .spectral import Solver
@@ -83,10 +83,11 @@ class _Step(Gated):
     def forward(self, x: np.ndarray) -> np.ndarray:
         """gate · A · (in_mask ∘ x): the mask only zeroes what is zero in exact
         arithmetic, and keeps the computed products within the caps."""
-        return apply_steps((self,), x * self.in_mask)
+        return apply_steps((self,), x * along(self.in_mask, x))
 
     def adjoint(self, u: np.ndarray) -> np.ndarray:
-        return apply_steps_t((self,), u) * self.in_mask
+        back = apply_steps_t((self,), u)
+        return back * along(self.in_mask, back)
 
     def factors(self, direction: int) -> tuple[float, float]:
         """(cap, rounding per unit input) of the step's product (direction 0:
@@ -140,44 +141,46 @@ class _Linearized:
         steps = self.steps
 
         def tail(x):
-            x = x if head is None else head.matvec(x)
-            return x if out_rows is None else x * out_rows
+            x = x if head is None else product(head, x)
+            return x if out_rows is None else x * along(out_rows, x)
 
-        def forward(v):
-            v = v * in_mask
+        def forward(v):  # a vector or columns, as adjoint
+            v = v * along(in_mask, v)
+            batch = v.shape[1:]
 
             def step(k, block, x):
                 if k == start:
                     return v
                 if k == end:
                     return tail(x)
-                return steps[k].forward(x) if after[k] else np.zeros(block.out_size)
+                return steps[k].forward(x) if after[k] else np.zeros((block.out_size, *batch))
 
-            return flow(blocks, v if start == INPUT else np.zeros(self.in_size), step)[-1]
+            return flow(blocks, v if start == INPUT else np.zeros((self.in_size, *batch)), step)[-1]
 
         def adjoint(u):
-            held = []
+            held, batch = [], u.shape[1:]
 
             def step_t(k, block, w):
                 if k == end:
-                    w = w if out_rows is None else w * out_rows
-                    return w if head is None else head.rmatvec(w)
+                    w = w if out_rows is None else w * along(out_rows, w)
+                    return w if head is None else product_t(head, w)
                 if k == start:
                     held.append(w)
                 elif after[k]:
                     return steps[k].adjoint(w)
-                return np.zeros(self.input_size(k))
+                return np.zeros((self.input_size(k), *batch))
 
             back = flow_t(blocks, u, step_t, self.in_size)
             if start != INPUT:
-                back = held[0] if held else np.zeros(self.size(start))
-            return back * in_mask
+                back = held[0] if held else np.zeros((self.size(start), *batch))
+            return back * along(in_mask, back)
 
         out_size = self.size(last) if end is None else \
             self.input_size(end) if head is None else head.out_size
         rounding, cap = self._rounding(start, live, end, head)
+        width = max([self.in_size] + [b.out_size for b in blocks])
         return solves.product_norm(forward, adjoint, self.size(start), out_size, key, in_mask,
-                                   rounding, cap)
+                                   rounding, cap, width)
 
     def _rounding(self, start: int, live: np.ndarray, end: int | None, head: LinearMap | None):
         """((η_f, η_a), cap): bounds of the computed products' distance to the exact

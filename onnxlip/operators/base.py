@@ -90,6 +90,9 @@ class LinearMap(ABC):
 
     #: Unit roundoff of the arithmetic matvec uses.
     unit_roundoff = U64
+    #: The type matmat computes in: an input of this type is used as it is, and
+    #: the products are values of it (float32 for onnxruntime's float32 kernels).
+    compute_dtype = np.dtype(np.float64)
 
     @property
     def fan_in(self) -> int:
@@ -127,12 +130,13 @@ class LinearMap(ABC):
         bounds = self.abs_bound(np.stack([e + own for e in errors], axis=1))
         return self.precise_matvec(x), list(bounds.T)
 
-    def matmat_bounded(self, x: np.ndarray, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(matmat(x), ρ'): ρ'_i ≥ ||row i of matmat(x) − A x*|| for every x* whose
-        row j is within ρ_j of x's (2-norms over the columns). Column c of the
-        product is off by at most γ|A||x_c|, so row i by γ Σ_j |a_ij| ||x_j||."""
-        rows = np.linalg.norm(x, axis=1) * (1 + 2 * U64)
-        return self.matmat(x), self.abs_bound(rho + self._gamma() * rows)
+    def product_rounding(self, norms: np.ndarray, rho: np.ndarray) -> np.ndarray:
+        """ρ': ρ'_i ≥ ||row i of matmat(x) − A x*|| (2-norms over the columns) for
+        every x whose rows have norms ≤ `norms` and every x* whose row j is within
+        ρ_j of x's, however the columns of x are split into products. Column c of
+        a product is off by at most γ|A||x_c|, so by Minkowski's inequality over
+        the columns row i is off by at most γ Σ_j |a_ij| ||x_j|| (+ |A|ρ)."""
+        return self.abs_bound(rho + self._gamma() * norms)
 
     @property
     @abstractmethod

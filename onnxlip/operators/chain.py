@@ -90,10 +90,17 @@ class ChainMap(LinearMap):
             x, errors = m.matvec_bounded(x, errors)
         return x, errors
 
-    def matmat_bounded(self, x, rho):
+    def product_rounding(self, norms, rho):
+        """The factors one after the other; the intermediate rows' norms are at
+        most |M| (the input's norms) plus the intermediate's rounding bound."""
         for m in self.maps:
-            x, rho = m.matmat_bounded(x, rho)
-        return x, rho
+            rho = m.product_rounding(norms, rho)
+            norms = m.abs_bound(norms) + rho
+        return rho
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        return np.result_type(*(m.compute_dtype for m in self.maps))
 
     def to_sparse(self):
         result = self.maps[0].to_sparse()

@@ -23,6 +23,7 @@ class ConvMap(LinearMap):
 
     representation = "matrix-free"
     unit_roundoff = U32  # onnxruntime's float32 kernels
+    compute_dtype = np.dtype(np.float32)
 
     def __init__(self, weight, in_shape, strides, pads, dilations, group: int):
         given = np.asarray(weight)
@@ -289,7 +290,7 @@ def _fourier_cap(conv: ConvMap, work_max: float) -> float:
 def _run(session: NodeSession, x: np.ndarray, shape, out_size: int) -> np.ndarray:
     batch = x.shape[1]
     images = np.ascontiguousarray(x.T).reshape(batch, *shape[1:])
-    return session(images).reshape(batch, out_size).T.astype(x.dtype)
+    return session(images).reshape(batch, out_size).T.astype(x.dtype, copy=False)
 
 
 def conv_matrix_entries(conv: ConvMap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -353,6 +354,7 @@ class ConvTransposeMap(LinearMap):
         return _run(self._squared, d, self.in_shape, self.out_size)[:, 0]
 
     unit_roundoff = U32  # onnxruntime's float32 kernels
+    compute_dtype = np.dtype(np.float32)
 
     @property
     def fan_in(self) -> int:

@@ -76,14 +76,18 @@ class StackMap(LinearMap):
         added = gamma(len(self.parts), U64) * np.abs(total)
         return total, [(b + added) * SLACK for b in bounds]
 
-    def matmat_bounded(self, x, rho):
-        """Each part with its own rounding, then the float64 sum of the parts."""
-        total, bound = None, None
-        for p, xj, rj in zip(self.parts, self.split(x), self.split(rho)):
-            y, r = p.matmat_bounded(xj, rj)
-            total, bound = (y, r) if total is None else (total + y, bound + r)
-        added = gamma(len(self.parts), U64) * np.linalg.norm(total, axis=1)
-        return total, (bound + added) * SLACK
+    def product_rounding(self, norms, rho):
+        """Each part with its own rounding, then the float64 sum of the parts
+        (the sum's rows have norms at most Σ_j |A_j| norms_j + ρ_j')."""
+        bound, size = 0.0, 0.0
+        for p, nj, rj in zip(self.parts, self.split(norms), self.split(rho)):
+            r = p.product_rounding(nj, rj)
+            bound, size = bound + r, size + p.abs_bound(nj) + r
+        return (bound + gamma(len(self.parts), U64) * size) * SLACK
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        return self.parts[0].compute_dtype if len(self.parts) == 1 else np.dtype(np.float64)
 
     def norm_cap(self) -> float:
         """||[A_1 … A_k]|| ≤ sqrt(Σ_j ||A_j||²)."""
