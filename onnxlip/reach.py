@@ -27,10 +27,11 @@ computed trace ± its rigorous elementwise rounding-error bounds
 distance to the exact rows (LinearMap.product_rounding); error terms are pushed
 with |A| rounded upwards, and every interval is widened by WIDEN relative.
 
-L is multiplied in float64 by column chunks of CHUNK_BYTES and stored in
-float64 where that fits the memory budget, else in float32 (half the memory:
-the CIFAR-10 reference's L, 28,800 × 3,072 after conv1, fits in the default
-budget so). ρ also covers the rounding of every stored entry (u relative
+L is multiplied by column chunks of CHUNK_BYTES (float32 convolutions in
+float32, whose products are stored exactly in float32; the other maps in
+float64) and stored in float64 where that fits the memory budget, else in
+float32 (half the memory: the CIFAR-10 reference's L, 28,800 × 3,072 after
+conv1, fits in the default budget so). ρ also covers the rounding of every stored entry (u relative
 plus TINY below the normal range, only on rows that did not convert
 exactly: float32 kernels' products do), and the rows' norms are upper bounds
 summed in float64. Past the memory budget, or where an entry of L leaves
@@ -269,10 +270,13 @@ def _storage(states: dict, block: Block, n0: int, budget: float) -> np.dtype | N
     float64 temporaries of one column chunk: float64 within a quarter of the
     budget (room left for the blocks after it), else COMPACT within the budget
     for affine blocks (their products are rounded to it; the other blocks keep
-    their input's), None where nothing fits."""
+    their input's), None where nothing fits. Maps computing in COMPACT (float32
+    convolutions) store in it: their products are exact there."""
     widest = max(states[j].L.shape[0] for j in block.inputs) + 2 * block.out_size
     live = sum(s.L.nbytes for s in states.values()) + min(CHUNK_BYTES, 8.0 * n0 * widest)
-    if isinstance(block, AffineBlock):
+    if isinstance(block, AffineBlock) and block.map.compute_dtype == COMPACT:
+        options = [(COMPACT, budget)]  # its products are exact there: half the memory for nothing
+    elif isinstance(block, AffineBlock):
         options = [(np.dtype(np.float64), budget / 4), (COMPACT, budget)]
     else:
         options = [(np.result_type(*(states[j].L.dtype for j in block.inputs)), budget)]
@@ -312,7 +316,7 @@ def _affine(linear: LinearMap, state: Linear, dtype: np.dtype) -> Linear | None:
             stored = product if exact else L[:, part]
             if not exact:
                 inexact |= (stored != product).any(axis=1)
-            norms += np.einsum("ij,ij->i", stored, stored, dtype=np.float64)  # squares exact in float64
+            norms += _squares(stored)
     norms = np.sqrt(norms) * (1 + gamma(n0 + 4, U64))  # n0 squares summed in float64
     rounding = linear.product_rounding(state.norms, state.rho)
     if not (np.all(np.isfinite(norms)) and np.all(np.isfinite(rounding))):
@@ -326,6 +330,19 @@ def _affine(linear: LinearMap, state: Linear, dtype: np.dtype) -> Linear | None:
     radius = linear.abs_bound(radius) + mid_err
     moving = linear.sq_matvec(state.moving.astype(float)) > 0
     return Linear(L, rho, _down(image - radius), _up(image + radius), moving, norms).still()
+
+
+def _squares(rows: np.ndarray) -> np.ndarray:
+    """Upper bounds of the rows' sums of squares, in float64. float32 rows are summed
+    in float32 (5x faster): a computed sum of w nonnegative rounded products is within
+    γ_w of the exact sum, plus 2^-150 per product lost to underflow; where a sum
+    overflows, and float64 rows, in float64 (within γ_{w+1} of the exact sums)."""
+    if rows.dtype == np.float32:
+        sums = np.einsum("ij,ij->i", rows, rows).astype(np.float64)
+        if np.all(np.isfinite(sums)):
+            width = rows.shape[1]
+            return (sums + width * 2.0**-150) / (1 - gamma(width, U32)) * (1 + 4 * U64)
+    return np.einsum("ij,ij->i", rows, rows, dtype=np.float64) * (1 + gamma(rows.shape[1] + 1, U64))
 
 
 def _relu(state: Linear, nominal: tuple[np.ndarray, np.ndarray],

@@ -394,6 +394,23 @@ def test_product_rounding_covers_chunked_products():
         assert worst > 0  # the products did round
 
 
+def test_reach_row_squares_are_upper_bounds():
+    """The reach's sums of squares of float32 rows (summed in float32) bound the exact
+    sums, with subnormal entries (underflowing squares) and entries whose squares
+    overflow float32 (summed in float64 instead)."""
+    from onnxlip.reach import _squares
+
+    rng = np.random.default_rng(5)
+    rows = (rng.standard_normal((6, 300)) * np.array([1, 1e3, 1e-22, 1e-40, 1e19, 3e-3])[:, None])
+    rows = rows.astype(F32)
+    for chosen in ([0, 1, 2, 3, 5], list(range(6))):  # summed in float32; one overflows
+        part = np.asfortranarray(rows[chosen])
+        for row, b in zip(part, _squares(part)):
+            exact = sum(Fraction(float(v)) ** 2 for v in row)
+            assert exact <= Fraction(float(b))
+            assert float(b) <= float(exact) * (1 + 1e-4) + 300 * 2.0**-149
+
+
 def test_chord_slopes_of_unbounded_intervals_are_one():
     """An interval with an infinite or unknown (NaN) end gets the largest slope, 1,
     never 0 (a NaN comparison is False: the old code gave such neurons slope 0)."""
