@@ -58,6 +58,9 @@ WIDEN = 1e-12
 COMPACT = np.dtype(np.float32)
 #: float64 temporaries of one column chunk of a product (input, output, the map's own copies).
 CHUNK_BYTES = 64e6
+#: Uncertain rows are scaled in one pass over L where they are more than
+#: 1/SCALE_ALL_ABOVE of them (gathering rows of a column-major L is slow).
+SCALE_ALL_ABOVE = 20
 #: (u, tiny) of rounding to each storage: |fl(t) − t| ≤ u·|t| + tiny within its range.
 ROUNDING = {np.dtype(np.float32): (U32, 2.0**-150), np.dtype(np.float64): (U64, 2.0**-1075)}
 
@@ -382,7 +385,9 @@ def _relu(state: Linear, nominal: tuple[np.ndarray, np.ndarray],
     slack = np.where(uncertain, WIDEN * (np.abs(d_lo) + np.abs(d_hi) + np.abs(y_lo) + np.abs(y_hi))
                      + 1e-300, 0.0)
     L = state.L if own else state.L.copy(order="F")
-    if uncertain.any():  # the inactive and still rows are zeroed by still()
+    if uncertain.sum() * SCALE_ALL_ABOVE > L.shape[0]:  # one pass over L (×1 is exact)
+        L *= np.where(uncertain, lam, 1.0)[:, None].astype(L.dtype)
+    elif uncertain.any():  # the inactive and still rows are zeroed by still()
         L[uncertain] *= lam[uncertain, None].astype(L.dtype)
     u, tiny = ROUNDING[L.dtype]
     tiny = np.where(uncertain, np.sqrt(L.shape[1]) * tiny, 0.0)

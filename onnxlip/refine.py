@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 from .operators.base import U64, LinearMap, gamma
 
@@ -122,15 +123,16 @@ def _relaxed(step: Relaxation, coeff: np.ndarray) -> tuple[np.ndarray, np.ndarra
     intercepts (upper line where a coefficient is ≥ 0, lower line elsewhere) plus
     the rounding of the products times step.bound."""
     positive = coeff >= 0
-    terms = np.where(positive, coeff * step.upper_c[:, None], coeff * step.lower_c[:, None])
-    intercept = terms.sum(axis=0) + gamma(coeff.shape[0] + 2, U64) * np.abs(terms).sum(axis=0)
+    terms = coeff * np.where(positive, step.upper_c[:, None], step.lower_c[:, None])
+    intercept = terms.sum(axis=0) + gamma(coeff.shape[0] + 2, U64) * np.abs(terms, out=terms).sum(axis=0)
     if step.select is None:
-        out = np.where(positive, coeff * step.upper[:, None], coeff * step.lower[:, None])
+        out = coeff * np.where(positive, step.upper[:, None], step.lower[:, None])
         error = 2 * U64 * _norms(out)
-    else:  # max-pooling: each window's coefficient to the input it follows
-        moves = step.select >= 0
-        out = np.zeros((step.in_size, coeff.shape[1]))
-        np.add.at(out, step.select[moves], coeff[moves])
+    else:  # max-pooling: each window's coefficient to the input it follows (a 0/1 matrix's product)
+        moves = np.flatnonzero(step.select >= 0)
+        gather = sp.csr_matrix((np.ones(moves.size), (step.select[moves], moves)),
+                               shape=(step.in_size, step.select.size))
+        out = gather @ coeff
         shared = int(np.bincount(step.select[moves], minlength=1).max())
         error = gamma(shared + 1, U64) * np.sqrt(max(shared, 1)) * _norms(coeff)
     return out, intercept + error * step.bound * (1 + 4 * U64)
