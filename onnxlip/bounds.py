@@ -304,12 +304,15 @@ class Solves:
         dense = self._dense(forward, adjoint, in_size, out_size, in_mask, eta_f, eta_a, width)
         if dense is not None:
             return dense
-        if out_size < in_size:
-            result = gram_norm(lambda u: forward(adjoint(u)), out_size, self.solver, key,
-                               cap=cap, error=error)
-        else:
-            result = gram_norm(lambda x: adjoint(forward(x)), in_size, self.solver, key,
-                               mask=in_mask, cap=cap, error=error)
+        # onnxruntime's kernels do the products: BLAS threads spinning between
+        # the basis' small products would only take its cores (as in masked_norm)
+        with BLAS_THREADS.limit(limits=1, user_api="blas"):
+            if out_size < in_size:
+                result = gram_norm(lambda u: forward(adjoint(u)), out_size, self.solver, key,
+                                   cap=cap, error=error)
+            else:
+                result = gram_norm(lambda x: adjoint(forward(x)), in_size, self.solver, key,
+                                   mask=in_mask, cap=cap, error=error)
         self.delta += result.delta
         return result.value
 
