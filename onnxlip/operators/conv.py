@@ -289,7 +289,8 @@ def _fourier_cap(conv: ConvMap, work_max: float) -> float:
 
 def _run(session: NodeSession, x: np.ndarray, shape, out_size: int) -> np.ndarray:
     batch = x.shape[1]
-    images = np.ascontiguousarray(x.T).reshape(batch, *shape[1:])
+    with np.errstate(over="ignore"):  # one copy: transposed and converted at once (inf past float32)
+        images = np.ascontiguousarray(x.T, dtype=session.dtype).reshape(batch, *shape[1:])
     return session(images).reshape(batch, out_size).T.astype(x.dtype, copy=False)
 
 

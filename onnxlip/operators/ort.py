@@ -59,6 +59,11 @@ class NodeSession:
             model.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
 
+    @property
+    def dtype(self) -> np.dtype:
+        """The type the node computes in (its input is converted to it)."""
+        return self._dtype
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.run_all(x)[0]
 
