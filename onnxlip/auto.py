@@ -35,11 +35,13 @@ from .tight import tight_local_bound
 TIGHT_NEURONS_MAX = 500_000
 #: Where more than this share of the analysed neurons and windows of a chain is
 #: uncertain, the telescoping's correction terms exceed the paper's bound and
-#: only cost time: the paper's composition is kept. (Reference networks: it beat
-#: the paper at 0.02%-0.8% uncertain, never at 1.4% or more.) Not on other
-#: graphs, where the paper pays 1 + the branch's product of norms per residual
-#: unit: the DAG battery's nets gained at up to 60-90% uncertain.
-TIGHT_UNCERTAIN_MAX = 0.02
+#: only cost time: the paper's composition is kept. (CIFAR-10 reference, with
+#: each carry capped by the paper's suffix products: the telescoping beats the
+#: paper's composition up to ε = 0.01, 3.5% uncertain, 1117 against 1207, and
+#: equals it at 0.0127, 6.2%.) Not on other graphs, where the paper pays 1 +
+#: the branch's product of norms per residual unit: the DAG battery's nets
+#: gained at up to 60-90% uncertain.
+TIGHT_UNCERTAIN_MAX = 0.05
 
 
 def auto_local_bound(blocks: list[Block], nominal: Trace, eps: float,

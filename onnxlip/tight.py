@@ -33,6 +33,11 @@ member can rise, and the members of tied windows, see _maxpool_step):
 
     L(x0, ε) ≤ ||E|| + η(input).
 
+On a chain, ||Post_s|| is also at most the product of the paper's block bounds
+after s (each bounds its block's factor for every slope the ball allows), and
+carry_s takes the smaller: where many neurons are uncertain after s the nested
+η(s) exceeds it (CIFAR-10 reference at ε = 0.00624: 617 -> 499).
+
 On a residual unit this bounds ||I + J_branch|| with the linearized branch
 directly, where the paper's composition pays 1 + the product of the branch's
 block norms. Where nothing is uncertain it is ||J(x0)||, the truth. Each term
@@ -55,7 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, flow, flow_t
+from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, flow, flow_t, is_chain
 from .bounds import BoundResult, Solves, Trace, as_solver, cached_norm, chord_slopes, local_bound_detail
 from .operators.base import U64, LinearMap, gamma
 from .operators.gated import Gated, along, apply_steps, apply_steps_t, product, product_t
@@ -253,19 +258,33 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
     if not all(b.reachable() for b in blocks) or not math.isfinite(paper.bound):
         return paper  # the telescoping below is written for ReLU and max-pooling
     bound = paper.bound
+    suffix = _suffix_products(paper) if is_chain(blocks) else None
     for centered in (True, False):
         steps = _stable_steps(blocks, nominal, paper, widths, eps, solves, reach, centered)
         bound = min(bound, _telescoped(_Linearized(blocks, steps, nominal.x.size), solves, centered,
-                                       bound))
+                                       bound, suffix))
     if bound >= paper.bound:
         return paper
     return BoundResult(bound, paper.layers, time.perf_counter() - start, eps,
                        paper.delta + solves.delta, solver.seed, source="tight")
 
 
-def _telescoped(net: _Linearized, solves: Solves, variant, limit: float = math.inf) -> float:
+def _suffix_products(paper: BoundResult) -> list[float]:
+    """On a chain, per block l: Π_{k>l} of the paper's block bounds, each a bound of
+    ||S_k A_k D_{k−1}|| for every slope the ball allows, so their product bounds
+    ||Post_l||, the true network after block l (rounded upwards)."""
+    factors = [record.bound for record in paper.layers]
+    lift = 1 + gamma(len(factors) + 2, U64)
+    return [math.prod(factors[k + 1:]) * lift for k in range(len(factors))]
+
+
+def _telescoped(net: _Linearized, solves: Solves, variant, limit: float = math.inf,
+                suffix: list[float] | None = None) -> float:
     """||E|| + η(input) for one choice of the fixed part S⁰ (see _stable_steps);
-    inf as soon as its partial sum reaches `limit` (the terms are not negative)."""
+    inf as soon as its partial sum reaches `limit` (the terms are not negative).
+    `suffix` (chains): bounds of ||Post_l|| from the paper's block bounds, each
+    block's carry the smaller of the two (where many neurons are uncertain
+    after l, η(l) exceeds it)."""
     steps = net.steps
     uncertain = [j for j, s in enumerate(steps) if s.uncertain is not None and s.uncertain.any()]
     ones = np.ones(net.in_size)
@@ -277,6 +296,8 @@ def _telescoped(net: _Linearized, solves: Solves, variant, limit: float = math.i
         q = steps[j].uncertain
         carry[j] = (net.norm(j, q, None, solves, ("suffix", j, variant))
                     + _eta(net, j, q, uncertain, carry, solves, variant))
+        if suffix is not None:
+            carry[j] = min(carry[j], suffix[j])
         total += _eta(net, INPUT, ones, [j], carry, solves, variant)  # its term of η(input)
     return total if total < limit else math.inf
 

@@ -446,3 +446,28 @@ def test_lower_auto_paper_are_ordered(tmp_path_factory, spec, eps):
     note(f"lower {lower!r}, auto {auto.bound!r} ({auto.source}), paper {paper.bound!r}")
     assert 0 <= lower <= auto.bound * SLACK
     assert auto.bound <= paper.bound * (1 + 2 * TOL)
+
+
+def test_carry_capped_by_the_paper_suffix(tmp_path, monkeypatch):
+    """On a chain the telescoping's carry of a block is also capped by the product of
+    the paper's block bounds after it (onnxlip.tight._suffix_products): on this net
+    at this radius the cap binds (the bound is lower than without it), and the
+    bound still covers sampled ratios of the float64 twin and the lower bounds."""
+    from onnxlip import tight
+
+    twin, engine, x0 = _chain("conv", 6, tmp_path)
+    eps = 0.03 * float(np.linalg.norm(x0))
+    nominal = engine.trace(x0)
+    reach = analyse(engine.blocks, nominal, eps, 1e9)
+    capped = tight.tight_local_bound(engine.blocks, nominal, eps, engine.tol, reach=reach.changes)
+    monkeypatch.setattr(tight, "_suffix_products", lambda paper: [np.inf] * len(paper.layers))
+    uncapped = tight.tight_local_bound(engine.blocks, engine.trace(x0), eps, engine.tol,
+                                       reach=reach.changes)
+    assert capped.source == uncapped.source == "tight"
+    assert capped.bound < uncapped.bound * (1 - 2 * TOL)
+    rng = np.random.default_rng(6)
+    directions = list(np.linalg.svd(engine.jacobian(x0).dense())[2][:2])
+    points = netgen.ball_points(rng, x0, eps, 400, 400, directions)
+    assert netgen.max_ratio(twin, x0, points) <= capped.bound * SLACK
+    lower = engine.lower_bounds(x0, [eps], samples=32, ascent_steps=20)[0]
+    assert lower.best <= capped.bound * SLACK
