@@ -37,7 +37,7 @@ TIGHT_NEURONS_MAX = 500_000
 #: uncertain, the telescoping's correction terms exceed the paper's bound and
 #: only cost time: the paper's composition is kept. (CIFAR-10 reference, with
 #: each carry capped by the paper's suffix products: the telescoping beats the
-#: paper's composition up to ε = 0.01, 3.5% uncertain, 1117 against 1207, and
+#: paper's composition up to ε = 0.01, 4.5% uncertain, 1117 against 1207, and
 #: equals it at 0.0127, 6.2%.) Not on other graphs, where the paper pays 1 +
 #: the branch's product of norms per residual unit: the DAG battery's nets
 #: gained at up to 60-90% uncertain.
