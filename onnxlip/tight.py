@@ -273,7 +273,7 @@ def _suffix_products(paper: BoundResult) -> list[float]:
     """On a chain, per block l: Π_{k>l} of the paper's block bounds, each a bound of
     ||S_k A_k D_{k−1}|| for every slope the ball allows, so their product bounds
     ||Post_l||, the true network after block l (rounded upwards)."""
-    factors = [record.bound for record in paper.layers]
+    factors = [math.inf if record.bound is None else record.bound for record in paper.layers]
     lift = 1 + gamma(len(factors) + 2, U64)
     return [math.prod(factors[k + 1:]) * lift for k in range(len(factors))]
 
