@@ -31,12 +31,12 @@ L is multiplied by column chunks of CHUNK_BYTES (float32 convolutions in
 float32, whose products are stored exactly in float32; the other maps in
 float64) and stored in float64 where that fits the memory budget, else in
 float32 (half the memory: the CIFAR-10 reference's L, 28,800 × 3,072 after
-conv1, fits in the default budget so). ρ also covers the rounding of every stored entry (u relative
-plus TINY below the normal range, only on rows that did not convert
-exactly: float32 kernels' products do), and the rows' norms are upper bounds
-summed in float64. Past the memory budget, or where an entry of L leaves
-float32's range, the analysis stops, and the blocks from there on keep the
-paper's radii.
+conv1, fits in the default budget so). ρ also covers the rounding of every
+stored entry (u relative plus TINY below the normal range, only on rows that
+did not convert exactly), and the rows' norms are upper bounds (float32 rows'
+squares summed in float32 within γ_w of the exact sums, see _squares). Past
+the memory budget, or where an entry of L leaves float32's range, the
+analysis stops, and the blocks from there on keep the paper's radii.
 """
 
 from __future__ import annotations
