@@ -342,8 +342,6 @@ class Solves:
             unit[chosen, np.arange(chosen.size)] = 1.0
             stack.append(apply(unit).T)
         matrix = np.concatenate(stack)
-        if not matrix.size:
-            return 0.0
         gram = matrix @ matrix.T
         frob2 = float(np.sum(matrix**2))
         entry = (gamma(matrix.shape[1], U64) + 10 * U64) * frob2 * (1 + 1e-9)

@@ -320,7 +320,7 @@ def _affine(linear: LinearMap, state: Linear, dtype: np.dtype) -> Linear | None:
             if not exact:
                 inexact |= (stored != product).any(axis=1)
             norms += _squares(stored)
-    norms = np.sqrt(norms) * (1 + gamma(n0 + 4, U64))  # n0 squares summed in float64
+    norms = np.sqrt(norms) * (1 + gamma(n0 + 4, U64))  # the chunks' sums added in float64 (≤ n0)
     rounding = linear.product_rounding(state.norms, state.rho)
     if not (np.all(np.isfinite(norms)) and np.all(np.isfinite(rounding))):
         return None

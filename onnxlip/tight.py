@@ -294,10 +294,10 @@ def _telescoped(net: _Linearized, solves: Solves, variant, limit: float = math.i
         if total >= limit:
             return math.inf
         q = steps[j].uncertain
-        carry[j] = (net.norm(j, q, None, solves, ("suffix", j, variant))
-                    + _eta(net, j, q, uncertain, carry, solves, variant))
-        if suffix is not None:
-            carry[j] = min(carry[j], suffix[j])
+        cap = math.inf if suffix is None else suffix[j]
+        carry[j] = min(cap, net.norm(j, q, None, solves, ("suffix", j, variant)))
+        if carry[j] < cap:  # else η(j), nested norms, could only add to what the cap already is
+            carry[j] = min(cap, carry[j] + _eta(net, j, q, uncertain, carry, solves, variant))
         total += _eta(net, INPUT, ones, [j], carry, solves, variant)  # its term of η(input)
     return total if total < limit else math.inf
 
