@@ -27,9 +27,12 @@ computed trace ± its rigorous elementwise rounding-error bounds
 distance to the exact rows (LinearMap.product_rounding); error terms are pushed
 with |A| rounded upwards, and every interval is widened by WIDEN relative.
 
-L is multiplied by column chunks of CHUNK_BYTES (float32 convolutions in
-float32, whose products are stored exactly in float32; the other maps in
-float64) and stored in float64 where that fits the memory budget, else in
+L's columns (the input's coordinates) are in channels-last order for images
+until the output (_column_order), so that a chunk of consecutive columns is nonzero on a few rows of the image
+only: a convolution computes the outputs it reaches (LinearMap.matmat_local).
+L is multiplied by column chunks of at most CHUNK_BYTES and WIDTH_MAX columns
+(float32 convolutions in float32, whose products are stored exactly in
+float32; the other maps in float64) and stored in float64 where that fits the memory budget, else in
 float32 (half the memory: the CIFAR-10 reference's L, 28,800 × 3,072 after
 conv1, fits in the default budget so). ρ also covers the rounding of every
 stored entry (u relative plus TINY below the normal range, only on rows that
@@ -41,6 +44,7 @@ analysis stops, and the blocks from there on keep the paper's radii.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -58,6 +62,10 @@ WIDEN = 1e-12
 COMPACT = np.dtype(np.float32)
 #: float64 temporaries of one column chunk of a product (input, output, the map's own copies).
 CHUNK_BYTES = 64e6
+#: ...and at most this many columns: in channels-last order (_identity) a chunk
+#: then sits in a row or so of the image, and a convolution reaches a crop of
+#: it (matmat_local: the CIFAR-10 reference's convolutions 0.5 s -> 0.2 s).
+WIDTH_MAX = 64
 #: Uncertain rows are scaled in one pass over L where they are more than
 #: 1/SCALE_ALL_ABOVE of them (gathering rows of a column-major L is slow).
 SCALE_ALL_ABOVE = 20
@@ -92,9 +100,44 @@ class Linear:
         radius = eps * (self.norms + self.rho) * (1 + WIDEN)
         return _down(self.lo - radius), _up(self.hi + radius)
 
-    def rows(self, index: np.ndarray) -> Linear:
-        return Linear(self.L.T[:, index].T, self.rho[index], self.lo[index], self.hi[index],
-                      self.moving[index], self.norms[index])
+    def rows(self, index: np.ndarray, memory: _Memory | None = None) -> Linear:
+        """The rows `index` (L's in `memory` where given)."""
+        L = (memory or _Memory()).take((index.size, self.L.shape[1]), self.L.dtype)
+        np.take(self.L.T, index, axis=1, out=L.T, mode="clip")  # index is in range: no buffered check
+        return Linear(L, self.rho[index], self.lo[index], self.hi[index], self.moving[index],
+                      self.norms[index])
+
+
+class _Memory:
+    """The memory of the L matrices that died in this analysis, reused for the next
+    ones: the kernel zeroes a fresh array's pages on first touch (0.1-0.6 s of the
+    CIFAR-10 reference's bound, where 1 GB of L is made). Where no dead buffer
+    fits, they are all released before a fresh array is made, so that what is
+    held never exceeds the live L matrices plus the new one (the budget)."""
+
+    SMALLEST = 1 << 20  # bytes: smaller buffers are left to the allocator
+
+    def __init__(self):
+        self._free: list[np.ndarray] = []  # flat uint8 views
+
+    def give(self, array: np.ndarray) -> None:
+        if array.nbytes >= self.SMALLEST and array.flags.f_contiguous:
+            self._free.append(array.reshape(-1, order="F").view(np.uint8))
+
+    def take(self, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+        """An uninitialized Fortran-ordered array."""
+        need = math.prod(shape) * np.dtype(dtype).itemsize
+        fits = [b for b in self._free if b.size >= need]
+        if not fits or need < self.SMALLEST:
+            if need >= self.SMALLEST:
+                self._free.clear()
+            return np.empty(shape, dtype, order="F")
+        buffer = min(fits, key=len)
+        self._free = [b for b in self._free if b is not buffer]
+        cut = -(-need // 64) * 64  # the rest starts at a 64-byte offset
+        if buffer.size - cut >= self.SMALLEST:
+            self._free.append(buffer[cut:])
+        return buffer[:need].view(dtype).reshape(shape, order="F")
 
 
 @dataclass
@@ -163,10 +206,15 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
         return Reach([None] * len(blocks), [None] * len(blocks), None, [
             f"the exact reach needs more than the memory budget ({budget:.3g} bytes) from the "
             "input on: the paper's radii"])
-    states = {INPUT: Linear(np.eye(n0, dtype=COMPACT, order="F"), np.zeros(n0), np.zeros(n0), np.zeros(n0),
+    shape = next((tuple(b.in_shape) for b in blocks if list(b.inputs) == [INPUT]), (n0,))
+    order = _column_order(shape)
+    eye = np.zeros((n0, n0), COMPACT, order="F")
+    eye[order, np.arange(n0)] = 1
+    states = {INPUT: Linear(eye, np.zeros(n0), np.zeros(n0), np.zeros(n0),
                             np.ones(n0, bool), np.ones(n0))}
     changes: list = []
     counts: list = []
+    memory = _Memory()
     stop = None  # (block, why the analysis stopped there)
     # the blocks' relaxations for the backward refinement (chains only), and a
     # bound of ||Δ(the next block's input)||
@@ -183,7 +231,7 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
         else:
             state = _stack([states[j] for j in block.inputs])
             if isinstance(block, AffineBlock):
-                state = _affine(block.map, state, dtype)
+                state = _affine(block.map, state, dtype, memory)
                 if state is None:
                     why = "its rows of L leave float32's range"
         if state is not None:
@@ -211,7 +259,7 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
                                         _bound(change))
         elif isinstance(block, MaxPoolBlock):
             changes.append(change)
-            state, count, relaxation = _maxpool(block, state, interval, change, in_bound)
+            state, count, relaxation = _maxpool(block, state, interval, change, in_bound, memory)
         else:  # a lone ReLU
             changes.append(change)
             state, count, relaxation = _relu(state, interval, change, False, None, in_bound)
@@ -221,15 +269,30 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
         counts.append(count)
         states[k] = state
         for j in set(block.inputs):
-            if last_read[j] == k:
-                states.pop(j, None)
+            if last_read[j] == k and j in states:
+                memory.give(states.pop(j).L)  # no other state or relaxation holds it
     last = states.get(len(blocks) - 1)
+    if last is not None:  # the output's columns back in the input's order
+        L = np.empty_like(last.L, order="F")
+        L[:, order] = last.L
+        last.L = L
     notes = []
     if stop is not None:
         k, why = stop
         notes.append(f"the exact reach stops at block {k} ({blocks[k].name}): {why}; "
                      "the paper's radii from there on")
     return Reach(changes, counts, last, notes, relaxations)
+
+
+def _column_order(shape: tuple[int, ...]) -> np.ndarray:
+    """The input coordinate of each column of L: channels-last for images (N, C,
+    *spatial), so that a chunk of consecutive columns sits in a few rows of the
+    image, which convolutions exploit (LinearMap.matmat_local). L is used by rows
+    only until the output's, whose columns are put back in the input's order."""
+    order = np.arange(math.prod(shape))
+    if len(shape) >= 3 and shape[0] == 1:
+        order = np.moveaxis(order.reshape(shape), 1, -1).ravel()
+    return order
 
 
 def _refined(relaxations: list[Relaxation], linear: LinearMap, interval: tuple[np.ndarray, np.ndarray],
@@ -294,7 +357,7 @@ def _stack(parts: list[Linear]) -> Linear:
                   *(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
 
-def _affine(linear: LinearMap, state: Linear, dtype: np.dtype) -> Linear | None:
+def _affine(linear: LinearMap, state: Linear, dtype: np.dtype, memory: _Memory) -> Linear | None:
     """Δz = A Δy: L and e mapped exactly, the rounding of every product bounded.
     L by column chunks (in float64, or as stored where the map computes in that
     type: float32 convolutions), without incoming error: the products' rounding
@@ -305,16 +368,16 @@ def _affine(linear: LinearMap, state: Linear, dtype: np.dtype) -> Linear | None:
     the storage's range."""
     n_in, n0 = state.L.shape
     n_out = linear.out_size
-    L = np.empty((n_out, n0), dtype, order="F")
+    L = memory.take((n_out, n0), dtype)
     norms, inexact = np.zeros(n_out), np.zeros(n_out, bool)
     native = linear.compute_dtype
     exact = np.can_cast(native, dtype, "safe")
     feed = native if state.L.dtype == native else np.dtype(np.float64)
-    width = max(1, int(CHUNK_BYTES // (8 * (n_in + 2 * n_out))))
+    width = min(WIDTH_MAX, max(1, int(CHUNK_BYTES // (8 * (n_in + 2 * n_out)))))
     with np.errstate(over="ignore", invalid="ignore"):
         for start in range(0, n0, width):
             part = slice(start, start + width)
-            product = linear.matmat(state.L[:, part].astype(feed, copy=False))
+            product = linear.matmat_local(state.L[:, part].astype(feed, copy=False))
             L[:, part] = product
             stored = product if exact else L[:, part]
             if not exact:
@@ -411,8 +474,8 @@ def _bound(change: tuple[np.ndarray, np.ndarray], rows: np.ndarray | None = None
 
 
 def _maxpool(block: MaxPoolBlock, state: Linear, nominal: tuple[np.ndarray, np.ndarray],
-             change: tuple[np.ndarray, np.ndarray],
-             in_bound: float) -> tuple[Linear, tuple[int, int, int], Relaxation]:
+             change: tuple[np.ndarray, np.ndarray], in_bound: float,
+             memory: _Memory) -> tuple[Linear, tuple[int, int, int], Relaxation]:
     """Each window as its nominal winner w plus t: out − out* = Δz_w + t with
     t = (out − z_w) − (out* − z*_w).
 
@@ -444,7 +507,7 @@ def _maxpool(block: MaxPoolBlock, state: Linear, nominal: tuple[np.ndarray, np.n
     top_y = np.where(padded, -np.inf, y_hi[index]).max(axis=1)
     t_lo = np.where(stable, 0.0, _down(-(top_z - zlo[winner])))
     t_hi = np.where(stable, 0.0, _up(top_y - y_lo[winner]))
-    out = state.rows(winner)
+    out = state.rows(winner, memory)
     follows = moves.any(axis=1) & ~constant
     out = Linear(out.L, out.rho, _down(out.lo + t_lo), _up(out.hi + t_hi), follows, out.norms).still()
     # |Δ max| ≤ the largest |Δ| of a moving member

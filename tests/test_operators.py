@@ -17,7 +17,7 @@ import onnxlip
 from onnxlip.blocks import AffineBlock
 from onnxlip.operators.base import LinearMap
 from onnxlip.operators.chain import ChainMap
-from onnxlip.operators.conv import ConvMap, ConvTransposeMap
+from onnxlip.operators.conv import CROP_MAX, ConvMap, ConvTransposeMap
 from onnxlip.operators.matrix import DenseMap, SparseMap
 from onnxlip.operators.monomial import MonomialMap
 from onnxlip.operators.stack import StackMap
@@ -144,6 +144,63 @@ def test_conv_map(config):
     squared = csr.multiply(csr)
     for d in (rng.integers(0, 2, conv.in_size).astype(float), rng.uniform(0, 1, conv.in_size)):
         _close(conv.sq_matvec(d), squared @ d)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[f"c{i}" for i in range(len(CONFIGS))])
+def test_conv_matmat_local_crops_to_the_support(config, monkeypatch):
+    """Columns nonzero on a small box of the image (one position, a corner, a
+    band, all zero): the cropped product equals the full one, every output the
+    support cannot reach is exactly 0, and the crop is taken where the support
+    reaches at most half the outputs."""
+    conv, _ = _conv_map(config)
+    in_shape = config[0]
+    csr = conv.to_sparse()
+    rng = np.random.default_rng(2)
+    spatial = in_shape[2:]
+    boxes = [tuple(slice(p, p + 1) for p in rng.integers(0, spatial)),
+             tuple(slice(0, 1) for _ in spatial),
+             tuple(slice(n - 1, n) for n in spatial),
+             (slice(1, 3),) + tuple(slice(None) for _ in spatial[1:]),
+             tuple(slice(0, 0) for _ in spatial)]
+    full = conv.matmat
+    for box in boxes:
+        images = np.zeros((3, *in_shape[1:]), np.float32)
+        images[(slice(None), slice(None), *box)] = rng.standard_normal(
+            images[(slice(None), slice(None), *box)].shape)
+        x = np.asfortranarray(images.reshape(3, -1).T)
+        support = (abs(csr) @ (x != 0).astype(float)) > 0
+        calls: list[int] = []
+        monkeypatch.setattr(conv, "matmat", lambda v, calls=calls: calls.append(1) or full(v))
+        local = conv.matmat_local(x)
+        monkeypatch.undo()
+        assert local.shape == (conv.out_size, 3) and local.dtype == x.dtype
+        _close(local, full(x))
+        assert np.all(local[~support] == 0)
+        # the box of the reached outputs, widened by the taps' stride classes per axis
+        reached = support.any(axis=1).reshape(conv.out_shape[1], -1).any(axis=0).reshape(conv.out_shape[2:])
+        widen = [d * k // s + 1 for k, s, d in zip(config[3], config[4], config[6])]
+        if reached.any():
+            extents = [min(n, np.ptp(np.flatnonzero(reached.any(axis=tuple(j for j in range(reached.ndim)
+                                                                            if j != i)))) + 1 + 2 * w)
+                       for i, (n, w) in enumerate(zip(conv.out_shape[2:], widen))]
+            assert not calls or math.prod(extents) > CROP_MAX * reached.size
+
+
+def test_conv_matmat_local_takes_the_crop_on_a_band(monkeypatch):
+    """Bands of rows of a 30x30 image through a 3x3 convolution: the crop of their
+    union is convolved (the full product never runs) and equals it."""
+    conv, _ = _conv_map(((1, 4, 30, 30), 5, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)))
+    images = np.zeros((6, 4, 30, 30), np.float32)
+    rng = np.random.default_rng(3)
+    images[:3, :, 10:13] = rng.standard_normal((3, 4, 3, 30))
+    images[5, :, 13] = rng.standard_normal((4, 30))  # the last column alone reaches row 14
+    x = np.asfortranarray(images.reshape(6, -1).T)
+    expected = conv.matmat(x)
+    monkeypatch.setattr(conv, "matmat", lambda v: pytest.fail("the full product ran"))
+    local = conv.matmat_local(x).reshape(5, 30, 30, 6)
+    _close(local, expected.reshape(5, 30, 30, 6))
+    assert np.all(local[:, :9] == 0) and np.all(local[:, 15:] == 0)
+    assert np.all(local[:, 9:15].any(axis=(0, 2, 3)))
 
 
 # ---------------------------------------------------------------------- whole networks

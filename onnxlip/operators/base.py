@@ -75,6 +75,13 @@ class LinearMap(ABC):
     def matmat(self, x: np.ndarray) -> np.ndarray:
         """A @ x for x of shape (in_size, k)."""
 
+    def matmat_local(self, x: np.ndarray) -> np.ndarray:
+        """A @ x for columns whose nonzeros may all lie in a small part of the input
+        (the identity pushed through a few local layers: the reach analysis' L).
+        The same products as matmat; maps that can skip the zeros' outputs
+        (convolutions: only the outputs the columns' joint support reaches) do."""
+        return self.matmat(x)
+
     @abstractmethod
     def rmatmat(self, u: np.ndarray) -> np.ndarray:
         """A.T @ u for u of shape (out_size, k)."""

@@ -58,6 +58,11 @@ class ChainMap(LinearMap):
             x = m.matmat(x)
         return x
 
+    def matmat_local(self, x):
+        for m in self.maps:
+            x = m.matmat_local(x)
+        return x
+
     def rmatmat(self, u):
         for m in reversed(self.maps):
             u = m.rmatmat(u)

@@ -97,6 +97,59 @@ class ConvMap(LinearMap):
     def matmat(self, x):
         return _run(self._forward, x, self.in_shape, self.out_size)
 
+    def matmat_local(self, x):
+        """A x on the outputs the columns' joint support reaches: the input cropped to
+        the box of those outputs' receptive fields (zero outside the support, so
+        the padding is explicit), convolved by an unpadded session, the other
+        outputs exactly 0. The full product where the box holds most outputs."""
+        batch = x.shape[1]
+        images = x.T.reshape(batch, *self.in_shape[1:])
+        box = self._reached(images)
+        if box is None:
+            return np.zeros((self.out_size, batch), x.dtype)
+        spatial = self.out_shape[2:]
+        if math.prod(hi - lo for lo, hi in box) > CROP_MAX * math.prod(spatial):
+            return self.matmat(x)
+        crop, source, target = [], [], []
+        for i, (lo, hi) in enumerate(box):
+            s, p, d, k = self.strides[i], self.pads[i], self.dilations[i], self.weight.shape[2 + i]
+            start, stop = lo * s - p, (hi - 1) * s - p + d * (k - 1) + 1  # the inputs they read
+            inside = max(start, 0), min(stop, self.in_shape[2 + i])
+            crop.append(stop - start)
+            source.append(slice(*inside))
+            target.append(slice(inside[0] - start, inside[1] - start))
+        dtype = self._cropped.dtype
+        cropped = np.zeros((batch, self.in_shape[1], *crop), dtype)
+        with np.errstate(over="ignore"):  # inf past float32, as in _run
+            cropped[(slice(None), slice(None), *target)] = images[(slice(None), slice(None), *source)]
+        out = np.zeros((batch, self.out_shape[1], *spatial), dtype)
+        out[(slice(None), slice(None), *(slice(lo, hi) for lo, hi in box))] = self._cropped(cropped)
+        return out.reshape(batch, self.out_size).T.astype(x.dtype, copy=False)
+
+    def _reached(self, images: np.ndarray) -> list[tuple[int, int]] | None:
+        """Per spatial axis, the range [lo, hi) of output positions some tap reads a
+        nonzero of the images through (None where they are all zero). Output o
+        reads input o·s − p + j·d for the taps j < k."""
+        support = images.any(axis=0).any(axis=0)  # over the batch first: the fast reduction
+        box = []
+        for i in range(self.rank):
+            rows = np.flatnonzero(support.any(axis=tuple(a for a in range(self.rank) if a != i)))
+            if not rows.size:
+                return None
+            s, p, d, k = self.strides[i], self.pads[i], self.dilations[i], self.weight.shape[2 + i]
+            lo = max(0, -(-(rows[0] + p - d * (k - 1)) // s))
+            hi = min(self.out_shape[2 + i], (rows[-1] + p) // s + 1)
+            if hi <= lo:
+                return None
+            box.append((lo, hi))
+        return box
+
+    @cached_property
+    def _cropped(self) -> NodeSession:
+        """The convolution without padding, for inputs padded explicitly (matmat_local)."""
+        return NodeSession("Conv", {"W": self.weight}, self.rank + 2, strides=list(self.strides),
+                           pads=[0] * (2 * self.rank), dilations=list(self.dilations), group=self.group)
+
     def rmatmat(self, u):
         return _run(self._transpose, u, self.out_shape, self.in_size)
 
@@ -227,6 +280,8 @@ class ConvMap(LinearMap):
         return sp.csr_matrix((vals, (rows, cols)), shape=(self.out_size, self.in_size))
 
 
+#: matmat_local convolves a crop where it holds at most this share of the outputs.
+CROP_MAX = 0.5
 #: Largest work (frequencies × c_out × c_in × min(c_out, c_in)) spent on the Fourier cap.
 FOURIER_WORK_MAX = 2e9
 

@@ -48,6 +48,9 @@ class StackMap(LinearMap):
     def matmat(self, x):
         return sum(p.matmat(xj) for p, xj in zip(self.parts, self.split(x)))
 
+    def matmat_local(self, x):
+        return sum(p.matmat_local(xj) for p, xj in zip(self.parts, self.split(x)))
+
     def rmatmat(self, u):
         return np.concatenate([p.rmatmat(u) for p in self.parts])
 
