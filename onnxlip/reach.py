@@ -28,18 +28,20 @@ distance to the exact rows (LinearMap.product_rounding); error terms are pushed
 with |A| rounded upwards, and every interval is widened by WIDEN relative.
 
 L's columns (the input's coordinates) are in channels-last order for images
-until the output (_column_order), so that a chunk of consecutive columns is nonzero on a few rows of the image
-only: a convolution computes the outputs it reaches (LinearMap.matmat_local).
-L is multiplied by column chunks of at most CHUNK_BYTES and WIDTH_MAX columns
-(float32 convolutions in float32, whose products are stored exactly in
-float32; the other maps in float64) and stored in float64 where that fits the memory budget, else in
-float32 (half the memory: the CIFAR-10 reference's L, 28,800 × 3,072 after
-conv1, fits in the default budget so). ρ also covers the rounding of every
-stored entry (u relative plus TINY below the normal range, only on rows that
-did not convert exactly), and the rows' norms are upper bounds (float32 rows'
-squares summed in float32 within γ_w of the exact sums, see _squares). Past
-the memory budget, or where an entry of L leaves float32's range, the
-analysis stops, and the blocks from there on keep the paper's radii.
+until the output (_column_order), so that a chunk of consecutive columns is
+nonzero on a few rows of the image only: a convolution computes the outputs
+it reaches (LinearMap.matmat_local). L is multiplied by column chunks of at
+most CHUNK_BYTES and WIDTH_MAX columns (float32 convolutions in float32,
+whose products are stored exactly in float32; the other maps in float64) and
+stored in float64 where that fits the memory budget, else in float32 (half
+the memory: the CIFAR-10 reference's L, 28,800 × 3,072 after conv1, fits in
+the default budget so); a dead L's memory is carved for the next (_Memory).
+ρ also covers the rounding of every stored entry (u relative plus TINY below
+the normal range, only on rows that did not convert exactly), and the rows'
+norms are upper bounds (float32 rows' squares summed in float32 within γ_w of
+the exact sums, see _squares). Past the memory budget, or where an entry of L
+leaves float32's range, the analysis stops, and the blocks from there on keep
+the paper's radii.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ WIDEN = 1e-12
 COMPACT = np.dtype(np.float32)
 #: float64 temporaries of one column chunk of a product (input, output, the map's own copies).
 CHUNK_BYTES = 64e6
-#: ...and at most this many columns: in channels-last order (_identity) a chunk
+#: ...and at most this many columns: in channels-last order (_column_order) a chunk
 #: then sits in a row or so of the image, and a convolution reaches a crop of
 #: it (matmat_local: the CIFAR-10 reference's convolutions 0.5 s -> 0.2 s).
 WIDTH_MAX = 64
