@@ -31,7 +31,7 @@ L's columns (the input's coordinates) are in channels-last order for images
 until the output (_column_order), so that a chunk of consecutive columns is
 nonzero on a few rows of the image only: a convolution computes the outputs
 it reaches (LinearMap.matmat_local). L is multiplied by column chunks of at
-most CHUNK_BYTES and WIDTH_MAX columns (float32 convolutions in float32,
+most CHUNK_BYTES and the map's local_columns (float32 convolutions in float32,
 whose products are stored exactly in float32; the other maps in float64) and
 stored in float64 where that fits the memory budget, else in float32 (half
 the memory: the CIFAR-10 reference's L, 28,800 × 3,072 after conv1, fits in
@@ -62,12 +62,12 @@ from .refine import REFINE_ROWS, Relaxation, maxpool_relaxation, refine, relu_re
 WIDEN = 1e-12
 #: The compact storage of L, where float64 does not fit (see the module's docstring).
 COMPACT = np.dtype(np.float32)
-#: float64 temporaries of one column chunk of a product (input, output, the map's own copies).
+#: float64 temporaries of one column chunk of a product (input, output, the map's
+#: own copies); at most the map's local_columns: in channels-last order
+#: (_column_order) a chunk then sits in a row or so of the image, and a convolution
+#: reaches a crop of it (matmat_local: the CIFAR-10 reference's convolutions
+#: 0.5 s -> 0.2 s).
 CHUNK_BYTES = 64e6
-#: ...and at most this many columns: in channels-last order (_column_order) a chunk
-#: then sits in a row or so of the image, and a convolution reaches a crop of
-#: it (matmat_local: the CIFAR-10 reference's convolutions 0.5 s -> 0.2 s).
-WIDTH_MAX = 64
 #: Uncertain rows are scaled in one pass over L where they are more than
 #: 1/SCALE_ALL_ABOVE of them (gathering rows of a column-major L is slow).
 SCALE_ALL_ABOVE = 20
@@ -375,7 +375,7 @@ def _affine(linear: LinearMap, state: Linear, dtype: np.dtype, memory: _Memory) 
     native = linear.compute_dtype
     exact = np.can_cast(native, dtype, "safe")
     feed = native if state.L.dtype == native else np.dtype(np.float64)
-    width = min(WIDTH_MAX, max(1, int(CHUNK_BYTES // (8 * (n_in + 2 * n_out)))))
+    width = min(linear.local_columns or n0, max(1, int(CHUNK_BYTES // (8 * (n_in + 2 * n_out)))))
     with np.errstate(over="ignore", invalid="ignore"):
         for start in range(0, n0, width):
             part = slice(start, start + width)

@@ -203,6 +203,18 @@ def test_conv_matmat_local_takes_the_crop_on_a_band(monkeypatch):
     assert np.all(local[:, 9:15].any(axis=(0, 2, 3)))
 
 
+def test_local_columns_follow_the_convolutions():
+    """Only convolutions ask for narrow column chunks; chains and stacks take their
+    parts' smallest limit, dense maps none."""
+    conv, _ = _conv_map(((1, 2, 6, 6), 2, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)))
+    dense = DenseMap(np.ones((3, conv.out_size), np.float32), (1, conv.out_size), (1, 3))
+    shuffle = MonomialMap(np.arange(conv.out_size)[::-1].copy(), None, conv.out_shape, conv.out_shape)
+    assert conv.local_columns == 64 and dense.local_columns is None and shuffle.local_columns is None
+    assert ChainMap([conv, shuffle]).local_columns == 64
+    assert StackMap([conv, conv]).local_columns == 64
+    assert StackMap([dense, dense]).local_columns is None
+
+
 # ---------------------------------------------------------------------- whole networks
 
 

@@ -82,6 +82,10 @@ class LinearMap(ABC):
         (convolutions: only the outputs the columns' joint support reaches) do."""
         return self.matmat(x)
 
+    #: The most columns matmat_local should take at once, where fewer columns have
+    #: a smaller joint support (None: no limit, as many as memory allows).
+    local_columns: int | None = None
+
     @abstractmethod
     def rmatmat(self, u: np.ndarray) -> np.ndarray:
         """A.T @ u for u of shape (out_size, k)."""

@@ -107,6 +107,10 @@ class ChainMap(LinearMap):
     def compute_dtype(self) -> np.dtype:
         return np.result_type(*(m.compute_dtype for m in self.maps))
 
+    @property
+    def local_columns(self) -> int | None:
+        return min((m.local_columns for m in self.maps if m.local_columns), default=None)
+
     def to_sparse(self):
         result = self.maps[0].to_sparse()
         for m in self.maps[1:]:

@@ -24,6 +24,8 @@ class ConvMap(LinearMap):
     representation = "matrix-free"
     unit_roundoff = U32  # onnxruntime's float32 kernels
     compute_dtype = np.dtype(np.float32)
+    #: In channels-last order 64 columns sit in a row or so of an image (onnxlip.reach).
+    local_columns = 64
 
     def __init__(self, weight, in_shape, strides, pads, dilations, group: int):
         given = np.asarray(weight)

@@ -92,6 +92,10 @@ class StackMap(LinearMap):
     def compute_dtype(self) -> np.dtype:
         return self.parts[0].compute_dtype if len(self.parts) == 1 else np.dtype(np.float64)
 
+    @property
+    def local_columns(self) -> int | None:
+        return min((p.local_columns for p in self.parts if p.local_columns), default=None)
+
     def norm_cap(self) -> float:
         """||[A_1 … A_k]|| ≤ sqrt(Σ_j ||A_j||²)."""
         return math.sqrt(sum(p.norm_cap() ** 2 for p in self.parts)) * (1 + 4 * U64)
