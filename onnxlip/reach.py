@@ -209,7 +209,7 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
             f"the exact reach needs more than the memory budget ({budget:.3g} bytes) from the "
             "input on: the paper's radii"])
     shape = next((tuple(b.in_shape) for b in blocks if list(b.inputs) == [INPUT]), (n0,))
-    order = _column_order(shape)
+    order = _column_order(shape if math.prod(shape) == n0 else (n0,))
     eye = np.zeros((n0, n0), COMPACT, order="F")
     eye[order, np.arange(n0)] = 1
     states = {INPUT: Linear(eye, np.zeros(n0), np.zeros(n0), np.zeros(n0),
