@@ -129,9 +129,9 @@ class _Memory:
     def take(self, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
         """An uninitialized Fortran-ordered array."""
         need = math.prod(shape) * np.dtype(dtype).itemsize
-        fits = [b for b in self._free if b.size >= need]
-        if not fits or need < self.SMALLEST:
-            if need >= self.SMALLEST:
+        fits = [b for b in self._free if b.size >= need] if need >= self.SMALLEST else None
+        if not fits:
+            if fits is not None:  # a large array that nothing fits: release the spares first
                 self._free.clear()
             return np.empty(shape, dtype, order="F")
         buffer = min(fits, key=len)

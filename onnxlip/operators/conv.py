@@ -114,7 +114,7 @@ class ConvMap(LinearMap):
             return self.matmat(x)
         crop, source, target = [], [], []
         for i, (lo, hi) in enumerate(box):
-            s, p, d, k = self.strides[i], self.pads[i], self.dilations[i], self.weight.shape[2 + i]
+            s, p, d, k = self._axis(i)
             start, stop = lo * s - p, (hi - 1) * s - p + d * (k - 1) + 1  # the inputs they read
             inside = max(start, 0), min(stop, self.in_shape[2 + i])
             crop.append(stop - start)
@@ -138,13 +138,17 @@ class ConvMap(LinearMap):
             rows = np.flatnonzero(support.any(axis=tuple(a for a in range(self.rank) if a != i)))
             if not rows.size:
                 return None
-            s, p, d, k = self.strides[i], self.pads[i], self.dilations[i], self.weight.shape[2 + i]
+            s, p, d, k = self._axis(i)
             lo = max(0, -(-(rows[0] + p - d * (k - 1)) // s))
             hi = min(self.out_shape[2 + i], (rows[-1] + p) // s + 1)
             if hi <= lo:
                 return None
             box.append((lo, hi))
         return box
+
+    def _axis(self, i: int) -> tuple[int, int, int, int]:
+        """Spatial axis i's (stride, leading pad, dilation, kernel length)."""
+        return self.strides[i], self.pads[i], self.dilations[i], self.weight.shape[2 + i]
 
     @cached_property
     def _cropped(self) -> NodeSession:
