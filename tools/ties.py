@@ -203,8 +203,9 @@ def power(loc: Local, u: np.ndarray, iters: int = 100) -> tuple[float, np.ndarra
         j = loc.jb + loc.k[:, loc.tw] @ np.array([dw[np.argmax(dw @ u)] for dw in loc.delta])
         u = j.T @ (j @ u)
         u /= np.linalg.norm(u)
-        if loc.gnorm(u) > best:
-            best, best_u = loc.gnorm(u), u
+        value = loc.gnorm(u)
+        if value > best:
+            best, best_u = value, u
     return best, best_u
 
 
@@ -218,7 +219,8 @@ def ascent(loc: Local, picks: list[dict[int, int]], starts: int,
     ORT's Jacobian and of the given selections', then of random selections', and Gaussian directions."""
     dirs = []
     for j in [loc.jb] + [loc.j_sel(p) for p in picks]:
-        dirs += [top_vector(j), -top_vector(j)]
+        v = top_vector(j)
+        dirs += [v, -v]
     while len(dirs) < starts:
         if len(dirs) % 3:
             pick = {w: int(rng.choice(m)) for w, m in loc.ties1.items()}
