@@ -127,6 +127,8 @@ class Trace:
     in_errors: list[np.ndarray] | None = None
     pre_errors: list[np.ndarray | None] | None = None
     pre_local: list[np.ndarray | None] | None = None
+    #: |computed − exact| ≤ output_error for `output` (None where not kept).
+    output_error: np.ndarray | None = None
     #: ||R A D|| already solved around this x0, keyed by block and exact (R, D):
     #: radii whose masks and slopes coincide (radii too small to make a neuron
     #: uncertain, some steps of a certificate's bisection) share one eigensolve
@@ -177,7 +179,8 @@ def _bounded_trace(blocks: list[Block], x: np.ndarray) -> Trace:
             pre_local.append(None)
             out = block.forward_bounded(x_in, err)
         values[k] = (out[0], unknown_as_inf(out[1]))
-    return Trace(x, inputs, pre, values[len(blocks) - 1][0], in_errors, pre_errors, pre_local)
+    output, output_error = values[len(blocks) - 1]
+    return Trace(x, inputs, pre, output, in_errors, pre_errors, pre_local, output_error)
 
 
 def chord_slopes(y0: np.ndarray, ybar: np.ndarray) -> np.ndarray:

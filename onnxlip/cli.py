@@ -404,11 +404,11 @@ def run_certify(args) -> int:
             return 0
         print(_title(args, net, f", x0 = {args.input}, method {args.method}"
                                 + _rule_text(_rule(args))))
-        print(table(["class", "margin", "certified radius (local)", "radius (global)",
+        print(table(["class", "margin", "certified radius (local)", "certified by", "radius (global)",
                      "attack distance", "local/global", "seconds"],
-                    [[cert.top_class, cert.margin, cert.radius_local, cert.radius_global,
-                      cert.attack_distance, _ratio(cert.radius_local, cert.radius_global),
-                      cert.seconds]]))
+                    [[cert.top_class, cert.margin, cert.radius_local, cert.radius_test or "-",
+                      cert.radius_global, cert.attack_distance,
+                      _ratio(cert.radius_local, cert.radius_global), cert.seconds]]))
         return 0
     load_kwargs = _load_kwargs(args)
     net = load(**load_kwargs)
@@ -471,7 +471,7 @@ def _summary_line(summary: dict) -> str:
     accuracy = ("n/a (no labels)"
                 if summary["accuracy"] is None else number("accuracy", ".3f"))
     return (f"{summary['inputs']} inputs, accuracy: {accuracy}; median certified radius "
-            f"{number('median_radius_local')} (local bound) vs {number('median_radius_global')} "
+            f"{number('median_radius_local')} (local analysis) vs {number('median_radius_global')} "
             f"(global), median attack distance {number('median_attack_distance')}, "
             f"{summary['seconds']:.3g} s")
 

@@ -380,7 +380,7 @@ def plot_certified_accuracy(result: DatasetResult, path: str | Path, title: str,
 
     certs = result.certificates
     what = "accuracy" if result.labelled else "fraction"
-    curves = (("radius_local", f"certified {what}, local bound\n({method_label(method)})", "-"),
+    curves = (("radius_local", f"certified {what}, local analysis\n({method_label(method)})", "-"),
               ("radius_global", f"certified {what}, global bound", "--"),
               ("attack_distance", f"attack: upper limit of\nrobust {what} (not certified)", ":"))
     radii = {attr: np.array([getattr(c, attr) if c.correct is not False else -np.inf

@@ -22,6 +22,7 @@ from .jacobian import Jacobian
 from .lower import LowerBounds, LowerBoundSearch
 from .lowering import NodeContext, lower
 from .lowering.registry import node_name
+from .reach import Reach, analyse
 from .spectral import DEFAULT_DELTA, DEFAULT_TOL, Solver
 from .tight import tight_local_bound
 
@@ -139,6 +140,11 @@ class Network:
         _remember(self._uppers, key, (eps, method, result, nominal))
         self._reconcile(key)
         return result
+
+    def reach(self, nominal: bounds.Trace, eps: float) -> Reach:
+        """How far every neuron and the output can move over the ball (onnxlip.reach),
+        within the memory budget."""
+        return analyse(self.blocks, nominal, check_eps(eps), self.memory_budget)
 
     def _local(self, nominal: bounds.Trace, eps: float, method: str, solver: Solver) -> bounds.BoundResult:
         if method == "auto":

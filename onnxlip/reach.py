@@ -55,7 +55,7 @@ import numpy as np
 from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, is_chain
 from .bounds import Trace
 from .operators.base import U32, U64, LinearMap, gamma
-from .refine import REFINE_ROWS, Relaxation, maxpool_relaxation, refine, relu_relaxation
+from .refine import REFINE_ROWS, Relaxation, maxpool_relaxation, refine, relu_relaxation, upper_bounds
 
 #: Relative widening of quantities computed in float64 from the bounds (a few
 #: roundings each): far above their errors, far below anything that matters.
@@ -191,6 +191,29 @@ class Reach:
         out = self.output
         lift = 1 + 64 * U64 * min(out.L.shape, default=1)
         return max(0.0, float(self._top * (2 - lift) - np.linalg.norm(out.rho)) * (1 - WIDEN))
+
+
+    def lower_changes(self, rows: np.ndarray, eps: float) -> np.ndarray | None:
+        """Per column c of `rows` (outputs × m), a proven lower bound of c·Δz over
+        the ball, Δz the change of the network's output (None where the analysis
+        did not get there): the larger of the output's Δz = LΔx + e, which gives
+        −ε(||cᵀL|| + Σ|c_i|ρ_i) + min of c·e over e's interval, and on chains the
+        backward pass through every block's relaxation (onnxlip.refine), which
+        keeps the correlations the intervals of e lose."""
+        out = self.output
+        if out is None:
+            return None
+        c = np.asarray(rows, np.float64)
+        a, n = np.abs(c), c.shape[0]
+        product = c.T @ out.L.astype(np.float64, copy=False)  # within γ_n·Σ|c_i|·||L_i|| of cᵀL
+        radius = (np.linalg.norm(product, axis=1) * (1 + gamma(out.L.shape[1] + 2, U64))
+                  + a.T @ out.rho + gamma(n, U64) * (a.T @ out.norms))
+        terms = np.minimum(c * out.lo[:, None], c * out.hi[:, None])
+        forward = terms.sum(0) - gamma(n + 1, U64) * np.abs(terms).sum(0) - eps * radius * (1 + WIDEN)
+        if self.relaxations is None:
+            return _down(forward)
+        backward = -upper_bounds(self.relaxations, -c, eps)
+        return _down(np.maximum(forward, backward))
 
 
 def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9,

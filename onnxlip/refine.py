@@ -97,14 +97,22 @@ def refine(relaxations: list[Relaxation], linear: LinearMap, rows: np.ndarray, i
     unit[rows, np.arange(r)] = 1.0
     unit[rows, r + np.arange(r)] = -1.0
     coeff, extra = _pushed(linear, unit, in_bound)
+    top = upper_bounds(relaxations, coeff, eps, extra)
+    return -top[r:], top[:r]
+
+
+def upper_bounds(relaxations: list[Relaxation], coeff: np.ndarray, eps: float,
+                 extra: np.ndarray | None = None) -> np.ndarray:
+    """Per column c of `coeff`, an upper bound of c·Δa over the ball, Δa the change
+    of the relaxed chain's output (plus `extra`, bounds already collected)."""
+    extra = np.zeros(coeff.shape[1]) if extra is None else extra
     for step in reversed(relaxations):
         coeff, added = _relaxed(step, coeff)
-        extra += added
+        extra = extra + added
         if step.linear is not None:
             coeff, added = _pushed(step.linear, coeff, step.in_bound)
-            extra += added
-    top = (eps * _norms(coeff) + extra) * (1 + 4 * U64)
-    return -top[r:], top[:r]
+            extra = extra + added
+    return (eps * _norms(coeff) + extra) * (1 + 4 * U64)
 
 
 def _norms(coeff: np.ndarray) -> np.ndarray:

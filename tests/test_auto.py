@@ -314,6 +314,7 @@ def test_backward_bounds_at_the_kink(tmp_path):
     assert reach_.counts[0][2] >= 6
     last = engine.blocks[-1]
     lo, hi = refine(reach_.relaxations[:-1], last.map, np.arange(4), reach_.relaxations[-2].out_bound, eps)
+    low = reach_.lower_changes(np.hstack([np.eye(4), -np.eye(4)]), eps)  # a certificate's bounds
 
     def f(x):
         return C @ np.maximum(A @ x + b, 0.0)
@@ -332,6 +333,47 @@ def test_backward_bounds_at_the_kink(tmp_path):
                     x = x0 + (x - x0) * min(1.0, eps / np.linalg.norm(x - x0))
                     found = f(x)[i] - base[i]
                     assert lo[i] - 1e-9 <= found <= hi[i] + 1e-9
+                    assert low[i] - 1e-9 <= found <= -low[4 + i] + 1e-9
+
+
+LEAD_CASES = ([("chain", f, s) for f in ("dense", "conv") for s in range(6)]
+              + [("graph", f, s) for f in dagnets.FAMILIES for s in range(2)])
+
+
+@pytest.mark.parametrize(("kind", "family", "seed"), LEAD_CASES, ids=[f"{f}{s}" for _, f, s in LEAD_CASES])
+def test_output_change_lower_bounds_hold(tmp_path, kind, family, seed):
+    """Reach.lower_changes (what certificates bound each lead's change with) is
+    below every c·Δf found in float64 by sampling the ball and by projected
+    gradient descent on c·f (driven by the engine's Jacobian), for the leads of
+    the top output over the others and random rows, from a few uncertain
+    neurons to most of them."""
+    twin, engine, x0 = (_chain if kind == "chain" else _graph)(family, seed, tmp_path)
+    rng = np.random.default_rng(seed)
+    out0 = twin(x0.ravel()[None])[0]
+    n, top = out0.size, int(np.argmax(out0))
+    rivals = [j for j in range(n) if j != top]
+    leads = np.zeros((n, len(rivals)))
+    leads[top], leads[rivals, np.arange(len(rivals))] = 1.0, -1.0
+    rows = np.hstack([leads, rng.standard_normal((n, 2))])
+    for level in (1e-3, 3e-2, 0.3):
+        eps = level * float(np.linalg.norm(x0))
+        reach = analyse(engine.blocks, engine.trace(x0), eps, 1e9)
+        low = reach.lower_changes(rows, eps)
+        assert low.shape == (rows.shape[1],) and np.all(low <= 0)
+        points = netgen.ball_points(rng, x0, eps, 100, 100, [])
+        change = (twin(points) - out0) @ rows
+        slack = 1e-6 * (np.abs(change) + eps * np.linalg.norm(rows, axis=0))
+        assert np.all(change >= low - slack)
+        for i in range(min(3, rows.shape[1])):
+            x = points[np.argmin(change[:, i])].copy()
+            for _ in range(15):
+                g = engine.jacobian(x).dense().T @ rows[:, i]
+                if not np.any(g):
+                    break
+                x = x - 0.3 * eps * g / np.linalg.norm(g)
+                x = x0.ravel() + (x - x0.ravel()) * min(1.0, eps / np.linalg.norm(x - x0.ravel()))
+                found = float((twin(x[None])[0] - out0) @ rows[:, i])
+                assert found >= low[i] - 1e-6 * (abs(found) + eps * np.linalg.norm(rows[:, i]))
 
 
 def test_relu_relaxation_lines_hold():

@@ -59,7 +59,8 @@ def certified(net, x0) -> dict:
     out = {}
     for method in ("auto", "paper"):
         cert, seconds = timed(lambda m=method: net.certify(x0, method=m))
-        out[method] = {"radius": cert.radius_local, "attack": cert.attack_distance, "seconds": seconds}
+        out[method] = {"radius": cert.radius_local, "by": cert.radius_test, "attack": cert.attack_distance,
+                       "seconds": seconds}
     return out
 
 
