@@ -55,7 +55,15 @@ import numpy as np
 from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, is_chain
 from .bounds import Trace
 from .operators.base import U32, U64, LinearMap, gamma
-from .refine import REFINE_ROWS, Relaxation, maxpool_relaxation, refine, relu_relaxation, upper_bounds
+from .refine import (
+    REFINE_ROWS,
+    REFINE_YIELD,
+    Relaxation,
+    maxpool_relaxation,
+    refine,
+    relu_relaxation,
+    upper_bounds,
+)
 
 #: Relative widening of quantities computed in float64 from the bounds (a few
 #: roundings each): far above their errors, far below anything that matters.
@@ -323,23 +331,31 @@ def _column_order(shape: tuple[int, ...]) -> np.ndarray:
 def _refined(relaxations: list[Relaxation], linear: LinearMap, interval: tuple[np.ndarray, np.ndarray],
              change: tuple[np.ndarray, np.ndarray], moving: np.ndarray, in_bound: float,
              eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """The change bounds with the rows they leave uncertain (at most REFINE_ROWS,
-    and no more than CHUNK_BYTES of columns hold; those nearest to a decision
-    first) tightened by the backward pass."""
+    """The change bounds with the rows they leave uncertain tightened by the
+    backward pass, those nearest to a decision first, in chunks of at most
+    REFINE_ROWS rows (and no more than CHUNK_BYTES of columns), for as long as a
+    chunk decides at least REFINE_YIELD of its rows: where refining pays (rows
+    near a decision, mid radii) it goes on, where it does not (most rows deep
+    in their kink, large radii) one chunk costs little."""
     low, high = interval
     y_lo, y_hi = _down(low + change[0]), _up(high + change[1])
     uncertain = np.flatnonzero(moving & (y_lo < 0) & (y_hi > 0))
     if not uncertain.size:
         return change
     nearest = np.minimum(-y_lo, y_hi)[uncertain] / (y_hi - y_lo)[uncertain]
+    order = uncertain[np.argsort(nearest, kind="stable")]
     # the pass holds 2 float64 columns per row at every block: within one chunk's memory
     widest = max([linear.out_size, linear.in_size] + [r.upper_c.size for r in relaxations])
     count = max(1, min(REFINE_ROWS, int(CHUNK_BYTES // (16 * widest))))
-    rows = uncertain[np.argsort(nearest, kind="stable")[:count]]
-    lo, hi = refine(relaxations, linear, rows, in_bound, eps)
     change = change[0].copy(), change[1].copy()
-    change[0][rows] = np.fmax(change[0][rows], lo)  # fmax, fmin: a NaN bound (inf·0) is ignored
-    change[1][rows] = np.fmin(change[1][rows], hi)
+    for first in range(0, order.size, count):
+        rows = order[first:first + count]
+        lo, hi = refine(relaxations, linear, rows, in_bound, eps)
+        change[0][rows] = np.fmax(change[0][rows], lo)  # fmax, fmin: a NaN bound (inf·0) is ignored
+        change[1][rows] = np.fmin(change[1][rows], hi)
+        decided = (_down(low[rows] + change[0][rows]) >= 0) | (_up(high[rows] + change[1][rows]) <= 0)
+        if decided.mean() < REFINE_YIELD:
+            break
     return change
 
 

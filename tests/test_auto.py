@@ -336,6 +336,30 @@ def test_backward_bounds_at_the_kink(tmp_path):
                     assert low[i] - 1e-9 <= found <= -low[4 + i] + 1e-9
 
 
+@pytest.mark.parametrize(("family", "seed"), [("dense", 1), ("dense", 3)] + [("conv", s) for s in range(4)])
+def test_refinement_in_chunks_changes_no_bound(tmp_path, monkeypatch, family, seed):
+    """Each refined row's backward pass is its own: refining a block's uncertain
+    rows in chunks of 3 (every chunk, REFINE_YIELD 0) gives the bounds of one
+    chunk holding them all; a yield above 1 stops after the first chunk, whose
+    rows alone are tightened: wider intervals in all."""
+    _, engine, x0 = _chain(family, seed, tmp_path)
+    nominal = engine.trace(x0)
+    eps = 0.3 * float(np.linalg.norm(x0))  # more than 3 uncertain rows in a refined block
+
+    def run(rows: int, share: float):
+        monkeypatch.setattr(reach_module, "REFINE_ROWS", rows)
+        monkeypatch.setattr(reach_module, "REFINE_YIELD", share)
+        return analyse(engine.blocks, nominal, eps, 1e9)
+
+    whole, chunks, first = run(10**6, 0.0), run(3, 0.0), run(3, 1.01)
+    assert whole.counts == chunks.counts
+    for a, b in zip(whole.changes, chunks.changes):
+        for i in range(2):
+            np.testing.assert_allclose(a[i], b[i], rtol=1e-9, atol=1e-12)
+    # the later chunks count (the sum: a relaxation is not monotone row by row)
+    assert sum(np.sum(c[1] - c[0]) for c in first.changes) > sum(np.sum(c[1] - c[0]) for c in chunks.changes)
+
+
 LEAD_CASES = ([("chain", f, s) for f in ("dense", "conv") for s in range(6)]
               + [("graph", f, s) for f in dagnets.FAMILIES for s in range(2)])
 
