@@ -83,9 +83,10 @@ def test_reference_certified_radius_matches_paper(name):
     cert = net.certify(np.load(REFERENCE / f"{name}_x0.npy"))
     assert cert.margin == pytest.approx(published["margin"], rel=1e-4)
     # the default certifies each lead's change over the ball (the reach analysis):
-    # MNIST 0.0839 against the paper's 0.0523, CIFAR-10 0.00748 against 0.00424
+    # MNIST 0.0839 against the paper's 0.0522, CIFAR-10 0.00877 against 0.00421
     assert cert.radius_test == "output bounds"
-    assert cert.radius_local >= 1.5 * published["certified_radius_paper_method"]
+    gain = {"mnist_avant": 1.5, "cifar10_avant": 2.0}[name]
+    assert cert.radius_local >= gain * published["certified_radius_paper_method"]
     assert cert.radius_global == pytest.approx(published["certified_radius_global"], rel=1e-2)
     assert cert.radius_local < cert.attack_distance
 
