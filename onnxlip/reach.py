@@ -60,9 +60,9 @@ from .refine import (
     REFINE_YIELD,
     Relaxation,
     maxpool_relaxation,
+    optimized_upper_bounds,
     refine,
     relu_relaxation,
-    upper_bounds,
 )
 
 #: Relative widening of quantities computed in float64 from the bounds (a few
@@ -220,7 +220,7 @@ class Reach:
         forward = terms.sum(0) - gamma(n + 1, U64) * np.abs(terms).sum(0) - eps * radius * (1 + WIDEN)
         if self.relaxations is None:
             return _down(forward)
-        backward = -upper_bounds(self.relaxations, -c, eps)
+        backward = -optimized_upper_bounds(self.relaxations, -c, eps)
         return _down(np.maximum(forward, backward))
 
 
