@@ -6,8 +6,8 @@ instead of the decision at x0, and a margin it must keep. Each difference of
 two outputs moves by at most √2·||Δf||, so the decision is certain within
 radius ε when √2 · ε · L(x0, ε) < margin − required margin. With the default
 method the reach analysis (onnxlip.reach) also bounds each lead's change over
-the ball directly (the output's Δz = LΔx + e, and on chains a backward pass
-through the relaxed network for each lead's row: Reach.lower_changes); where
+the ball directly (the output's Δz = LΔx + e, and a backward pass through the
+relaxed network for each lead's row: Reach.lower_changes); where
 every lead's lower bound stays above the required margin the decision is
 certain too, often at radii where the Lipschitz rule is not (a lead's own
 change, not √2 times the whole output's). The certified radius is the largest

@@ -16,10 +16,10 @@ pre-activation, ε·||L_i||, is exact (the paper's ε_k·||a_iᵀ D|| bounds it 
 a product of norms). An uncertain ReLU is replaced by its chord over the
 reachable interval plus a bounded error (the triangle relaxation); a
 max-pooling window by its nominal winner plus a bounded error unless the
-winner provably stays the largest. On chains, after the first uncertain
-block, the pre-activations this leaves uncertain are bounded again by a
-backward pass through every block's relaxation (onnxlip.refine); the
-tighter interval is kept.
+winner provably stays the largest. After the first uncertain block, the
+pre-activations this leaves uncertain are bounded again by a backward pass
+through every earlier block's relaxation, along the graph (onnxlip.refine);
+the tighter interval is kept.
 
 Rounding is covered: the exact values at x0 are only known to lie in the
 computed trace ± its rigorous elementwise rounding-error bounds
@@ -52,7 +52,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, is_chain
+from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock
 from .bounds import Trace
 from .operators.base import U32, U64, LinearMap, gamma
 from .refine import (
@@ -162,9 +162,10 @@ class Reach:
     counts: list[tuple[int, int, int] | None]
     output: Linear | None = None
     notes: list[str] = field(default_factory=list)
-    #: Per block reached, how its output change follows its input's (chains only;
-    #: onnxlip.refine), for backward bounds.
-    relaxations: list[Relaxation] | None = None
+    #: Per block, how its output change follows its input's (None where not
+    #: reached; onnxlip.refine), and the blocks: for backward bounds.
+    relaxations: list[Relaxation | None] | None = None
+    blocks: list[Block] | None = None
 
     @property
     def uncertain(self) -> int:
@@ -205,7 +206,7 @@ class Reach:
         """Per column c of `rows` (outputs × m), a proven lower bound of c·Δz over
         the ball, Δz the change of the network's output (None where the analysis
         did not get there): the larger of the output's Δz = LΔx + e, which gives
-        −ε(||cᵀL|| + Σ|c_i|ρ_i) + min of c·e over e's interval, and on chains the
+        −ε(||cᵀL|| + Σ|c_i|ρ_i) + min of c·e over e's interval, and the
         backward pass through every block's relaxation (onnxlip.refine), which
         keeps the correlations the intervals of e lose."""
         out = self.output
@@ -220,7 +221,7 @@ class Reach:
         forward = terms.sum(0) - gamma(n + 1, U64) * np.abs(terms).sum(0) - eps * radius * (1 + WIDEN)
         if self.relaxations is None:
             return _down(forward)
-        backward = -optimized_upper_bounds(self.relaxations, -c, eps)
+        backward = -optimized_upper_bounds(self.blocks, self.relaxations, -c, eps, out.L.shape[1])
         return _down(np.maximum(forward, backward))
 
 
@@ -249,10 +250,10 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
     counts: list = []
     memory = _Memory()
     stop = None  # (block, why the analysis stopped there)
-    # the blocks' relaxations for the backward refinement (chains only), and a
-    # bound of ||Δ(the next block's input)||
-    relaxations: list[Relaxation] | None = [] if is_chain(blocks) else None
-    in_bound = eps
+    # the blocks' relaxations for the backward refinement (None where not analysed),
+    # and bounds of ||Δ(each block's output)||
+    relaxations: list[Relaxation | None] = []
+    out_bounds = {INPUT: eps}
     for k, block in enumerate(blocks):
         why, state = None, None
         if not block.reachable():
@@ -277,11 +278,14 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
             stop = stop or (k, why)
             changes.append(None)
             counts.append(None)
+            relaxations.append(None)
             states.pop(k, None)
             continue
+        in_bound = math.sqrt(sum(out_bounds[j] ** 2 for j in block.inputs)) * (1 + WIDEN)
         if isinstance(block, AffineBlock):
-            if relaxations is not None and block.relu and any(c[2] for c in counts):
-                change = _refined(relaxations, block.map, interval, change, state.moving, in_bound, eps)
+            if block.relu and any(c[2] for c in counts if c is not None):
+                change = _refined(blocks[:k + 1], relaxations, block.map, interval, change, state.moving,
+                                  in_bound, eps, n0)
             changes.append(change)
             if block.relu:
                 state, count, relaxation = _relu(state, interval, change, True, block.map, in_bound)
@@ -296,9 +300,8 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
         else:  # a lone ReLU
             changes.append(change)
             state, count, relaxation = _relu(state, interval, change, False, None, in_bound)
-        if relaxations is not None:
-            relaxations.append(relaxation)
-            in_bound = relaxation.out_bound
+        relaxations.append(relaxation)
+        out_bounds[k] = relaxation.out_bound
         counts.append(count)
         states[k] = state
         for j in set(block.inputs):
@@ -314,7 +317,7 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
         k, why = stop
         notes.append(f"the exact reach stops at block {k} ({blocks[k].name}): {why}; "
                      "the paper's radii from there on")
-    return Reach(changes, counts, last, notes, relaxations)
+    return Reach(changes, counts, last, notes, relaxations, blocks)
 
 
 def _column_order(shape: tuple[int, ...]) -> np.ndarray:
@@ -328,15 +331,16 @@ def _column_order(shape: tuple[int, ...]) -> np.ndarray:
     return order
 
 
-def _refined(relaxations: list[Relaxation], linear: LinearMap, interval: tuple[np.ndarray, np.ndarray],
-             change: tuple[np.ndarray, np.ndarray], moving: np.ndarray, in_bound: float,
-             eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """The change bounds with the rows they leave uncertain tightened by the
-    backward pass, those nearest to a decision first, in chunks of at most
-    REFINE_ROWS rows (and no more than CHUNK_BYTES of columns), for as long as a
-    chunk decides at least REFINE_YIELD of its rows: where refining pays (rows
-    near a decision, mid radii) it goes on, where it does not (most rows deep
-    in their kink, large radii) one chunk costs little."""
+def _refined(blocks: list[Block], relaxations: list[Relaxation | None], linear: LinearMap,
+             interval: tuple[np.ndarray, np.ndarray], change: tuple[np.ndarray, np.ndarray],
+             moving: np.ndarray, in_bound: float, eps: float, n0: int) -> tuple[np.ndarray, np.ndarray]:
+    """The change bounds of the last block's pre-activation with the rows they
+    leave uncertain tightened by the backward pass through the blocks before it,
+    those nearest to a decision first, in chunks of at most REFINE_ROWS rows
+    (and no more than CHUNK_BYTES of columns), for as long as a chunk decides
+    at least REFINE_YIELD of its rows: where refining pays (rows near a
+    decision, mid radii) it goes on, where it does not (most rows deep in their
+    kink, large radii) one chunk costs little."""
     low, high = interval
     y_lo, y_hi = _down(low + change[0]), _up(high + change[1])
     uncertain = np.flatnonzero(moving & (y_lo < 0) & (y_hi > 0))
@@ -345,12 +349,12 @@ def _refined(relaxations: list[Relaxation], linear: LinearMap, interval: tuple[n
     nearest = np.minimum(-y_lo, y_hi)[uncertain] / (y_hi - y_lo)[uncertain]
     order = uncertain[np.argsort(nearest, kind="stable")]
     # the pass holds 2 float64 columns per row at every block: within one chunk's memory
-    widest = max([linear.out_size, linear.in_size] + [r.upper_c.size for r in relaxations])
+    widest = max([linear.out_size, linear.in_size] + [r.upper_c.size for r in relaxations if r is not None])
     count = max(1, min(REFINE_ROWS, int(CHUNK_BYTES // (16 * widest))))
     change = change[0].copy(), change[1].copy()
     for first in range(0, order.size, count):
         rows = order[first:first + count]
-        lo, hi = refine(relaxations, linear, rows, in_bound, eps)
+        lo, hi = refine(blocks, relaxations, linear, rows, in_bound, eps, n0)
         change[0][rows] = np.fmax(change[0][rows], lo)  # fmax, fmin: a NaN bound (inf·0) is ignored
         change[1][rows] = np.fmin(change[1][rows], hi)
         decided = (_down(low[rows] + change[0][rows]) >= 0) | (_up(high[rows] + change[1][rows]) <= 0)

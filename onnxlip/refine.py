@@ -4,7 +4,7 @@ an L2 ball") for the rows the forward reach analysis (onnxlip.reach) leaves
 uncertain.
 
 In the analysis' terms (changes relative to the exact values at x0), every
-block of a chain relaxes as
+block relaxes as
 
     lower·Δy + lower_c ≤ Δa ≤ upper·Δy + upper_c   (elementwise),
 
@@ -12,10 +12,15 @@ block of a chain relaxes as
 (slope 1 or 0), an uncertain row by its chord from the lowest reachable value
 above and by αΔy (α ∈ {0, 1}, 1 where the reach above the kink is the larger)
 below; a max-pooling window by its winner plus its t interval (reach._maxpool).
-A row's change c·Δy_k is then bounded by pushing c back: at each relaxation a
-positive coefficient takes the upper line, a negative one the lower, and the
-intercepts add up; at the input, Λ·Δx ≤ ε·||Λ||. The lower bound is −(the
-upper bound of −c·Δy_k).
+A row's change c·Δy_k is then bounded by pushing c back through the graph of
+blocks (blocks.flow_t, the traversal every adjoint product uses: a block's
+input coefficient is split among its sources, a value read by several blocks
+sums its readers'): at each relaxation a positive coefficient takes the upper
+line, a negative one the lower, and the intercepts add up; at the input,
+Λ·Δx ≤ ε·||Λ||. The lower bound is −(the upper bound of −c·Δy_k). On a
+residual unit the coefficient reaches the unit's input both through the
+branch and directly, and the two add before the next relaxation: the
+correlation the forward intervals lose.
 
 Rounding: each computed product Aᵀu is within η_a·||u|| of the exact one
 (LinearMap.rounding) and every elementwise product within u64 relative; the
@@ -39,6 +44,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import scipy.sparse as sp
 
+from .blocks import Block, flow, flow_t
 from .operators.base import U64, LinearMap, gamma
 
 #: At most this many uncertain rows are refined at once (2 columns each)...
@@ -115,107 +121,128 @@ def maxpool_relaxation(select: np.ndarray, t_lo: np.ndarray, t_hi: np.ndarray, i
     return Relaxation(None, None, t_hi, None, t_lo, in_bound, in_bound, out_bound, select, in_size)
 
 
-def refine(relaxations: list[Relaxation], linear: LinearMap, rows: np.ndarray, in_bound: float,
-           eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """Bounds (lo, hi) of the changes of rows `rows` of linear·(the output of the
-    relaxed chain `relaxations`) over the ball, `in_bound` ≥ ||Δ(linear's input)||."""
+def refine(blocks: list[Block], relaxations: list[Relaxation | None], linear: LinearMap, rows: np.ndarray,
+           in_bound: float, eps: float, in_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds (lo, hi) of the changes of rows `rows` of the last block's map
+    `linear` applied to its input vector, over the ball: the relaxed network
+    of the blocks before it (`relaxations`, theirs) read back through the graph
+    (blocks.flow_t); `in_bound` ≥ ||Δ(linear's input)||, `in_size` the input's size."""
     r = rows.size
     unit = np.zeros((linear.out_size, 2 * r))
     unit[rows, np.arange(r)] = 1.0
     unit[rows, r + np.arange(r)] = -1.0
-    coeff, extra = _pushed(linear, unit, in_bound)
-    top = upper_bounds(relaxations, coeff, eps, extra)
+    top = upper_bounds(blocks, relaxations, unit, eps, in_size, first=(linear, in_bound))
     return -top[r:], top[:r]
 
 
-def upper_bounds(relaxations: list[Relaxation], coeff: np.ndarray, eps: float,
-                 extra: np.ndarray | None = None) -> np.ndarray:
+def upper_bounds(blocks: list[Block], relaxations: list[Relaxation | None], coeff: np.ndarray, eps: float,
+                 in_size: int, first: tuple[LinearMap, float] | None = None) -> np.ndarray:
     """Per column c of `coeff`, an upper bound of c·Δa over the ball, Δa the change
-    of the relaxed chain's output (plus `extra`, bounds already collected)."""
-    extra = np.zeros(coeff.shape[1]) if extra is None else extra
-    for step in reversed(relaxations):
-        coeff, added = _relaxed(step, coeff)
+    of the last block's output through the relaxed network (`first`: of its map
+    alone, with a bound of its input's change, in place of its relaxation)."""
+    extra = np.zeros(coeff.shape[1])
+
+    def step_t(k: int, block: Block, u: np.ndarray) -> np.ndarray:
+        nonlocal extra
+        if first is not None and k == len(blocks) - 1:
+            u, added = _pushed(first[0], u, first[1])
+            extra = extra + added
+            return u
+        step = relaxations[k]
+        u, added = _relaxed(step, u)
         extra = extra + added
         if step.linear is not None:
-            coeff, added = _pushed(step.linear, coeff, step.in_bound)
+            u, added = _pushed(step.linear, u, step.in_bound)
             extra = extra + added
-    return (eps * _norms(coeff) + extra) * (1 + 4 * U64)
+        return u
+
+    at_input = flow_t(blocks, coeff, step_t, in_size)
+    return (eps * _norms(at_input) + extra) * (1 + 4 * U64)
 
 
 #: Projected sign-gradient steps on the free lower lines' slopes (optimized_upper_bounds).
 ALPHA_STEPS = 12
 
 
-def optimized_upper_bounds(relaxations: list[Relaxation], coeff: np.ndarray, eps: float) -> np.ndarray:
+def optimized_upper_bounds(blocks: list[Block], relaxations: list[Relaxation | None], coeff: np.ndarray,
+                           eps: float, in_size: int) -> np.ndarray:
     """upper_bounds with the free rows' lower lines chosen per column: projected
     sign-gradient descent on the bound over the slopes α ∈ [0, 1] (α-CROWN's
     idea, the other blocks' intervals fixed), from the default lines. Each
     column's bound is the smaller of upper_bounds' with the default lines and
     with the best slopes found: any α gives a sound bound, the search only picks."""
-    best = upper_bounds(relaxations, coeff, eps)
-    free = [k for k, r in enumerate(relaxations) if r.free is not None and r.free.any()]
+    best = upper_bounds(blocks, relaxations, coeff, eps, in_size)
+    free = [k for k, r in enumerate(relaxations) if r is not None and r.free is not None and r.free.any()]
     if not free or not ALPHA_STEPS:
         return best
     m = coeff.shape[1]
     alpha = {k: np.repeat(relaxations[k].lower[relaxations[k].free][:, None], m, axis=1) for k in free}
     found, lowest, step = {k: a.copy() for k, a in alpha.items()}, np.full(m, np.inf), 0.25
     for _ in range(ALPHA_STEPS):
-        value, gradient = _value_and_gradient(relaxations, coeff, eps, alpha)
+        value, gradient = _value_and_gradient(blocks, relaxations, coeff, eps, in_size, alpha)
         better = value < lowest
         lowest = np.where(better, value, lowest)
         for k in free:
             found[k][:, better] = alpha[k][:, better]
-            alpha[k] = np.clip(alpha[k] - step * np.sign(gradient[k]), 0.0, 1.0)
+            alpha[k] = np.clip(alpha[k] - step * np.sign(gradient.get(k, 0.0)), 0.0, 1.0)
         step *= 0.85
     for j in range(m):
         chosen = [r.with_slopes(found[k][:, j]) if k in found else r for k, r in enumerate(relaxations)]
-        best[j] = min(best[j], upper_bounds(chosen, coeff[:, j:j + 1], eps)[0])
+        best[j] = min(best[j], upper_bounds(blocks, chosen, coeff[:, j:j + 1], eps, in_size)[0])
     return best
 
 
-def _value_and_gradient(relaxations: list[Relaxation], coeff: np.ndarray, eps: float,
-                        alpha: dict[int, np.ndarray]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+def _value_and_gradient(blocks: list[Block], relaxations: list[Relaxation | None], coeff: np.ndarray,
+                        eps: float, in_size: int, alpha: dict[int, np.ndarray]
+                        ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """The backward pass's bound per column without its rounding terms (floating
     point, only to search with) and its gradient in the free rows' slopes: the
-    coefficients of the backward pass, then their sensitivities forward."""
-    stash, intercept = [], np.zeros(coeff.shape[1])
+    coefficients of the backward pass (blocks.flow_t), then their sensitivities
+    forward again (blocks.flow: a source's sensitivity is each reader's)."""
+    stash, intercept = {}, np.zeros(coeff.shape[1])
     ends = {k: (relaxations[k].low[relaxations[k].free, None], relaxations[k].high[relaxations[k].free, None])
             for k in alpha}
-    for k in reversed(range(len(relaxations))):
+
+    def step_t(k: int, block: Block, u: np.ndarray) -> np.ndarray:
+        nonlocal intercept
         step = relaxations[k]
-        positive = coeff >= 0
+        positive = u >= 0
         if step.select is None:
-            slope = np.broadcast_to(step.lower[:, None], coeff.shape).copy()
-            shift = np.broadcast_to(step.lower_c[:, None], coeff.shape).copy()
+            slope = np.broadcast_to(step.lower[:, None], u.shape).copy()
+            shift = np.broadcast_to(step.lower_c[:, None], u.shape).copy()
             if k in alpha:
                 slope[step.free] = alpha[k]
                 shift[step.free], _ = alpha_intercept(alpha[k], *ends[k])
             slope = np.where(positive, step.upper[:, None], slope)
             shift = np.where(positive, step.upper_c[:, None], shift)
-            out = coeff * slope
+            out = u * slope
         else:
             slope = None
             shift = np.where(positive, step.upper_c[:, None], step.lower_c[:, None])
-            out = _gather(step) @ coeff
-        intercept += (coeff * shift).sum(axis=0)
-        stash.append((k, coeff, slope, shift))
-        coeff = step.linear.rmatmat(out) if step.linear is not None else out
-    size = np.linalg.norm(coeff, axis=0)
-    value = eps * size + intercept
-    sense = eps * coeff / np.where(size > 0, size, 1.0)  # ∂value/∂(the input's coefficients)
+            out = _gather(step) @ u
+        intercept = intercept + (u * shift).sum(axis=0)
+        stash[k] = (u, slope, shift)
+        return step.linear.rmatmat(out) if step.linear is not None else out
+
+    at_input = flow_t(blocks, coeff, step_t, in_size)
+    size = np.linalg.norm(at_input, axis=0)
     gradient = {}
-    for k, before, slope, shift in reversed(stash):
-        step = relaxations[k]
-        sense = step.linear.matmat(sense) if step.linear is not None else sense  # ∂/∂out
+
+    def step(k: int, block: Block, sense: np.ndarray) -> np.ndarray:
+        if k not in stash:  # not read back from the output: no part in the bound
+            return np.zeros((block.out_size, coeff.shape[1]))
+        relaxation, (u, slope, shift) = relaxations[k], stash[k]
+        sense = relaxation.linear.matmat(sense) if relaxation.linear is not None else sense  # ∂/∂out
         if slope is None:
-            sense = _gather(step).T @ sense + shift
-            continue
+            return _gather(relaxation).T @ sense + shift
         if k in alpha:
-            rows = before[step.free]
+            rows = u[relaxation.free]
             _, slope_of_shift = alpha_intercept(alpha[k], *ends[k])
-            gradient[k] = np.where(rows < 0, rows * (sense[step.free] + slope_of_shift), 0.0)
-        sense = slope * sense + shift
-    return value, gradient
+            gradient[k] = np.where(rows < 0, rows * (sense[relaxation.free] + slope_of_shift), 0.0)
+        return slope * sense + shift
+
+    flow(blocks, eps * at_input / np.where(size > 0, size, 1.0), step)  # ∂value/∂(the input's coefficients)
+    return eps * size + intercept, gradient
 
 
 def _gather(step: Relaxation) -> sp.csr_matrix:

@@ -278,7 +278,8 @@ def test_backward_bounds_hold(tmp_path, family, seed):
         eps = level * float(np.linalg.norm(x0))
         reach = analyse(engine.blocks, engine.trace(x0), eps, 1e9)
         prefix = reach.relaxations[:-1]
-        lo, hi = refine(prefix, last.map, np.arange(last.out_size), prefix[-1].out_bound, eps)
+        lo, hi = refine(engine.blocks, prefix, last.map, np.arange(last.out_size), prefix[-1].out_bound, eps,
+                        x0.size)
         points = netgen.ball_points(rng, x0, eps, 200, 200, [])
         change = twin(points) - twin(x0.ravel()[None])
         slack = 1e-6 * (np.abs(change) + eps)  # the float64 twin keeps the weights unrounded
@@ -313,7 +314,8 @@ def test_backward_bounds_at_the_kink(tmp_path):
     reach_ = analyse(engine.blocks, engine.trace(x0[None]), eps, 1e9)
     assert reach_.counts[0][2] >= 6
     last = engine.blocks[-1]
-    lo, hi = refine(reach_.relaxations[:-1], last.map, np.arange(4), reach_.relaxations[-2].out_bound, eps)
+    lo, hi = refine(engine.blocks, reach_.relaxations[:-1], last.map, np.arange(4),
+                    reach_.relaxations[-2].out_bound, eps, 8)
     low = reach_.lower_changes(np.hstack([np.eye(4), -np.eye(4)]), eps)  # a certificate's bounds
 
     def f(x):
@@ -450,16 +452,18 @@ def test_slope_search_gradient_and_gain(tmp_path, family, seed):
     coeff = rng.standard_normal((engine.blocks[-1].out_size, 4))
     free = {k: int(r.free.sum()) for k, r in enumerate(relaxations) if r.free is not None and r.free.any()}
     alpha = {k: rng.uniform(0.1, 0.9, (n, 4)) for k, n in free.items()}
-    value, gradient = refine_module._value_and_gradient(relaxations, coeff, eps, alpha)
+    blocks = engine.blocks
+    value, gradient = refine_module._value_and_gradient(blocks, relaxations, coeff, eps, x0.size, alpha)
     for k, n in free.items():
         for i in rng.integers(n, size=3):
             j = int(rng.integers(4))
             moved = {key: a.copy() for key, a in alpha.items()}
             moved[k][i, j] += 1e-2  # the value is piecewise linear in α; float32 convolutions add noise
-            finite = (refine_module._value_and_gradient(relaxations, coeff, eps, moved)[0][j] - value[j]) / 1e-2
+            finite = (refine_module._value_and_gradient(engine.blocks, relaxations, coeff, eps, x0.size,
+                                                        moved)[0][j] - value[j]) / 1e-2
             assert finite == pytest.approx(gradient[k][i, j], rel=1e-2, abs=1e-4 * (1 + abs(value[j])))
-    default = refine_module.upper_bounds(relaxations, coeff, eps)
-    searched = refine_module.optimized_upper_bounds(relaxations, coeff, eps)
+    default = refine_module.upper_bounds(engine.blocks, relaxations, coeff, eps, x0.size)
+    searched = refine_module.optimized_upper_bounds(engine.blocks, relaxations, coeff, eps, x0.size)
     assert np.all(searched <= default) and np.any(searched < default * (1 - 1e-3))
 
 
