@@ -57,6 +57,8 @@ from .bounds import Trace
 from .operators.base import U32, U64, LinearMap, gamma
 from .refine import (
     REFINE_ROWS,
+    REFINE_WORK,
+    REFINE_WORK_MIN,
     REFINE_YIELD,
     Relaxation,
     maxpool_relaxation,
@@ -254,6 +256,7 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
     # and bounds of ||Δ(each block's output)||
     relaxations: list[Relaxation | None] = []
     out_bounds = {INPUT: eps}
+    work = _Work.of(blocks, n0)
     for k, block in enumerate(blocks):
         why, state = None, None
         if not block.reachable():
@@ -285,7 +288,7 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
         if isinstance(block, AffineBlock):
             if block.relu and any(c[2] for c in counts if c is not None):
                 change = _refined(blocks[:k + 1], relaxations, block.map, interval, change, state.moving,
-                                  in_bound, eps, n0)
+                                  in_bound, eps, n0, work)
             changes.append(change)
             if block.relu:
                 state, count, relaxation = _relu(state, interval, change, True, block.map, in_bound)
@@ -331,16 +334,32 @@ def _column_order(shape: tuple[int, ...]) -> np.ndarray:
     return order
 
 
+@dataclass
+class _Work:
+    """What the backward refinement may still cost, in entries of the blocks'
+    outputs its columns pass (a refined row: 2 columns through every block
+    before its own): REFINE_WORK times the forward analysis' n0 columns through
+    every block, and at least REFINE_WORK_MIN."""
+
+    left: float
+
+    @classmethod
+    def of(cls, blocks: list[Block], n0: int) -> _Work:
+        return cls(max(REFINE_WORK * n0 * sum(b.out_size for b in blocks), REFINE_WORK_MIN))
+
+
 def _refined(blocks: list[Block], relaxations: list[Relaxation | None], linear: LinearMap,
              interval: tuple[np.ndarray, np.ndarray], change: tuple[np.ndarray, np.ndarray],
-             moving: np.ndarray, in_bound: float, eps: float, n0: int) -> tuple[np.ndarray, np.ndarray]:
+             moving: np.ndarray, in_bound: float, eps: float, n0: int,
+             work: _Work) -> tuple[np.ndarray, np.ndarray]:
     """The change bounds of the last block's pre-activation with the rows they
     leave uncertain tightened by the backward pass through the blocks before it,
     those nearest to a decision first, in chunks of at most REFINE_ROWS rows
     (and no more than CHUNK_BYTES of columns), for as long as a chunk decides
-    at least REFINE_YIELD of its rows: where refining pays (rows near a
-    decision, mid radii) it goes on, where it does not (most rows deep in their
-    kink, large radii) one chunk costs little."""
+    at least REFINE_YIELD of its rows and the analysis' `work` allows: where
+    refining pays (rows near a decision, mid radii) it goes on, where it does
+    not (most rows deep in their kink, large radii) one chunk costs little, and
+    deep graphs stop at about the forward analysis' own cost."""
     low, high = interval
     y_lo, y_hi = _down(low + change[0]), _up(high + change[1])
     uncertain = np.flatnonzero(moving & (y_lo < 0) & (y_hi > 0))
@@ -352,8 +371,12 @@ def _refined(blocks: list[Block], relaxations: list[Relaxation | None], linear: 
     widest = max([linear.out_size, linear.in_size] + [r.upper_c.size for r in relaxations if r is not None])
     count = max(1, min(REFINE_ROWS, int(CHUNK_BYTES // (16 * widest))))
     change = change[0].copy(), change[1].copy()
+    depth = sum(b.out_size for b in blocks[:-1])  # what one column passes, at most
     for first in range(0, order.size, count):
         rows = order[first:first + count]
+        if 2 * rows.size * depth > work.left:
+            break
+        work.left -= 2 * rows.size * depth
         lo, hi = refine(blocks, relaxations, linear, rows, in_bound, eps, n0)
         change[0][rows] = np.fmax(change[0][rows], lo)  # fmax, fmin: a NaN bound (inf·0) is ignored
         change[1][rows] = np.fmin(change[1][rows], hi)

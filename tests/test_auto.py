@@ -362,6 +362,46 @@ def test_refinement_in_chunks_changes_no_bound(tmp_path, monkeypatch, family, se
     assert sum(np.sum(c[1] - c[0]) for c in first.changes) > sum(np.sum(c[1] - c[0]) for c in chunks.changes)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_refinement_stays_within_its_work(tmp_path, monkeypatch, seed):
+    """The backward refinement's columns pass at most REFINE_WORK times the
+    forward analysis' entries (n0 columns through every block): counted on every
+    chunk it runs, on a conv chain with many uncertain rows; with no work
+    allowed nothing is refined and the intervals are the forward relaxation's,
+    wider."""
+    _, engine, x0 = _chain("conv", seed, tmp_path)
+    nominal = engine.trace(x0)
+    eps = 0.3 * float(np.linalg.norm(x0))
+    n0, blocks = x0.size, engine.blocks
+    spent = []
+    refine_ = reach_module.refine
+
+    def counted(graph, relaxations, linear, rows, *args):
+        spent.append(2 * rows.size * sum(b.out_size for b in graph[:-1]))
+        return refine_(graph, relaxations, linear, rows, *args)
+
+    monkeypatch.setattr(reach_module, "refine", counted)
+    monkeypatch.setattr(reach_module, "REFINE_WORK_MIN", 0.0)
+    monkeypatch.setattr(reach_module, "REFINE_ROWS", 2)
+    monkeypatch.setattr(reach_module, "REFINE_YIELD", 0.0)  # every chunk, unless the work stops it
+    full = analyse(blocks, nominal, eps, 1e9)
+    assert len(spent) >= 3
+    budget = sum(spent[:-1]) - 1  # short of the last chunk
+    monkeypatch.setattr(reach_module, "REFINE_WORK", budget / (n0 * sum(b.out_size for b in blocks)))
+    spent.clear()
+    capped = analyse(blocks, nominal, eps, 1e9)
+    assert 0 < sum(spent) <= budget
+    monkeypatch.setattr(reach_module, "REFINE_WORK", 0.0)
+    spent.clear()
+    none = analyse(blocks, nominal, eps, 1e9)
+    assert not spent
+
+    def width(reach):
+        return sum(np.sum(c[1] - c[0]) for c in reach.changes)
+
+    assert width(none) > width(capped) >= width(full) * (1 - 1e-9)
+
+
 LEAD_CASES = ([("chain", f, s) for f in ("dense", "conv") for s in range(6)]
               + [("graph", f, s) for f in dagnets.FAMILIES for s in range(2)])
 
