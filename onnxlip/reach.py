@@ -203,7 +203,6 @@ class Reach:
         lift = 1 + 64 * U64 * min(out.L.shape, default=1)
         return max(0.0, float(self._top * (2 - lift) - np.linalg.norm(out.rho)) * (1 - WIDEN))
 
-
     def lower_changes(self, rows: np.ndarray, eps: float) -> np.ndarray | None:
         """Per column c of `rows` (outputs × m), a proven lower bound of c·Δz over
         the ball, Δz the change of the network's output (None where the analysis

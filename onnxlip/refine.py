@@ -20,7 +20,9 @@ line, a negative one the lower, and the intercepts add up; at the input,
 Λ·Δx ≤ ε·||Λ||. The lower bound is −(the upper bound of −c·Δy_k). On a
 residual unit the coefficient reaches the unit's input both through the
 branch and directly, and the two add before the next relaxation: the
-correlation the forward intervals lose.
+correlation the forward intervals lose. For a few rows of the output (a
+certificate's leads), optimized_upper_bounds also searches each uncertain
+ReLU's lower slope α ∈ [0, 1] per row.
 
 Rounding: each computed product Aᵀu is within η_a·||u|| of the exact one
 (LinearMap.rounding) and every elementwise product within u64 relative; the
