@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,8 +160,9 @@ class DatasetResult:
     def summary(self, radii: list[float]) -> dict:
         """Over the inputs that did not fail: accuracy and certified accuracy at
         `radii` (None without labels: there is no accuracy then), and `certified`:
-        the fraction of inputs whose predicted class is certified at each radius.
-        Medians are over the correctly classified inputs (every input without labels)."""
+        the fraction of inputs whose predicted class is certified at each radius;
+        `radius_tests`: how many local radii each test certified. Medians are over
+        the correctly classified inputs (every input without labels)."""
         certs = self.certificates
         counted = [c for c in certs if c.correct is not False]
 
@@ -184,6 +186,7 @@ class DatasetResult:
             "median_attack_distance": median("attack_distance"),
             "certified_accuracy": fractions(True) if labelled else None,
             "certified": fractions(False),
+            "radius_tests": dict(Counter(c.radius_test for c in certs if c.radius_test)),
             "seconds": self.seconds,
             "input_seconds": float(sum(r.get("seconds", 0.0) for r in self.rows)),
         }

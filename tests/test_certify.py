@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import netgen
@@ -137,6 +138,9 @@ def test_certify_command_single_and_dataset(tmp_path, capsys):
                  "--plot", str(png), "--radii", "0.001", "0.01", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["summary"]["inputs"] == 6
+    tests = out["summary"]["radius_tests"]  # each input's radius comes from one of the two tests
+    assert set(tests) <= {"output bounds", "local bound"} and sum(tests.values()) == 6
+    assert tests == dict(Counter(c["radius_test"] for c in out["certificates"]))
     assert out["certificates"][0]["correct"] is False
     assert out["summary"]["certified_accuracy"]["0.001"]["local"] <= 5 / 6
     assert len(rows.read_text().splitlines()) == 7 and png.stat().st_size > 0
