@@ -164,7 +164,7 @@ def _local_radius(net: Certifiable, x: np.ndarray, rule: Rule, top: int, slack: 
         return 0.0, 0, ""
     nominal = net.trace(x)
     rows = _lead_rows(rule, top, nominal.output.size)
-    tests = {"output bounds": lambda eps: _lead_floor(net, nominal, eps, rows) > rule.margin,
+    tests = {"output bounds": lambda eps: _lead_floor(net, nominal, eps, rows, rule.margin) > rule.margin,
              "local bound": lambda eps: SQRT2 * eps * net.local_bound_from(nominal, eps, method).bound
              < slack}
     if method != "auto":
@@ -207,17 +207,19 @@ def _lead_rows(rule: Rule, top: int, outputs: int) -> np.ndarray:
     return rule.scores(rows)
 
 
-def _lead_floor(net: Certifiable, nominal: Trace, eps: float, rows: np.ndarray) -> float:
+def _lead_floor(net: Certifiable, nominal: Trace, eps: float, rows: np.ndarray, margin: float) -> float:
     """A proven lower bound of the smallest lead over the ball (−inf where the
     reach analysis does not get to the output): the exact lead at x0 (the trace ±
-    its rounding-error bounds) plus the lower bound of its change."""
+    its rounding-error bounds) plus the lower bound of its change (searched no
+    further than the required `margin` needs)."""
     if nominal.output_error is None:
-        return -math.inf
-    change = net.reach(nominal, eps).lower_changes(rows, eps)
-    if change is None:
         return -math.inf
     out, error = nominal.output.ravel(), nominal.output_error.ravel()
     at_x0 = rows.T @ out - np.abs(rows).T @ (error + 4 * U64 * np.abs(out))
+    # a change bound of (margin − lead at x0) suffices: the search stops there
+    change = net.reach(nominal, eps).lower_changes(rows, eps, margin - at_x0 + 1e-9 * np.abs(at_x0))
+    if change is None:
+        return -math.inf
     lead = at_x0 + change
     return float(np.min(lead - 4 * U64 * (np.abs(at_x0) + np.abs(change))))
 

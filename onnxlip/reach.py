@@ -203,13 +203,15 @@ class Reach:
         lift = 1 + 64 * U64 * min(out.L.shape, default=1)
         return max(0.0, float(self._top * (2 - lift) - np.linalg.norm(out.rho)) * (1 - WIDEN))
 
-    def lower_changes(self, rows: np.ndarray, eps: float) -> np.ndarray | None:
+    def lower_changes(self, rows: np.ndarray, eps: float, enough: np.ndarray | None = None
+                      ) -> np.ndarray | None:
         """Per column c of `rows` (outputs × m), a proven lower bound of c·Δz over
         the ball, Δz the change of the network's output (None where the analysis
         did not get there): the larger of the output's Δz = LΔx + e, which gives
         −ε(||cᵀL|| + Σ|c_i|ρ_i) + min of c·e over e's interval, and the
         backward pass through every block's relaxation (onnxlip.refine), which
-        keeps the correlations the intervals of e lose."""
+        keeps the correlations the intervals of e lose; its lines are searched
+        only for the columns whose bound is below `enough` (all without it)."""
         out = self.output
         if out is None:
             return None
@@ -222,7 +224,8 @@ class Reach:
         forward = terms.sum(0) - gamma(n + 1, U64) * np.abs(terms).sum(0) - eps * radius * (1 + WIDEN)
         if self.relaxations is None:
             return _down(forward)
-        backward = -optimized_upper_bounds(self.blocks, self.relaxations, -c, eps, out.L.shape[1])
+        enough = None if enough is None else np.where(forward >= enough, np.inf, -enough)
+        backward = -optimized_upper_bounds(self.blocks, self.relaxations, -c, eps, out.L.shape[1], enough)
         return _down(np.maximum(forward, backward))
 
 

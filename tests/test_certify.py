@@ -47,7 +47,7 @@ def test_certificate_below_confirmed_attack(tmp_path, seed):
     else:  # each lead's change bounded by the reach analysis
         assert cert.radius_test == "output bounds"
         rows = _lead_rows(TOP_CLASS, cert.top_class, logits.size)
-        assert _lead_floor(engine, engine.trace(x0), radius, rows) > 0
+        assert _lead_floor(engine, engine.trace(x0), radius, rows, 0.0) > 0
     rng = np.random.default_rng(seed)
     points = netgen.ball_points(rng, x0, radius, 200, 200, [])
     assert all(int(np.argmax(net(p))) == cert.top_class for p in points)
