@@ -301,7 +301,7 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
                                         _bound(change))
         elif isinstance(block, MaxPoolBlock):
             changes.append(change)
-            state, count, relaxation = _maxpool(block, state, interval, change, in_bound, memory)
+            state, count, relaxation = _maxpool(block, state, interval, change, in_bound, memory, eps)
         else:  # a lone ReLU
             changes.append(change)
             state, count, relaxation = _relu(state, interval, change, False, None, in_bound)
@@ -386,6 +386,28 @@ def _refined(blocks: list[Block], relaxations: list[Relaxation | None], linear: 
         if decided.mean() < REFINE_YIELD:
             break
     return change
+
+
+def _rise(state: Linear, zlo: np.ndarray, zhi: np.ndarray, members: np.ndarray, padded: np.ndarray,
+          winner: np.ndarray, eps: float) -> np.ndarray:
+    """Per window (its `members`, `padded` marks, `winner`), an upper bound of
+    max(0, max_j (y_j − y_w)) over the ball, y the members' values: the highest
+    of z_j − z_w at x0 plus the highest of Δz_j − Δz_w = (L_j − L_w)Δx + e_j − e_w
+    (rows of members that cannot move are 0, and so are their e)."""
+    pairs = np.argwhere(~padded & (members != winner[:, None]))
+    j, w = members[pairs[:, 0], pairs[:, 1]], winner[pairs[:, 0]]
+    n0 = state.L.shape[1]
+    apart = np.empty(j.size)
+    step = max(1, int(CHUNK_BYTES // (8 * max(n0, 1))))
+    for first in range(0, j.size, step):  # ||L_j − L_w||, a chunk of pairs at a time
+        part = slice(first, first + step)
+        apart[part] = np.linalg.norm(state.L[j[part]].astype(np.float64) - state.L[w[part]], axis=1)
+    apart *= 1 + gamma(n0 + 2, U64)
+    reach = eps * (apart + state.rho[j] + state.rho[w]) * (1 + WIDEN)
+    rise = _up(zhi[j] - zlo[w] + state.hi[j] - state.lo[w] + reach)
+    top = np.zeros(len(members))
+    np.maximum.at(top, pairs[:, 0], rise)
+    return top
 
 
 def _interval(value: np.ndarray, width: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -545,7 +567,7 @@ def _bound(change: tuple[np.ndarray, np.ndarray], rows: np.ndarray | None = None
 
 def _maxpool(block: MaxPoolBlock, state: Linear, nominal: tuple[np.ndarray, np.ndarray],
              change: tuple[np.ndarray, np.ndarray], in_bound: float,
-             memory: _Memory) -> tuple[Linear, tuple[int, int, int], Relaxation]:
+             memory: _Memory, eps: float) -> tuple[Linear, tuple[int, int, int], Relaxation]:
     """Each window as its nominal winner w plus t: out − out* = Δz_w + t with
     t = (out − z_w) − (out* − z*_w).
 
@@ -554,7 +576,10 @@ def _maxpool(block: MaxPoolBlock, state: Linear, nominal: tuple[np.ndarray, np.n
     the ball (then Δout = 0), or when a moving winner's lowest value over the
     ball beats c and every other member's highest (then t = 0). Otherwise t ∈
     [−(max_j z_hi_j − z_lo_w), max_j y_hi_j − y_lo_w] (z: the members' exact
-    values at x0, y: over the ball), w the member largest at x0."""
+    values at x0, y: over the ball), w the member largest at x0; the upper end
+    also at most max(0, max_j of the largest y_j − y_w over the ball), bounded
+    from the rows' difference L_j − L_w (members that move together: far below
+    y_hi_j − y_lo_w, which counts the winner's own move twice)."""
     zlo, zhi = nominal
     windows = block.windows
     padded = windows < 0
@@ -577,6 +602,10 @@ def _maxpool(block: MaxPoolBlock, state: Linear, nominal: tuple[np.ndarray, np.n
     top_y = np.where(padded, -np.inf, y_hi[index]).max(axis=1)
     t_lo = np.where(stable, 0.0, _down(-(top_z - zlo[winner])))
     t_hi = np.where(stable, 0.0, _up(top_y - y_lo[winner]))
+    loose = np.flatnonzero(~stable)
+    if loose.size:
+        t_hi[loose] = np.minimum(t_hi[loose], _rise(state, zlo, zhi, index[loose], padded[loose],
+                                                    winner[loose], eps))
     out = state.rows(winner, memory)
     follows = moves.any(axis=1) & ~constant
     out = Linear(out.L, out.rho, _down(out.lo + t_lo), _up(out.hi + t_hi), follows, out.norms).still()
