@@ -38,9 +38,9 @@ are deep in their kinks (large radii) the cost stays one chunk per block, and
 while the whole analysis' refinement has passed at most REFINE_WORK times the
 entries of its forward pass (reach._Work: a ResNet-18 on 32x32 inputs spent
 3.5x, 21 s of a 23 s bound, before the cap; 5 s with it). On
-the CIFAR-10 reference (one chunk of 138 rows before): ε = 0.00624, 499 ->
-412; 0.01, 1117 -> 809; 0.02, 2689 -> 2256 (1923 without the work cap);
-0.0699, 8297 -> 8141.
+the CIFAR-10 reference (one chunk of 138 rows before; reach._rise as before):
+ε = 0.00624, 499 -> 412; 0.01, 1117 -> 809; 0.02, 2689 -> 2256 (1923 without
+the work cap); 0.0699, 8297 -> 8141.
 """
 
 from __future__ import annotations

@@ -115,10 +115,9 @@ def test_reference_certified_radius_matches_paper(name):
     cert = net.certify(np.load(REFERENCE / f"{name}_x0.npy"))
     assert cert.margin == pytest.approx(published["margin"], rel=1e-4)
     # the default certifies each lead's change over the ball (the reach analysis):
-    # MNIST 0.0911 against the paper's 0.0522, CIFAR-10 0.00879 against 0.00421
+    # issue 11's target, 3x the paper's: MNIST 0.1669 against 0.0522, CIFAR-10 0.01591 against 0.00421
     assert cert.radius_test == "output bounds"
-    gain = {"mnist_avant": 1.5, "cifar10_avant": 2.0}[name]
-    assert cert.radius_local >= gain * published["certified_radius_paper_method"]
+    assert cert.radius_local >= 3 * published["certified_radius_paper_method"]
     assert cert.radius_global == pytest.approx(published["certified_radius_global"], rel=1e-2)
     assert cert.radius_local < cert.attack_distance
 
