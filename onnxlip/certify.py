@@ -181,21 +181,23 @@ def _local_radius(net: Certifiable, x: np.ndarray, rule: Rule, top: int, slack: 
 def _largest(test, low: float, rel_tol: float) -> tuple[float | None, int]:
     """The largest ε ≥ low (to rel_tol) found passing `test` by doubling and bisection
     (None where low fails), and the tests run."""
-    count = 1
-    if not test(low):
-        return None, count
+    runs = []
+
+    def passes(eps: float) -> bool:
+        runs.append(eps)
+        return test(eps)
+
+    if not passes(low):
+        return None, len(runs)
     high = max(2 * low, 1e-12)
-    while test(high):
-        count += 1
+    while passes(high):
         low, high = high, 2 * high
         if high > 1e12:
-            return low, count
-    count += 1
+            return low, len(runs)
     while (high - low) > rel_tol * low:
-        count += 1
         mid = math.sqrt(low * high) if high / low > 4 else 0.5 * (low + high)
-        low, high = (mid, high) if test(mid) else (low, mid)
-    return low, count
+        low, high = (mid, high) if passes(mid) else (low, mid)
+    return low, len(runs)
 
 
 def _lead_rows(rule: Rule, top: int, outputs: int) -> np.ndarray:

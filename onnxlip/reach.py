@@ -222,8 +222,6 @@ class Reach:
                   + a.T @ out.rho + gamma(n, U64) * (a.T @ out.norms))
         terms = np.minimum(c * out.lo[:, None], c * out.hi[:, None])
         forward = terms.sum(0) - gamma(n + 1, U64) * np.abs(terms).sum(0) - eps * radius * (1 + WIDEN)
-        if self.relaxations is None:
-            return _down(forward)
         enough = None if enough is None else np.where(forward >= enough, np.inf, -enough)
         backward = -optimized_upper_bounds(self.blocks, self.relaxations, -c, eps, out.L.shape[1], enough)
         return _down(np.maximum(forward, backward))

@@ -46,6 +46,7 @@ the work cap); 0.0699, 8297 -> 8141.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -88,6 +89,25 @@ class Relaxation:
     free: np.ndarray | None = None
     low: np.ndarray | None = None
     high: np.ndarray | None = None
+
+    def lines(self, positive: np.ndarray, lower: np.ndarray | None = None,
+              lower_c: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+        """The slope (None for max-pooling: `gather`) and intercept each coefficient
+        takes: the upper line where it is ≥ 0 (`positive`), the lower elsewhere
+        (`lower`, `lower_c`: per column, in place of the relaxation's own)."""
+        lower_c = self.lower_c[:, None] if lower_c is None else lower_c
+        shift = np.where(positive, self.upper_c[:, None], lower_c)
+        if self.select is not None:
+            return None, shift
+        lower = self.lower[:, None] if lower is None else lower
+        return np.where(positive, self.upper[:, None], lower), shift
+
+    @cached_property
+    def gather(self) -> sp.csr_matrix:
+        """Max-pooling: the 0/1 matrix taking a window's coefficient to the input it follows."""
+        moves = np.flatnonzero(self.select >= 0)
+        return sp.csr_matrix((np.ones(moves.size), (self.select[moves], moves)),
+                             shape=(self.in_size, self.select.size))
 
     def with_slopes(self, alpha: np.ndarray) -> Relaxation:
         """The same with the free rows' lower lines of slopes `alpha`."""
@@ -184,12 +204,12 @@ def optimized_upper_bounds(blocks: list[Block], relaxations: list[Relaxation | N
     steps in a row gain less than 0.1%. Each column's bound is the smaller of
     upper_bounds' with the default lines and with the best slopes found: any α
     gives a sound bound, the search only picks."""
-    best = upper_bounds(blocks, relaxations, coeff, eps, in_size)
+    default = upper_bounds(blocks, relaxations, coeff, eps, in_size)
     free = [k for k, r in enumerate(relaxations) if r is not None and r.free is not None and r.free.any()]
-    open_ = np.flatnonzero(best > enough) if enough is not None else np.arange(coeff.shape[1])
+    open_ = np.flatnonzero(default > enough) if enough is not None else np.arange(coeff.shape[1])
     if not free or not ALPHA_STEPS or not open_.size:
-        return best
-    coeff, searched, best = coeff[:, open_], best, best[open_]
+        return default
+    coeff, best = coeff[:, open_], default[open_]
     m = coeff.shape[1]
     alpha = {k: np.repeat(relaxations[k].lower[relaxations[k].free][:, None], m, axis=1) for k in free}
     found, lowest, step, idle = {k: a.copy() for k, a in alpha.items()}, np.full(m, np.inf), 0.25, 0
@@ -207,9 +227,8 @@ def optimized_upper_bounds(blocks: list[Block], relaxations: list[Relaxation | N
     for j in range(m):
         chosen = [r.with_slopes(found[k][:, j]) if k in found else r for k, r in enumerate(relaxations)]
         best[j] = min(best[j], upper_bounds(blocks, chosen, coeff[:, j:j + 1], eps, in_size)[0])
-    searched = searched.copy()
-    searched[open_] = best
-    return searched
+    default[open_] = best
+    return default
 
 
 def _value_and_gradient(blocks: list[Block], relaxations: list[Relaxation | None], coeff: np.ndarray,
@@ -226,20 +245,14 @@ def _value_and_gradient(blocks: list[Block], relaxations: list[Relaxation | None
     def step_t(k: int, block: Block, u: np.ndarray) -> np.ndarray:
         nonlocal intercept
         step = relaxations[k]
-        positive = u >= 0
-        if step.select is None:
-            slope = np.broadcast_to(step.lower[:, None], u.shape).copy()
-            shift = np.broadcast_to(step.lower_c[:, None], u.shape).copy()
-            if k in alpha:
-                slope[step.free] = alpha[k]
-                shift[step.free], _ = alpha_intercept(alpha[k], *ends[k])
-            slope = np.where(positive, step.upper[:, None], slope)
-            shift = np.where(positive, step.upper_c[:, None], shift)
-            out = u * slope
-        else:
-            slope = None
-            shift = np.where(positive, step.upper_c[:, None], step.lower_c[:, None])
-            out = _gather(step) @ u
+        lower = lower_c = None
+        if k in alpha:
+            lower = np.broadcast_to(step.lower[:, None], u.shape).copy()
+            lower_c = np.broadcast_to(step.lower_c[:, None], u.shape).copy()
+            lower[step.free] = alpha[k]
+            lower_c[step.free], _ = alpha_intercept(alpha[k], *ends[k])
+        slope, shift = step.lines(u >= 0, lower, lower_c)
+        out = step.gather @ u if slope is None else u * slope
         intercept = intercept + (u * shift).sum(axis=0)
         stash[k] = (u, slope, shift)
         return step.linear.rmatmat(out) if step.linear is not None else out
@@ -254,7 +267,7 @@ def _value_and_gradient(blocks: list[Block], relaxations: list[Relaxation | None
         relaxation, (u, slope, shift) = relaxations[k], stash[k]
         sense = relaxation.linear.matmat(sense) if relaxation.linear is not None else sense  # ∂/∂out
         if slope is None:
-            return _gather(relaxation).T @ sense + shift
+            return relaxation.gather.T @ sense + shift
         if k in alpha:
             rows = u[relaxation.free]
             _, slope_of_shift = alpha_intercept(alpha[k], *ends[k])
@@ -263,13 +276,6 @@ def _value_and_gradient(blocks: list[Block], relaxations: list[Relaxation | None
 
     flow(blocks, eps * at_input / np.where(size > 0, size, 1.0), step)  # ∂value/∂(the input's coefficients)
     return eps * size + intercept, gradient
-
-
-def _gather(step: Relaxation) -> sp.csr_matrix:
-    """Max-pooling: the 0/1 matrix taking a window's coefficient to the input it follows."""
-    moves = np.flatnonzero(step.select >= 0)
-    return sp.csr_matrix((np.ones(moves.size), (step.select[moves], moves)),
-                         shape=(step.in_size, step.select.size))
 
 
 def _norms(coeff: np.ndarray) -> np.ndarray:
@@ -287,15 +293,15 @@ def _relaxed(step: Relaxation, coeff: np.ndarray) -> tuple[np.ndarray, np.ndarra
     """The coefficients on the relaxation's input change, and per column the
     intercepts (upper line where a coefficient is ≥ 0, lower line elsewhere) plus
     the rounding of the products times step.bound."""
-    positive = coeff >= 0
-    terms = coeff * np.where(positive, step.upper_c[:, None], step.lower_c[:, None])
+    slope, shift = step.lines(coeff >= 0)
+    terms = coeff * shift
     intercept = terms.sum(axis=0) + gamma(coeff.shape[0] + 2, U64) * np.abs(terms, out=terms).sum(axis=0)
-    if step.select is None:
-        out = coeff * np.where(positive, step.upper[:, None], step.lower[:, None])
+    if slope is not None:
+        out = coeff * slope
         error = 2 * U64 * _norms(out)
     else:  # max-pooling: each window's coefficient to the input it follows (a 0/1 matrix's product)
         moves = np.flatnonzero(step.select >= 0)
-        out = _gather(step) @ coeff
+        out = step.gather @ coeff
         shared = int(np.bincount(step.select[moves], minlength=1).max())
         error = gamma(shared + 1, U64) * np.sqrt(max(shared, 1)) * _norms(coeff)
     return out, intercept + error * step.bound * (1 + 4 * U64)
