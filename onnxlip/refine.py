@@ -91,16 +91,46 @@ class Relaxation:
     high: np.ndarray | None = None
 
     def lines(self, positive: np.ndarray, lower: np.ndarray | None = None,
-              lower_c: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+              lower_c: np.ndarray | None = None, rows: np.ndarray | None = None
+              ) -> tuple[np.ndarray | None, np.ndarray]:
         """The slope (None for max-pooling: `gather`) and intercept each coefficient
         takes: the upper line where it is ≥ 0 (`positive`), the lower elsewhere
-        (`lower`, `lower_c`: per column, in place of the relaxation's own)."""
-        lower_c = self.lower_c[:, None] if lower_c is None else lower_c
-        shift = np.where(positive, self.upper_c[:, None], lower_c)
+        (`lower`, `lower_c`: per column, in place of the relaxation's own); `rows`:
+        for these rows only (positive's rows)."""
+        pick = slice(None) if rows is None else rows
+        lower_c = self.lower_c[pick, None] if lower_c is None else lower_c
+        shift = np.where(positive, self.upper_c[pick, None], lower_c)
         if self.select is not None:
             return None, shift
-        lower = self.lower[:, None] if lower is None else lower
-        return np.where(positive, self.upper[:, None], lower), shift
+        lower = self.lower[pick, None] if lower is None else lower
+        return np.where(positive, self.upper[pick, None], lower), shift
+
+    def through(self, coeff: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """coeff read back through the lines (`lines`): the coefficients on the
+        relaxation's input change, and the intercepts' terms of the rows that have
+        any (the others' are 0). The choice of line is made only on the rows where
+        the two lines differ (the uncertain ones, a few of a block's): the same
+        products as on every row, without building two full matrices per block."""
+        shifted = self._shifted
+        sub = coeff[shifted]
+        terms = sub * self.lines(sub >= 0, rows=shifted)[1]
+        if self.select is not None:
+            return self.gather @ coeff, terms
+        out = coeff * self.upper[:, None]
+        bent = self._bent
+        sub = coeff[bent]
+        out[bent] = sub * self.lines(sub >= 0, rows=bent)[0]
+        return out, terms
+
+    @cached_property
+    def _shifted(self) -> np.ndarray:
+        """Rows whose upper or lower intercept is not 0."""
+        return np.flatnonzero((self.upper_c != 0) | (self.lower_c != 0))
+
+    @cached_property
+    def _bent(self) -> np.ndarray:
+        """Rows whose upper and lower slopes differ."""
+        return np.flatnonzero(self.upper != self.lower)
 
     @cached_property
     def gather(self) -> sp.csr_matrix:
@@ -258,7 +288,7 @@ def _value_and_gradient(blocks: list[Block], relaxations: list[Relaxation | None
         return step.linear.rmatmat(out) if step.linear is not None else out
 
     at_input = flow_t(blocks, coeff, step_t, in_size)
-    size = np.linalg.norm(at_input, axis=0)
+    size = np.sqrt(np.einsum("ij,ij->j", at_input, at_input))
     gradient = {}
 
     def step(k: int, block: Block, sense: np.ndarray) -> np.ndarray:
@@ -279,8 +309,10 @@ def _value_and_gradient(blocks: list[Block], relaxations: list[Relaxation | None
 
 
 def _norms(coeff: np.ndarray) -> np.ndarray:
-    """Upper bounds of the columns' norms."""
-    return np.linalg.norm(coeff, axis=0) * (1 + gamma(coeff.shape[0] + 4, U64))
+    """Upper bounds of the columns' norms, summed in float64 (each square's underflow
+    loses at most 2^-1074)."""
+    squares = np.einsum("ij,ij->j", coeff, coeff, dtype=np.float64) + coeff.shape[0] * 2.0**-1074
+    return np.sqrt(squares) * (1 + gamma(coeff.shape[0] + 4, U64))
 
 
 def _pushed(linear: LinearMap, coeff: np.ndarray, in_bound: float) -> tuple[np.ndarray, np.ndarray]:
@@ -293,15 +325,12 @@ def _relaxed(step: Relaxation, coeff: np.ndarray) -> tuple[np.ndarray, np.ndarra
     """The coefficients on the relaxation's input change, and per column the
     intercepts (upper line where a coefficient is ≥ 0, lower line elsewhere) plus
     the rounding of the products times step.bound."""
-    slope, shift = step.lines(coeff >= 0)
-    terms = coeff * shift
+    out, terms = step.through(coeff)
     intercept = terms.sum(axis=0) + gamma(coeff.shape[0] + 2, U64) * np.abs(terms, out=terms).sum(axis=0)
-    if slope is not None:
-        out = coeff * slope
+    if step.select is None:
         error = 2 * U64 * _norms(out)
     else:  # max-pooling: each window's coefficient to the input it follows (a 0/1 matrix's product)
         moves = np.flatnonzero(step.select >= 0)
-        out = step.gather @ coeff
         shared = int(np.bincount(step.select[moves], minlength=1).max())
         error = gamma(shared + 1, U64) * np.sqrt(max(shared, 1)) * _norms(coeff)
     return out, intercept + error * step.bound * (1 + 4 * U64)
