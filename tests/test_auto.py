@@ -28,7 +28,7 @@ import onnxlip
 from onnxlip import reach as reach_module
 from onnxlip.blocks import AffineBlock
 from onnxlip.reach import analyse
-from onnxlip.refine import refine
+from onnxlip.refine import Relaxation, refine
 
 ROOT = Path(__file__).resolve().parent.parent
 SLACK = 1 + 1e-6
@@ -540,6 +540,40 @@ def test_relu_relaxation_lines_hold():
         for alpha in (0.0, 1.0, rng.random(int(relax.free.sum()))):
             line = relax.with_slopes(np.broadcast_to(alpha, (int(relax.free.sum()),)))
             assert np.all(truth >= line.lower * delta + line.lower_c - scale)
+
+
+@pytest.mark.parametrize(("family", "seed"), [("dense", 1), ("conv", 0)])
+def test_through_is_every_rows_line_choice(tmp_path, family, seed):
+    """Relaxation.through (the backward pass: a line chosen only on the rows where
+    the two differ) gives the products of choosing on every row: the same
+    coefficients, and intercepts that are the full matrix's nonzero terms; for
+    every ReLU and max-pooling relaxation of nets with many uncertain rows, on
+    coefficients with zeros, both signs and -0.0."""
+    _, engine, x0 = _chain(family, seed, tmp_path)
+    eps = 0.3 * float(np.linalg.norm(x0))
+    relaxations = [r for r in analyse(engine.blocks, engine.trace(x0), eps, 1e9).relaxations if r is not None]
+    assert any(r.free is not None and r.free.any() for r in relaxations)
+    rng = np.random.default_rng(seed)
+    # and lines set apart: either slope or intercept alone differing or nonzero
+    n = 400
+    upper, upper_c = rng.random(n), rng.standard_normal(n)
+    lower, lower_c = upper.copy(), rng.standard_normal(n)
+    lower[::3] = rng.random(n)[::3]
+    upper_c[::2], lower_c[1::2] = 0.0, 0.0
+    lower_c[::5] = 0.0
+    relaxations.append(Relaxation(None, upper, upper_c, lower, lower_c, 1.0, 1.0, 1.0))
+    for r in relaxations:
+        coeff = rng.standard_normal((r.upper_c.size, 5))
+        coeff[rng.random(coeff.shape) < 0.2] = 0.0
+        coeff[:, 0] = -0.0
+        slope, shift = r.lines(coeff >= 0)
+        out, terms = r.through(coeff)
+        expected = r.gather @ coeff if slope is None else coeff * slope
+        assert np.array_equal(out, expected)
+        full = coeff * shift
+        kept = r._shifted
+        assert np.array_equal(terms, full[kept])
+        assert not np.delete(full, kept, axis=0).any()
 
 
 @pytest.mark.parametrize(("family", "seed"), [("dense", 1), ("conv", 0), ("conv", 2)])
