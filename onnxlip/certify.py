@@ -11,12 +11,12 @@ relaxed network for each lead's row: Reach.lower_changes); where
 every lead's lower bound stays above the required margin the decision is
 certain too, often at radii where the Lipschitz rule is not (a lead's own
 change, not √2 times the whole output's). The certified radius is the largest
-ε either test passes, found by bisection (certain on a ball means certain on
-every smaller one); every reported radius was itself checked, and the
-certificate says which test passed there (`radius_test`). An attack
-(DeepFool-style steps on the engine's Jacobian, then a line search, every
-candidate confirmed by onnxruntime) gives an upper bound on the true minimal
-adversarial distance.
+ε either test passes, found by a search on each test's room (growth, Brent's
+method, bisection: _largest; certain on a ball means certain on every smaller
+one); every reported radius was itself checked, and the certificate says
+which test passed there (`radius_test`). An attack (DeepFool-style steps on
+the engine's Jacobian, then a line search, every candidate confirmed by
+onnxruntime) gives an upper bound on the true minimal adversarial distance.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import numpy as np
+from scipy.optimize import brentq
 
 from .blocks import Block
 from .bounds import BoundResult, Trace, trace
@@ -164,40 +165,69 @@ def _local_radius(net: Certifiable, x: np.ndarray, rule: Rule, top: int, slack: 
         return 0.0, 0, ""
     nominal = net.trace(x)
     rows = _lead_rows(rule, top, nominal.output.size)
-    tests = {"output bounds": lambda eps: _lead_floor(net, nominal, eps, rows, rule.margin) > rule.margin,
-             "local bound": lambda eps: SQRT2 * eps * net.local_bound_from(nominal, eps, method).bound
-             < slack}
+    # each test's room: positive where the decision is certain at ε
+    tests = {"output bounds": lambda eps: _lead_floor(net, nominal, eps, rows, rule.margin) - rule.margin,
+             "local bound": lambda eps: slack - SQRT2 * eps * net.local_bound_from(nominal, eps,
+                                                                                 method).bound}
     if method != "auto":
         del tests["output bounds"]
     best, count, which = floor * (1 - 1e-9), 0, ""
-    for name, test in tests.items():
-        radius, calls = _largest(test, best, rel_tol)
+    for name, room in tests.items():
+        radius, calls = _largest(room, best, rel_tol)
         count += calls
         if radius is not None:
             best, which = radius, name
     return (best, count, which) if which else (0.0, count, "")  # none: not with a sound global bound
 
 
-def _largest(test, low: float, rel_tol: float) -> tuple[float | None, int]:
-    """The largest ε ≥ low (to rel_tol) found passing `test` by doubling and bisection
-    (None where low fails), and the tests run."""
-    runs = []
+#: Growth of ε per step while the room stays positive (at most, and at least)...
+GROW_MAX, GROW_MIN = 8.0, 2.0
+#: ...towards this share of where the room, falling in proportion to ε, would reach 0.
+GROW_AIM = 0.8
 
-    def passes(eps: float) -> bool:
-        runs.append(eps)
-        return test(eps)
 
-    if not passes(low):
-        return None, len(runs)
-    high = max(2 * low, 1e-12)
-    while passes(high):
-        low, high = high, 2 * high
+def _largest(room, low: float, rel_tol: float) -> tuple[float | None, int]:
+    """The largest ε ≥ low (to rel_tol) found where `room` (a certified margin of
+    the decision, falling with ε) is positive (None where it is not at low), and
+    the tests run. Grows ε while the room stays positive (towards where a room
+    falling in proportion to ε would end, ×2 to ×8 a step), then Brent's method
+    (scipy's brentq, on log ε) between the last passing and the first failing ε,
+    then bisection until they are within rel_tol. Only passing ε are returned:
+    the search only picks which ε are tested."""
+    runs: dict[float, float] = {}
+
+    def value(eps: float) -> float:
+        """The room at ε, tested once; for brentq, failures as at most −cap (not −inf)."""
+        if eps not in runs:
+            runs[eps] = room(eps)
+        r = runs[eps]
+        return r if r > 0 or r > -cap else -cap
+
+    cap = math.inf
+    first = value(low)
+    if not first > 0:
+        return None, 1
+    cap = 4 * first
+    high = low
+    while runs[high] > 0:
+        low, margin = high, runs[high]
+        aim = GROW_AIM * low * first / (first - margin) if first > margin else math.inf
+        high = min(GROW_MAX * low, max(GROW_MIN * low, aim))
         if high > 1e12:
             return low, len(runs)
-    while (high - low) > rel_tol * low:
-        mid = math.sqrt(low * high) if high / low > 4 else 0.5 * (low + high)
-        low, high = (mid, high) if passes(mid) else (low, mid)
-    return low, len(runs)
+        value(high)
+    if high > (1 + rel_tol) * low:
+        try:
+            ends = {math.log(low): low, math.log(high): high}  # tested: no second run by rounding
+            brentq(lambda t: value(ends.get(t) or math.exp(t)), *ends, xtol=rel_tol / 4, maxiter=40)
+        except (ValueError, RuntimeError):  # a room that is not a function of ε: bisection alone
+            pass
+    while True:
+        low = max(e for e, r in runs.items() if r > 0)
+        high = min((e for e, r in runs.items() if not r > 0 and e > low), default=math.inf)
+        if high - low <= rel_tol * low:
+            return low, len(runs)
+        value(math.sqrt(low * high))
 
 
 def _lead_rows(rule: Rule, top: int, outputs: int) -> np.ndarray:

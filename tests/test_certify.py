@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import onnxlip
-from onnxlip.certify import SQRT2, TOP_CLASS, _lead_floor, _lead_rows
+from onnxlip.certify import SQRT2, TOP_CLASS, _largest, _lead_floor, _lead_rows
 from onnxlip.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +105,57 @@ def test_residual_net_certified_through_its_graph():
             x = x0 + (x - x0) * min(1.0, cert.radius_local / np.linalg.norm(x - x0))
             out = netgen.ort_run(session, x)
             assert out[cert.top_class] > out[rival]
+
+
+def _rooms():
+    """Rooms of certificates' tests (positive: certain at ε), named: smooth, with a
+    plunge past the radius (the output bounds'), -inf or NaN past it (the
+    analysis not reaching the output), a step, not monotone, positive far out,
+    and failing on a stretch below the radius (a test need not be monotone)."""
+    r = 0.0123456
+    yield "linear", lambda e: 1.0 - e / r, r
+    yield "plunge", lambda e: 5.0 - 0.1 * e / r - 4.9 * (e / r) ** 8 if e <= r else -1e4 * (e - r), r
+    yield "minus inf", lambda e: 1.0 - (e / r) ** 2 if e <= r else -math.inf, r
+    yield "nan", lambda e: 2.0 - e / r if e <= r else math.nan, r
+    yield "step", lambda e: 1.0 if e <= r else -1.0, r
+    yield "wavy", lambda e: (1 - e / r) * (2 + math.sin(50 * math.log(e))), r
+    yield "huge", lambda e: 1.0 - e / 3e5, 3e5
+    # fails on (r/3, r/2) only: either end of a passing stretch is a radius
+    yield "islands", lambda e: 1.0 - e / r if not r / 3 < e < r / 2 else -1.0, (r / 3, r)
+
+
+@pytest.mark.parametrize("brent", ["scipy", "stops"])
+@pytest.mark.parametrize("rel_tol", [1e-3, 1e-2])
+@pytest.mark.parametrize("low", [1e-9, 1e-4, 0.0123])
+def test_radius_search_returns_a_passing_radius_within_tolerance(monkeypatch, low, rel_tol, brent):
+    """certify's search (growth, Brent's method, bisection) returns only an ε its
+    test passed at, with a failing ε within rel_tol above it (the room falls
+    through 0 at r), never a result that it did not test; None where low fails;
+    and fewer tests than doubling and bisection would take on the smooth rooms.
+    Also where Brent's method stops at once (its iteration limit): the bisection
+    after it finishes the search."""
+    if brent == "stops":
+        def stops(*args, **kwargs):
+            raise RuntimeError("failed to converge")
+        monkeypatch.setattr("onnxlip.certify.brentq", stops)
+    for name, room, r in _rooms():
+        tested = {}
+
+        def counted(eps, room=room, tested=tested):
+            tested[eps] = room(eps)
+            return tested[eps]
+
+        radius, count = _largest(counted, low, rel_tol)
+        note = f"{name}: radius {radius} in {count} tests"
+        assert count == len(tested), note
+        assert tested[radius] > 0, note
+        assert any(end * (1 - rel_tol) <= radius <= end for end in np.atleast_1d(r)), note
+        assert any(not v > 0 and radius < e <= radius * (1 + rel_tol) for e, v in tested.items()), note
+        if name in ("linear", "plunge") and low < 1e-3 and brent == "scipy":
+            doubling = math.ceil(math.log2(r / low)) + math.ceil(math.log2(1 / rel_tol)) + 1
+            assert count < doubling, note
+    assert _largest(lambda e: -1.0, 1e-3, 1e-3) == (None, 1)
+    assert _largest(lambda e: math.nan, 1e-3, 1e-3) == (None, 1)
 
 
 @pytest.mark.skipif(not (REFERENCE / "mnist_avant.onnx").is_file(), reason="../shared/reference absent")
