@@ -120,6 +120,11 @@ class Certificate:
     #: the reach analysis) or "local bound" (√2·ε·L(x0, ε) below the margin);
     #: "" where nothing is certified.
     radius_test: str = ""
+    #: True where the attack's point lies inside a certified radius and fails the rule
+    #: by onnxruntime's float32 evaluation only: the engine's float64 trace with its
+    #: error bounds proves the rule holds there. The certificate is for the model's
+    #: exact arithmetic; the deployed float32 runtime decides differently there.
+    attack_rounding: bool = False
 
     @property
     def correct(self) -> bool | None:
@@ -150,9 +155,24 @@ def certify(net: Certifiable, x0, rel_tol: float = 1e-3, attack_steps: int = 50,
     radius_global = max(slack, 0.0) / (SQRT2 * net.global_bound().bound)
     radius_local, evaluations, test = _local_radius(net, x, rule, top, slack, radius_global, rel_tol,
                                                     method)
-    attack = attack_distance(net, x, top, attack_steps, rule) if slack > 0 else 0.0
+    attack, point = _attack(net, x, top, attack_steps, rule) if slack > 0 else (0.0, None)
+    rounding = (point is not None and attack < max(radius_local, radius_global)
+                and _holds_exactly(net, point, rule, top))
     return Certificate(top, margin, radius_local, radius_global, attack, label, evaluations,
-                       time.perf_counter() - start, rule.decision, rule.margin, test)
+                       time.perf_counter() - start, rule.decision, rule.margin, test, rounding)
+
+
+def _holds_exactly(net: Certifiable, x: np.ndarray, rule: Rule, top: int) -> bool:
+    """Whether the engine's float64 trace at x, with its rounding-error bounds,
+    proves every lead of `top` above the required margin (the model's exact
+    arithmetic keeps the decision at x)."""
+    at = net.trace(x)
+    if at.output_error is None:
+        return False
+    out, error = at.output.ravel(), at.output_error.ravel()
+    rows = _lead_rows(rule, top, out.size)
+    lead = rows.T @ out - np.abs(rows).T @ (error + 4 * U64 * np.abs(out))
+    return bool(np.min(lead - 4 * U64 * np.abs(lead)) > rule.margin)
 
 
 def _local_radius(net: Certifiable, x: np.ndarray, rule: Rule, top: int, slack: float, floor: float,
@@ -265,16 +285,24 @@ def attack_distance(net: Certifiable, x0: np.ndarray, top: int, steps: int = 50,
     the margin's descent direction at x0; every end point is then pulled back
     towards x0 by bisection, keeping the class change confirmed.
     """
+    return _attack(net, x0, top, steps, rule)[0]
+
+
+def _attack(net: Certifiable, x0: np.ndarray, top: int, steps: int, rule: Rule
+            ) -> tuple[float, np.ndarray | None]:
+    """attack_distance, and the point at that distance (as onnxruntime evaluated it)."""
     runner = net.runner()
-    best = math.inf
+    best, nearest = math.inf, None
     scores0 = rule.scores(net.forward(x0).ravel())
     for rival in [int(j) for j in np.argsort(scores0)[::-1] if j != top][:9]:
         point = _deepfool(net, x0, top, rival, steps, rule)
         if point is None:
             point = _ray(runner, x0, top, _margin_gradient(net, x0, top, rival, rule), rule)
         if point is not None:
-            best = min(best, _shrink(runner, x0, point, top, rule))
-    return best
+            distance, at = _shrink(runner, x0, point, top, rule)
+            if distance < best:
+                best, nearest = distance, at
+    return best, nearest
 
 
 def _margin_gradient(net: Certifiable, x: np.ndarray, top: int, rival: int, rule: Rule) -> np.ndarray:
@@ -318,21 +346,22 @@ def _deepfool(net: Certifiable, x0, top: int, rival: int, steps: int, rule: Rule
 
 
 def _shrink(runner, x0: np.ndarray, point: np.ndarray, top: int, rule: Rule,
-            iterations: int = 30) -> float:
-    """Bisect along x0 → point for the nearest confirmed failure of the rule."""
-    def flipped(t: float) -> tuple[bool, float]:
+            iterations: int = 30) -> tuple[float, np.ndarray | None]:
+    """Bisect along x0 → point for the nearest confirmed failure of the rule: its
+    distance and the point (inf, None where the end point does not fail)."""
+    def flipped(t: float) -> tuple[bool, np.ndarray]:
         x = runner.representable(x0 + t * (point - x0))
-        return not rule.holds(runner(x).ravel(), top), float(np.linalg.norm(x - x0))
+        return not rule.holds(runner(x).ravel(), top), x
 
-    changed, distance = flipped(1.0)
+    changed, nearest = flipped(1.0)
     if not changed:
-        return math.inf
+        return math.inf, None
     low, high = 0.0, 1.0
     for _ in range(iterations):
         mid = 0.5 * (low + high)
         changed, at = flipped(mid)
         if changed:
-            high, distance = mid, at
+            high, nearest = mid, at
         else:
             low = mid
-    return distance
+    return float(np.linalg.norm(nearest - x0)), nearest

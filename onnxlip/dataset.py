@@ -161,7 +161,9 @@ class DatasetResult:
         """Over the inputs that did not fail: accuracy and certified accuracy at
         `radii` (None without labels: there is no accuracy then), and `certified`:
         the fraction of inputs whose predicted class is certified at each radius;
-        `radius_tests`: how many local radii each test certified. Medians are over
+        `radius_tests`: how many local radii each test certified; `attack_rounding`: how
+        many attacks failed the rule inside a certified radius by onnxruntime's float32
+        rounding only (Certificate.attack_rounding). Medians are over
         the correctly classified inputs (every input without labels)."""
         certs = self.certificates
         counted = [c for c in certs if c.correct is not False]
@@ -187,6 +189,7 @@ class DatasetResult:
             "certified_accuracy": fractions(True) if labelled else None,
             "certified": fractions(False),
             "radius_tests": dict(Counter(c.radius_test for c in certs if c.radius_test)),
+            "attack_rounding": sum(c.attack_rounding for c in certs),
             "seconds": self.seconds,
             "input_seconds": float(sum(r.get("seconds", 0.0) for r in self.rows)),
         }

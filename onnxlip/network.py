@@ -224,7 +224,7 @@ class Network:
         for _ in range(RETRIES + 1):
             cert = certify(self, x0, rel_tol=rel_tol, label=label, method=method, rule=rule)
             radius = max(cert.radius_local, cert.radius_global)
-            if not cert.attack_distance < radius:
+            if not cert.attack_distance < radius or cert.attack_rounding:  # rounding: no contradiction
                 return cert
             # The attack crossed the margin within the certified radius: a ratio of at
             # least (margin − required)/(√2·d) at distance d, above the bound used there.

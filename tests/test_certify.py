@@ -57,6 +57,43 @@ def test_certificate_below_confirmed_attack(tmp_path, seed):
         assert cert.attack_distance > cert.radius_local
 
 
+@pytest.mark.parametrize("exact_fails", [False, True])
+def test_attack_inside_the_radius_by_runtime_rounding_only(tmp_path, monkeypatch, exact_fails):
+    """A runtime that fails the rule inside the certified radius (as onnxruntime's
+    float32 rounding does where two classes tie within its resolution: found by an
+    adversarial campaign, a lead of 1.4e-7 at x0) is no contradiction where the
+    engine's float64 trace with error bounds proves the rule holds at that point:
+    the certificate is returned, marked `attack_rounding`, and no lower bound is
+    recorded from it. Where the exact arithmetic fails there too (simulated), the
+    contradiction still stops the run with an error."""
+    from onnxlip import certify as certify_module
+    from onnxlip.errors import OnnxlipError
+
+    _, engine, x0 = _classifier(tmp_path, 1)
+    first = engine.certify(x0, rel_tol=1e-2)
+    radius, top = first.radius_local, first.top_class
+    runner = engine.runner()
+    honest = type(runner).__call__
+
+    def rounding(self, x):  # the decision "fails" from 40% of the radius on (the top class sunk)
+        out = honest(self, x)
+        if np.linalg.norm(np.ravel(x) - x0) > 0.4 * radius:
+            out[top] = out.min() - 1.0
+        return out
+
+    monkeypatch.setattr(type(runner), "__call__", rounding)
+    if exact_fails:
+        monkeypatch.setattr(certify_module, "_holds_exactly", lambda *args: False)
+        with pytest.raises(OnnxlipError, match="inside the certified radius|exceeds"):
+            engine.certify(x0, rel_tol=1e-2)
+        return
+    cert = engine.certify(x0, rel_tol=1e-2)
+    assert cert.attack_rounding
+    assert cert.attack_distance < 0.5 * cert.radius_local
+    assert cert.radius_local == pytest.approx(radius, rel=1e-2)
+    assert not engine._lowers  # the attack's ratio is no lower bound here
+
+
 def _smallest_lead(net, x0: np.ndarray, radius: float, top: int, rival: int, rng) -> float:
     """The smallest f_top − f_rival found by projected gradient descent in the ball (float64)."""
     coeff = np.zeros(np.ravel(net(x0)).size)
