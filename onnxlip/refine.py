@@ -107,20 +107,29 @@ class Relaxation:
 
     def through(self, coeff: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """coeff read back through the lines (`lines`): the coefficients on the
-        relaxation's input change, and the intercepts' terms of the rows that have
-        any (the others' are 0). The choice of line is made only on the rows where
-        the two lines differ (the uncertain ones, a few of a block's): the same
-        products as on every row, without building two full matrices per block."""
+        relaxation's input change, and the intercepts' terms (of the rows that
+        have any, or of every row). Where the two lines differ on few rows (the
+        uncertain ones, at small radii a few of a block's), the line is chosen
+        on those rows only: the same products as on every row, without two full
+        matrices per block; where on many (1/8 of the rows), on every row at once,
+        which then costs less than picking the rows out."""
         shifted = self._shifted
+        if self._picked * 8 > coeff.shape[0]:
+            slope, shift = self.lines(coeff >= 0)
+            return (self.gather @ coeff if slope is None else coeff * slope), coeff * shift
         sub = coeff[shifted]
         terms = sub * self.lines(sub >= 0, rows=shifted)[1]
         if self.select is not None:
             return self.gather @ coeff, terms
         out = coeff * self.upper[:, None]
-        bent = self._bent
-        sub = coeff[bent]
-        out[bent] = sub * self.lines(sub >= 0, rows=bent)[0]
+        sub = coeff[self._bent]
+        out[self._bent] = sub * self.lines(sub >= 0, rows=self._bent)[0]
         return out, terms
+
+    @cached_property
+    def _picked(self) -> int:
+        """How many rows a line is chosen on (where the slopes or intercepts differ)."""
+        return self._shifted.size if self.select is not None else np.union1d(self._shifted, self._bent).size
 
     @cached_property
     def _shifted(self) -> np.ndarray:

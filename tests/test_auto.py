@@ -554,14 +554,17 @@ def test_through_is_every_rows_line_choice(tmp_path, family, seed):
     relaxations = [r for r in analyse(engine.blocks, engine.trace(x0), eps, 1e9).relaxations if r is not None]
     assert any(r.free is not None and r.free.any() for r in relaxations)
     rng = np.random.default_rng(seed)
-    # and lines set apart: either slope or intercept alone differing or nonzero
-    n = 400
-    upper, upper_c = rng.random(n), rng.standard_normal(n)
-    lower, lower_c = upper.copy(), rng.standard_normal(n)
-    lower[::3] = rng.random(n)[::3]
-    upper_c[::2], lower_c[1::2] = 0.0, 0.0
-    lower_c[::5] = 0.0
-    relaxations.append(Relaxation(None, upper, upper_c, lower, lower_c, 1.0, 1.0, 1.0))
+    # and lines set apart: either slope or intercept alone differing or nonzero, on
+    # many rows (chosen on every row at once) and on few (chosen on those rows only)
+    for every in (3, 97):
+        n = 1000
+        upper, upper_c, lower_c = rng.random(n), np.zeros(n), np.zeros(n)
+        lower = upper.copy()
+        lower[::every] = rng.random(n)[::every]
+        upper_c[1::every], lower_c[2::every] = rng.standard_normal((2, len(range(1, n, every))))[:, :]
+        lower_c[3::every] = upper_c[3::every] = 1.0
+        relaxations.append(Relaxation(None, upper, upper_c, lower, lower_c, 1.0, 1.0, 1.0))
+    picked = 0
     for r in relaxations:
         coeff = rng.standard_normal((r.upper_c.size, 5))
         coeff[rng.random(coeff.shape) < 0.2] = 0.0
@@ -572,8 +575,10 @@ def test_through_is_every_rows_line_choice(tmp_path, family, seed):
         assert np.array_equal(out, expected)
         full = coeff * shift
         kept = r._shifted
-        assert np.array_equal(terms, full[kept])
+        assert np.array_equal(terms, full[kept] if terms.shape[0] < coeff.shape[0] else full)
         assert not np.delete(full, kept, axis=0).any()
+        picked += terms.shape[0] < coeff.shape[0]
+    assert 0 < picked < len(relaxations)  # both ways of choosing ran
 
 
 @pytest.mark.parametrize(("family", "seed"), [("dense", 1), ("conv", 0), ("conv", 2)])
