@@ -142,6 +142,8 @@ def certify(net: Certifiable, x0, rel_tol: float = 1e-3, attack_steps: int = 50,
     import time
 
     start = time.perf_counter()
+    if not 0 < rel_tol < math.inf:
+        raise OnnxlipError(f"rel_tol must be a finite number > 0, got {rel_tol!r}")
     x = net.check_input(x0)
     logits = net.forward(x).ravel()
     if logits.size < 2:
@@ -245,9 +247,10 @@ def _largest(room, low: float, rel_tol: float) -> tuple[float | None, int]:
     while True:
         low = max(e for e, r in runs.items() if r > 0)
         high = min((e for e, r in runs.items() if not r > 0 and e > low), default=math.inf)
-        if high - low <= rel_tol * low:
+        mid = math.sqrt(low * high)
+        if high - low <= rel_tol * low or not low < mid < high:  # (a rel_tol below the rounding)
             return low, len(runs)
-        value(math.sqrt(low * high))
+        value(mid)
 
 
 def _lead_rows(rule: Rule, top: int, outputs: int) -> np.ndarray:

@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--input", "-x", help="one input (.npy, .npz, .pb)")
     source.add_argument("--inputs", help="a batch (.npy, .npz with inputs and labels) or a folder of .npy")
     cert.add_argument("--labels", help="integer labels (.npy) for --inputs")
-    cert.add_argument("--rel-tol", type=_number, default=1e-3, help="bisection tolerance (1e-3)")
+    cert.add_argument("--rel-tol", type=_positive, default=1e-3,
+                      help="relative precision of the certified radius (1e-3)")
     _cluster_options(cert, "--inputs on a Dask LocalCluster of N processes (default: one per "
                            "core; 1: in this process)")
     cert.add_argument("--start", type=_index, default=0, help="first input of the shard (0)")
@@ -491,6 +492,13 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0")
+    return value
 
 
 def _nonnegative(text: str) -> float:

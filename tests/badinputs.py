@@ -360,6 +360,15 @@ def make_cases(folder: Path) -> list[Case]:
         "--plot plot: no file suffix", write_dataset(plot="plot"),
         api_expect="plot plot: no file suffix")
 
+    add("certify --rel-tol 0", ["certify", good, "-x", "x.npy", "--rel-tol", "0"],
+        "argument --rel-tol: '0' is not a finite number > 0",
+        lambda: onnxlip.load(good).certify(np.ones((1, 3)), rel_tol=0.0), argparse=True,
+        api_expect="rel_tol must be a finite number > 0, got 0.0")
+    add("certify --rel-tol NaN", ["certify", good, "-x", "x.npy", "--rel-tol", "nan"],
+        "argument --rel-tol: 'nan' is not a finite number > 0",
+        lambda: onnxlip.load(good).certify(np.ones((1, 3)), rel_tol=float("nan")), argparse=True,
+        api_expect="rel_tol must be a finite number > 0, got nan")
+
     # --- radii
     add("eps = 0", ["bound", good, "-x", "x.npy", "-e", "0"], "eps", bound(good, "x.npy", 0.0),
         in_test_cli=True)

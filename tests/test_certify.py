@@ -192,6 +192,8 @@ def test_radius_search_returns_a_passing_radius_within_tolerance(monkeypatch, lo
             doubling = math.ceil(math.log2(r / low)) + math.ceil(math.log2(1 / rel_tol)) + 1
             assert count < doubling, note
     assert _largest(lambda e: -1.0, 1e-3, 1e-3) == (None, 1)
+    radius, _ = _largest(lambda e: 1.0 - e / 0.5, 1e-3, 1e-30)  # below float64's resolution: ends
+    assert 0.5 * (1 - 1e-15) <= radius < 0.5
     assert _largest(lambda e: math.nan, 1e-3, 1e-3) == (None, 1)
 
 
