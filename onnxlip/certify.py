@@ -127,6 +127,11 @@ class Certificate:
     attack_rounding: bool = False
 
     @property
+    def radius(self) -> float:
+        """The certified radius: the larger of the local analysis' and the global bound's."""
+        return max(self.radius_local, self.radius_global)
+
+    @property
     def correct(self) -> bool | None:
         """Whether the top class is the label; None without a label (no accuracy then)."""
         return None if self.label is None else self.label == self.top_class

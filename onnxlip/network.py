@@ -223,7 +223,7 @@ class Network:
         """Certified L2 radius of x0's decision (by default its top class), see onnxlip.certify."""
         for _ in range(RETRIES + 1):
             cert = certify(self, x0, rel_tol=rel_tol, label=label, method=method, rule=rule)
-            radius = max(cert.radius_local, cert.radius_global)
+            radius = cert.radius
             if not cert.attack_distance < radius or cert.attack_rounding:  # rounding: no contradiction
                 return cert
             # The attack crossed the margin within the certified radius: a ratio of at

@@ -40,6 +40,7 @@ def test_certificate_below_confirmed_attack(tmp_path, seed):
     assert cert.top_class == int(np.argmax(logits))
     assert cert.margin == pytest.approx(np.sort(logits)[-1] - np.sort(logits)[-2], rel=1e-4, abs=1e-6)
     assert 0 < cert.radius_global <= cert.radius_local * (1 + 1e-9)
+    assert cert.radius == max(cert.radius_local, cert.radius_global)
     assert cert.radius_local < cert.attack_distance
     radius = cert.radius_local
     if cert.radius_test == "local bound":
