@@ -174,12 +174,17 @@ def _holds_exactly(net: Certifiable, x: np.ndarray, rule: Rule, top: int) -> boo
     proves every lead of `top` above the required margin (the model's exact
     arithmetic keeps the decision at x)."""
     at = net.trace(x)
+    lead = _traced_leads(at, _lead_rows(rule, top, at.output.size))
+    return lead is not None and bool(np.min(lead - 4 * U64 * np.abs(lead)) > rule.margin)
+
+
+def _traced_leads(at: Trace, rows: np.ndarray) -> np.ndarray | None:
+    """Lower bounds of the leads (columns of `rows`) at a trace: its outputs less
+    their rounding-error bounds (None where the trace has none)."""
     if at.output_error is None:
-        return False
+        return None
     out, error = at.output.ravel(), at.output_error.ravel()
-    rows = _lead_rows(rule, top, out.size)
-    lead = rows.T @ out - np.abs(rows).T @ (error + 4 * U64 * np.abs(out))
-    return bool(np.min(lead - 4 * U64 * np.abs(lead)) > rule.margin)
+    return rows.T @ out - np.abs(rows).T @ (error + 4 * U64 * np.abs(out))
 
 
 def _local_radius(net: Certifiable, x: np.ndarray, rule: Rule, top: int, slack: float, floor: float,
@@ -272,10 +277,9 @@ def _lead_floor(net: Certifiable, nominal: Trace, eps: float, rows: np.ndarray, 
     reach analysis does not get to the output): the exact lead at x0 (the trace ±
     its rounding-error bounds) plus the lower bound of its change (searched no
     further than the required `margin` needs)."""
-    if nominal.output_error is None:
+    at_x0 = _traced_leads(nominal, rows)
+    if at_x0 is None:
         return -math.inf
-    out, error = nominal.output.ravel(), nominal.output_error.ravel()
-    at_x0 = rows.T @ out - np.abs(rows).T @ (error + 4 * U64 * np.abs(out))
     # a change bound of (margin − lead at x0) suffices: the search stops there
     change = net.reach(nominal, eps).lower_changes(rows, eps, margin - at_x0 + 1e-9 * np.abs(at_x0))
     if change is None:
