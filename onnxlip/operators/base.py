@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -202,6 +203,14 @@ class LinearMap(ABC):
     def sparse_nnz_estimate(self) -> int:
         """Nonzeros the CSR form would hold (an upper estimate)."""
         return self.in_size * self.out_size
+
+    @cached_property
+    def exact64(self) -> LinearMap:
+        """The map as its exact float64 CSR matrix (products rounded at float64's
+        unit), made once."""
+        from .matrix import SparseMap
+
+        return SparseMap(self.to_sparse(), self.in_shape, self.out_shape)
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         return self.matmat(x.reshape(-1, 1))[:, 0]

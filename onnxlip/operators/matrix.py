@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
 
 from .base import BLAS_THREADS, U32, U64, LinearMap, frobenius_cap, gamma
+from .ort import THREADS
 
 
 class DenseMap(LinearMap):
@@ -191,9 +193,6 @@ class SparseMap(LinearMap):
     def nnz(self) -> int:
         return int(self.matrix.nnz)
 
-    def norm_cap(self) -> float:
-        return frobenius_cap(self.matrix.data)
-
     def coefficient_bound(self) -> float:
         """The Frobenius norm of the stored entries."""
         with np.errstate(all="ignore"):
@@ -203,10 +202,10 @@ class SparseMap(LinearMap):
         return bool(np.all(np.isfinite(self.matrix.data)))
 
     def matmat(self, x):
-        return np.asarray(self.matrix @ x).astype(x.dtype, copy=False)
+        return _columns_product(self.matrix, x).astype(x.dtype, copy=False)
 
     def rmatmat(self, u):
-        return np.asarray(self._transpose @ u).astype(u.dtype, copy=False)
+        return _columns_product(self._transpose, u).astype(u.dtype, copy=False)
 
     def sq_matvec(self, d):
         return np.asarray(self._squared @ d)
@@ -223,6 +222,40 @@ class SparseMap(LinearMap):
 
     def sparse_nnz_estimate(self) -> int:
         return int(self.matrix.nnz)
+
+    @cached_property
+    def _rounding(self) -> tuple[float, float]:
+        return super().rounding()
+
+    def rounding(self) -> tuple[float, float]:
+        """The default bound (float64 sums), computed once: the matrix does not change."""
+        return self._rounding
+
+    @cached_property
+    def _cap(self) -> float:
+        return frobenius_cap(self.matrix.data)
+
+    def norm_cap(self) -> float:
+        return self._cap
+
+
+#: Sparse products with at least this many multiplications (nonzeros × columns)
+#: are split by columns over the cores (scipy's kernels release the GIL).
+THREADED_WORK = 5e7
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _columns_product(matrix: sp.csr_matrix, x: np.ndarray) -> np.ndarray:
+    """matrix @ x; many columns split over THREADS threads (each column's sums in
+    the same order: the same numbers)."""
+    global _POOL
+    if x.ndim < 2 or x.shape[1] < 2 * THREADS or THREADS < 2 or matrix.nnz * x.shape[1] < THREADED_WORK:
+        return np.asarray(matrix @ x)
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(THREADS, thread_name_prefix="onnxlip-sparse")
+    cuts = np.linspace(0, x.shape[1], THREADS + 1).astype(int)
+    parts = _POOL.map(lambda c: np.asarray(matrix @ x[:, c[0]:c[1]]), zip(cuts[:-1], cuts[1:]))
+    return np.concatenate(list(parts), axis=1)
 
 
 def sparse_bytes(nnz: int, rows: int) -> int:
