@@ -7,11 +7,12 @@
    affine on the ball and L(x0, ε) = ||J(x0)||: the analysis holds J(x0) as a
    dense matrix, whose norm LAPACK gives (deterministic, rounding covered).
    No eigensolver runs.
-3. Otherwise the norm of the linearized network with the uncertain neurons
-   bounded apart (onnxlip.tight: on chains and on graphs with residual, concat
-   and fan-out), with the analysis' bounds wherever they are tighter than the
-   paper's radii; never above the paper's own composition with those radii
-   (the smaller is kept).
+3. Otherwise the linearized network with the uncertain neurons bounded
+   together with it (onnxlip.joint: an S-lemma over their centres and radii,
+   where they are few) or apart (onnxlip.tight's telescoping: on chains and on
+   graphs with residual, concat and fan-out), with the analysis' bounds
+   wherever they are tighter than the paper's radii; never above the paper's
+   own composition with those radii (the smallest is kept).
 4. Past the memory budget of the analysis (ImageNet-sized inputs), or at
    activations it does not follow, the blocks from there on keep the paper's
    radii, and a note says so; where nothing was analysed and the network has

@@ -68,9 +68,10 @@ class BoundResult:
     README's "Guarantees") or 'probabilistic': the bound holds with probability
     at least 1 − delta over the random start vectors drawn from `seed`
     (delta: the union bound, the sum of the solves' failure probabilities).
-    source: what produced the number ('paper', 'tight', or 'exact': ||J(x0)||
-    where f is proven affine on the ball, see onnxlip.auto); notes: what the
-    method assumed or where it fell back.
+    source: what produced the number ('paper', 'tight': the telescoping of
+    onnxlip.tight, 'joint': the uncertain units bounded together, onnxlip.joint,
+    or 'exact': ||J(x0)|| where f is proven affine on the ball, see
+    onnxlip.auto); notes: what the method assumed or where it fell back.
     """
 
     bound: float

@@ -55,18 +55,26 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
 
 from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, flow, flow_t, is_chain
 from .bounds import BoundResult, Solves, Trace, as_solver, cached_norm, chord_slopes, local_bound_detail
+from .joint import Spread, joint_bound, relu_spread, window_spread
 from .operators.base import U64, LinearMap, gamma
 from .operators.gated import Gated, along, apply_steps, apply_steps_t, product, product_t
 from .operators.matrix import SparseMap
 from .operators.monomial import MonomialMap
 from .spectral import Solver
+
+#: Nonzeros of the float64 copies of float32 maps made for the joint bound (_Linearized.precise).
+PRECISE_NNZ = 3e7
+#: ... for maps whose rounding per unit input exceeds this many float64 units times their norm cap.
+PRECISE_GAIN = 1e4
+#: Columns pulled back at once (their vectors' bytes, float64).
+PULL_BATCH_BYTES = 64e6
 
 
 @dataclass
@@ -84,6 +92,8 @@ class _Step(Gated):
     #: A proven bound of ||gate · linear · diag(in_mask)||, for the rounding
     #: bound and the cap of products (Solves.product_norm).
     cap: float = np.inf
+    #: The uncertain outputs' centres and radii, for the joint bound (onnxlip.joint).
+    spread: Spread | None = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """gate · A · (in_mask ∘ x): the mask only zeroes what is zero in exact
@@ -118,6 +128,24 @@ class _Linearized:
     def size(self, j: int) -> int:
         return self.in_size if j == INPUT else self.blocks[j].out_size
 
+    def precise(self, nnz_max: float = PRECISE_NNZ) -> _Linearized:
+        """The same network with every map whose products round far above float64's
+        unit (onnxruntime's float32 kernels, chains holding them) held as its exact
+        float64 CSR matrix, where those have at most `nnz_max` nonzeros in all:
+        for the joint bound's dense forms."""
+        maps = {id(m): m for s in self.steps for m in (s.linear, s.head, s.spread and s.spread.head)
+                if m is not None and max(m.rounding()) > PRECISE_GAIN * U64 * m.norm_cap()}
+        if sum(m.sparse_nnz_estimate() for m in maps.values()) > nnz_max:
+            return self
+        exact = {key: m.exact64 for key, m in maps.items()}
+
+        def swap(m):
+            return exact.get(id(m), m)
+
+        steps = [replace(s, linear=swap(s.linear), head=swap(s.head),
+                         spread=s.spread and replace(s.spread, head=swap(s.spread.head))) for s in self.steps]
+        return _Linearized(self.blocks, steps, self.in_size)
+
     def input_size(self, k: int) -> int:
         return sum(self.size(j) for j in self.blocks[k].inputs)
 
@@ -131,16 +159,21 @@ class _Linearized:
             self._after[start] = reached
         return self._after[start]
 
-    def norm(self, start: int, in_mask: np.ndarray, end: int | None, solves: Solves, key,
-             out_rows: np.ndarray | None = None, head: LinearMap | None = None) -> float:
-        """||diag(out_rows) · head · E_{end←start} · diag(in_mask)|| (end None: to the
-        network's output, without head and rows), certified (bounds.Solves)."""
+    def reads(self, start: int, end: int | None) -> bool:
+        """Whether the map from `start` to `end` (None: the output) can be nonzero."""
         last = len(self.blocks) - 1 if end is None else end
         after = self.after(start)
-        reads = start == last or any(j == start or (j != INPUT and after[j])
-                                     for j in self.blocks[last].inputs)
-        if not in_mask.any() or (out_rows is not None and not out_rows.any()) or not reads:
-            return 0.0
+        return start == last or any(j == start or (j != INPUT and after[j])
+                                    for j in self.blocks[last].inputs)
+
+    def products(self, start: int, in_mask: np.ndarray, end: int | None,
+                 out_rows: np.ndarray | None = None, head: LinearMap | None = None):
+        """(forward, adjoint, out_size, (η_f, η_a), cap) of M = diag(out_rows) · head ·
+        E_{end←start} · diag(in_mask) (end None: to the network's output, without
+        head and rows): its products with a vector or columns, their rounding
+        bounds per unit input and a proven bound of ||M|| (see _rounding)."""
+        last = len(self.blocks) - 1 if end is None else end
+        after = self.after(start)
         live = np.flatnonzero(after[:last + (end is None)])
         blocks = self.blocks[:last + 1]
         steps = self.steps
@@ -183,9 +216,56 @@ class _Linearized:
         out_size = self.size(last) if end is None else \
             self.input_size(end) if head is None else head.out_size
         rounding, cap = self._rounding(start, live, end, head)
-        width = max([self.in_size] + [b.out_size for b in blocks])
+        return forward, adjoint, out_size, rounding, cap
+
+    def norm(self, start: int, in_mask: np.ndarray, end: int | None, solves: Solves, key,
+             out_rows: np.ndarray | None = None, head: LinearMap | None = None) -> float:
+        """||diag(out_rows) · head · E_{end←start} · diag(in_mask)|| (end None: to the
+        network's output, without head and rows), certified (bounds.Solves)."""
+        if not in_mask.any() or (out_rows is not None and not out_rows.any()) or \
+                not self.reads(start, end):
+            return 0.0
+        forward, adjoint, out_size, rounding, cap = self.products(start, in_mask, end, out_rows, head)
+        last = len(self.blocks) - 1 if end is None else end
+        width = max([self.in_size] + [b.out_size for b in self.blocks[:last + 1]])
         return solves.product_norm(forward, adjoint, self.size(start), out_size, key, in_mask,
                                    rounding, cap, width)
+
+    def pulls(self, starts: list[int], end: int | None, columns: np.ndarray,
+              head: LinearMap | None = None) -> dict[int, tuple[np.ndarray, float]]:
+        """Per start s (INPUT: the input), (M_sᵀ C, e_s): M_s = head · E_{end←s}
+        (end None: to the output, no head) applied to the columns C by adjoint
+        products, read off one pass where it goes by s's output (what reaches it
+        comes from the blocks that depend on s only), and a bound e_s of the
+        computed matrix's Frobenius distance to the exact one (η_a per unit
+        column norm, _rounding)."""
+        last = len(self.blocks) - 1 if end is None else end
+        blocks, wanted = self.blocks[:last + 1], set(starts)
+        held: dict[int, list[np.ndarray]] = {s: [] for s in starts}
+
+        def step_t(k, block, w):
+            if k == end:
+                return w if head is None else product_t(head, w)
+            if k in wanted:
+                held[k].append(w)
+            return self.steps[k].adjoint(w)
+
+        width = max([self.in_size, columns.shape[0]] + [b.out_size for b in blocks])
+        batch = max(1, int(PULL_BATCH_BYTES // (8 * width)))
+        for i in range(0, columns.shape[1], batch):
+            back = flow_t(blocks, columns[:, i:i + batch], step_t, self.in_size)
+            if INPUT in wanted:
+                held[INPUT].append(back)
+        norm = float(np.linalg.norm(columns))
+        out = {}
+        for s in starts:
+            if not self.reads(s, end):
+                out[s] = np.zeros((self.size(s), columns.shape[1])), 0.0
+                continue
+            live = np.flatnonzero(self.after(s)[:last + (end is None)])
+            (_, eta), _ = self._rounding(s, live, end, head)
+            out[s] = np.concatenate(held[s], axis=1), eta * norm * (1 + 4 * U64)
+        return out
 
     def _rounding(self, start: int, live: np.ndarray, end: int | None, head: LinearMap | None):
         """((η_f, η_a), cap): bounds of the computed products' distance to the exact
@@ -259,14 +339,19 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
         return paper  # the telescoping below is written for ReLU and max-pooling
     bound = paper.bound
     suffix = _suffix_products(paper) if is_chain(blocks) else None
+    source = "tight"
     for centered in (True, False):
         steps = _stable_steps(blocks, nominal, paper, widths, eps, solves, reach, centered)
-        bound = min(bound, _telescoped(_Linearized(blocks, steps, nominal.x.size), solves, centered,
-                                       bound, suffix))
+        net = _Linearized(blocks, steps, nominal.x.size)
+        bound = min(bound, _telescoped(net, solves, centered, bound, suffix))
+        if centered:
+            joint = joint_bound(net, bound)
+            if joint < bound:
+                bound, source = joint, "joint"
     if bound >= paper.bound:
         return paper
     return BoundResult(bound, paper.layers, time.perf_counter() - start, eps,
-                       paper.delta + solves.delta, solver.seed, source="tight")
+                       paper.delta + solves.delta, solver.seed, source=source)
 
 
 def _suffix_products(paper: BoundResult) -> list[float]:
@@ -388,7 +473,8 @@ def _affine_step(block: AffineBlock, interval, reach, mask, proven=None, centere
     if not block.relu:
         return _Step(block.map, None, mask), moves, (reach > 0).astype(float)
     gate, uncertain, slopes, inactive = _relu_gates(low, high, fall, rise, reach > 0, centered)
-    step = _Step(block.map, gate, mask, uncertain.astype(float), slopes, block.map)
+    step = _Step(block.map, gate, mask, uncertain.astype(float), slopes, block.map,
+                 spread=relu_spread(block.map, block.out_size, uncertain, gate, slopes))
     return step, np.where(inactive, 0.0, moves), (~inactive & (reach > 0)).astype(float)
 
 
@@ -430,7 +516,8 @@ def _maxpool_step(block: MaxPoolBlock, z0, err, change, mask, centered=True):
     padded = windows < 0
     index = np.where(padded, 0, windows)
     rows = np.arange(len(windows))
-    winner = index[rows, np.argmax(np.where(padded, -np.inf, z0[index]), axis=1)]
+    first = np.argmax(np.where(padded, -np.inf, z0[index]), axis=1)
+    winner = index[rows, first]
     gap = (z0[winner] - err[winner])[:, None] - (z0[index] + err[index])
     reach = change[index] + change[winner][:, None]
     others = ~padded & (index != winner[:, None])
@@ -452,7 +539,13 @@ def _maxpool_step(block: MaxPoolBlock, z0, err, change, mask, centered=True):
     pairs = sp.csr_matrix((values, (out_rows, in_cols)), shape=(count + units, z0.size))
     head = SparseMap(pairs, block.in_shape, (count + units,))
     selection = MonomialMap(np.where(tied, -1, winner), None, block.in_shape, block.out_shape)
-    step = _Step(selection, None, mask, (~stable).astype(float), None, head)
+    units = np.flatnonzero(~stable)
+    can_win = slopes > 0  # can overtake the winner on the ball (every tie with a moving member)
+    can_win[rows, first] = True
+    spread = window_spread(z0.size, units, [index[u][can_win[u]] for u in units], winner[units],
+                           tied[units], [(index[u][slopes[u] > 0], slopes[u][slopes[u] > 0])
+                                         for u in units])
+    step = _Step(selection, None, mask, (~stable).astype(float), None, head, spread=spread)
     return step, block.forward(change), block.pool_mask(mask)
 
 
@@ -460,5 +553,6 @@ def _relu_step(interval, change, mask, centered=True):
     """A lone ReLU: as the rows of an affine-ReLU block (_relu_gates), on its input."""
     low, high = interval
     gate, uncertain, slopes, inactive = _relu_gates(low, high, change, change, change > 0, centered)
-    step = _Step(None, gate, mask, uncertain.astype(float), slopes)
+    step = _Step(None, gate, mask, uncertain.astype(float), slopes,
+                 spread=relu_spread(None, gate.size, uncertain, gate, slopes))
     return step, np.where(inactive, 0.0, change), mask * ~inactive

@@ -1,0 +1,377 @@
+"""The uncertain units bounded jointly: an S-lemma over their quadratic constraints.
+
+onnxlip.tight bounds the uncertain part of f(x) − f(x0) apart from the stable
+network E, by the triangle inequality: ||E|| + ||Post|| · ||U A Pre||. Here the
+two are bounded together. Over the ball (Δx = ε·d, ||d|| ≤ 1, everything per
+unit ε), with r_k what block k's uncertain outputs add to the stable
+network's (their true slopes or windows less the fixed part S⁰):
+
+    Δf = E d + Σ_k B_k r_k,          B_k = Post^E_k on the uncertain outputs,
+    Δv_k = Pre_k d + Σ_{j<k} Pre_{k←j} r_j      (block k's input vector),
+
+and each uncertain unit u of block k is bounded by a linear centre and a
+radius, both linear in Δv_k (Spread):
+
+    |r_u − s_uᵀ Δv_k| ≤ ||G_u Δv_k||     (ReLU: the middle of its slope
+    interval and half its width; max-pooling: the members' mean and their
+    deviations, or half the rise past the winner).
+
+With z = (d, r) every quantity is a linear form of z: out(z), c_u(z) = r_u −
+s_uᵀΔv_k and g_u(z) = G_u Δv_k. For multipliers λ_u ≥ 0 and a t with
+
+    t·||d||² − ||out(z)||² + Σ_u λ_u (c_u(z)² − ||g_u(z)||²) ≥ 0  for every z,
+
+every admissible z (c_u² ≤ ||g_u||²) has ||Δf||² ≤ t·||d||²: L(x0, ε) ≤ √t
+(the S-lemma's easy direction, weak duality; it needs no convexity). d
+enters only through the forms' d-parts D (rows × inputs): with D̂ᵀ = Q R
+(Householder QR), Dd = Rᵀa with a = Qᵀd and ||a|| ≤ ||d||, so the test is on a
+matrix of (rows + units) sides, whatever the input's size.
+
+The multipliers are chosen in float64 (a descent on the convex function t(λ),
+whose gradient is ||g_u(z*)||² − c_u(z*)² at the maximizer z*); the chosen t
+is then proven: the forms' rounding (the pulled products' bounds, and QR's
+backward error) is an extra variable w with ||w|| ≤ η||z||, one more
+multiplier μ, and the test matrix's smallest eigenvalue, less bounds of its
+float64 evaluation's and LAPACK's errors, must be ≥ 0. Deterministic: no
+eigensolver's start vector is involved.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg as la
+import scipy.sparse as sp
+import scipy.sparse.linalg  # noqa: F401  (sp.linalg.norm)
+from scipy.optimize import minimize
+
+from .blocks import INPUT
+from .bounds import BLAS_THREADS
+from .operators.base import U64, LinearMap, gamma
+
+#: Largest network output (rows of E) and side of the search's matrices (forms:
+#: output, centres and radii rows; plus units) the joint bound takes on; past
+#: them tight's bound stands alone.
+OUT_MAX = 256
+FORMS_MAX = 800
+#: Largest d-part of the forms, forms × inputs in float64.
+FORMS_BYTES = 256e6
+#: Evaluations of t(λ) in the multipliers' search (each a Cholesky and an
+#: eigenproblem of the forms' size, side³ flops or so): EVAL_FLOPS / side³,
+#: within [EVALS_MIN, EVALS_MAX]. (CIFAR-10 reference at ε = 1e-3, side 481:
+#: 16.94 after 20 evaluations, 16.93 after 50; MNIST: 52.65, 52.01.)
+EVAL_FLOPS = 5e9
+EVALS_MIN, EVALS_MAX = 12, 150
+#: The search stops where its start's √t is above GIVE_UP × the bound to beat.
+GIVE_UP = 2.0
+#: QR's backward error per column, relative: γ̃ = QR_C · inputs · forms · u.
+QR_C = 16
+#: A LAPACK symmetric eigenvalue's error, relative to the matrix's Frobenius
+#: norm: EIG_C · side · u (Higham, backward stable; generous constant).
+EIG_C = 64
+
+
+@dataclass
+class Spread:
+    """How a block's uncertain outputs move, beyond the stable network's fixed
+    part: |r_u − shift_u·y| ≤ ||rows_u·y||, y = head·Δv (head None: Δv, the
+    block's input vector), rows_u the rows of `rows` whose owner is u."""
+
+    head: LinearMap | None
+    units: np.ndarray  # the block's output index of each uncertain unit
+    shift: sp.csr_matrix  # units × head's outputs
+    rows: sp.csr_matrix  # radius rows × head's outputs
+    owner: np.ndarray  # the unit (0 … units − 1) of each radius row
+
+
+def relu_spread(head: LinearMap | None, size: int, uncertain: np.ndarray, gate: np.ndarray,
+                slopes: np.ndarray) -> Spread:
+    """Uncertain ReLUs: slope gate + U with |U| ≤ slopes, U ≤ 0 where the gate is 1
+    (≥ 0 where 0): the slope's interval is [gate − slope, gate] or [0, slope]."""
+    units = np.flatnonzero(uncertain)
+    half = slopes[units] / 2
+    centre = np.where(gate[units] > 0, -half, half)
+    m = units.size
+    shift = sp.csr_matrix((centre, (np.arange(m), units)), shape=(m, size))
+    rows = sp.csr_matrix((half, (np.arange(m), units)), shape=(m, size))
+    return Spread(head, units, shift, rows, np.arange(m))
+
+
+def window_spread(size: int, units: np.ndarray, members: list[np.ndarray], winners: np.ndarray,
+                  tied: np.ndarray, rises: list[np.ndarray]) -> Spread:
+    """Unstable max-pooling windows (inputs' indices). A tied window (no winner in S⁰)
+    moves by a value between its members' changes (`members`: the candidates that
+    can be the largest): the mean, with the deviations from it (one row,
+    half the difference, for two). A window whose winner w stays in S⁰ rises
+    above Δz_w by t ∈ [0, max_j s_j·(Δz_j − Δz_w)⁺] (`rises`: (j, s_j) rows):
+    for one j, half of s_j·(Δz_j − Δz_w) ± as much; else 0 ± all of them."""
+    shift_entries, row_entries, owner = [], [], []
+    for u, (mem, w, is_tied, rise) in enumerate(zip(members, winners, tied, rises)):
+        if is_tied:
+            k = mem.size
+            shift_entries += [(u, j, 1.0 / k) for j in mem]
+            if k == 2:
+                row = len(owner)
+                row_entries += [(row, mem[0], 0.5), (row, mem[1], -0.5)]
+                owner.append(u)
+            else:
+                for i in mem:
+                    row = len(owner)
+                    row_entries += [(row, j, (1.0 if j == i else 0.0) - 1.0 / k) for j in mem]
+                    owner.append(u)
+        else:
+            js, ss = rise
+            scale = 0.5 if js.size == 1 else 1.0
+            if js.size == 1:
+                shift_entries += [(u, js[0], scale * ss[0]), (u, w, -scale * ss[0])]
+            for j, s in zip(js, ss):
+                row = len(owner)
+                row_entries += [(row, j, scale * s), (row, w, -scale * s)]
+                owner.append(u)
+
+    def matrix(entries, count):
+        if not entries:
+            return sp.csr_matrix((count, size))
+        i, j, v = zip(*entries)
+        return sp.csr_matrix((v, (i, j)), shape=(count, size))  # duplicates add
+
+    return Spread(None, units, matrix(shift_entries, units.size), matrix(row_entries, len(owner)),
+                  np.asarray(owner, dtype=int))
+
+
+@dataclass
+class _Forms:
+    """The linear forms over (a, r): rows [output; centres c_u; radii g_u], their
+    d-part reduced to R (forms × a) and r-part P; η bounds the exact forms'
+    distance, ||ΔL|| ≤ η (over (d, r))."""
+
+    R: np.ndarray
+    P: np.ndarray
+    outputs: int
+    owner: np.ndarray  # unit of each radius row
+    level: np.ndarray  # per unit: how many uncertain blocks come after its block
+    eta: float
+
+    @property
+    def units(self) -> int:
+        return self.P.shape[1]
+
+    def weights(self, lam: np.ndarray) -> np.ndarray:
+        """Ω: −1 on the outputs, λ_u on the centres, −λ_owner on the radii."""
+        return np.concatenate([-np.ones(self.outputs), lam, -lam[self.owner]])
+
+    @property
+    def L(self) -> np.ndarray:
+        return np.hstack([self.R.T, self.P])
+
+
+def joint_bound(net, limit: float = math.inf) -> float:
+    """√t proven as in the module's docstring, or inf where it does not apply
+    (nothing uncertain, too large) or does not beat `limit`. `net`: tight's
+    _Linearized, whose uncertain steps carry a Spread."""
+    forms = _forms(net)
+    if forms is None:
+        return math.inf
+    with BLAS_THREADS.limit(limits=1, user_api="blas"):  # small problems: threads only contend
+        lam = _multipliers(forms, limit)
+        if lam is None:
+            return math.inf
+        value, _ = _value(forms, lam)
+        if not math.isfinite(value) or math.sqrt(value) >= limit:
+            return math.inf
+        t = _proven(forms, lam, value)
+    return math.inf if t is None else math.sqrt(t) * (1 + 4 * U64)
+
+
+@dataclass
+class _Dense:
+    """The forms over (d, r) before the reduction: D (forms × inputs), P (forms ×
+    units), `error` ≥ the Frobenius distance of [D P] to the exact forms; the
+    uncertain blocks and, per block, its units (block output indices)."""
+
+    D: np.ndarray
+    P: np.ndarray
+    outputs: int
+    owner: np.ndarray
+    level: np.ndarray
+    error: float
+    blocks: list[int]
+    units: list[np.ndarray]
+
+
+def _forms(net) -> _Forms | None:
+    """The reduced forms (Householder QR of the d-part; its backward error joins η)."""
+    dense = _dense(net)
+    if dense is None:
+        return None
+    D, p = dense.D, dense.D.shape[0]
+    n = D.shape[1]
+    R = la.qr(D.T, mode="r", overwrite_a=False, check_finite=False)[0]
+    qr_error = QR_C * n * p * U64 * float(np.linalg.norm(D))
+    eta = (dense.error + qr_error) * (1 + 1e-6)
+    return _Forms(R[:min(n, p)], dense.P, dense.outputs, dense.owner, dense.level, eta)
+
+
+def _dense(net) -> _Dense | None:
+    """The forms, pulled back through the network (float32 maps as their exact
+    float64 matrices, _Linearized.precise): None where nothing is uncertain, the
+    sizes exceed OUT_MAX, FORMS_MAX or FORMS_BYTES, or an entry is not finite."""
+    steps = net.steps
+    uncertain = [k for k, s in enumerate(steps) if s.spread is not None and s.spread.units.size]
+    if not uncertain:
+        return None
+    n, o = net.in_size, net.size(len(net.blocks) - 1)
+    spreads = [steps[k].spread for k in uncertain]
+    sizes = [s.units.size for s in spreads]
+    p = o + sum(sizes) + sum(s.rows.shape[0] for s in spreads)
+    if o > OUT_MAX or p + sum(sizes) > FORMS_MAX or 8.0 * p * (n + p) > FORMS_BYTES:
+        return None
+    net = net.precise()
+    spreads = [net.steps[k].spread for k in uncertain]
+    offset = np.concatenate([[0], np.cumsum(sizes)])
+    m = int(offset[-1])
+    D, P = np.zeros((p, n)), np.zeros((p, m))
+    err2 = 0.0
+    pulled = net.pulls([INPUT] + uncertain, None, np.eye(o))
+    D[:o], e = pulled[INPUT][0].T, pulled[INPUT][1]
+    err2 += e * e
+    for i, k in enumerate(uncertain):
+        back, e = pulled[k]
+        P[:o, offset[i]:offset[i + 1]], err2 = back[spreads[i].units].T, err2 + e * e
+    c_row, g_row = o, o + m
+    owner, level = [], []
+    for i, k in enumerate(uncertain):
+        s = spreads[i]
+        mi, qi = s.units.size, s.rows.shape[0]
+        # c_u = r_u − s_u·y and g_u = G_u·y: the unit vectors of the coordinates of y
+        # they read are pulled back, then combined (each pulled once)
+        coefficients = sp.vstack([-s.shift, s.rows]).tocsc()
+        support = np.flatnonzero(np.diff(coefficients.indptr))
+        units = np.zeros((coefficients.shape[1], support.size))
+        units[support, np.arange(support.size)] = 1.0
+        combine = coefficients[:, support]
+        spread = float(sp.linalg.norm(combine))  # ≥ its spectral norm: the error's factor
+        cut = [slice(c_row, c_row + mi), slice(g_row, g_row + qi)]
+        pulled = net.pulls([INPUT] + uncertain[:i], k, units, s.head)
+        back, e = pulled[INPUT]
+        err2 += (spread * e) ** 2
+        block = (combine @ back.T)
+        D[cut[0]], D[cut[1]] = block[:mi], block[mi:]
+        for j, earlier in enumerate(uncertain[:i]):
+            back, e = pulled[earlier]
+            err2 += (spread * e) ** 2
+            block = combine @ back[spreads[j].units].T
+            P[cut[0], offset[j]:offset[j + 1]] = block[:mi]
+            P[cut[1], offset[j]:offset[j + 1]] = block[mi:]
+        P[c_row + np.arange(mi), offset[i] + np.arange(mi)] += 1.0
+        owner.append(offset[i] + s.owner)
+        level.append(np.full(mi, len(uncertain) - 1 - i))
+        c_row, g_row = c_row + mi, g_row + qi
+    if not (np.isfinite(D).all() and np.isfinite(P).all()):
+        return None
+    return _Dense(D, P, o, np.concatenate(owner), np.concatenate(level), math.sqrt(err2), uncertain,
+                  [s.units for s in spreads])
+
+
+def _value(forms: _Forms, lam: np.ndarray) -> tuple[float, np.ndarray | None]:
+    """(t(λ), the gradient ∂t/∂λ) in float64; (inf, None) where the r-part is not
+    negative definite (no t works)."""
+    L = forms.L
+    K = -(L.T * forms.weights(lam)) @ L  # the quadratic form t·||a||² must dominate
+    na = forms.R.shape[0]
+    Kaa, Kar, Krr = K[:na, :na], K[:na, na:], K[na:, na:]
+    try:
+        factor = la.cho_factor(-Krr, check_finite=False)
+    except la.LinAlgError:
+        return math.inf, None
+    solved = la.cho_solve(factor, Kar.T, check_finite=False)
+    schur = Kaa + Kar @ solved
+    side = schur.shape[0]
+    values, vectors = la.eigh(schur, check_finite=False, subset_by_index=[side - 1, side - 1])
+    a = vectors[:, -1]
+    z = np.concatenate([a, solved @ a])
+    f = L @ z
+    m = forms.units
+    centre = f[forms.outputs:forms.outputs + m] ** 2
+    radius = np.bincount(forms.owner, f[forms.outputs + m:] ** 2, minlength=m)
+    return float(values[-1]), radius - centre
+
+
+def _multipliers(forms: _Forms, limit: float = math.inf) -> np.ndarray | None:
+    """Multipliers with a small t(λ), within an evaluation budget (EVAL_FLOPS, at
+    least EVALS_MIN, at most EVALS_MAX): a feasible start (each block's units' λ a
+    factor above the next uncertain block's, raised until the r-part is
+    definite), its best common scale (e^0, e^-2, …, while t falls), then
+    L-BFGS-B on log λ (an infeasible λ counts as a large t whose gradient
+    raises every λ). None where no start is feasible, or where t stays above
+    GIVE_UP times `limit` (a bound it would not beat)."""
+    side = forms.R.shape[0] + forms.units
+    budget = int(min(EVALS_MAX, max(EVALS_MIN, EVAL_FLOPS / side**3)))
+    top = float(np.linalg.norm(forms.P[:forms.outputs], 2)) ** 2 + 1.0
+    start = None
+    for ratio in (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0):
+        trial = 2 * top * ratio ** forms.level
+        first = _value(forms, trial)[0]
+        if math.isfinite(first):
+            start = trial
+            break
+    if start is None:
+        return None
+    best, scale = first, 1.0
+    for tau in (-2.0, -4.0, -6.0, -8.0):
+        value = _value(forms, start * math.exp(tau))[0]
+        if not value < best:
+            break
+        best, scale = value, math.exp(tau)
+    if best > (GIVE_UP * limit) ** 2:
+        return None
+
+    def objective(theta):
+        value, grad = _value(forms, np.exp(theta))
+        if not math.isfinite(value):
+            return 1e3 * first, -first * np.ones_like(theta)
+        return value, grad * np.exp(theta)
+
+    theta = np.log(start * scale)
+    found = minimize(objective, theta, jac=True, method="L-BFGS-B",
+                     options={"maxfun": budget, "maxiter": budget})
+    return np.exp(found.x) if found.fun < best else np.exp(theta)
+
+
+def _proven(forms: _Forms, lam: np.ndarray, value: float) -> float | None:
+    """A t ≥ value for which the test matrix over (a, r, w) (w the forms'
+    rounding, ||w|| ≤ η||z||, multiplier μ = s², w scaled by s) is proven
+    positive semidefinite: its computed smallest eigenvalue exceeds bounds of
+    the entries' float64 errors and of LAPACK's (Weyl)."""
+    L = forms.L
+    omega = forms.weights(lam)
+    na, m, p = forms.R.shape[0], forms.units, L.shape[0]
+    side = na + m + p
+    abs_l = np.abs(L)
+    big = float(np.abs(omega).max())
+    base = -(L.T * omega) @ L  # K
+    for s in (math.sqrt(big) * 1e3, math.sqrt(big) * 1e5, math.sqrt(big) * 1e7):
+        mu_eta = s * s * forms.eta * forms.eta
+        for lift in (1e-9, 1e-6, 1e-4, 1e-2):
+            t = value * (1 + lift) + mu_eta + 1e-300
+            W = np.empty((side, side))
+            W[:na + m, :na + m] = -base
+            W[np.arange(na), np.arange(na)] += t - mu_eta
+            W[na + np.arange(m), na + np.arange(m)] -= mu_eta
+            W[:na + m, na + m:] = (L.T * omega) / s
+            W[na + m:, :na + m] = W[:na + m, na + m:].T
+            W[na + m:, na + m:] = np.diag(1.0 + omega / (s * s))
+            bound = np.zeros((side, side))
+            bound[:na + m, :na + m] = (abs_l.T * np.abs(omega)) @ abs_l * gamma(p + 2, U64)
+            bound[np.arange(na + m), np.arange(na + m)] += 4 * U64 * (t + mu_eta + np.abs(np.diag(base)))
+            bound[:na + m, na + m:] = np.abs(W[:na + m, na + m:]) * 4 * U64
+            bound[na + m:, :na + m] = bound[:na + m, na + m:].T
+            bound[na + m:, na + m:] = np.diag(4 * U64 * (1 + np.abs(omega) / (s * s)))
+            entries = float(np.linalg.norm(bound)) * (1 + 1e-6)
+            lowest = float(la.eigh(W, eigvals_only=True, subset_by_index=[0, 0], check_finite=False)[0])
+            lapack = EIG_C * side * U64 * float(np.linalg.norm(W))
+            if lowest > entries + lapack:
+                return t * (1 + 4 * U64)
+    return None

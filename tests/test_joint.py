@@ -1,0 +1,316 @@
+"""The joint bound (onnxlip.joint): the uncertain units' centres and radii enclose
+their true changes, the S-lemma's t is proven against points of the admissible
+set (and is the exact supremum where one constraint makes the S-lemma lossless),
+and on networks it stays above every ratio found and below the telescoping."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import netgen
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import onnxlip
+from onnxlip import joint, tight
+from onnxlip.blocks import AffineBlock, MaxPoolBlock
+from onnxlip.joint import _Forms, _multipliers, _proven, _value, relu_spread, window_spread
+from onnxlip.reach import analyse
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+SLACK = 1 + 1e-6
+
+
+def _enclosed(spread, y, r, units) -> np.ndarray:
+    """|r_u − shift_u·y| − ||rows_u·y|| per unit (≤ 0 where enclosed)."""
+    centre = spread.shift @ y
+    radius = np.sqrt(np.bincount(spread.owner, (spread.rows @ y) ** 2, minlength=units))
+    return np.abs(r - centre) - radius
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_relu_spread_encloses_every_chord(seed):
+    """A ReLU with gate g and |U| ≤ h (U ≤ 0 where g = 1) adds (S − g)·y with S in
+    its slope interval: the centre ± radius holds it for every slope, at the ends too."""
+    rng = np.random.default_rng(seed)
+    n = 12
+    gate = (rng.random(n) < 0.5).astype(float)
+    slopes = rng.random(n)
+    uncertain = rng.random(n) < 0.7
+    spread = relu_spread(None, n, uncertain, gate, slopes)
+    y = rng.standard_normal(n) * 10.0 ** rng.integers(-3, 3)
+    for pick in (rng.random(n), np.zeros(n), np.ones(n)):  # U's share of its interval
+        u = np.where(gate > 0, -pick * slopes, pick * slopes)
+        r = (u * y)[spread.units]
+        assert (_enclosed(spread, y, r, spread.units.size) <= 1e-12 * np.abs(y).max()).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_window_spread_encloses_the_window(seed):
+    """A tied window moves by max_m z_m(x) − max_m z_m(x0), between its members'
+    changes; a window whose winner stays in S⁰ rises past it by t ∈ [0, max_j
+    s_j(Δz_j − Δz_w)⁺]; both are within centre ± radius for every change."""
+    rng = np.random.default_rng(seed)
+    size, units = 16, []
+    members, winners, tied, rises, truth = [], [], [], [], []
+    dz = rng.standard_normal(size) * 10.0 ** rng.integers(-3, 2)
+    for u in range(4):
+        idx = rng.choice(size, size=rng.integers(2, 5), replace=False)
+        if rng.random() < 0.5:  # tied at x0: every member at the top
+            members.append(idx)
+            winners.append(idx[0])
+            tied.append(True)
+            rises.append((np.array([], int), np.array([])))
+            truth.append(dz[idx].max() if rng.random() < 0.5 else
+                         dz[idx].min() + rng.random() * np.ptp(dz[idx]))
+        else:
+            w, js = idx[0], idx[1:]
+            s = rng.random(js.size)
+            members.append(idx)
+            winners.append(w)
+            tied.append(False)
+            rises.append((js, s))
+            top = max(0.0, float((s * np.maximum(dz[js] - dz[w], 0)).max()))
+            truth.append(rng.choice([0.0, top, rng.random() * top]))
+        units.append(u)
+    spread = window_spread(size, np.array(units), members, np.array(winners), np.array(tied), rises)
+    assert (_enclosed(spread, dz, np.array(truth), len(units)) <= 1e-12 * np.abs(dz).max()).all()
+
+
+def _random_forms(rng, n=6, o=3, blocks=(2,), rows_per_unit=1) -> _Forms:
+    """Forms of a made-up network: d-part D (reduced by QR as joint does), r-part P,
+    units coupled to the earlier blocks' units."""
+    m = sum(blocks)
+    q = m * rows_per_unit
+    p = o + m + q
+    D = rng.standard_normal((p, n))
+    P = np.zeros((p, m))
+    P[:o] = rng.standard_normal((o, m))
+    start, level = 0, []
+    for i, size in enumerate(blocks):
+        units = np.arange(start, start + size)
+        P[o + units, units] = 1.0
+        if start:  # coupling: this block's centres and radii read earlier units
+            P[o + units, :start] = rng.standard_normal((size, start)) * 0.5
+            for k in range(rows_per_unit):
+                P[o + m + units * rows_per_unit + k, :start] = rng.standard_normal((size, start)) * 0.5
+        level.append(np.full(size, len(blocks) - 1 - i))
+        start += size
+    D[o + m:] *= 0.3  # radii smaller than the centres' scale
+    R = np.linalg.qr(D.T, mode="r")
+    owner = np.repeat(np.arange(m), rows_per_unit)
+    return _Forms(R[:min(n, p)], P, o, owner, np.concatenate(level), 1e-14), D
+
+
+def _admissible(forms: _Forms, D: np.ndarray, d: np.ndarray, pick: np.ndarray) -> np.ndarray:
+    """r for direction d with each unit at `pick` ∈ [−1, 1] of its interval, units in
+    order (a unit's centre and radius read only earlier units)."""
+    o, m = forms.outputs, forms.units
+    r = np.zeros(m)
+    for u in range(m):
+        base = D[o + u] @ d + forms.P[o + u] @ r - r[u]  # c_u = r_u + base
+        rows = np.flatnonzero(forms.owner == u) + o + m
+        radius = np.linalg.norm(D[rows] @ d + forms.P[rows] @ r)
+        r[u] = -base + pick[u] * radius
+    return r
+
+
+@pytest.mark.parametrize("blocks", [(1,), (3,), (2, 2), (2, 1, 2)])
+@pytest.mark.parametrize("seed", range(4))
+def test_proven_t_holds_on_admissible_points(blocks, seed):
+    """√t bounds ||out(z)|| for every admissible z with ||d|| = 1: sampled
+    directions and interval picks, then coordinate ascent on the picks (vertices
+    are where a convex objective peaks)."""
+    rng = np.random.default_rng(seed)
+    forms, D = _random_forms(rng, blocks=blocks, rows_per_unit=1 + seed % 2)
+    lam = _multipliers(forms)
+    assert lam is not None
+    value, _ = _value(forms, lam)
+    t = _proven(forms, lam, value)
+    assert t is not None and t >= value
+    o, best = forms.outputs, 0.0
+    for _ in range(400):
+        d = rng.standard_normal(D.shape[1])
+        d /= np.linalg.norm(d)
+        pick = rng.choice([-1.0, 1.0], forms.units)
+        for _ in range(3):
+            for u in range(forms.units):
+                trial = [pick.copy(), pick.copy()]
+                trial[0][u], trial[1][u] = -1.0, 1.0
+                pick = max(trial, key=lambda p: np.linalg.norm(
+                    D[:o] @ d + forms.P[:o] @ _admissible(forms, D, d, p)))
+        r = _admissible(forms, D, d, pick)
+        best = max(best, float(np.linalg.norm(D[:o] @ d + forms.P[:o] @ r)))
+    assert best**2 <= t * SLACK
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_unit_is_exact(seed):
+    """One unit with one radius row: the S-lemma is lossless, and the admissible
+    set's supremum is at a vertex, r = (c ± g)·d: max(||E + b(c ± g)ᵀ||). The
+    proven bound is above it and within 1e-4 of it."""
+    rng = np.random.default_rng(100 + seed)
+    forms, D = _random_forms(rng, n=7, o=4, blocks=(1,))
+    e, b = D[:4], forms.P[:4, 0]
+    c, g = -D[4], D[5]  # c_u(z) = r − cᵀd (the centre row holds −cᵀ), g_u(z) = gᵀd
+    truth = max(np.linalg.norm(e + np.outer(b, c + g), 2), np.linalg.norm(e + np.outer(b, c - g), 2))
+    lam = _multipliers(forms)
+    t = _proven(forms, lam, _value(forms, lam)[0])
+    assert truth <= math.sqrt(t) <= truth * (1 + 1e-4)
+
+
+def test_rounding_of_the_forms_is_paid_for():
+    """The forms' error bound η enters the proof: with a large η the proven t
+    grows (or no t is proven), never shrinks."""
+    rng = np.random.default_rng(7)
+    forms, _ = _random_forms(rng, blocks=(2, 2))
+    lam = _multipliers(forms)
+    value = _value(forms, lam)[0]
+    small = _proven(forms, lam, value)
+    forms.eta = 1e-3 * math.sqrt(value)
+    large = _proven(forms, lam, value)
+    assert large is None or large > small * (1 + 1e-7)
+
+
+def _chain(kind: str, seed: int, tmp_path):
+    net = {"dense": netgen.dense_net, "conv": netgen.conv_net}[kind](seed)
+    path = net.save(tmp_path / f"{kind}{seed}.onnx")
+    x0 = np.random.default_rng(seed).standard_normal(net.input_shape)
+    return net, onnxlip.load(path, seed=0), x0
+
+
+@pytest.mark.parametrize("kind,seed", [("dense", 7), ("conv", 5), ("conv", 6), ("conv", 11)])
+def test_joint_on_chains_is_sound_and_below_the_telescoping(tmp_path, kind, seed, monkeypatch):
+    """Where the joint bound is used it is below the telescoping alone, and above
+    sampled ratios of the float64 twin and onnxlip's lower bounds."""
+    net, engine, x0 = _chain(kind, seed, tmp_path)
+    nominal, used = engine.trace(x0), 0
+    directions = list(np.linalg.svd(engine.jacobian(x0).dense())[2][:2])
+    rng = np.random.default_rng(seed)
+    for level in (1e-3, 1e-2, 3e-2):
+        eps = level * float(np.linalg.norm(x0))
+        reach = analyse(engine.blocks, nominal, eps)
+        both = tight.tight_local_bound(engine.blocks, nominal, eps, engine.tol, reach=reach.changes)
+        with monkeypatch.context() as m:
+            m.setattr(tight, "joint_bound", lambda *a: math.inf)
+            alone = tight.tight_local_bound(engine.blocks, nominal, eps, engine.tol, reach=reach.changes)
+        assert both.bound <= alone.bound
+        if both.source != "joint":
+            continue
+        used += 1
+        assert both.bound < alone.bound
+        points = netgen.ball_points(rng, x0, eps, 300, 300, directions)
+        sampled = netgen.max_ratio(lambda p: net(p.reshape((-1, *net.input_shape[1:]))), x0, points)
+        lower = engine.lower_bounds(x0, [eps], samples=16, ascent_steps=10)[0].best
+        assert max(sampled, lower) <= both.bound * SLACK
+    assert used  # each of these nets has a radius where the joint bound is the tighter
+
+
+def test_float32_maps_are_pulled_in_float64(tmp_path, monkeypatch):
+    """The forms of a float32 conv net (products rounded at 1e-9 of the maps' norms
+    and above) are pulled through the maps' exact float64 copies
+    (_Linearized.precise): their error bound is at float64's scale."""
+    _, engine, x0 = _chain("conv", 5, tmp_path)
+    nominal = engine.trace(x0)
+    eps = 1e-2 * float(np.linalg.norm(x0))
+    reach = analyse(engine.blocks, nominal, eps)
+    seen = []
+    original = joint._forms
+
+    def spy(net):
+        forms = original(net)
+        seen.append((forms, any(s.linear is not None and max(s.linear.rounding()) > 1e-9 * s.linear.norm_cap()
+                                for s in net.steps)))
+        return forms
+
+    monkeypatch.setattr(joint, "_forms", spy)
+    tight.tight_local_bound(engine.blocks, nominal, eps, engine.tol, reach=reach.changes)
+    forms, float32 = seen[0]
+    assert float32 and forms is not None
+    assert forms.eta < 1e-9 * max(1.0, float(np.abs(forms.R).max()))
+
+
+@pytest.mark.skipif(not (REFERENCE / "mnist_avant.onnx").is_file(), reason="../shared/reference absent")
+def test_mnist_reference_ties_bounded_jointly():
+    """MNIST reference at ε = 1e-3: only tied max-pooling windows are uncertain;
+    the joint bound is at most 1.15 ||J(x0)|| (1.70 by the telescoping), above the
+    best ratio found at a point of the ball (45.47, tools/ties.py)."""
+    engine = onnxlip.load(REFERENCE / "mnist_avant.onnx", seed=0)
+    x0 = np.load(REFERENCE / "mnist_avant_x0.npy")
+    result = engine.local_bound(x0, 1e-3)
+    assert result.source == "joint"
+    assert 45.47 <= result.bound <= 1.15 * 45.52
+
+
+def _output(block, at, k: int) -> np.ndarray:
+    """Block k's output in float64 from a trace (max-pooling by its windows)."""
+    if isinstance(block, AffineBlock):
+        return block.activate(at.pre[k])
+    if isinstance(block, MaxPoolBlock):
+        windows = block.windows
+        return np.where(windows < 0, -np.inf, at.inputs[k][np.maximum(windows, 0)]).max(axis=1)
+    return np.maximum(at.inputs[k], 0.0)
+
+
+def _captured(engine, x0, eps, monkeypatch):
+    """The centred stable network tight_local_bound hands to the joint bound."""
+    nominal = engine.trace(x0)
+    reach = analyse(engine.blocks, nominal, eps)
+    seen = []
+    with monkeypatch.context() as m:
+        m.setattr(tight, "joint_bound", lambda net, limit=math.inf: seen.append(net) or math.inf)
+        tight.tight_local_bound(engine.blocks, nominal, eps, engine.tol, reach=reach.changes)
+    return seen[0]
+
+
+@pytest.mark.parametrize("kind,seed,level", [("conv", 6, 1e-2), ("conv", 11, 1e-2), ("dense", 7, 3e-2),
+                                             ("conv", 8, 1e-3), ("conv", 3, 3e-2)])
+def test_forms_hold_at_points_of_the_ball(tmp_path, monkeypatch, kind, seed, level):
+    """At points x of the ball, with d = x − x0 and r the uncertain units' true
+    change beyond the stable part (float64 forward pass of every block): the
+    output forms give f(x) − f(x0), every unit's centre is within its radius,
+    and every stable output changes exactly as the stable network says."""
+    _, engine, x0 = _chain(kind, seed, tmp_path)
+    eps = level * float(np.linalg.norm(x0))
+    net = _captured(engine, x0, eps, monkeypatch)
+    dense = joint._dense(net)
+    assert dense is not None and len(dense.blocks) >= 1
+    net = net.precise()  # the stable steps in float64
+    blocks, o, m = engine.blocks, dense.outputs, dense.P.shape[1]
+    base = engine.trace(x0)  # float64 (the layers' precise arithmetic)
+    outs0 = [_output(b, base, k) for k, b in enumerate(blocks)]
+    rng = np.random.default_rng(seed)
+    top = list(np.linalg.svd(engine.jacobian(x0).dense())[2][:3])
+    for i in range(60):
+        u = top[i % 3] * rng.choice([-1, 1]) if i < 12 else rng.standard_normal(x0.size)
+        x = x0 + (eps * rng.uniform(0.2, 1.0) * u / np.linalg.norm(u)).reshape(x0.shape)
+        at = engine.trace(x)
+        d = at.x - base.x
+        r, centres, radii, scale = [], [], [], eps * float(np.abs(dense.D).max())
+        for k, (block, step) in enumerate(zip(blocks, net.steps)):
+            dv = at.inputs[k] - base.inputs[k]
+            extra = _output(block, at, k) - outs0[k] - step.forward(dv)
+            units = dense.units[dense.blocks.index(k)] if k in dense.blocks else np.array([], int)
+            stable = np.delete(extra, units)
+            assert np.abs(stable).max(initial=0) <= 1e-9 * scale, (k, "a stable output moved off E")
+            r.append(extra[units])
+            if units.size:  # the unit's centre and radius rows, from the true Δv_k
+                y = dv if step.spread.head is None else step.spread.head.matvec(dv)
+                centres.append(extra[units] - step.spread.shift @ y)
+                radii.append(step.spread.rows @ y)
+        r = np.concatenate(r)
+        forms = dense.D @ d + dense.P @ r
+        change = _output(blocks[-1], at, len(blocks) - 1) - outs0[-1]
+        assert np.abs(forms[:o] - change).max() <= 1e-9 * scale
+        assert np.abs(forms[o:o + m] - np.concatenate(centres)).max() <= 1e-9 * scale
+        assert np.abs(forms[o + m:] - np.concatenate(radii)).max() <= 1e-9 * scale
+        centre = np.abs(forms[o:o + m])
+        radius = np.sqrt(np.bincount(dense.owner, forms[o + m:] ** 2, minlength=m))
+        assert (centre <= radius + 1e-9 * scale).all()
+    coupled = float(np.abs(dense.P[o:]).sum()) > m  # beyond each centre's own r_u
+    assert coupled or (kind, seed) != ("conv", 6)  # where the pulls between blocks are tested
