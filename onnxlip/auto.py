@@ -36,7 +36,8 @@ from .tight import tight_local_bound
 TIGHT_NEURONS_MAX = 500_000
 #: Where more than this share of the analysed neurons and windows of a chain is
 #: uncertain, the telescoping's correction terms exceed the paper's bound and
-#: only cost time: the paper's composition is kept. (CIFAR-10 reference, with
+#: only cost time: the paper's composition is kept, or the joint bound where
+#: the uncertain units are few enough for it (onnxlip.joint.FORMS_MAX). (CIFAR-10 reference, with
 #: each carry capped by the paper's suffix products: the telescoping beats the
 #: paper's composition up to ε = 0.01, 4.5% uncertain, 1117 against 1207, and
 #: equals it at 0.0127, 6.2%.) Not on other graphs, where the paper pays 1 +
@@ -63,7 +64,7 @@ def auto_local_bound(blocks: list[Block], nominal: Trace, eps: float,
                                "analysis: the paper's bound"]
     elif is_chain(blocks) and \
             sum(c[2] for c, _ in reached) > TIGHT_UNCERTAIN_MAX * sum(n for _, n in reached):
-        result = local_bound(blocks, nominal, eps, solver, reach.changes)
+        result = tight_local_bound(blocks, nominal, eps, solver, reach=reach.changes, telescope=False)
         notes = reach.notes
     else:
         result = tight_local_bound(blocks, nominal, eps, solver, reach=reach.changes)

@@ -64,7 +64,9 @@ FORMS_BYTES = 256e6
 #: 16.94 after 20 evaluations, 16.93 after 50; MNIST: 52.65, 52.01.)
 EVAL_FLOPS = 5e9
 EVALS_MIN, EVALS_MAX = 12, 150
-#: The search stops where its start's √t is above GIVE_UP × the bound to beat.
+#: The multipliers' search keeps log λ within ±SPAN of its start.
+SPAN = 40.0
+#: The search stops after EVALS_MIN where √t is still above GIVE_UP × the bound to beat.
 GIVE_UP = 2.0
 #: QR's backward error per column, relative: γ̃ = QR_C · inputs · forms · u.
 QR_C = 16
@@ -278,8 +280,13 @@ def _dense(net) -> _Dense | None:
 def _value(forms: _Forms, lam: np.ndarray) -> tuple[float, np.ndarray | None]:
     """(t(λ), the gradient ∂t/∂λ) in float64; (inf, None) where the r-part is not
     negative definite (no t works)."""
+    if not (np.isfinite(lam).all() and (lam > 0).all()):
+        return math.inf, None
     L = forms.L
-    K = -(L.T * forms.weights(lam)) @ L  # the quadratic form t·||a||² must dominate
+    with np.errstate(all="ignore"):  # an overflow is caught as a non-finite K or Schur complement
+        K = -(L.T * forms.weights(lam)) @ L  # the quadratic form t·||a||² must dominate
+    if not np.isfinite(K).all():
+        return math.inf, None
     na = forms.R.shape[0]
     Kaa, Kar, Krr = K[:na, :na], K[:na, na:], K[na:, na:]
     try:
@@ -289,7 +296,11 @@ def _value(forms: _Forms, lam: np.ndarray) -> tuple[float, np.ndarray | None]:
     solved = la.cho_solve(factor, Kar.T, check_finite=False)
     schur = Kaa + Kar @ solved
     side = schur.shape[0]
+    if not np.isfinite(schur).all():
+        return math.inf, None
     values, vectors = la.eigh(schur, check_finite=False, subset_by_index=[side - 1, side - 1])
+    if vectors.shape[1] == 0:  # LAPACK found no eigenvalue (an extreme λ)
+        return math.inf, None
     a = vectors[:, -1]
     z = np.concatenate([a, solved @ a])
     f = L @ z
@@ -305,13 +316,13 @@ def _multipliers(forms: _Forms, limit: float = math.inf) -> np.ndarray | None:
     factor above the next uncertain block's, raised until the r-part is
     definite), its best common scale (e^0, e^-2, …, while t falls), then
     L-BFGS-B on log λ (an infeasible λ counts as a large t whose gradient
-    raises every λ). None where no start is feasible, or where t stays above
-    GIVE_UP times `limit` (a bound it would not beat)."""
+    raises every λ). None where no start is feasible, or where √t is still
+    above GIVE_UP times `limit` (a bound it would not beat) after EVALS_MIN."""
     side = forms.R.shape[0] + forms.units
     budget = int(min(EVALS_MAX, max(EVALS_MIN, EVAL_FLOPS / side**3)))
     top = float(np.linalg.norm(forms.P[:forms.outputs], 2)) ** 2 + 1.0
     start = None
-    for ratio in (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0):
+    for ratio in (1.0, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0, 4096.0):
         trial = 2 * top * ratio ** forms.level
         first = _value(forms, trial)[0]
         if math.isfinite(first):
@@ -325,8 +336,6 @@ def _multipliers(forms: _Forms, limit: float = math.inf) -> np.ndarray | None:
         if not value < best:
             break
         best, scale = value, math.exp(tau)
-    if best > (GIVE_UP * limit) ** 2:
-        return None
 
     def objective(theta):
         value, grad = _value(forms, np.exp(theta))
@@ -335,9 +344,17 @@ def _multipliers(forms: _Forms, limit: float = math.inf) -> np.ndarray | None:
         return value, grad * np.exp(theta)
 
     theta = np.log(start * scale)
-    found = minimize(objective, theta, jac=True, method="L-BFGS-B",
-                     options={"maxfun": budget, "maxiter": budget})
-    return np.exp(found.x) if found.fun < best else np.exp(theta)
+    box = [(t - SPAN, t + SPAN) for t in theta]  # λ within e^±SPAN of the start: finite
+    for evals in (EVALS_MIN, budget - EVALS_MIN):  # a first leg, then the rest if it is worth it
+        if evals <= 0:
+            break
+        found = minimize(objective, theta, jac=True, method="L-BFGS-B", bounds=box,
+                         options={"maxfun": evals, "maxiter": evals})
+        if found.fun < best:
+            best, theta = float(found.fun), found.x
+        if best > (GIVE_UP * limit) ** 2:
+            return None
+    return np.exp(theta)
 
 
 def _proven(forms: _Forms, lam: np.ndarray, value: float) -> float | None:

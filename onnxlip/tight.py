@@ -325,12 +325,14 @@ class _Linearized:
 
 
 def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
-                      solver: Solver | float | None = None, reach: list | None = None) -> BoundResult:
-    """min(paper bound, ||E|| + η(input)); the per-block records are the paper's.
+                      solver: Solver | float | None = None, reach: list | None = None,
+                      telescope: bool = True) -> BoundResult:
+    """min(paper bound, joint bound, ||E|| + η(input)); the per-block records are the paper's.
 
     `reach` (optional, see onnxlip.reach): per block, proven bounds (lo, hi) of
     the change over the ball of its pre-activation (affine blocks) or input
-    (the others); each decision uses them where tighter than the paper's radii."""
+    (the others); each decision uses them where tighter than the paper's radii.
+    `telescope` False: the joint bound (onnxlip.joint) and the paper's only."""
     start = time.perf_counter()
     solver = as_solver(solver)
     paper, widths = local_bound_detail(blocks, nominal, eps, solver, reach)
@@ -340,10 +342,11 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
     bound = paper.bound
     suffix = _suffix_products(paper) if is_chain(blocks) else None
     source = "tight"
-    for centered in (True, False):
+    for centered in (True, False) if telescope else (True,):
         steps = _stable_steps(blocks, nominal, paper, widths, eps, solves, reach, centered)
         net = _Linearized(blocks, steps, nominal.x.size)
-        bound = min(bound, _telescoped(net, solves, centered, bound, suffix))
+        if telescope:
+            bound = min(bound, _telescoped(net, solves, centered, bound, suffix))
         if centered:
             joint = joint_bound(net, bound)
             if joint < bound:

@@ -314,3 +314,13 @@ def test_forms_hold_at_points_of_the_ball(tmp_path, monkeypatch, kind, seed, lev
         assert (centre <= radius + 1e-9 * scale).all()
     coupled = float(np.abs(dense.P[o:]).sum()) > m  # beyond each centre's own r_u
     assert coupled or (kind, seed) != ("conv", 6)  # where the pulls between blocks are tested
+
+
+def test_extreme_multipliers_count_as_infeasible():
+    """t(λ) at λ overflowing, zero, NaN or huge is inf (no exception), so that the
+    search's line steps that reach them only back off."""
+    forms, _ = _random_forms(np.random.default_rng(3), blocks=(2, 2))
+    for lam in (np.full(4, np.inf), np.zeros(4), np.full(4, np.nan), np.full(4, 1e308),
+                np.array([1e300, 1e-300, 1.0, 1e300])):
+        value, grad = _value(forms, lam)
+        assert value == math.inf and grad is None
