@@ -9,12 +9,9 @@ the tied windows and the near-ties (members that can overtake within the ball);
 a lower bound, the best ratio ||f(x)-f(x0)||/||x-x0|| found at a point of the ball
 by DC ascent on the directional derivative, confirmed by the float64 forward and by
 onnxruntime at that point; the largest ||J_sel|| found by coordinate ascent over
-choices of the tied windows' winners (a search, not a proven maximum); and a candidate
-upper bound for issue 11 (centred_bound: the windows centred on their members' mean, an
-S-lemma over their deviations; on the twin's model, in float64 without rounding margins,
-so "upper*": not a certificate; 2026-11-28: 54.45 with one multiplier, 52.78 with one per
-window (Powell, ~4.5 min of the run's 5; 52.00 in a longer search), against `auto`'s 77.24,
-||J(x0)|| 45.52 and the ascent's lower bound 45.47).
+choices of the tied windows' winners (a search, not a proven maximum); and onnxlip's
+own `auto` bound for comparison (the windows bounded jointly, onnxlip.joint: 51.88 on
+2026-11-28, against ||J(x0)|| 45.52 and the ascent's lower bound 45.47).
 The ascent's model assumes every ReLU, the near-ties and the second pooling layer keep
 x0's state on the ball (only the first ReLU's margin is checked here, exactly); the
 ratio it reports is re-evaluated at a point of the ball, so it is a lower bound either way.
@@ -34,6 +31,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import onnxlip  # noqa: E402
 from onnxlip.report import table  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -293,46 +291,6 @@ def ort_ratio(session: ort.InferenceSession, x0: np.ndarray, u: np.ndarray,
     return float(np.linalg.norm(run(xp) - run(x0f)) / dist), dist
 
 
-def centred_bound(loc: Local, windows: dict[int, np.ndarray]) -> tuple[float, float]:
-    """A candidate upper bound of L(x0, eps) on the twin's model (the ReLUs and the other
-    windows keep x0's state; float64, no rounding margin: not a certificate), for the next
-    step of issue 11. Each window w of `windows` is centred on the mean of its members' rows:
-    its change is mean_w·δ + r_w with |r_w| ≤ max_m |e_m·δ| (e_m: a member's row less the
-    mean; ties and near-ties alike), so Δf = Mδ + Br with ||r_w|| ≤ ||E_w δ||. The S-lemma:
-    for multipliers λ_w with Λ ≻ BᵀB, ||Δf||² ≤ λmax(MᵀM + Σ λ_w E_wᵀE_w +
-    MᵀB(Λ − BᵀB)⁻¹BᵀM)·||δ||². Returns sqrt of its minimum with one λ for all windows and
-    with one per window (any λ gives a bound; scipy's minimize only picks)."""
-    from scipy.optimize import minimize, minimize_scalar
-
-    ws = sorted(windows)
-    m = loc.jb.copy()
-    groups = []
-    for w in ws:
-        rows = loc.l1[loc.p1[w, windows[w]]]
-        mean = rows.mean(0)
-        m += np.outer(loc.k[:, w], mean - loc.rows[w])
-        groups.append(rows - mean)
-    b = loc.k[:, ws]
-    mtm, mtb, btb = m.T @ m, m.T @ b, b.T @ b
-    grams = [e.T @ e for e in groups]
-
-    def value(lam: np.ndarray) -> float:
-        slack = np.diag(lam) - btb
-        try:
-            np.linalg.cholesky(slack)
-        except np.linalg.LinAlgError:
-            return np.inf
-        inner = mtm + mtb @ np.linalg.solve(slack, mtb.T) + sum(x * g for x, g in zip(lam, grams))
-        return float(np.linalg.eigvalsh(inner)[-1])
-
-    top = float(np.linalg.eigvalsh(btb)[-1])
-    one = minimize_scalar(lambda t: value(np.full(len(ws), top * np.exp(t))), bounds=(1e-6, 10),
-                          method="bounded")
-    each = minimize(lambda t: value(top * np.exp(t)), np.full(len(ws), one.x), method="Powell",
-                    options={"maxiter": 20000})
-    return float(np.sqrt(one.fun)), float(np.sqrt(min(each.fun, one.fun)))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", type=Path, default=REFERENCE)
@@ -391,8 +349,8 @@ def main() -> int:
     report["ascent"] = {"best_derivative": best, "ratio_float64": f64, "ratio_ort": ort_value,
                         "ort_distance": dist, "found": found, "seconds": time.perf_counter() - t}
     t = time.perf_counter()
-    one, each = centred_bound(loc, loc.choices)
-    report["centred_bound"] = {"one_multiplier": one, "per_window": each, "seconds": time.perf_counter() - t}
+    auto = onnxlip.load(path, seed=args.seed).local_bound(x0.reshape(1, 1, 28, 28), args.eps)
+    report["auto"] = {"bound": auto.bound, "source": auto.source, "seconds": time.perf_counter() - t}
     report["seconds"] = time.perf_counter() - start
 
     rows = [["||J(x0)||, onnxruntime's tie-break (first maximum)", ort_tiebreak, "-"],
@@ -401,9 +359,7 @@ def main() -> int:
             [f"  onnxruntime float32 at that point (||dx|| = {dist:.6g})", ort_value, "lower"],
             [f"max ||J_sel|| found, {len(loc.ties1)} tied windows ({10 * starts} starts)", exact, "search"],
             [f"max ||J_sel|| found, ties and near-ties ({len(loc.choices)} windows)", both, "search"],
-            ["centred windows + S-lemma, one multiplier (twin's model, no rounding margin)", one,
-             "upper*"],
-            ["  one multiplier per window", each, "upper*"]]
+            [f"onnxlip auto ({auto.source}: proven, rounding covered)", auto.bound, "upper"]]
     print("\n" + table(["quantity", "value", "kind"], rows))
     print(f"\nDC ascent: median over starts {np.median(found):.4f}, "
           f"{sum(v > best - 1e-4 for v in found)}/{len(found)} starts within 1e-4 of the best "
