@@ -232,3 +232,25 @@ class LinearMap(ABC):
     def describe(self) -> str:
         nnz = self.nnz()
         return self.representation if nnz is None else f"{self.representation} nnz={nnz}"
+
+
+class FixedMap(LinearMap, ABC):
+    """A map whose coefficients never change: its rounding bound and norm cap are
+    computed once (fixed_cap: the cap, the Frobenius norm unless a map knows better)."""
+
+    @cached_property
+    def _fixed_rounding(self) -> tuple[float, float]:
+        return LinearMap.rounding(self)
+
+    def rounding(self) -> tuple[float, float]:
+        return self._fixed_rounding
+
+    @cached_property
+    def _fixed_cap(self) -> float:
+        return self.fixed_cap()
+
+    def norm_cap(self) -> float:
+        return self._fixed_cap
+
+    def fixed_cap(self) -> float:
+        return LinearMap.norm_cap(self)

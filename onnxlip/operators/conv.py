@@ -9,7 +9,7 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-from .base import BLAS_THREADS, U32, U64, LinearMap, gamma
+from .base import BLAS_THREADS, U32, U64, FixedMap, LinearMap, gamma
 from .ort import NodeSession
 
 
@@ -472,7 +472,7 @@ class ConvTransposeMap(LinearMap):
         return self.conv.to_sparse().T.tocsr()
 
 
-class Float64Conv(LinearMap):
+class Float64Conv(FixedMap):
     """A ConvMap's products in float64 (ConvMap.float64_matmat / float64_rmatmat),
     rounded as its CSR matrix's would be (LinearMap.rounding: float64 sums of at
     most a row's or a column's nonzeros, in any order)."""
@@ -512,19 +512,8 @@ class Float64Conv(LinearMap):
     def _sparse(self) -> sp.csr_matrix:
         return self.conv.to_sparse()
 
-    @cached_property
-    def _rounding(self) -> tuple[float, float]:
-        return super().rounding()
-
-    def rounding(self) -> tuple[float, float]:
-        return self._rounding
-
-    @cached_property
-    def _cap(self) -> float:
+    def fixed_cap(self) -> float:
         return self.conv.norm_cap()
-
-    def norm_cap(self) -> float:
-        return self._cap
 
     def sparse_nnz_estimate(self) -> int:
         return self.conv.sparse_nnz_estimate()

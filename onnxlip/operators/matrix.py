@@ -8,7 +8,7 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-from .base import BLAS_THREADS, U32, U64, LinearMap, frobenius_cap, gamma
+from .base import BLAS_THREADS, U32, U64, FixedMap, LinearMap, frobenius_cap, gamma
 from .ort import THREADS
 
 
@@ -179,8 +179,8 @@ def _blocked(x: np.ndarray, rows: np.ndarray, block: int) -> np.ndarray:
         return out
 
 
-class SparseMap(LinearMap):
-    """An exact scipy CSR matrix."""
+class SparseMap(FixedMap):
+    """An exact scipy CSR matrix (its rounding bound and cap computed once)."""
 
     def __init__(self, matrix: sp.spmatrix, in_shape, out_shape):
         super().__init__(in_shape, out_shape)
@@ -223,20 +223,6 @@ class SparseMap(LinearMap):
     def sparse_nnz_estimate(self) -> int:
         return int(self.matrix.nnz)
 
-    @cached_property
-    def _rounding(self) -> tuple[float, float]:
-        return super().rounding()
-
-    def rounding(self) -> tuple[float, float]:
-        """The default bound (float64 sums), computed once: the matrix does not change."""
-        return self._rounding
-
-    @cached_property
-    def _cap(self) -> float:
-        return frobenius_cap(self.matrix.data)
-
-    def norm_cap(self) -> float:
-        return self._cap
 
 
 #: Sparse products with at least this many multiplications (nonzeros × columns)
