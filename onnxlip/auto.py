@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 
@@ -47,8 +48,10 @@ TIGHT_UNCERTAIN_MAX = 0.05
 
 
 def auto_local_bound(blocks: list[Block], nominal: Trace, eps: float,
-                     solver: Solver | float | None, budget: float) -> BoundResult:
-    """The 'auto' bound; `source` on the result says which step produced it."""
+                     solver: Solver | float | None, budget: float,
+                     target: float = math.inf) -> BoundResult:
+    """The 'auto' bound; `source` on the result says which step produced it
+    (`target`: see tight_local_bound)."""
     start = time.perf_counter()
     solver = as_solver(solver)
     reach = analyse(blocks, nominal, eps, budget)
@@ -64,10 +67,11 @@ def auto_local_bound(blocks: list[Block], nominal: Trace, eps: float,
                                "analysis: the paper's bound"]
     elif is_chain(blocks) and \
             sum(c[2] for c, _ in reached) > TIGHT_UNCERTAIN_MAX * sum(n for _, n in reached):
-        result = tight_local_bound(blocks, nominal, eps, solver, reach=reach.changes, telescope=False)
+        result = tight_local_bound(blocks, nominal, eps, solver, reach=reach.changes, telescope=False,
+                                   target=target)
         notes = reach.notes
     else:
-        result = tight_local_bound(blocks, nominal, eps, solver, reach=reach.changes)
+        result = tight_local_bound(blocks, nominal, eps, solver, reach=reach.changes, target=target)
         notes = reach.notes
     return replace(result, layers=annotate(result.layers, reach), notes=notes,
                    seconds=time.perf_counter() - start)

@@ -93,7 +93,8 @@ class Certifiable(Protocol):
 
     def trace(self, x) -> Trace: ...
 
-    def local_bound_from(self, nominal: Trace, eps: float, method: str = "paper") -> BoundResult: ...
+    def local_bound_from(self, nominal: Trace, eps: float, method: str = "paper",
+                         target: float = math.inf) -> BoundResult: ...
 
     def reach(self, nominal: Trace, eps: float) -> Reach: ...
 
@@ -199,8 +200,8 @@ def _local_radius(net: Certifiable, x: np.ndarray, rule: Rule, top: int, slack: 
     rows = _lead_rows(rule, top, nominal.output.size)
     # each test's room: positive where the decision is certain at ε
     tests = {"output bounds": lambda eps: _lead_floor(net, nominal, eps, rows, rule.margin) - rule.margin,
-             "local bound": lambda eps: slack - SQRT2 * eps * net.local_bound_from(nominal, eps,
-                                                                                 method).bound}
+             "local bound": lambda eps: slack - SQRT2 * eps * net.local_bound_from(
+                 nominal, eps, method, target=slack / (SQRT2 * eps)).bound}
     if method != "auto":
         del tests["output bounds"]
     best, count, which = floor * (1 - 1e-9), 0, ""

@@ -130,12 +130,14 @@ class Network:
         nominal = self.trace(x0)
         return [self.local_bound_from(nominal, e, method) for e in eps_values]
 
-    def local_bound_from(self, nominal: bounds.Trace, eps: float,
-                         method: str = "auto") -> bounds.BoundResult:
-        """The local bound at eps around an already computed forward pass."""
+    def local_bound_from(self, nominal: bounds.Trace, eps: float, method: str = "auto",
+                         target: float = math.inf) -> bounds.BoundResult:
+        """The local bound at eps around an already computed forward pass. `target`:
+        a bound below it is all the caller needs (a certificate's test), so the
+        joint bound (onnxlip.joint) is not pursued where it cannot get below it."""
         check_method(method)
         eps = check_eps(eps)
-        result = self._local(nominal, eps, method, self.solver)
+        result = self._local(nominal, eps, method, self.solver, target)
         key = _digest(nominal.inputs[0])
         _remember(self._uppers, key, (eps, method, result, nominal))
         self._reconcile(key)
@@ -146,11 +148,12 @@ class Network:
         within the memory budget."""
         return analyse(self.blocks, nominal, check_eps(eps), self.memory_budget)
 
-    def _local(self, nominal: bounds.Trace, eps: float, method: str, solver: Solver) -> bounds.BoundResult:
+    def _local(self, nominal: bounds.Trace, eps: float, method: str, solver: Solver,
+               target: float = math.inf) -> bounds.BoundResult:
         if method == "auto":
-            result = auto_local_bound(self.blocks, nominal, eps, solver, self.memory_budget)
+            result = auto_local_bound(self.blocks, nominal, eps, solver, self.memory_budget, target)
         elif method == "tight":
-            result = tight_local_bound(self.blocks, nominal, eps, solver)
+            result = tight_local_bound(self.blocks, nominal, eps, solver, target=target)
         else:
             result = bounds.local_bound(self.blocks, nominal, eps, solver)
         result = _finite(result, self.path)

@@ -324,3 +324,17 @@ def test_extreme_multipliers_count_as_infeasible():
                 np.array([1e300, 1e-300, 1.0, 1e300])):
         value, grad = _value(forms, lam)
         assert value == math.inf and grad is None
+
+
+def test_target_only_gives_up_where_it_cannot_be_met(tmp_path):
+    """A caller's target (a certificate's test) far below what the joint bound
+    reaches makes it give up early: the telescoping's or paper's bound, never
+    lower; a target above it leaves the bound as it is."""
+    _, engine, x0 = _chain("conv", 6, tmp_path)
+    eps = 1e-2 * float(np.linalg.norm(x0))
+    nominal = engine.trace(x0)
+    free = engine.local_bound_from(nominal, eps)
+    assert free.source == "joint"
+    assert engine.local_bound_from(nominal, eps, target=free.bound * 10).bound == free.bound
+    low = engine.local_bound_from(nominal, eps, target=free.bound / 10)
+    assert low.source != "joint" and low.bound > free.bound
