@@ -69,7 +69,7 @@ from .operators.matrix import SparseMap
 from .operators.monomial import MonomialMap
 from .spectral import Solver
 
-#: Nonzeros of the float64 copies of float32 maps made for the joint bound (_Linearized.precise).
+#: Nonzeros of the float64 versions of float32 maps made for the joint bound (_Linearized.precise).
 PRECISE_NNZ = 3e7
 #: ... for maps whose rounding per unit input exceeds this many float64 units times their norm cap.
 PRECISE_GAIN = 1e4
@@ -130,8 +130,9 @@ class _Linearized:
 
     def precise(self, nnz_max: float = PRECISE_NNZ) -> _Linearized:
         """The same network with every map whose products round far above float64's
-        unit (onnxruntime's float32 kernels, chains holding them) held as its exact
-        float64 CSR matrix, where those have at most `nnz_max` nonzeros in all:
+        unit (onnxruntime's float32 kernels, chains holding them) replaced by its
+        exact float64 version (LinearMap.exact64: a CSR matrix, or a convolution's
+        float64 products), where those have at most `nnz_max` nonzeros in all:
         for the joint bound's dense forms."""
         maps = {id(m): m for s in self.steps for m in (s.linear, s.head, s.spread and s.spread.head)
                 if m is not None and max(m.rounding()) > PRECISE_GAIN * U64 * m.norm_cap()}
