@@ -159,10 +159,16 @@ def certify(net: Certifiable, x0, rel_tol: float = 1e-3, attack_steps: int = 50,
                            f"{logits.size} outputs")
     top = rule.chosen(logits)
     margin = rule.lead(logits, top)
-    slack = margin - rule.margin  # what the outputs may lose before the rule fails
+    nominal = net.trace(x)
+    rows = _lead_rows(rule, top, logits.size)
+    # what the outputs may lose before the rule fails: from the exact leads at x0 (the
+    # float64 trace less its rounding-error bounds), not only the computed margin
+    floor = _traced_leads(nominal, rows)
+    proven = margin if floor is None else float(np.min(floor - 4 * U64 * np.abs(floor)))
+    slack = min(margin, proven) - rule.margin
     radius_global = max(slack, 0.0) / (SQRT2 * net.global_bound().bound)
-    radius_local, evaluations, test = _local_radius(net, x, rule, top, slack, radius_global, rel_tol,
-                                                    method)
+    radius_local, evaluations, test = _local_radius(net, nominal, rows, rule, slack, radius_global,
+                                                    rel_tol, method)
     attack, point = _attack(net, x, top, attack_steps, rule) if slack > 0 else (0.0, None)
     rounding = (point is not None and attack < max(radius_local, radius_global)
                 and _holds_exactly(net, point, rule, top))
@@ -188,16 +194,14 @@ def _traced_leads(at: Trace, rows: np.ndarray) -> np.ndarray | None:
     return rows.T @ out - np.abs(rows).T @ (error + 4 * U64 * np.abs(out))
 
 
-def _local_radius(net: Certifiable, x: np.ndarray, rule: Rule, top: int, slack: float, floor: float,
-                  rel_tol: float, method: str) -> tuple[float, int, str]:
+def _local_radius(net: Certifiable, nominal: Trace, rows: np.ndarray, rule: Rule, slack: float,
+                  floor: float, rel_tol: float, method: str) -> tuple[float, int, str]:
     """Largest ε (to rel_tol) where the decision is certain by one of the module's
     two tests, the bounds computed, and the test that passed there: the output
     bounds' radius first (auto), then the local bound's from there on (it costs a
     bound more only where it is not larger)."""
     if slack <= 0:
         return 0.0, 0, ""
-    nominal = net.trace(x)
-    rows = _lead_rows(rule, top, nominal.output.size)
     # each test's room: positive where the decision is certain at ε
     tests = {"output bounds": lambda eps: _lead_floor(net, nominal, eps, rows, rule.margin) - rule.margin,
              "local bound": lambda eps: slack - SQRT2 * eps * net.local_bound_from(

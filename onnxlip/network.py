@@ -232,8 +232,9 @@ class Network:
             # The attack crossed the margin within the certified radius: a ratio of at
             # least (margin − required)/(√2·d) at distance d, above the bound used there.
             slack = cert.margin - cert.required_margin
-            self.found_lower(x0, cert.attack_distance, slack / (SQRT2 * cert.attack_distance),
-                             "the attack's ratio")
+            if cert.attack_distance > 0:  # (0: onnxruntime's decision at x0 itself differs)
+                self.found_lower(x0, cert.attack_distance, slack / (SQRT2 * cert.attack_distance),
+                                 "the attack's ratio")
         raise OnnxlipError(f"{self.path}: the attack found the decision failing at distance "
                            f"{cert.attack_distance:.6g}, inside the certified radius {radius:.6g}")
 

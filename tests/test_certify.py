@@ -326,3 +326,26 @@ def _relative_imports(body: list, folder: tuple[str, ...]):
                 yield ".".join((*base, statement.module))
             else:
                 yield from (".".join((*base, alias.name)) for alias in statement.names)
+
+
+def test_margin_within_the_rounding_bound_certifies_nothing():
+    """Both radii start from the exact leads at x0 (the float64 trace less its
+    rounding-error bounds), not from the computed margin: where that bound
+    exceeds the margin (two classes tied within the arithmetic's resolution, as
+    an adversarial DAG net had: margin 1.2e-7, bound 3.7e-6, which raised a
+    ZeroDivisionError from an attack at distance 0) nothing is certified."""
+    from dataclasses import replace
+
+    engine = onnxlip.load(MODELS / "digits_cnn.onnx", seed=0)
+    x0 = np.load(MODELS / "digits_cnn_x0.npy")
+    honest = engine.certify(x0)
+    assert honest.radius > 0
+    trace = engine.trace
+
+    def blurred(x):  # the same values, a rounding-error bound above the margin
+        at = trace(x)
+        return replace(at, output_error=at.output_error + 2 * honest.margin)
+
+    engine.trace = blurred
+    cert = engine.certify(x0)
+    assert cert.radius_local == cert.radius_global == 0.0 and cert.radius_test == ""
