@@ -27,8 +27,8 @@ enters only through the forms' d-parts D (rows × inputs): with D̂ᵀ = Q R
 (Householder QR), Dd = Rᵀa with a = Qᵀd and ||a|| ≤ ||d||, so the test is on a
 matrix of (rows + units) sides, whatever the input's size.
 
-The multipliers are chosen in float64 (a descent on the convex function t(λ),
-whose gradient is ||g_u(z*)||² − c_u(z*)² at the maximizer z*); the chosen t
+The multipliers are chosen in float64 (L-BFGS on log λ: t(λ) is convex, its
+gradient ||g_u(z*)||² − c_u(z*)² at the maximizer z*); the chosen t
 is then proven: the forms' rounding (the pulled products' bounds, and QR's
 backward error) is an extra variable w with ||w|| ≤ η||z||, one more
 multiplier μ, and the test matrix's smallest eigenvalue, less bounds of its
