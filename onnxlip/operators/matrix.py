@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
 
 from .base import BLAS_THREADS, U32, U64, FixedMap, LinearMap, frobenius_cap, gamma
-from .ort import THREADS
 
 
 class DenseMap(LinearMap):
@@ -202,10 +200,10 @@ class SparseMap(FixedMap):
         return bool(np.all(np.isfinite(self.matrix.data)))
 
     def matmat(self, x):
-        return _columns_product(self.matrix, x).astype(x.dtype, copy=False)
+        return np.asarray(self.matrix @ x).astype(x.dtype, copy=False)
 
     def rmatmat(self, u):
-        return _columns_product(self._transpose, u).astype(u.dtype, copy=False)
+        return np.asarray(self._transpose @ u).astype(u.dtype, copy=False)
 
     def sq_matvec(self, d):
         return np.asarray(self._squared @ d)
@@ -222,26 +220,6 @@ class SparseMap(FixedMap):
 
     def sparse_nnz_estimate(self) -> int:
         return int(self.matrix.nnz)
-
-
-
-#: Sparse products with at least this many multiplications (nonzeros × columns)
-#: are split by columns over the cores (scipy's kernels release the GIL).
-THREADED_WORK = 5e7
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _columns_product(matrix: sp.csr_matrix, x: np.ndarray) -> np.ndarray:
-    """matrix @ x; many columns split over THREADS threads (each column's sums in
-    the same order: the same numbers)."""
-    global _POOL
-    if x.ndim < 2 or x.shape[1] < 2 * THREADS or THREADS < 2 or matrix.nnz * x.shape[1] < THREADED_WORK:
-        return np.asarray(matrix @ x)
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(THREADS, thread_name_prefix="onnxlip-sparse")
-    cuts = np.linspace(0, x.shape[1], THREADS + 1).astype(int)
-    parts = _POOL.map(lambda c: np.asarray(matrix @ x[:, c[0]:c[1]]), zip(cuts[:-1], cuts[1:]))
-    return np.concatenate(list(parts), axis=1)
 
 
 def sparse_bytes(nnz: int, rows: int) -> int:
