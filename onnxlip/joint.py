@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.linalg as la
@@ -107,7 +108,7 @@ def relu_spread(head: LinearMap | None, size: int, uncertain: np.ndarray, gate: 
 
 
 def window_spread(size: int, units: np.ndarray, members: list[np.ndarray], winners: np.ndarray,
-                  tied: np.ndarray, rises: list[np.ndarray]) -> Spread:
+                  tied: np.ndarray, rises: list[tuple[np.ndarray, np.ndarray]]) -> Spread:
     """Unstable max-pooling windows (inputs' indices). A tied window (no winner in S⁰)
     moves by a value between its members' changes (`members`: the candidates that
     can be the largest): the mean, with the deviations from it (one row,
@@ -130,12 +131,12 @@ def window_spread(size: int, units: np.ndarray, members: list[np.ndarray], winne
                     owner.append(u)
         else:
             js, ss = rise
-            scale = 0.5 if js.size == 1 else 1.0
-            if js.size == 1:
-                shift_entries += [(u, js[0], scale * ss[0]), (u, w, -scale * ss[0])]
+            if js.size == 1:  # t ∈ [0, s·d⁺] ⊂ s·d/2 ± s·|d|/2
+                ss = ss / 2
+                shift_entries += [(u, js[0], ss[0]), (u, w, -ss[0])]
             for j, s in zip(js, ss):
                 row = len(owner)
-                row_entries += [(row, j, scale * s), (row, w, -scale * s)]
+                row_entries += [(row, j, s), (row, w, -s)]
                 owner.append(u)
 
     def matrix(entries, count):
@@ -169,8 +170,9 @@ class _Forms:
         """Ω: −1 on the outputs, λ_u on the centres, −λ_owner on the radii."""
         return np.concatenate([-np.ones(self.outputs), lam, -lam[self.owner]])
 
-    @property
+    @cached_property
     def L(self) -> np.ndarray:
+        """[Rᵀ P]: every form over (a, r)."""
         return np.hstack([self.R.T, self.P])
 
 
@@ -182,10 +184,10 @@ def joint_bound(net, limit: float = math.inf) -> float:
     if forms is None:
         return math.inf
     with BLAS_THREADS.limit(limits=1, user_api="blas"):  # small problems: threads only contend
-        lam = _multipliers(forms, limit)
-        if lam is None:
+        found = _multipliers(forms, limit)
+        if found is None:
             return math.inf
-        value, _ = _value(forms, lam)
+        lam, value = found
         if not math.isfinite(value) or math.sqrt(value) >= limit:
             return math.inf
         t = _proven(forms, lam, value)
@@ -257,19 +259,19 @@ def _dense(net) -> _Dense | None:
         # they read are pulled back, then combined (each pulled once)
         coefficients = sp.vstack([-s.shift, s.rows]).tocsc()
         support = np.flatnonzero(np.diff(coefficients.indptr))
-        units = np.zeros((coefficients.shape[1], support.size))
-        units[support, np.arange(support.size)] = 1.0
+        basis = np.zeros((coefficients.shape[1], support.size))
+        basis[support, np.arange(support.size)] = 1.0
         combine = coefficients[:, support]
-        spread = float(sp.linalg.norm(combine))  # ≥ its spectral norm: the error's factor
+        factor = float(sp.linalg.norm(combine))  # ≥ its spectral norm: the errors' factor
         cut = [slice(c_row, c_row + mi), slice(g_row, g_row + qi)]
-        pulled = net.pulls([INPUT] + uncertain[:i], k, units, s.head)
+        pulled = net.pulls([INPUT] + uncertain[:i], k, basis, s.head)
         back, e = pulled[INPUT]
-        err2 += (spread * e) ** 2
-        block = (combine @ back.T)
+        err2 += (factor * e) ** 2
+        block = combine @ back.T
         D[cut[0]], D[cut[1]] = block[:mi], block[mi:]
         for j, earlier in enumerate(uncertain[:i]):
             back, e = pulled[earlier]
-            err2 += (spread * e) ** 2
+            err2 += (factor * e) ** 2
             block = combine @ back[spreads[j].units].T
             P[cut[0], offset[j]:offset[j + 1]] = block[:mi]
             P[cut[1], offset[j]:offset[j + 1]] = block[mi:]
@@ -316,8 +318,8 @@ def _value(forms: _Forms, lam: np.ndarray) -> tuple[float, np.ndarray | None]:
     return float(values[-1]), radius - centre
 
 
-def _multipliers(forms: _Forms, limit: float = math.inf) -> np.ndarray | None:
-    """Multipliers with a small t(λ), within an evaluation budget (EVAL_FLOPS, at
+def _multipliers(forms: _Forms, limit: float = math.inf) -> tuple[np.ndarray, float] | None:
+    """(λ, t(λ)): multipliers with a small t(λ), within an evaluation budget (EVAL_FLOPS, at
     least EVALS_MIN, at most EVALS_MAX): a feasible start (each block's units' λ a
     factor above the next uncertain block's, raised until the r-part is
     definite), its best common scale (e^0, e^-2, …, while t falls), then
@@ -362,7 +364,7 @@ def _multipliers(forms: _Forms, limit: float = math.inf) -> np.ndarray | None:
             best, theta = float(found.fun), found.x
         if best > (GIVE_UP * limit) ** 2:
             return None
-    return np.exp(theta)
+    return np.exp(theta), best
 
 
 def _proven(forms: _Forms, lam: np.ndarray, value: float) -> float | None:
@@ -374,9 +376,10 @@ def _proven(forms: _Forms, lam: np.ndarray, value: float) -> float | None:
     omega = forms.weights(lam)
     na, m, p = forms.R.shape[0], forms.units, L.shape[0]
     side = na + m + p
-    abs_l = np.abs(L)
     big = float(np.abs(omega).max())
-    base = -(L.T * omega) @ L  # K
+    weighted = L.T * omega
+    base = -weighted @ L  # K
+    gram_error = (np.abs(weighted) @ np.abs(L)) * gamma(p + 2, U64)  # of base's entries
     for s in (math.sqrt(big) * 1e3, math.sqrt(big) * 1e5, math.sqrt(big) * 1e7):
         mu_eta = s * s * forms.eta * forms.eta
         for lift in (1e-9, 1e-6, 1e-4, 1e-2):
@@ -385,11 +388,11 @@ def _proven(forms: _Forms, lam: np.ndarray, value: float) -> float | None:
             W[:na + m, :na + m] = -base
             W[np.arange(na), np.arange(na)] += t - mu_eta
             W[na + np.arange(m), na + np.arange(m)] -= mu_eta
-            W[:na + m, na + m:] = (L.T * omega) / s
+            W[:na + m, na + m:] = weighted / s
             W[na + m:, :na + m] = W[:na + m, na + m:].T
             W[na + m:, na + m:] = np.diag(1.0 + omega / (s * s))
             bound = np.zeros((side, side))
-            bound[:na + m, :na + m] = (abs_l.T * np.abs(omega)) @ abs_l * gamma(p + 2, U64)
+            bound[:na + m, :na + m] = gram_error
             bound[np.arange(na + m), np.arange(na + m)] += 4 * U64 * (t + mu_eta + np.abs(np.diag(base)))
             bound[:na + m, na + m:] = np.abs(W[:na + m, na + m:]) * 4 * U64
             bound[na + m:, :na + m] = bound[:na + m, na + m:].T

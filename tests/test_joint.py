@@ -128,9 +128,10 @@ def test_proven_t_holds_on_admissible_points(blocks, seed):
     are where a convex objective peaks)."""
     rng = np.random.default_rng(seed)
     forms, D = _random_forms(rng, blocks=blocks, rows_per_unit=1 + seed % 2)
-    lam = _multipliers(forms)
-    assert lam is not None
-    value, _ = _value(forms, lam)
+    found = _multipliers(forms)
+    assert found is not None
+    lam, value = found
+    assert value == pytest.approx(_value(forms, lam)[0], rel=1e-9)  # t at the λ returned
     t = _proven(forms, lam, value)
     assert t is not None and t >= value
     o, best = forms.outputs, 0.0
@@ -159,8 +160,8 @@ def test_one_unit_is_exact(seed):
     e, b = D[:4], forms.P[:4, 0]
     c, g = -D[4], D[5]  # c_u(z) = r − cᵀd (the centre row holds −cᵀ), g_u(z) = gᵀd
     truth = max(np.linalg.norm(e + np.outer(b, c + g), 2), np.linalg.norm(e + np.outer(b, c - g), 2))
-    lam = _multipliers(forms)
-    t = _proven(forms, lam, _value(forms, lam)[0])
+    lam, value = _multipliers(forms)
+    t = _proven(forms, lam, value)
     assert truth <= math.sqrt(t) <= truth * (1 + 1e-4)
 
 
@@ -169,8 +170,7 @@ def test_rounding_of_the_forms_is_paid_for():
     grows (or no t is proven), never shrinks."""
     rng = np.random.default_rng(7)
     forms, _ = _random_forms(rng, blocks=(2, 2))
-    lam = _multipliers(forms)
-    value = _value(forms, lam)[0]
+    lam, value = _multipliers(forms)
     small = _proven(forms, lam, value)
     forms.eta = 1e-3 * math.sqrt(value)
     large = _proven(forms, lam, value)
