@@ -92,7 +92,8 @@ class _Step(Gated):
     #: A proven bound of ||gate · linear · diag(in_mask)||, for the rounding
     #: bound and the cap of products (Solves.product_norm).
     cap: float = np.inf
-    #: The uncertain outputs' centres and radii, for the joint bound (onnxlip.joint).
+    #: The uncertain outputs' centres and radii, for the joint bound (onnxlip.joint;
+    #: made for the centred steps only, which it reads).
     spread: Spread | None = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -482,8 +483,8 @@ def _affine_step(block: AffineBlock, interval, reach, mask, proven=None, centere
     if not block.relu:
         return _Step(block.map, None, mask), moves, (reach > 0).astype(float)
     gate, uncertain, slopes, inactive = _relu_gates(low, high, fall, rise, reach > 0, centered)
-    step = _Step(block.map, gate, mask, uncertain.astype(float), slopes, block.map,
-                 spread=relu_spread(block.map, block.out_size, uncertain, gate, slopes))
+    spread = relu_spread(block.map, block.out_size, uncertain, gate, slopes) if centered else None
+    step = _Step(block.map, gate, mask, uncertain.astype(float), slopes, block.map, spread=spread)
     return step, np.where(inactive, 0.0, moves), (~inactive & (reach > 0)).astype(float)
 
 
@@ -548,12 +549,14 @@ def _maxpool_step(block: MaxPoolBlock, z0, err, change, mask, centered=True):
     pairs = sp.csr_matrix((values, (out_rows, in_cols)), shape=(count + units, z0.size))
     head = SparseMap(pairs, block.in_shape, (count + units,))
     selection = MonomialMap(np.where(tied, -1, winner), None, block.in_shape, block.out_shape)
-    units = np.flatnonzero(~stable)
-    can_win = slopes > 0  # can overtake the winner on the ball (every tie with a moving member)
-    can_win[rows, first] = True
-    spread = window_spread(z0.size, units, [index[u][can_win[u]] for u in units], winner[units],
-                           tied[units], [(index[u][slopes[u] > 0], slopes[u][slopes[u] > 0])
-                                         for u in units])
+    spread = None
+    if centered:  # (the joint bound reads the centred steps only)
+        units = np.flatnonzero(~stable)
+        rising = slopes > 0  # can overtake the winner on the ball (every tie with a moving member)
+        can_win = rising.copy()
+        can_win[rows, first] = True
+        spread = window_spread(z0.size, units, [index[u][can_win[u]] for u in units], winner[units],
+                               tied[units], [(index[u][rising[u]], slopes[u][rising[u]]) for u in units])
     step = _Step(selection, None, mask, (~stable).astype(float), None, head, spread=spread)
     return step, block.forward(change), block.pool_mask(mask)
 
@@ -562,6 +565,6 @@ def _relu_step(interval, change, mask, centered=True):
     """A lone ReLU: as the rows of an affine-ReLU block (_relu_gates), on its input."""
     low, high = interval
     gate, uncertain, slopes, inactive = _relu_gates(low, high, change, change, change > 0, centered)
-    step = _Step(None, gate, mask, uncertain.astype(float), slopes,
-                 spread=relu_spread(None, gate.size, uncertain, gate, slopes))
+    spread = relu_spread(None, gate.size, uncertain, gate, slopes) if centered else None
+    step = _Step(None, gate, mask, uncertain.astype(float), slopes, spread=spread)
     return step, np.where(inactive, 0.0, change), mask * ~inactive
