@@ -163,9 +163,8 @@ def certify(net: Certifiable, x0, rel_tol: float = 1e-3, attack_steps: int = 50,
     rows = _lead_rows(rule, top, logits.size)
     # what the outputs may lose before the rule fails: from the exact leads at x0 (the
     # float64 trace less its rounding-error bounds), not only the computed margin
-    floor = _traced_leads(nominal, rows)
-    proven = margin if floor is None else float(np.min(floor - 4 * U64 * np.abs(floor)))
-    slack = min(margin, proven) - rule.margin
+    proven = _smallest_lead(nominal, rows)
+    slack = min(margin, margin if proven is None else proven) - rule.margin
     radius_global = max(slack, 0.0) / (SQRT2 * net.global_bound().bound)
     radius_local, evaluations, test = _local_radius(net, nominal, rows, rule, slack, radius_global,
                                                     rel_tol, method)
@@ -181,8 +180,15 @@ def _holds_exactly(net: Certifiable, x: np.ndarray, rule: Rule, top: int) -> boo
     proves every lead of `top` above the required margin (the model's exact
     arithmetic keeps the decision at x)."""
     at = net.trace(x)
-    lead = _traced_leads(at, _lead_rows(rule, top, at.output.size))
-    return lead is not None and bool(np.min(lead - 4 * U64 * np.abs(lead)) > rule.margin)
+    lead = _smallest_lead(at, _lead_rows(rule, top, at.output.size))
+    return lead is not None and lead > rule.margin
+
+
+def _smallest_lead(at: Trace, rows: np.ndarray) -> float | None:
+    """A proven lower bound of the smallest exact lead at a trace (None where the
+    trace has no rounding-error bounds)."""
+    lead = _traced_leads(at, rows)
+    return None if lead is None else float(np.min(lead - 4 * U64 * np.abs(lead)))
 
 
 def _traced_leads(at: Trace, rows: np.ndarray) -> np.ndarray | None:
