@@ -111,8 +111,10 @@ def window_spread(size: int, units: np.ndarray, members: list[np.ndarray], winne
                   tied: np.ndarray, rises: list[tuple[np.ndarray, np.ndarray]]) -> Spread:
     """Unstable max-pooling windows (inputs' indices). A tied window (no winner in S⁰)
     moves by a value between its members' changes (`members`: the candidates that
-    can be the largest): the mean, with the deviations from it (one row,
-    half the difference, for two). A window whose winner w stays in S⁰ rises
+    can be the largest): the mean, with the deviations from it scaled by
+    √((k−1)/k) (k members; the value's distance to the mean is at most the
+    largest |deviation|, and the deviations sum to 0), one row, half the
+    difference, for two. A window whose winner w stays in S⁰ rises
     above Δz_w by t ∈ [0, max_j s_j·(Δz_j − Δz_w)⁺] (`rises`: (j, s_j) rows):
     for one j, half of s_j·(Δz_j − Δz_w) ± as much; else 0 ± all of them."""
     shift_entries, row_entries, owner = [], [], []
@@ -124,10 +126,11 @@ def window_spread(size: int, units: np.ndarray, members: list[np.ndarray], winne
                 row = len(owner)
                 row_entries += [(row, mem[0], 0.5), (row, mem[1], -0.5)]
                 owner.append(u)
-            else:
+            else:  # a zero-sum vector's largest |entry| is at most √((k−1)/k) its norm
+                scale = math.sqrt((k - 1) / k)
                 for i in mem:
                     row = len(owner)
-                    row_entries += [(row, j, (1.0 if j == i else 0.0) - 1.0 / k) for j in mem]
+                    row_entries += [(row, j, ((1.0 if j == i else 0.0) - 1.0 / k) * scale) for j in mem]
                     owner.append(u)
         else:
             js, ss = rise

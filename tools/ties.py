@@ -10,7 +10,7 @@ a lower bound, the best ratio ||f(x)-f(x0)||/||x-x0|| found at a point of the ba
 by DC ascent on the directional derivative, confirmed by the float64 forward and by
 onnxruntime at that point; the largest ||J_sel|| found by coordinate ascent over
 choices of the tied windows' winners (a search, not a proven maximum); and onnxlip's
-own `auto` bound for comparison (the windows bounded jointly, onnxlip.joint: 51.96 on
+own `auto` bound for comparison (the windows bounded jointly, onnxlip.joint: 50.22 on
 2026-11-28, against ||J(x0)|| 45.52 and the ascent's lower bound 45.47).
 The ascent's model assumes every ReLU, the near-ties and the second pooling layer keep
 x0's state on the ball (only the first ReLU's margin is checked here, exactly); the
