@@ -49,9 +49,9 @@ TIGHT_UNCERTAIN_MAX = 0.05
 
 def auto_local_bound(blocks: list[Block], nominal: Trace, eps: float,
                      solver: Solver | float | None, budget: float,
-                     target: float = math.inf) -> BoundResult:
+                     target: float = math.inf, seconds: float = 0.0) -> BoundResult:
     """The 'auto' bound; `source` on the result says which step produced it
-    (`target`: see tight_local_bound)."""
+    (`target`, `seconds`: see tight_local_bound)."""
     start = time.perf_counter()
     solver = as_solver(solver)
     reach = analyse(blocks, nominal, eps, budget)
@@ -68,10 +68,11 @@ def auto_local_bound(blocks: list[Block], nominal: Trace, eps: float,
     elif is_chain(blocks) and \
             sum(c[2] for c, _ in reached) > TIGHT_UNCERTAIN_MAX * sum(n for _, n in reached):
         result = tight_local_bound(blocks, nominal, eps, solver, reach=reach.changes, telescope=False,
-                                   target=target)
+                                   target=target, seconds=seconds)
         notes = reach.notes
     else:
-        result = tight_local_bound(blocks, nominal, eps, solver, reach=reach.changes, target=target)
+        result = tight_local_bound(blocks, nominal, eps, solver, reach=reach.changes, target=target,
+                                   seconds=seconds)
         notes = reach.notes
     return replace(result, layers=annotate(result.layers, reach), notes=notes,
                    seconds=time.perf_counter() - start)

@@ -29,6 +29,7 @@ from .errors import OnnxlipError
 from .layers import Activate, Affine, Layer, MaxPool, Merge, Reshape
 from .operators.base import SLACK, U64, LinearMap
 from .operators.chain import chain
+from .operators.conv import ConvMap
 from .operators.matrix import DenseMap, SparseMap, sparse_bytes
 from .operators.monomial import MonomialMap
 from .operators.ort import NodeSession
@@ -73,6 +74,11 @@ class Block:
     def reachable(self) -> bool:
         """Whether the reach analysis (onnxlip.reach) follows this block exactly."""
         return True
+
+    def equal_outputs(self, x: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
+        """Per group of output indices: whether the block's outputs there are proven
+        equal in exact arithmetic at the exact input x (False: not proven)."""
+        return np.zeros(len(groups), dtype=bool)
 
     def where(self, path: str) -> str:
         """The block as an error message names it."""
@@ -123,6 +129,34 @@ class AffineBlock(Block):
 
     def describe(self) -> str:
         return self.map.describe()
+
+    def equal_outputs(self, x: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
+        """Proven for a block of one model layer with stored coefficients (a Gemm or a
+        Conv: its CSR matrix holds them exactly): outputs i and j are equal when
+        their biases are and their rows pair the same multiset of (weight, input)
+        values over the nonzero products, whatever the order of the sums."""
+        proven = np.zeros(len(groups), dtype=bool)
+        if self.layers is None or len(self.layers) != 1 or len(self.layers[0]) != 1 or \
+                self.shared is not None:
+            return proven
+        linear, bias = self.layers[0][0]
+        if not isinstance(linear, (ConvMap, DenseMap)):
+            return proven
+        matrix = linear.to_sparse().tocsr()
+        bias = np.zeros(matrix.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64).ravel()
+
+        def key(i):
+            row = slice(matrix.indptr[i], matrix.indptr[i + 1])
+            weights, values = matrix.data[row], x[matrix.indices[row]]
+            keep = (weights != 0) & (values != 0)
+            weights, values = weights[keep], values[keep]
+            order = np.lexsort((values, weights))
+            return bias[i], weights[order].tobytes(), values[order].tobytes()
+
+        for g, members in enumerate(groups):
+            first = key(members[0])
+            proven[g] = all(key(i) == first for i in members[1:])
+        return proven
 
     def check_magnitude(self, path: str) -> None:
         """Refuse a composed bias that overflowed, or one or a map too large for float

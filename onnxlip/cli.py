@@ -234,6 +234,9 @@ def _model_options(p: argparse.ArgumentParser, method: bool) -> None:
     p.add_argument("--delta", type=_number, default=DEFAULT_DELTA,
                    help=f"failure probability of each probabilistic norm (default {DEFAULT_DELTA:g})")
     if method:
+        p.add_argument("--budget", type=_seconds, default=0.0, metavar="SECONDS",
+                       help="seconds each local bound may spend tightening the joint bound with "
+                            "products of proven-nonnegative forms (default 0: none)")
         p.add_argument("--method", choices=METHODS, default="auto",
                        help="local bound: 'auto' (default: ||J(x0)|| where every neuron provably "
                             "keeps its state over the ball, else the tightest proven bound), "
@@ -243,7 +246,8 @@ def _model_options(p: argparse.ArgumentParser, method: bool) -> None:
 def _load_kwargs(args) -> dict:
     return dict(path=args.model, input_shape=args.input_shape, input_name=args.input_name,
                 output_name=args.output_name, operators=args.operators,
-                memory_budget=args.memory_budget, tol=args.tol, seed=args.seed, delta=args.delta)
+                memory_budget=args.memory_budget, tol=args.tol, seed=args.seed, delta=args.delta,
+                time_budget=getattr(args, "budget", 0.0))
 
 
 def _guarantee(result) -> str:
@@ -505,6 +509,13 @@ def _nonnegative(text: str) -> float:
     value = _number(text)
     if not (value >= 0 and value != float("inf")):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number ≥ 0")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds >= 0")
     return value
 
 

@@ -48,11 +48,12 @@ class Network:
     """
 
     def __init__(self, graph: ModelGraph, blocks: list[Block], solver: Solver | None = None,
-                 memory_budget: float = 1e9):
+                 memory_budget: float = 1e9, time_budget: float = 0.0):
         self.graph = graph
         self.blocks = blocks
         self.solver = solver or Solver()
         self.memory_budget = memory_budget
+        self.time_budget = time_budget
         self._global: bounds.BoundResult | None = None
         self._runner: ModelRunner | None = None
         self._uppers: dict[bytes, list[tuple[float, str, bounds.BoundResult, bounds.Trace]]] = {}
@@ -151,9 +152,11 @@ class Network:
     def _local(self, nominal: bounds.Trace, eps: float, method: str, solver: Solver,
                target: float = math.inf) -> bounds.BoundResult:
         if method == "auto":
-            result = auto_local_bound(self.blocks, nominal, eps, solver, self.memory_budget, target)
+            result = auto_local_bound(self.blocks, nominal, eps, solver, self.memory_budget, target,
+                                      self.time_budget)
         elif method == "tight":
-            result = tight_local_bound(self.blocks, nominal, eps, solver, target=target)
+            result = tight_local_bound(self.blocks, nominal, eps, solver, target=target,
+                                       seconds=self.time_budget)
         else:
             result = bounds.local_bound(self.blocks, nominal, eps, solver)
         result = _finite(result, self.path)
@@ -313,6 +316,7 @@ def load(
     tol: float = DEFAULT_TOL,
     seed: int | None = None,
     delta: float = DEFAULT_DELTA,
+    time_budget: float = 0.0,
 ) -> Network:
     """Load an ONNX model and lower it to a Network.
 
@@ -322,6 +326,8 @@ def load(
     (so of the true norm). seed: the run's random seed (None: fresh from the OS;
     every result records it, and passing it again replays the run exactly).
     delta: failure probability of each probabilistic spectral norm (README, "Guarantees").
+    time_budget: seconds each local bound may spend refining the joint bound with
+    products of proven-nonnegative forms (0: none; README, "Tight by default").
     """
     if operators not in OPERATOR_MODES:
         raise OnnxlipError(f"operators must be one of {OPERATOR_MODES}, got {operators!r}")
@@ -332,6 +338,12 @@ def load(
     if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
         raise OnnxlipError(f"seed must be a non-negative integer, got {seed!r}")
     _check_positive(memory_budget, "memory budget")
+    try:
+        time_ok = math.isfinite(float(time_budget)) and float(time_budget) >= 0
+    except (TypeError, ValueError):
+        time_ok = False
+    if not time_ok:
+        raise OnnxlipError(f"time budget must be a non-negative number of seconds, got {time_budget!r}")
     graph = load_graph(path, input_shape, input_name, output_name)
     lowered, shapes = [], {graph.input_name: graph.input_shape}
     for node in graph.nodes:
@@ -356,7 +368,7 @@ def load(
     release(graph)
     solver = Solver(tol=float(tol), delta=float(delta)) if seed is None else \
         Solver(tol=float(tol), delta=float(delta), seed=int(seed))
-    return Network(graph, blocks, solver, float(memory_budget))
+    return Network(graph, blocks, solver, float(memory_budget), float(time_budget))
 
 
 def _check_positive(value, what: str) -> None:

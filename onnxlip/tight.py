@@ -56,6 +56,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import scipy.sparse as sp
@@ -328,7 +329,8 @@ class _Linearized:
 
 def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
                       solver: Solver | float | None = None, reach: list | None = None,
-                      telescope: bool = True, target: float = math.inf) -> BoundResult:
+                      telescope: bool = True, target: float = math.inf, seconds: float = 0.0
+                      ) -> BoundResult:
     """The joint bound (onnxlip.joint) where it applies, else min(paper bound,
     ||E|| + η(input)); the per-block records are the paper's.
 
@@ -337,7 +339,8 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
     (the others); each decision uses them where tighter than the paper's radii.
     `telescope` False: the joint bound (onnxlip.joint) and the paper's only.
     `target`: a bound below it is all the caller needs; the joint bound is
-    given up where it cannot get below it (its search stops early)."""
+    given up where it cannot get below it (its search stops early). `seconds` > 0:
+    the joint bound's refinement may take that long (joint.refine)."""
     start = time.perf_counter()
     solver = as_solver(solver)
     paper, widths = local_bound_detail(blocks, nominal, eps, solver, reach)
@@ -351,7 +354,7 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
         steps = _stable_steps(blocks, nominal, paper, widths, eps, solves, reach, centered)
         net = _Linearized(blocks, steps, nominal.x.size)
         if centered:
-            joint = joint_bound(net, min(bound, target))
+            joint = joint_bound(net, min(bound, target), seconds)
             if joint < bound:
                 bound, source = joint, "joint"
                 break  # the telescoping is then looser (87 radii of test nets: always; median 0.59x)
@@ -450,7 +453,8 @@ def _stable_steps(blocks: list[Block], nominal: Trace, paper: BoundResult, width
                 change = np.minimum(change, np.maximum(-proven[0], proven[1]))
             if isinstance(block, MaxPoolBlock):
                 step, change, next_mask = _maxpool_step(block, nominal.inputs[k], widths[k],
-                                                        change, mask, centered)
+                                                        change, mask, centered,
+                                                        _equal_values(blocks, nominal, sources[0]))
             else:
                 interval = nominal.inputs[k] - widths[k], nominal.inputs[k] + widths[k]
                 step, change, next_mask = _relu_step(interval, change, mask, centered)
@@ -467,6 +471,18 @@ def _stable_steps(blocks: list[Block], nominal: Trace, paper: BoundResult, width
         masks[k], changes[k] = next_mask, change
         moved[k] = record.eps_in * record.bound * (1 + 4 * U64)
     return steps
+
+
+def _equal_values(blocks: list[Block], nominal: Trace, source: int):
+    """Groups of `source`'s outputs → proven equal at x0 in exact arithmetic, where
+    they are computed from the input alone (the input itself, or a block reading
+    it: Block.equal_outputs); None past that (the values carry rounding)."""
+    x = np.asarray(nominal.x, dtype=np.float64).ravel()
+    if source == INPUT:
+        return lambda groups: np.array([(x[g] == x[g[0]]).all() for g in groups], dtype=bool)
+    if blocks[source].inputs == (INPUT,):
+        return partial(blocks[source].equal_outputs, x)
+    return None
 
 
 def _affine_step(block: AffineBlock, interval, reach, mask, proven=None, centered=True):
@@ -508,7 +524,7 @@ def _relu_gates(low, high, fall, rise, moving, centered=True):
     return gate, uncertain, slopes, inactive
 
 
-def _maxpool_step(block: MaxPoolBlock, z0, err, change, mask, centered=True):
+def _maxpool_step(block: MaxPoolBlock, z0, err, change, mask, centered=True, equal=None):
     """Every window selects its nominal winner w in S⁰, or nothing when tied; U
     adds the rest.
 
@@ -521,7 +537,9 @@ def _maxpool_step(block: MaxPoolBlock, z0, err, change, mask, centered=True):
     its change is a convex combination of its members', θᵀΔz_W, and
     Σ_i (θ_iᵀ M v)² ≤ Σ_i Σ_{j∈W_i} (M v)_j², so P has a unit row e_j for each
     of its members; not `centered`, every unstable window is treated so.
-    Stable windows (no member can move, or every s_j = 0) have no rows."""
+    Stable windows (no member can move, or every s_j = 0) have no rows.
+    `equal` (groups of input indices → proven equal at x0, exactly) tells the
+    tied windows whose candidates are exactly equal (joint.window_spread)."""
     windows = block.windows
     padded = windows < 0
     index = np.where(padded, 0, windows)
@@ -555,8 +573,12 @@ def _maxpool_step(block: MaxPoolBlock, z0, err, change, mask, centered=True):
         rising = slopes > 0  # can overtake the winner on the ball (every tie with a moving member)
         can_win = rising.copy()
         can_win[rows, first] = True
-        spread = window_spread(z0.size, units, [index[u][can_win[u]] for u in units], winner[units],
-                               tied[units], [(index[u][rising[u]], slopes[u][rising[u]]) for u in units])
+        members = [index[u][can_win[u]] for u in units]
+        exact = np.zeros(units.size, dtype=bool)
+        if equal is not None and tied[units].any():
+            exact[tied[units]] = equal([m for m, t in zip(members, tied[units]) if t])
+        spread = window_spread(z0.size, units, members, winner[units], tied[units],
+                               [(index[u][rising[u]], slopes[u][rising[u]]) for u in units], exact)
     step = _Step(selection, None, mask, (~stable).astype(float), None, head, spread=spread)
     return step, block.forward(change), block.pool_mask(mask)
 

@@ -627,6 +627,27 @@ def conv_net(seed: int) -> RefNet:
     return RefNet(input_shape, ops, f"conv{seed}")
 
 
+def tie_net(seed: int) -> tuple[RefNet, np.ndarray]:
+    """Conv → ReLU → 2x2 max-pooling → Gemm → ReLU → Gemm, with an x0 that is one
+    constant value but for a random square: the windows over the constant part
+    are exact ties (every member the same sum of the same products), the others
+    are not. Returns the net and its x0."""
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(8, 13))
+    W = he(rng, (int(rng.integers(2, 5)), 1, 3, 3), 9)
+    ops = [Op("conv", {"W": W, "b": small(rng, W.shape[0], 0.3) + 0.3, "strides": (1, 1),
+                       "pads": (0, 0, 0, 0), "dilations": (1, 1), "group": 1}),
+           Op("relu"), Op("maxpool", {"kernel": (2, 2), "strides": (2, 2), "pads": (0, 0, 0, 0)}),
+           Op("flatten")]
+    flat = W.shape[0] * ((size - 2) // 2) ** 2
+    ops += _dense_layer(rng, flat, 12) + [Op("relu")] + _dense_layer(rng, 12, 4)
+    x0 = np.full((1, 1, size, size), np.float32(rng.uniform(-1, 1)), np.float32)
+    k = int(rng.integers(2, size // 2 + 1))
+    a, b = rng.integers(0, size - k, 2)
+    x0[0, 0, a:a + k, b:b + k] = rng.uniform(-1, 1, (k, k)).astype(np.float32)
+    return RefNet((1, 1, size, size), ops, f"tie{seed}"), x0
+
+
 # ---------------------------------------------------------------------- ONNX -> RefNet
 
 
