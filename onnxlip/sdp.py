@@ -105,6 +105,10 @@ def solve(program: Program, y0: np.ndarray, deadline: float, iterations: int = 8
     coef = np.concatenate([program.coef, np.ones(program.head)])
     full = Program(V, con, p, q, coef, program.C, 0)
     collect = sp.csr_matrix((np.ones(con.size), (con, np.arange(con.size))), shape=(count + 1, con.size))
+    try:
+        lower_S = la.cholesky(S, lower=True, check_finite=False)
+    except la.LinAlgError:
+        return None
     done = 0
     while done < iterations:
         done += 1
@@ -114,8 +118,9 @@ def solve(program: Program, y0: np.ndarray, deadline: float, iterations: int = 8
             break
         if time.perf_counter() > deadline:
             break
-        try:
-            Sinv = la.cho_solve(la.cho_factor(S, check_finite=False), np.eye(n), check_finite=False)
+        try:  # each iteration factors X, M and the next S once
+            lower_X = la.cholesky(X, lower=True, check_finite=False)
+            Sinv = la.cho_solve((lower_S, True), np.eye(n), check_finite=False)
             Sinv = (Sinv + Sinv.T) / 2
             GS = V.T @ Sinv @ V
             T = GX[np.ix_(q, p)] * GS[np.ix_(p, q)]
@@ -131,10 +136,11 @@ def solve(program: Program, y0: np.ndarray, deadline: float, iterations: int = 8
         base = full.inner(GS, count + 1)
         del T
 
-        dX, dS, dw, dy, dt, primal, dual = _direction(program, full, factor, base, X, S, Sinv, y, w, mu, 0.0)
+        point = (X, S, Sinv, y, w, lower_X, lower_S)
+        dX, dS, dw, dy, dt, primal, dual = _direction(program, full, factor, base, point, mu, 0.0)
         affine = np.sum((X + primal * dX) * (S + dual * dS)) + (y + dual * dy) @ (w + primal * dw)
         sigma = min(1.0, (affine / (np.sum(X * S) + y @ w)) ** 3)
-        step = _direction(program, full, factor, base, X, S, Sinv, y, w, mu, sigma, (dX, dS, dw, dy))
+        step = _direction(program, full, factor, base, point, mu, sigma, (dX, dS, dw, dy))
         dX, dS, dw, dy, dt, primal, dual = step
         if primal == 0.0 and dual == 0.0:
             break
@@ -143,7 +149,7 @@ def solve(program: Program, y0: np.ndarray, deadline: float, iterations: int = 8
         t_new, y_new = t + STEP * dual * dt, y + STEP * dual * dy
         S_new = program.apply(y_new, t_new) - program.C  # recomputed: S stays S(t, y)
         try:
-            la.cho_factor(S_new, check_finite=False)
+            lower_S = la.cholesky(S_new, lower=True, check_finite=False)
         except la.LinAlgError:
             break
         t, y, S = t_new, y_new, S_new
@@ -153,12 +159,14 @@ def solve(program: Program, y0: np.ndarray, deadline: float, iterations: int = 8
     return Solution(t, y, X, done)
 
 
-def _direction(program: Program, full: Program, factor, base: np.ndarray, X: np.ndarray, S: np.ndarray,
-               Sinv: np.ndarray, y: np.ndarray, w: np.ndarray, mu: float, sigma: float, predicted=None):
+def _direction(program: Program, full: Program, factor, base: np.ndarray, point: tuple, mu: float,
+               sigma: float, predicted=None):
     """The HKM step to the σμ-centre (`factor`: the Schur complement's Cholesky
-    factor, `base`: ⟨A_i, S⁻¹⟩ and ⟨E, S⁻¹⟩); with the predictor's step
+    factor, `base`: ⟨A_i, S⁻¹⟩ and ⟨E, S⁻¹⟩; `point`: X, S, S⁻¹, y, w and the
+    lower Cholesky factors of X and S); with the predictor's step
     (dX, dS, dw, dy), Mehrotra's second-order correction. Returns the step
     and the largest primal and dual step lengths ≤ 1."""
+    X, S, Sinv, y, w, lower_X, lower_S = point
     count = y.size
     rhs = sigma * mu * base
     rhs[:count] += sigma * mu / y
@@ -178,16 +186,15 @@ def _direction(program: Program, full: Program, factor, base: np.ndarray, X: np.
         dX -= cross
         dw -= pw * py / y
     try:
-        primal = min(_cone_step(X, dX), _ray_step(w, dw))
-        dual = min(_cone_step(S, dS), _ray_step(y, dy))
+        primal = min(_cone_step(lower_X, dX), _ray_step(w, dw))
+        dual = min(_cone_step(lower_S, dS), _ray_step(y, dy))
     except la.LinAlgError:
         primal = dual = 0.0
     return dX, dS, dw, dy, dt, primal, dual
 
 
-def _cone_step(Z: np.ndarray, dZ: np.ndarray) -> float:
-    """The largest α ≤ 1 with Z + α dZ ⪰ 0 (Z ≻ 0)."""
-    lower = la.cholesky(Z, lower=True, check_finite=False)
+def _cone_step(lower: np.ndarray, dZ: np.ndarray) -> float:
+    """The largest α ≤ 1 with Z + α dZ ⪰ 0, Z = lower·lowerᵀ ≻ 0."""
     half = la.solve_triangular(lower, dZ, lower=True, check_finite=False)
     inner = la.solve_triangular(lower, half.T, lower=True, check_finite=False)
     lowest = float(la.eigvalsh((inner + inner.T) / 2, subset_by_index=[0, 0], check_finite=False)[0])
