@@ -221,12 +221,12 @@ class _Forms:
         return np.hstack([self.R.T, self.P])
 
 
-def joint_bound(net, limit: float = math.inf, budget: float = 0.0) -> float:
+def joint_bound(net, limit: float = math.inf, budget: float = 0.0, enough: float = 0.0) -> float:
     """√t proven as in the module's docstring, or inf where it does not apply
     (nothing uncertain, too large) or does not beat `limit`. `net`: tight's
     _Linearized, whose uncertain steps carry a Spread. `budget` > 0: seconds
     the refinement with products of floors may take (refine; where there are
-    floors)."""
+    floors and the bound is above `enough`, what the caller needs)."""
     dense = _dense(net)
     if dense is None:
         return math.inf
@@ -240,7 +240,7 @@ def joint_bound(net, limit: float = math.inf, budget: float = 0.0) -> float:
             return math.inf
         t = _proven(forms, lam, value)
         bound = math.inf if t is None else math.sqrt(t) * (1 + 4 * U64)
-        if budget > 0 and dense.DN is not None and 0 < dense.DN.shape[0] <= FLOORS_MAX:
+        if budget > 0 and bound > enough and dense.DN is not None and 0 < dense.DN.shape[0] <= FLOORS_MAX:
             bound = min(bound, refine(_forms(dense, floors=True), lam, time.perf_counter() + budget))
     return bound
 

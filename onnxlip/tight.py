@@ -354,7 +354,7 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
         steps = _stable_steps(blocks, nominal, paper, widths, eps, solves, reach, centered)
         net = _Linearized(blocks, steps, nominal.x.size)
         if centered:
-            joint = joint_bound(net, min(bound, target), seconds)
+            joint = joint_bound(net, min(bound, target), seconds, target if math.isfinite(target) else 0.0)
             if joint < bound:
                 bound, source = joint, "joint"
                 break  # the telescoping is then looser (87 radii of test nets: always; median 0.59x)

@@ -444,6 +444,9 @@ def test_products_of_floors_tighten_soundly(tmp_path, monkeypatch, seed):
     found = _ratio_ascent(net, x0, 1e-3, np.random.default_rng(seed))
     lower = refined.lower_bounds(x0, [1e-3], samples=16, ascent_steps=10)[0].best
     assert max(found, lower) <= after.bound * SLACK
+    _, needs_less, _ = _chain("tie", seed, tmp_path, time_budget=600)  # a caller's target already met:
+    met = needs_less.local_bound_from(needs_less.trace(x0), 1e-3, target=2 * before.bound)  # no refining
+    assert met.bound == before.bound
 
 
 @pytest.mark.skipif(not (REFERENCE / "mnist_avant.onnx").is_file(), reason="../shared/reference absent")
