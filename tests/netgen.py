@@ -772,6 +772,31 @@ def ball_points(rng, x0: np.ndarray, eps: float, n_sphere: int, n_inside: int,
     return np.concatenate(points)
 
 
+def ratio_ascent(net: RefNet, x0: np.ndarray, eps: float, rng, starts: int = 40, steps: int = 40) -> float:
+    """The largest ||f(x) − f(x0)|| / ||x − x0|| found by gradient ascent on the
+    ratio in the ball (the float64 twin), from random directions at random radii."""
+    x0 = x0.ravel().astype(np.float64)
+    f0, best = net(x0[None])[0], 0.0
+    for _ in range(starts):
+        d = rng.standard_normal(x0.size)
+        radius = eps * 10 ** rng.uniform(-5, 0)
+        x = x0 + radius * d / np.linalg.norm(d)
+        for _ in range(steps):
+            dx = x - x0
+            size = np.linalg.norm(dx)
+            df = net(x[None])[0] - f0
+            ratio = np.linalg.norm(df) / size
+            best = max(best, ratio)
+            if not np.any(df):
+                break
+            grad = (net.vjp(x, (df / np.linalg.norm(df))[None])[0] - ratio * dx / size) / size
+            x = x + 0.1 * radius * grad / (np.linalg.norm(grad) + 1e-300)
+            dx = x - x0
+            if np.linalg.norm(dx) > eps:
+                x = x0 + dx * eps / np.linalg.norm(dx)
+    return best
+
+
 def max_ratio(f, x0: np.ndarray, points: np.ndarray, noise: float = 1e-12) -> float:
     """max over points of ||f(x) - f(x0)|| / ||x - x0|| (f batched).
 

@@ -404,31 +404,6 @@ def test_exact_ties_are_proven_and_near_ties_are_not(tmp_path, seed):
     assert (proven & ~after).any()
 
 
-def _ratio_ascent(net, x0: np.ndarray, eps: float, rng, starts: int = 20, steps: int = 30) -> float:
-    """The largest ||f(x) − f(x0)|| / ||x − x0|| found by gradient ascent on the
-    ratio in the ball (float64 twin), from random directions at random radii."""
-    x0 = x0.ravel().astype(np.float64)
-    f0, best = net(x0[None])[0], 0.0
-    for _ in range(starts):
-        d = rng.standard_normal(x0.size)
-        radius = eps * 10 ** rng.uniform(-4, 0)
-        x = x0 + radius * d / np.linalg.norm(d)
-        for _ in range(steps):
-            dx = x - x0
-            size = np.linalg.norm(dx)
-            df = net(x[None])[0] - f0
-            ratio = np.linalg.norm(df) / size
-            best = max(best, ratio)
-            if not np.any(df):
-                break
-            grad = (net.vjp(x, (df / np.linalg.norm(df))[None])[0] - ratio * dx / size) / size
-            x = x + 0.1 * radius * grad / (np.linalg.norm(grad) + 1e-300)
-            dx = x - x0
-            if np.linalg.norm(dx) > eps:
-                x = x0 + dx * eps / np.linalg.norm(dx)
-    return best
-
-
 @pytest.mark.parametrize("seed", [28, 39])
 def test_products_of_floors_tighten_soundly(tmp_path, monkeypatch, seed):
     """The refinement (a time budget; here two rounds of cutting planes) on the
@@ -441,7 +416,7 @@ def test_products_of_floors_tighten_soundly(tmp_path, monkeypatch, seed):
     before, after = plain.local_bound(x0, 1e-3), refined.local_bound(x0, 1e-3)
     assert before.source == after.source == "joint"
     assert after.bound < 0.9 * before.bound
-    found = _ratio_ascent(net, x0, 1e-3, np.random.default_rng(seed))
+    found = netgen.ratio_ascent(net, x0, 1e-3, np.random.default_rng(seed), starts=20, steps=30)
     lower = refined.lower_bounds(x0, [1e-3], samples=16, ascent_steps=10)[0].best
     assert max(found, lower) <= after.bound * SLACK
     _, needs_less, _ = _chain("tie", seed, tmp_path, time_budget=600)  # a caller's target already met:

@@ -33,30 +33,6 @@ import onnxlip  # noqa: E402
 SLACK = 1e-6
 
 
-def ratio_ascent(net, x0: np.ndarray, eps: float, rng, starts: int = 40, steps: int = 40) -> float:
-    """The largest difference quotient found by projected gradient ascent on it."""
-    x0 = x0.ravel().astype(np.float64)
-    f0, best = net(x0[None])[0], 0.0
-    for _ in range(starts):
-        d = rng.standard_normal(x0.size)
-        radius = eps * 10 ** rng.uniform(-5, 0)
-        x = x0 + radius * d / np.linalg.norm(d)
-        for _ in range(steps):
-            dx = x - x0
-            size = np.linalg.norm(dx)
-            df = net(x[None])[0] - f0
-            ratio = np.linalg.norm(df) / size
-            best = max(best, ratio)
-            if not np.any(df):
-                break
-            grad = (net.vjp(x, (df / np.linalg.norm(df))[None])[0] - ratio * dx / size) / size
-            x = x + 0.1 * radius * grad / (np.linalg.norm(grad) + 1e-300)
-            dx = x - x0
-            if np.linalg.norm(dx) > eps:
-                x = x0 + dx * eps / np.linalg.norm(dx)
-    return best
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs=2, default=(0, 40), metavar=("FIRST", "END"))
@@ -77,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 after = refined.local_bound(x0, eps)
                 seconds = time.perf_counter() - start
-                found = ratio_ascent(net, x0, eps, rng)
+                found = netgen.ratio_ascent(net, x0, eps, rng)
                 lower = refined.lower_bounds(x0, [eps], samples=32, ascent_steps=20)[0].best
                 low = max(found, lower if lower == lower else 0.0)
                 bad = low > after.bound * (1 + SLACK) or low > before.bound * (1 + SLACK) or \
