@@ -239,6 +239,11 @@ def joint_bound(net, limit: float = math.inf, budget: float = 0.0, enough: float
         if not math.isfinite(value) or math.sqrt(value) >= limit:
             return math.inf
         t = _proven(forms, lam, value)
+        if t is None:  # multipliers many decades apart leave a radius block nearly singular
+            lam = np.maximum(lam, LAMBDA_FLOOR * lam.max())
+            value = _value(forms, lam)[0]
+            if math.isfinite(value) and math.sqrt(value) < limit:
+                t = _proven(forms, lam, value)
         bound = math.inf if t is None else math.sqrt(t) * (1 + 4 * U64)
         if budget > 0 and bound > enough and dense.DN is not None and 0 < dense.DN.shape[0] <= FLOORS_MAX:
             bound = min(bound, refine(_forms(dense, floors=True), lam, time.perf_counter() + budget))
