@@ -123,16 +123,20 @@ class Spread:
 
 
 def relu_spread(head: LinearMap | None, size: int, uncertain: np.ndarray, gate: np.ndarray,
-                slopes: np.ndarray) -> Spread:
+                slopes: np.ndarray, sure: np.ndarray | None = None) -> Spread:
     """Uncertain ReLUs: slope gate + U with |U| ≤ slopes, U ≤ 0 where the gate is 1
-    (≥ 0 where 0): the slope's interval is [gate − slope, gate] or [0, slope]."""
+    (≥ 0 where 0): the slope's interval is [gate − slope, gate] or [0, slope].
+    Floors where the exact input y* at x0 is `sure`ly on the gate's side (y* ≥ 0
+    with gate 1, y* < 0 with gate 0): r_u = relu(y) − y ≥ 0 or relu(y) ≥ 0."""
     units = np.flatnonzero(uncertain)
     half = slopes[units] / 2
     centre = np.where(gate[units] > 0, -half, half)
     m = units.size
     shift = sp.csr_matrix((centre, (np.arange(m), units)), shape=(m, size))
     rows = sp.csr_matrix((half, (np.arange(m), units)), shape=(m, size))
-    return Spread(head, units, shift, rows, np.arange(m))
+    floor_owner = np.flatnonzero(sure[units]) if sure is not None else np.zeros(0, dtype=int)
+    floors = sp.csr_matrix((floor_owner.size, size))  # r_u itself: empty rows
+    return Spread(head, units, shift, rows, np.arange(m), floors, floor_owner)
 
 
 def window_spread(size: int, units: np.ndarray, members: list[np.ndarray], winners: np.ndarray,

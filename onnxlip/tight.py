@@ -499,7 +499,8 @@ def _affine_step(block: AffineBlock, interval, reach, mask, proven=None, centere
     if not block.relu:
         return _Step(block.map, None, mask), moves, (reach > 0).astype(float)
     gate, uncertain, slopes, inactive = _relu_gates(low, high, fall, rise, reach > 0, centered)
-    spread = relu_spread(block.map, block.out_size, uncertain, gate, slopes) if centered else None
+    sure = (low >= 0) & (gate > 0) | (high < 0) & (gate == 0)  # y* on the gate's side, proven
+    spread = relu_spread(block.map, block.out_size, uncertain, gate, slopes, sure) if centered else None
     step = _Step(block.map, gate, mask, uncertain.astype(float), slopes, block.map, spread=spread)
     return step, np.where(inactive, 0.0, moves), (~inactive & (reach > 0)).astype(float)
 
@@ -587,6 +588,7 @@ def _relu_step(interval, change, mask, centered=True):
     """A lone ReLU: as the rows of an affine-ReLU block (_relu_gates), on its input."""
     low, high = interval
     gate, uncertain, slopes, inactive = _relu_gates(low, high, change, change, change > 0, centered)
-    spread = relu_spread(None, gate.size, uncertain, gate, slopes) if centered else None
+    sure = (low >= 0) & (gate > 0) | (high < 0) & (gate == 0)  # y* on the gate's side, proven
+    spread = relu_spread(None, gate.size, uncertain, gate, slopes, sure) if centered else None
     step = _Step(None, gate, mask, uncertain.astype(float), slopes, spread=spread)
     return step, np.where(inactive, 0.0, change), mask * ~inactive
