@@ -250,7 +250,7 @@ def test_float32_maps_are_pulled_in_float64(tmp_path, monkeypatch):
 
     captured = []
     original_dense = joint._dense
-    monkeypatch.setattr(joint, "_dense", lambda net: captured.append(net) or original_dense(net))
+    monkeypatch.setattr(joint, "_dense", lambda net, *a: captured.append(net) or original_dense(net, *a))
 
     monkeypatch.setattr(joint, "_forms", spy)
     tight.tight_local_bound(engine.blocks, nominal, eps, engine.tol, reach=reach.changes)
@@ -474,3 +474,30 @@ def test_multipliers_decades_apart_are_floored_before_the_proof(tmp_path):
     points = netgen.ball_points(np.random.default_rng(6), x0, eps, 300, 300, directions)
     sampled = netgen.max_ratio(lambda p: net(p.reshape((-1, *net.input_shape[1:]))), x0, points)
     assert sampled <= result.bound * SLACK
+
+
+@pytest.mark.parametrize("handicap", ["size", "search"])
+def test_budget_refines_where_the_plain_joint_bound_gives_up(tmp_path, monkeypatch, handicap):
+    """With a time budget the interior-point method (one round, no products)
+    starts from the search's multipliers even where the plain joint bound gives
+    up: programs above FORMS_MAX (up to FORMS_MAX_REFINED), and multipliers that
+    do not beat the paper's bound (here a search of one evaluation). conv6 at
+    ε = 0.03·||x0|| (program side 170): the paper's composition (41.2) without the budget,
+    the joint bound (~3.2-3.4) with it, above the float64 twin's sampled ratios."""
+    if handicap == "size":
+        monkeypatch.setattr(joint, "FORMS_MAX", 100)
+    else:
+        monkeypatch.setattr(joint, "EVALS_MIN", 1)
+        monkeypatch.setattr(joint, "EVALS_MAX", 1)
+    monkeypatch.setattr(joint, "ROUNDS_MAX", 1)
+    net, plain, x0 = _chain("conv", 6, tmp_path)
+    _, budgeted, _ = _chain("conv", 6, tmp_path, time_budget=600)
+    eps = 0.03 * float(np.linalg.norm(x0))
+    without, refined = plain.local_bound(x0, eps), budgeted.local_bound(x0, eps)
+    assert without.source != "joint"
+    assert refined.source == "joint" and refined.bound < 0.2 * without.bound
+    directions = list(np.linalg.svd(plain.jacobian(x0).dense())[2][:2])
+    points = netgen.ball_points(np.random.default_rng(6), x0, eps, 300, 300, directions)
+    sampled = netgen.max_ratio(lambda p: net(p.reshape((-1, *net.input_shape[1:]))), x0, points)
+    lower = plain.lower_bounds(x0, [eps], samples=16, ascent_steps=10)[0].best
+    assert max(sampled, lower) <= refined.bound * SLACK
