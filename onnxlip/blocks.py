@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
+import scipy.sparse as sp
 
 from .activations import Activation, ReLU
 from .errors import OnnxlipError
@@ -136,14 +137,9 @@ class AffineBlock(Block):
         their biases are and their rows pair the same multiset of (weight, input)
         values over the nonzero products, whatever the order of the sums."""
         proven = np.zeros(len(groups), dtype=bool)
-        if self.layers is None or len(self.layers) != 1 or len(self.layers[0]) != 1 or \
-                self.shared is not None:
+        if self._one_layer is None:
             return proven
-        linear, bias = self.layers[0][0]
-        if not isinstance(linear, (ConvMap, DenseMap)):
-            return proven
-        matrix = linear.to_sparse().tocsr()
-        bias = np.zeros(matrix.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64).ravel()
+        matrix, bias = self._one_layer
 
         def key(i):
             row = slice(matrix.indptr[i], matrix.indptr[i + 1])
@@ -157,6 +153,19 @@ class AffineBlock(Block):
             first = key(members[0])
             proven[g] = all(key(i) == first for i in members[1:])
         return proven
+
+    @cached_property
+    def _one_layer(self) -> tuple[sp.csr_matrix, np.ndarray] | None:
+        """(CSR matrix, bias) of a block of one Gemm or Conv layer (made once), else None."""
+        if self.layers is None or len(self.layers) != 1 or len(self.layers[0]) != 1 or \
+                self.shared is not None:
+            return None
+        linear, bias = self.layers[0][0]
+        if not isinstance(linear, (ConvMap, DenseMap)):
+            return None
+        matrix = linear.to_sparse().tocsr()
+        return matrix, (np.zeros(matrix.shape[0]) if bias is None else
+                        np.asarray(bias, dtype=np.float64).ravel())
 
     def check_magnitude(self, path: str) -> None:
         """Refuse a composed bias that overflowed, or one or a map too large for float

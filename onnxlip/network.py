@@ -338,12 +338,7 @@ def load(
     if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
         raise OnnxlipError(f"seed must be a non-negative integer, got {seed!r}")
     _check_positive(memory_budget, "memory budget")
-    try:
-        time_ok = math.isfinite(float(time_budget)) and float(time_budget) >= 0
-    except (TypeError, ValueError):
-        time_ok = False
-    if not time_ok:
-        raise OnnxlipError(f"time budget must be a non-negative number of seconds, got {time_budget!r}")
+    _check_positive(time_budget, "time budget (seconds)", zero=True)
     graph = load_graph(path, input_shape, input_name, output_name)
     lowered, shapes = [], {graph.input_name: graph.input_shape}
     for node in graph.nodes:
@@ -371,10 +366,12 @@ def load(
     return Network(graph, blocks, solver, float(memory_budget), float(time_budget))
 
 
-def _check_positive(value, what: str) -> None:
+def _check_positive(value, what: str, zero: bool = False) -> None:
+    """A finite number > 0 (≥ 0 where `zero`), else a one-line error."""
     try:
-        ok = math.isfinite(float(value)) and float(value) > 0
+        ok = math.isfinite(float(value)) and (float(value) > 0 or zero and float(value) == 0)
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise OnnxlipError(f"{what} must be a positive finite number, got {value!r}")
+        raise OnnxlipError(f"{what} must be a {'non-negative' if zero else 'positive'} finite number, "
+                           f"got {value!r}")

@@ -78,7 +78,8 @@ def solve(program: Program, y0: np.ndarray, deadline: float, iterations: int = 8
           gap: float = 1e-3) -> Solution | None:
     """Iterate from multipliers y0 (raised until S's trailing block is definite)
     until the duality gap is below `gap`·t, the cap or the deadline
-    (time.perf_counter()); None where no start is found or the first step fails."""
+    (time.perf_counter()); None where no start is found or its S is not definite
+    (a step that fails ends the iteration at the last point, which is returned)."""
     n, count = program.C.shape[0], program.count
     head, tail = np.arange(program.head), np.arange(program.head, n)
     y = np.array(y0, dtype=float)

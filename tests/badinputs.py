@@ -392,7 +392,7 @@ def make_cases(folder: Path) -> list[Case]:
         "memory budget must be a positive finite number", load(good, memory_budget=0))
     add("--budget -1", ["bound", good, "-x", "x.npy", "-e", "0.1", "--budget", "-1"],
         "argument --budget: '-1' is not a finite number of seconds >= 0", load(good, time_budget=-1),
-        argparse=True, api_expect="time budget must be a non-negative number of seconds, got -1")
+        argparse=True, api_expect="time budget (seconds) must be a non-negative finite number, got -1")
 
     # --- NaN / Inf / huge weights, named by node
     k = _nan((2, 1, 3, 3), 4)
