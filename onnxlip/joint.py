@@ -232,8 +232,10 @@ def joint_bound(net, limit: float = math.inf, budget: float = 0.0, enough: float
     """√t proven as in the module's docstring, or inf where it does not apply
     (nothing uncertain, too large) or does not beat `limit`. `net`: tight's
     _Linearized, whose uncertain steps carry a Spread. `budget` > 0: seconds
-    the refinement with products of floors may take (refine; where there are
-    floors and the bound is above `enough`, what the caller needs)."""
+    the refinement may take (refine, from the search's multipliers whether or
+    not they beat `limit`; with products of floors where there are some), where
+    the bound is above `enough`, what the caller needs; programs up to
+    FORMS_MAX_REFINED then qualify."""
     dense = _dense(net, FORMS_MAX_REFINED if budget > 0 else FORMS_MAX)
     if dense is None:
         return math.inf
