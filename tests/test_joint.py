@@ -204,13 +204,20 @@ def _chain(kind: str, seed: int, tmp_path, **options):
     return net, onnxlip.load(path, seed=0, **options), x0
 
 
+def _sampled_ratio(net, engine, x0: np.ndarray, eps: float, rng: np.random.Generator) -> float:
+    """The largest ratio the float64 twin shows at points of the ball: random ones
+    and along J(x0)'s two top right singular vectors (netgen.ball_points)."""
+    directions = list(np.linalg.svd(engine.jacobian(x0).dense())[2][:2])
+    points = netgen.ball_points(rng, x0, eps, 300, 300, directions)
+    return netgen.max_ratio(lambda p: net(p.reshape((-1, *net.input_shape[1:]))), x0, points)
+
+
 @pytest.mark.parametrize("kind,seed", [("dense", 7), ("conv", 5), ("conv", 6), ("conv", 11)])
 def test_joint_on_chains_is_sound_and_below_the_telescoping(tmp_path, kind, seed, monkeypatch):
     """Where the joint bound is used it is below the telescoping alone, and above
     sampled ratios of the float64 twin and onnxlip's lower bounds."""
     net, engine, x0 = _chain(kind, seed, tmp_path)
     nominal, used = engine.trace(x0), 0
-    directions = list(np.linalg.svd(engine.jacobian(x0).dense())[2][:2])
     rng = np.random.default_rng(seed)
     for level in (1e-3, 1e-2, 3e-2):
         eps = level * float(np.linalg.norm(x0))
@@ -224,8 +231,7 @@ def test_joint_on_chains_is_sound_and_below_the_telescoping(tmp_path, kind, seed
             continue
         used += 1
         assert both.bound < alone.bound
-        points = netgen.ball_points(rng, x0, eps, 300, 300, directions)
-        sampled = netgen.max_ratio(lambda p: net(p.reshape((-1, *net.input_shape[1:]))), x0, points)
+        sampled = _sampled_ratio(net, engine, x0, eps, rng)
         lower = engine.lower_bounds(x0, [eps], samples=16, ascent_steps=10)[0].best
         assert max(sampled, lower) <= both.bound * SLACK
     assert used  # each of these nets has a radius where the joint bound is the tighter
@@ -470,9 +476,7 @@ def test_multipliers_decades_apart_are_floored_before_the_proof(tmp_path):
     result = engine.local_bound(x0, eps)
     paper = engine.local_bound(x0, eps, method="paper")
     assert result.source == "joint" and result.bound < 0.2 * paper.bound
-    directions = list(np.linalg.svd(engine.jacobian(x0).dense())[2][:2])
-    points = netgen.ball_points(np.random.default_rng(6), x0, eps, 300, 300, directions)
-    sampled = netgen.max_ratio(lambda p: net(p.reshape((-1, *net.input_shape[1:]))), x0, points)
+    sampled = _sampled_ratio(net, engine, x0, eps, np.random.default_rng(6))
     assert sampled <= result.bound * SLACK
 
 
@@ -496,8 +500,6 @@ def test_budget_refines_where_the_plain_joint_bound_gives_up(tmp_path, monkeypat
     without, refined = plain.local_bound(x0, eps), budgeted.local_bound(x0, eps)
     assert without.source != "joint"
     assert refined.source == "joint" and refined.bound < 0.2 * without.bound
-    directions = list(np.linalg.svd(plain.jacobian(x0).dense())[2][:2])
-    points = netgen.ball_points(np.random.default_rng(6), x0, eps, 300, 300, directions)
-    sampled = netgen.max_ratio(lambda p: net(p.reshape((-1, *net.input_shape[1:]))), x0, points)
+    sampled = _sampled_ratio(net, plain, x0, eps, np.random.default_rng(6))
     lower = plain.lower_bounds(x0, [eps], samples=16, ascent_steps=10)[0].best
     assert max(sampled, lower) <= refined.bound * SLACK
