@@ -235,9 +235,9 @@ def _model_options(p: argparse.ArgumentParser, method: bool) -> None:
                    help=f"failure probability of each probabilistic norm (default {DEFAULT_DELTA:g})")
     if method:
         p.add_argument("--budget", type=_seconds, default=0.0, metavar="SECONDS",
-                       help="seconds each local bound may spend tightening the joint bound "
-                            "(an interior-point method, with products of proven-nonnegative "
-                            "forms; default 0: none)")
+                       help="seconds each local bound may spend on the joint bound, its "
+                            "multiplier search and then an interior-point refinement (with "
+                            "products of proven-nonnegative forms; default 0: none)")
         p.add_argument("--method", choices=METHODS, default="auto",
                        help="local bound: 'auto' (default: ||J(x0)|| where every neuron provably "
                             "keeps its state over the ball, else the tightest proven bound), "

@@ -232,10 +232,12 @@ def joint_bound(net, limit: float = math.inf, budget: float = 0.0, enough: float
     """√t proven as in the module's docstring, or inf where it does not apply
     (nothing uncertain, too large) or does not beat `limit`. `net`: tight's
     _Linearized, whose uncertain steps carry a Spread. `budget` > 0: seconds
-    the refinement may take (refine, from the search's multipliers whether or
-    not they beat `limit`; with products of floors where there are some), where
-    the bound is above `enough`, what the caller needs; programs up to
-    FORMS_MAX_REFINED then qualify."""
+    the joint bound may take from here, the search's and the refinement's
+    (refine, from the search's multipliers whether or not they beat `limit`;
+    with products of floors where there are some; where the bound is above
+    `enough`, what the caller needs); programs up to FORMS_MAX_REFINED then
+    qualify."""
+    deadline = time.perf_counter() + budget
     dense = _dense(net, FORMS_MAX_REFINED if budget > 0 else FORMS_MAX)
     if dense is None:
         return math.inf
@@ -243,7 +245,7 @@ def joint_bound(net, limit: float = math.inf, budget: float = 0.0, enough: float
     with BLAS_THREADS.limit(limits=1, user_api="blas"):  # small problems: threads only contend
         # with a budget, the search's multipliers are the refinement's start even where
         # they do not beat `limit` (the interior-point method often does: MNIST at 0.1)
-        found = _multipliers(forms, math.inf if budget > 0 else limit)
+        found = _multipliers(forms, math.inf, deadline) if budget > 0 else _multipliers(forms, limit)
         if found is None:
             return math.inf
         lam, value = found
@@ -258,7 +260,7 @@ def joint_bound(net, limit: float = math.inf, budget: float = 0.0, enough: float
             bound = math.inf if t is None else math.sqrt(t) * (1 + 4 * U64)
         if budget > 0 and bound > enough:
             floored = dense.DN is not None and 0 < dense.DN.shape[0] <= FLOORS_MAX
-            bound = min(bound, refine(_forms(dense, floors=floored), lam, time.perf_counter() + budget))
+            bound = min(bound, refine(_forms(dense, floors=floored), lam, deadline))
     return bound if bound < limit else math.inf
 
 
@@ -424,14 +426,16 @@ def _value(forms: _Forms, lam: np.ndarray, omega: np.ndarray | None = None
     return float(values[-1]), radius - centre
 
 
-def _multipliers(forms: _Forms, limit: float = math.inf) -> tuple[np.ndarray, float] | None:
+def _multipliers(forms: _Forms, limit: float = math.inf, deadline: float = math.inf
+                 ) -> tuple[np.ndarray, float] | None:
     """(λ, t(λ)): multipliers with a small t(λ), within an evaluation budget (EVAL_FLOPS, at
     least EVALS_MIN, at most EVALS_MAX): a feasible start (each block's units' λ a
     factor above the next uncertain block's, raised until the r-part is
     definite), its best common scale (e^0, e^-2, …, while t falls), then
     L-BFGS-B on log λ (an infeasible λ counts as a large t whose gradient
-    raises every λ). None where no start is feasible, or where √t is still
-    above GIVE_UP times `limit` (a bound it would not beat) after EVALS_MIN."""
+    raises every λ); where `deadline` (time.perf_counter()) passes, the best
+    point so far. None where no start is feasible, or where √t is still above
+    GIVE_UP times `limit` (a bound it would not beat) after EVALS_MIN."""
     side = forms.R.shape[0] + forms.units
     budget = int(min(EVALS_MAX, max(EVALS_MIN, EVAL_FLOPS / side**3)))
     top = float(np.linalg.norm(forms.P[:forms.outputs], 2)) ** 2 + 1.0
@@ -453,24 +457,35 @@ def _multipliers(forms: _Forms, limit: float = math.inf) -> tuple[np.ndarray, fl
     if best > (GIVE_UP_START * limit) ** 2:  # the search gains 1.2-2.7x on its start
         return None
 
+    theta = np.log(start * scale)
+    seen = [best, theta]  # the best point evaluated: what a passed deadline leaves
+
     def objective(theta):
+        if time.perf_counter() > deadline:
+            raise _Deadline
         value, grad = _value(forms, np.exp(theta))
         if not math.isfinite(value):
             return 1e3 * first, -first * np.ones_like(theta)
+        if value < seen[0]:
+            seen[:] = [value, theta.copy()]
         return value, grad * np.exp(theta)
 
-    theta = np.log(start * scale)
     box = [(t - SPAN, t + SPAN) for t in theta]  # λ within e^±SPAN of the start: finite
     for evals in (EVALS_MIN, budget - EVALS_MIN):  # a first leg, then the rest if it is worth it
         if evals <= 0:
             break
-        found = minimize(objective, theta, jac=True, method="L-BFGS-B", bounds=box,
-                         options={"maxfun": evals, "maxiter": evals})
-        if found.fun < best:
-            best, theta = float(found.fun), found.x
-        if best > (GIVE_UP * limit) ** 2:
+        try:
+            minimize(objective, seen[1], jac=True, method="L-BFGS-B", bounds=box,
+                     options={"maxfun": evals, "maxiter": evals})
+        except _Deadline:
+            break
+        if seen[0] > (GIVE_UP * limit) ** 2:
             return None
-    return np.exp(theta), best
+    return np.exp(seen[1]), float(seen[0])
+
+
+class _Deadline(Exception):
+    """The search's deadline passed (caught in _multipliers)."""
 
 
 def _proven(forms: _Forms, lam: np.ndarray, value: float, omega: np.ndarray | None = None

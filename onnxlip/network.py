@@ -326,9 +326,10 @@ def load(
     (so of the true norm). seed: the run's random seed (None: fresh from the OS;
     every result records it, and passing it again replays the run exactly).
     delta: failure probability of each probabilistic spectral norm (README, "Guarantees").
-    time_budget: seconds each local bound may spend refining the joint bound (an
-    interior-point method, with products of proven-nonnegative forms; 0: none;
-    README, "Tight by default").
+    time_budget: seconds each local bound may spend on the joint bound: its
+    multiplier search, then its refinement (an interior-point method, with
+    products of proven-nonnegative forms); 0: no refinement (README, "Tight by
+    default").
     """
     if operators not in OPERATOR_MODES:
         raise OnnxlipError(f"operators must be one of {OPERATOR_MODES}, got {operators!r}")

@@ -340,7 +340,7 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
     `telescope` False: the joint bound (onnxlip.joint) and the paper's only.
     `target`: a bound below it is all the caller needs; the joint bound is
     given up where it cannot get below it (its search stops early). `seconds` > 0:
-    the joint bound's refinement may take that long (joint.refine)."""
+    the joint bound (search and refinement, joint.refine) may take that long."""
     start = time.perf_counter()
     solver = as_solver(solver)
     paper, widths = local_bound_detail(blocks, nominal, eps, solver, reach)

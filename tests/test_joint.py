@@ -503,3 +503,21 @@ def test_budget_refines_where_the_plain_joint_bound_gives_up(tmp_path, monkeypat
     sampled = _sampled_ratio(net, plain, x0, eps, np.random.default_rng(6))
     lower = plain.lower_bounds(x0, [eps], samples=16, ascent_steps=10)[0].best
     assert max(sampled, lower) <= refined.bound * SLACK
+
+
+def test_search_stops_at_its_deadline(monkeypatch):
+    """The budget counts the multiplier search too: with its deadline passed, the
+    search evaluates no L-BFGS point and returns its (feasible) start, which is
+    no better than what it reaches without a deadline and still proves a bound."""
+    forms, _ = _random_forms(np.random.default_rng(7), n=8, o=3, blocks=(2, 2))
+    calls = []
+    real = joint._value
+    monkeypatch.setattr(joint, "_value", lambda f, lam, *a: calls.append(1) or real(f, lam, *a))
+    lam_late, late = _multipliers(forms, math.inf, deadline=-math.inf)
+    scan = len(calls)
+    lam_free, free = _multipliers(forms)
+    assert len(calls) - scan > scan  # without a deadline L-BFGS evaluates more points
+    assert scan <= 16  # the start's scan alone: ratios, then scales
+    assert math.isfinite(late) and free <= late
+    assert late == pytest.approx(real(forms, lam_late)[0])
+    assert _proven(forms, lam_late, late) is not None
