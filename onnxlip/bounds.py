@@ -70,6 +70,8 @@ class BoundResult:
     (delta: the union bound, the sum of the solves' failure probabilities).
     source: what produced the number ('paper', 'tight': the telescoping of
     onnxlip.tight, 'joint': the uncertain units bounded together, onnxlip.joint,
+    'joint (refined)': the same with multipliers from the refinement a time
+    budget runs,
     or 'exact': ||J(x0)|| where f is proven affine on the ball, see
     onnxlip.auto); notes: what the method assumed or where it fell back.
     """

@@ -228,26 +228,27 @@ class _Forms:
         return np.hstack([self.R.T, self.P])
 
 
-def joint_bound(net, limit: float = math.inf, budget: float = 0.0, enough: float = 0.0) -> float:
-    """√t proven as in the module's docstring, or inf where it does not apply
+def joint_bound(net, limit: float = math.inf, budget: float = 0.0, enough: float = 0.0
+                ) -> tuple[float, bool]:
+    """(bound, refined): √t proven as in the module's docstring, or inf where it does not apply
     (nothing uncertain, too large) or does not beat `limit`. `net`: tight's
     _Linearized, whose uncertain steps carry a Spread. `budget` > 0: seconds
     the joint bound may take from here, the search's and the refinement's
     (refine, from the search's multipliers whether or not they beat `limit`;
     with products of floors where there are some; where the bound is above
     `enough`, what the caller needs); programs up to FORMS_MAX_REFINED then
-    qualify."""
+    qualify. `refined`: the refinement's multipliers gave the bound."""
     deadline = time.perf_counter() + budget
     dense = _dense(net, FORMS_MAX_REFINED if budget > 0 else FORMS_MAX)
     if dense is None:
-        return math.inf
+        return math.inf, False
     forms = _forms(dense)
     with BLAS_THREADS.limit(limits=1, user_api="blas"):  # small problems: threads only contend
         # with a budget, the search's multipliers are the refinement's start even where
         # they do not beat `limit` (the interior-point method often does: MNIST at 0.1)
         found = _multipliers(forms, math.inf, deadline) if budget > 0 else _multipliers(forms, limit)
         if found is None:
-            return math.inf
+            return math.inf, False
         lam, value = found
         bound = math.inf
         if math.isfinite(value) and math.sqrt(value) < limit:
@@ -260,8 +261,10 @@ def joint_bound(net, limit: float = math.inf, budget: float = 0.0, enough: float
             bound = math.inf if t is None else math.sqrt(t) * (1 + 4 * U64)
         if budget > 0 and bound > enough:
             floored = dense.DN is not None and 0 < dense.DN.shape[0] <= FLOORS_MAX
-            bound = min(bound, refine(_forms(dense, floors=floored), lam, deadline))
-    return bound if bound < limit else math.inf
+            refined = refine(_forms(dense, floors=floored), lam, deadline)
+            if refined < bound:
+                return (refined, True) if refined < limit else (math.inf, False)
+    return (bound, False) if bound < limit else (math.inf, False)
 
 
 @dataclass
