@@ -755,7 +755,7 @@ def test_carry_capped_by_the_paper_suffix(tmp_path, monkeypatch):
 
     monkeypatch.setattr(reach_module, "_rise",
                         lambda state, zlo, zhi, members, *_: np.full(len(members), np.inf))
-    monkeypatch.setattr(tight, "joint_bound", lambda *a: math.inf)  # the telescoping alone
+    monkeypatch.setattr(tight, "joint_bound", lambda *a: (math.inf, False))  # the telescoping alone
     twin, engine, x0 = _chain("conv", 6, tmp_path)
     eps = 0.03 * float(np.linalg.norm(x0))
     nominal = engine.trace(x0)

@@ -224,7 +224,7 @@ def test_joint_on_chains_is_sound_and_below_the_telescoping(tmp_path, kind, seed
         reach = analyse(engine.blocks, nominal, eps)
         both = tight.tight_local_bound(engine.blocks, nominal, eps, engine.tol, reach=reach.changes)
         with monkeypatch.context() as m:
-            m.setattr(tight, "joint_bound", lambda *a: math.inf)
+            m.setattr(tight, "joint_bound", lambda *a: (math.inf, False))
             alone = tight.tight_local_bound(engine.blocks, nominal, eps, engine.tol, reach=reach.changes)
         assert both.bound <= alone.bound
         if both.source != "joint":
@@ -293,7 +293,7 @@ def _captured(engine, x0, eps, monkeypatch):
     reach = analyse(engine.blocks, nominal, eps)
     seen = []
     with monkeypatch.context() as m:
-        m.setattr(tight, "joint_bound", lambda net, *args: seen.append(net) or math.inf)
+        m.setattr(tight, "joint_bound", lambda net, *args: seen.append(net) or (math.inf, False))
         tight.tight_local_bound(engine.blocks, nominal, eps, engine.tol, reach=reach.changes)
     return seen[0]
 

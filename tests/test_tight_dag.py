@@ -147,7 +147,7 @@ def test_tight_on_graphs_is_sound_and_below_paper(tmp_path, case, eps, monkeypat
     assert reach.uncertain > 0  # the case has uncertain neurons or windows
     joint = tight_local_bound(engine.blocks, nominal, eps, engine.tol, reach=reach.changes)
     with monkeypatch.context() as m:  # the graph's telescoping alone
-        m.setattr(tight_module, "joint_bound", lambda *a: math.inf)
+        m.setattr(tight_module, "joint_bound", lambda *a: (math.inf, False))
         tight = tight_local_bound(engine.blocks, nominal, eps, engine.tol, reach=reach.changes)
     paper = engine.local_bound(x0, eps, method="paper")
     assert tight.source == "tight"  # the graph's telescoping, below the paper's composition
@@ -203,7 +203,8 @@ def test_dense_products_batched_equal_one_by_one(tmp_path, monkeypatch, case):
     engine = onnxlip.load(net.save(tmp_path / f"{case}.onnx"), seed=0)
     nominal = engine.trace(x0)
     reach = analyse(engine.blocks, nominal, 1e-2)
-    monkeypatch.setattr(tight_module, "joint_bound", lambda *a: math.inf)  # the telescoping's products
+    # the telescoping's products
+    monkeypatch.setattr(tight_module, "joint_bound", lambda *a: (math.inf, False))
     batched = tight_local_bound(engine.blocks, nominal, 1e-2, engine.tol, reach=reach.changes)
     monkeypatch.setattr(bounds, "PRODUCT_BATCH_BYTES", 1.0)  # one column at a time
     single = tight_local_bound(engine.blocks, engine.trace(x0), 1e-2, engine.tol, reach=reach.changes)
