@@ -259,12 +259,12 @@ def joint_bound(net, limit: float = math.inf, budget: float = 0.0, enough: float
                 if math.isfinite(value) and math.sqrt(value) < limit:
                     t = _proven(forms, lam, value)
             bound = math.inf if t is None else math.sqrt(t) * (1 + 4 * U64)
+        refined = False
         if budget > 0 and bound > enough:
             floored = dense.DN is not None and 0 < dense.DN.shape[0] <= FLOORS_MAX
-            refined = refine(_forms(dense, floors=floored), lam, deadline)
-            if refined < bound:
-                return (refined, True) if refined < limit else (math.inf, False)
-    return (bound, False) if bound < limit else (math.inf, False)
+            better = refine(_forms(dense, floors=floored), lam, deadline)
+            refined, bound = better < bound, min(bound, better)
+    return (bound, refined) if bound < limit else (math.inf, False)
 
 
 @dataclass

@@ -78,7 +78,8 @@ def solve(program: Program, y0: np.ndarray, deadline: float, iterations: int = 8
           gap: float = 1e-3) -> Solution | None:
     """Iterate from multipliers y0 (raised until S's trailing block is definite)
     until the duality gap is below `gap`·t, the cap or the deadline
-    (time.perf_counter()); None where no start is found or its S is not definite
+    (time.perf_counter(): no iteration starts that, as long as the last one, would end
+    past it); None where no start is found or its S is not definite
     (a step that fails ends the iteration at the last point, which is returned)."""
     n, count = program.C.shape[0], program.count
     head, tail = np.arange(program.head), np.arange(program.head, n)
@@ -110,14 +111,16 @@ def solve(program: Program, y0: np.ndarray, deadline: float, iterations: int = 8
         lower_S = la.cholesky(S, lower=True, check_finite=False)
     except la.LinAlgError:
         return None
-    done = 0
+    done, last, began = 0, 0.0, time.perf_counter()
     while done < iterations:
         done += 1
         GX = V.T @ X @ V
         mu = (np.sum(X * S) + y @ w) / (n + count)
         if np.sum(X * S) + y @ w < gap * abs(t) and abs(1.0 - full.inner(GX, count + 1)[count]) < 1e-7:
             break
-        if time.perf_counter() > deadline:
+        now = time.perf_counter()  # one reading per iteration
+        last, began = now - began, now
+        if now + last > deadline:  # an iteration as long as the last one would overrun the deadline
             break
         try:  # each iteration factors X, M and the next S once
             lower_X = la.cholesky(X, lower=True, check_finite=False)

@@ -466,6 +466,28 @@ def test_interior_point_reaches_the_s_lemma_optimum():
         assert matrix == pytest.approx(_proven(forms, found.y, ipm), rel=1e-9)
 
 
+def test_interior_point_starts_no_iteration_that_would_overrun(monkeypatch):
+    """solve's deadline: an iteration starts only where one as long as the last
+    would end before the deadline. On a clock that advances 10 per reading (one
+    reading per iteration), a deadline 25 after the first leaves one iteration
+    (the second would end at 30), and the iterate it returns is still a point."""
+    rng = np.random.default_rng(50)
+    forms, _ = _random_forms(rng, blocks=(2, 2), rows_per_unit=2)
+    lam, _ = _multipliers(forms)
+    o, m, q = forms.outputs, forms.units, forms.owner.size
+    rows = np.concatenate([o + np.arange(m), o + m + np.arange(q)])
+    program = sdp.Program(forms.L.T, np.concatenate([np.arange(m), forms.owner]), rows, rows,
+                          np.concatenate([np.ones(m), -np.ones(q)]), forms.L[:o].T @ forms.L[:o],
+                          forms.R.shape[0])
+    readings = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(sdp.time, "perf_counter", lambda: float(next(readings)))
+    found = sdp.solve(program, lam, deadline=25.0)
+    assert found is not None and found.iterations == 2  # counted at the check that stopped it
+    assert math.isfinite(found.t)
+    monkeypatch.undo()
+    assert sdp.solve(program, lam, math.inf).iterations > 2  # the test's premise: more were needed
+
+
 def test_multipliers_decades_apart_are_floored_before_the_proof(tmp_path):
     """conv6 at ε = 0.03·||x0||: L-BFGS's multipliers span 1.6e-15 … 6e3, the
     proof's margin fails on the nearly singular radius blocks, and the joint
