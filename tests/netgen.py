@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnx.reference.ops import op_average_pool, op_max_pool
 
 OPSET = 17
 AFFINE_KINDS = {"gemm", "matmul", "add", "sub", "rsub", "mul", "div", "conv", "bn", "avgpool",
@@ -811,6 +813,52 @@ def max_ratio(f, x0: np.ndarray, points: np.ndarray, noise: float = 1e-12) -> fl
     return float(np.max(num / den))
 
 
+def _pool_2d(x: np.ndarray, kind: str, kernel_shape, pads, strides, count_include_pad: int = 0
+             ) -> np.ndarray:
+    """A 2-D max or average pool (no ceil mode, no dilation) by a strided window view."""
+    kh, kw = kernel_shape
+    top, left, bottom, right = pads or (0, 0, 0, 0)
+    sh, sw = strides or (1, 1)
+    spread = ((0, 0), (0, 0), (top, bottom), (left, right))
+
+    def windows(a):
+        return sliding_window_view(a, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
+
+    if kind == "max":
+        return windows(np.pad(x, spread, constant_values=-np.inf)).max(axis=(-2, -1))
+    total = windows(np.pad(x, spread)).sum(axis=(-2, -1))
+    if count_include_pad:
+        return total / (kh * kw)
+    return total / windows(np.pad(np.ones((1, 1) + x.shape[2:]), spread)).sum(axis=(-2, -1))
+
+
+def _fast(attributes: dict, x: np.ndarray, outputs: int) -> bool:
+    """Whether _pool_2d computes this pool: 2-D, one output, explicit pads, no ceil mode or dilation."""
+    return (x.ndim == 4 and outputs == 1 and attributes.get("auto_pad") in (None, "NOTSET", b"NOTSET")
+            and not attributes.get("ceil_mode") and all(d == 1 for d in attributes.get("dilations") or ()))
+
+
+class MaxPool(op_max_pool.MaxPool):
+    """onnx's reference MaxPool (~1 ms per window row), 2-D by _pool_2d where it applies."""
+
+    def _run(self, x, **attributes):
+        if not _fast(attributes, x, len(self.output)):
+            return super()._run(x, **attributes)
+        return (_pool_2d(x, "max", attributes["kernel_shape"], attributes.get("pads"),
+                         attributes.get("strides")).astype(x.dtype),)
+
+
+class AveragePool(op_average_pool.AveragePool_19):
+    """onnx's reference AveragePool (a Python loop over windows), 2-D by _pool_2d where it applies."""
+
+    def _run(self, x, **attributes):
+        if not _fast(attributes, x, 1):
+            return super()._run(x, **attributes)
+        return (_pool_2d(x, "avg", attributes["kernel_shape"], attributes.get("pads"),
+                         attributes.get("strides"), attributes.get("count_include_pad") or 0
+                         ).astype(x.dtype),)
+
+
 def float64_twin(path: str | Path):
     """Any ONNX model of float32 tensors as a float64 function of flat inputs (batched):
     its initializers, Constant nodes, Casts and inputs/outputs made DOUBLE, run by
@@ -835,11 +883,33 @@ def float64_twin(path: str | Path):
     consts = {t.name for t in g.initializer}
     x = next(i for i in g.input if i.name not in consts)
     shape = [d.dim_value or 1 for d in x.type.tensor_type.shape.dim]
-    session = ReferenceEvaluator(model)
+    session = ReferenceEvaluator(model, new_ops=[MaxPool, AveragePool])
+
+    def one(p: np.ndarray) -> np.ndarray:
+        return session.run(None, {x.name: p.reshape(shape)})[0].ravel()
+
+    batched = []  # [True] once a batch of points along the leading axis of size 1 ran as point by point
 
     def f(points: np.ndarray) -> np.ndarray:
         points = np.asarray(points, np.float64).reshape(-1, math.prod(shape))
-        return np.stack([session.run(None, {x.name: p.reshape(shape)})[0].ravel() for p in points])
+        if shape[0] != 1 or points.shape[0] < 2 or batched == [False]:
+            return np.stack([one(p) for p in points])
+        rows = []
+        for start in range(0, points.shape[0], 256):
+            chunk = points[start:start + 256]
+            try:
+                out = session.run(None, {x.name: chunk.reshape((-1, *shape[1:]))})[0]
+                out = out.reshape(chunk.shape[0], -1)
+            except Exception:  # the graph fixes its batch size (a Reshape to 1 × …)
+                batched[:] = [False]
+                return np.stack([one(p) for p in points])
+            if not batched:  # the first batch is checked against point-by-point runs
+                expected = np.stack([one(chunk[0]), one(chunk[-1])])
+                batched[:] = [bool(np.allclose(out[[0, -1]], expected, rtol=1e-12, atol=1e-12))]
+                if not batched[0]:
+                    return np.stack([one(p) for p in points])
+            rows.append(out)
+        return np.concatenate(rows)
 
     return f
 
