@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import onnxlip
-from onnxlip.certify import SQRT2, TOP_CLASS, _largest, _lead_floor, _lead_rows
+from onnxlip.certify import SQRT2, TOP_CLASS, _attack, _largest, _lead_floor, _lead_rows
 from onnxlip.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,8 +199,10 @@ def test_radius_search_returns_a_passing_radius_within_tolerance(monkeypatch, lo
 
 
 @pytest.mark.skipif(not (REFERENCE / "mnist_avant.onnx").is_file(), reason="../shared/reference absent")
-@pytest.mark.parametrize("name", ["mnist_avant", "cifar10_avant"])
-def test_reference_certified_radius_matches_paper(name):
+def test_reference_certified_radius_matches_paper():
+    """MNIST's x0 through the whole certify search; CIFAR-10's (80 s of search:
+    tools/tightness.py) in the next test at the one radius issue 11 asks for."""
+    name = "mnist_avant"
     published = json.loads((REFERENCE / f"{name}_published.json").read_text())
     net = onnxlip.load(REFERENCE / f"{name}.onnx")
     cert = net.certify(np.load(REFERENCE / f"{name}_x0.npy"))
@@ -211,6 +213,25 @@ def test_reference_certified_radius_matches_paper(name):
     assert cert.radius_local >= 3 * published["certified_radius_paper_method"]
     assert cert.radius_global == pytest.approx(published["certified_radius_global"], rel=1e-2)
     assert cert.radius_local < cert.attack_distance
+
+
+@pytest.mark.skipif(not (REFERENCE / "cifar10_avant.onnx").is_file(), reason="../shared/reference absent")
+def test_reference_cifar10_certified_at_three_times_the_paper():
+    """CIFAR-10's x0: the output bounds keep the top class at 3x the paper's
+    certified radius (0.01263; the search finds 0.0159), the attack needs more,
+    and the global radius is the published one."""
+    name = "cifar10_avant"
+    published = json.loads((REFERENCE / f"{name}_published.json").read_text())
+    net = onnxlip.load(REFERENCE / f"{name}.onnx")
+    x = net.check_input(np.load(REFERENCE / f"{name}_x0.npy"))
+    logits = net.forward(x).ravel()
+    top = int(np.argmax(logits))
+    assert logits[top] - np.partition(logits, -2)[-2] == pytest.approx(published["margin"], rel=1e-4)
+    eps = 3 * published["certified_radius_paper_method"]
+    assert _lead_floor(net, net.trace(x), eps, _lead_rows(TOP_CLASS, top, logits.size), 0.0) > 0
+    assert _attack(net, x, top, 50, TOP_CLASS)[0] > eps
+    radius_global = published["margin"] / (SQRT2 * net.global_bound().bound)
+    assert radius_global == pytest.approx(published["certified_radius_global"], rel=1e-2)
 
 
 def test_certify_command_single_and_dataset(tmp_path, capsys):

@@ -36,6 +36,7 @@ DATA = ROOT / "models" / "digits_test.npz"
 OPTIONS = dict(path=MODEL, input_shape=None, input_name=None, output_name=None,
                operators="auto", memory_budget=1e9, tol=1e-6)
 WAIT = 600  # seconds: the ceiling of any one wait on a loaded 2-core machine
+COUNT = 40  # the digits the dataset runs certify (of 100): enough for a kill mid-run
 
 
 def within(seconds: float, func, *args, **kwargs):
@@ -59,9 +60,9 @@ def digits():
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory, digits):
-    """The 100 digits certified in this process, without interruption: the reference rows."""
+    """The first COUNT digits certified in this process, without interruption: the reference rows."""
     out = tmp_path_factory.mktemp("clean") / "clean.jsonl"
-    certify_dataset(OPTIONS, *digits, workers=1, out=out, source=str(DATA))
+    certify_dataset(OPTIONS, *digits, workers=1, out=out, source=str(DATA), end=COUNT)
     return rows_of(out)
 
 
@@ -105,20 +106,22 @@ def test_worker_killed_mid_run_every_input_once(client, digits, clean, tmp_path)
     out = tmp_path / "r.jsonl"
     victim = next(iter(client.run(os.getpid).values()))
     with ThreadPoolExecutor(1) as pool:
-        run = pool.submit(certify_dataset, OPTIONS, x, y, out=out, source=str(DATA), client=client)
+        run = pool.submit(certify_dataset, OPTIONS, x, y, out=out, source=str(DATA), end=COUNT,
+                          client=client)
         wait_for_rows(out, 6)
         os.kill(victim, signal.SIGKILL)
         result = run.result(timeout=WAIT)
     assert victim not in client.run(os.getpid).values()  # it really died
     indices = [r["index"] for r in rows_of(out)]
-    assert sorted(indices) == list(range(100))  # every input exactly once
+    assert sorted(indices) == list(range(COUNT))  # every input exactly once
     assert not result.failed
     assert comparable(rows_of(out)) == comparable(clean)
 
 
 def test_client_killed_then_rerun_resumes(clean, tmp_path):
     out = tmp_path / "r.jsonl"
-    command = ["certify", MODEL, "--inputs", str(DATA), "--workers", "2", "--out", str(out)]
+    command = ["certify", MODEL, "--inputs", str(DATA), "--end", str(COUNT), "--workers", "2",
+               "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "onnxlip.cli", *command], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -129,14 +132,14 @@ def test_client_killed_then_rerun_resumes(clean, tmp_path):
     finally:
         kill_group(proc)
     before = rows_of(out)
-    assert 10 <= len(before) < 100
+    assert 10 <= len(before) < COUNT
     with open(out, "a") as handle:
-        handle.write('{"index": 99, "top_cl')  # a row torn by the kill
+        handle.write(f'{{"index": {COUNT - 1}, "top_cl')  # a row torn by the kill
     done = cli(*command)
     assert done.returncode == 0, done.stderr
     after = rows_of(out)
     assert after[:len(before)] == before  # resumed: nothing redone
-    assert sorted(r["index"] for r in after) == list(range(100))
+    assert sorted(r["index"] for r in after) == list(range(COUNT))
     assert comparable(after) == comparable(clean)
 
 
@@ -181,13 +184,13 @@ def test_mismatched_resume_refused_and_shards(tmp_path, capsys):
 
 def test_report_recomputes_summary_and_plot(clean, tmp_path, capsys):
     out = tmp_path / "r.jsonl"
-    header = {"onnxlip_results": 1, "model": MODEL, "inputs": str(DATA), "count": 100}
+    header = {"onnxlip_results": 1, "model": MODEL, "inputs": str(DATA), "count": COUNT}
     out.write_text("\n".join(json.dumps(r) for r in [header, *clean]) + "\n")
     png = tmp_path / "acc.png"
     assert main(["report", str(out), "--radii", "0.01", "--plot", str(png), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)["summary"]
     local = [r["radius_local"] for r in clean if r["correct"]]
-    assert summary["inputs"] == 100
+    assert summary["inputs"] == COUNT
     assert summary["median_radius_local"] == pytest.approx(float(np.median(local)))
     expected = np.mean([r["radius_local"] >= 0.01 if r["correct"] else False for r in clean])
     assert summary["certified_accuracy"]["0.01"]["local"] == pytest.approx(expected)
