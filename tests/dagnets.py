@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from netgen import AveragePool, MaxPool
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
@@ -110,7 +111,7 @@ class DagNet:
 
     def twin(self):
         """The float64 network as a batched function of flat inputs."""
-        session = ReferenceEvaluator(self.model(np.float64))
+        session = ReferenceEvaluator(self.model(np.float64), new_ops=[MaxPool, AveragePool])
 
         def f(points: np.ndarray) -> np.ndarray:
             x = np.asarray(points, np.float64).reshape((-1, *self.input_shape[1:]))

@@ -186,7 +186,7 @@ def conv_nd(x, w, strides, pads, dilations, group) -> np.ndarray:
         index = tuple(slice(o * d, o * d + (n - 1) * s + 1, s)
                       for o, d, n, s in zip(offs, dilations, out, strides))
         xs = xp[(slice(None), slice(None), *index)].reshape(b, group, cg, -1)
-        y += np.einsum("bgcp,gmc->bgmp", xs, wg[(..., *offs)], optimize=True)
+        y += wg[(..., *offs)] @ xs  # (g, m, c) @ (b, g, c, p)
     return y.reshape(b, m, *out)
 
 
@@ -285,7 +285,7 @@ def conv_nd_adjoint(g, w, in_shape, strides, pads, dilations, group) -> np.ndarr
     for offs in itertools.product(*[range(k) for k in kernel]):
         index = tuple(slice(o * d, o * d + (n - 1) * s + 1, s)
                       for o, d, n, s in zip(offs, dilations, out, strides))
-        part = np.einsum("bgmp,gmc->bgcp", gg, wg[(..., *offs)], optimize=True)
+        part = np.swapaxes(wg[(..., *offs)], -1, -2) @ gg  # (g, c, m) @ (b, g, m, p)
         xp[(slice(None), slice(None), *index)] += part.reshape(b, group * cg, *out)
     crop = tuple(slice(pads[i], pads[i] + in_shape[2 + i]) for i in range(rank))
     return xp[(slice(None), slice(None), *crop)]
