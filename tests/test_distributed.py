@@ -45,20 +45,20 @@ def within(seconds: float, func, *args, **kwargs):
         return pool.submit(func, *args, **kwargs).result(timeout=seconds)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: once per pytest-xdist worker, whatever runs between
 def client():
     with distributed.open_client(workers=2, announce=False) as c:
         c.wait_for_workers(2, timeout=WAIT)
         yield c
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def digits():
     data = np.load(DATA)
     return data["x"], data["y"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def clean(tmp_path_factory, digits):
     """The first COUNT digits certified in this process, without interruption: the reference rows."""
     out = tmp_path_factory.mktemp("clean") / "clean.jsonl"
