@@ -444,6 +444,15 @@ def test_mnist_reference_refined_within_five_percent(monkeypatch):
     assert 45.47 <= result.bound <= 1.05 * 45.52
 
 
+def _plain_program(forms: _Forms) -> sdp.Program:
+    """The plain S-lemma's program over made-up forms (no products of floors)."""
+    o, m, q = forms.outputs, forms.units, forms.owner.size
+    rows = np.concatenate([o + np.arange(m), o + m + np.arange(q)])
+    return sdp.Program(forms.L.T, np.concatenate([np.arange(m), forms.owner]), rows, rows,
+                       np.concatenate([np.ones(m), -np.ones(q)]), forms.L[:o].T @ forms.L[:o],
+                       forms.R.shape[0])
+
+
 def test_interior_point_reaches_the_s_lemma_optimum():
     """onnxlip.sdp on the plain S-lemma of made-up forms: its multipliers prove a
     t within its gap (1e-3) of L-BFGS's or below it, and the bound from them
@@ -452,12 +461,7 @@ def test_interior_point_reaches_the_s_lemma_optimum():
         rng = np.random.default_rng(50 + seed)
         forms, _ = _random_forms(rng, blocks=(2, 2), rows_per_unit=2)
         lam, value = _multipliers(forms)
-        o, m, q = forms.outputs, forms.units, forms.owner.size
-        rows = np.concatenate([o + np.arange(m), o + m + np.arange(q)])
-        program = sdp.Program(forms.L.T, np.concatenate([np.arange(m), forms.owner]), rows, rows,
-                              np.concatenate([np.ones(m), -np.ones(q)]), forms.L[:o].T @ forms.L[:o],
-                              forms.R.shape[0])
-        found = sdp.solve(program, lam, math.inf)
+        found = sdp.solve(_plain_program(forms), lam, math.inf)
         assert found is not None
         ipm = _value(forms, found.y)[0]
         assert ipm <= value * (1 + 1e-3)
@@ -474,11 +478,7 @@ def test_interior_point_starts_no_iteration_that_would_overrun(monkeypatch):
     rng = np.random.default_rng(50)
     forms, _ = _random_forms(rng, blocks=(2, 2), rows_per_unit=2)
     lam, _ = _multipliers(forms)
-    o, m, q = forms.outputs, forms.units, forms.owner.size
-    rows = np.concatenate([o + np.arange(m), o + m + np.arange(q)])
-    program = sdp.Program(forms.L.T, np.concatenate([np.arange(m), forms.owner]), rows, rows,
-                          np.concatenate([np.ones(m), -np.ones(q)]), forms.L[:o].T @ forms.L[:o],
-                          forms.R.shape[0])
+    program = _plain_program(forms)
     readings = iter(range(0, 10_000, 10))
     monkeypatch.setattr(sdp.time, "perf_counter", lambda: float(next(readings)))
     found = sdp.solve(program, lam, deadline=25.0)
