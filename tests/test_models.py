@@ -141,3 +141,37 @@ def test_user_errors_are_onnxlip_errors(tmp_path):
     (tmp_path / "garbage.onnx").write_bytes(b"not a model")
     with pytest.raises(onnxlip.OnnxlipError):
         onnxlip.load(tmp_path / "garbage.onnx")
+
+
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+def test_twin_pools_agree_with_onnxruntime(op):
+    """The float64 twins' own 2-D pools (netgen.MaxPool / AveragePool: strided
+    windows, in place of onnx's reference loops) against onnxruntime on random
+    windows, strides, asymmetric pads and count_include_pad: the same shapes and
+    values within float32's rounding. (onnx 1.23's reference reads asymmetric
+    pads wrongly: pads [1, 1, 0, 0] with a 3x2 window on 7x5 gives it 7x4, the
+    spec and onnxruntime 6x5.)"""
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        kernel = [int(k) for k in rng.integers(1, 4, 2)]
+        attrs = {"kernel_shape": kernel, "strides": [int(s) for s in rng.integers(1, 4, 2)],
+                 "pads": [int(min(p, k - 1)) for p, k in zip(rng.integers(0, 2, 4), kernel * 2)]}
+        if op == "AveragePool":
+            attrs["count_include_pad"] = int(rng.integers(0, 2))
+        shape = [2, 3, *(int(s) for s in rng.integers(5, 10, 2))]
+        graph = helper.make_graph(
+            [helper.make_node(op, ["x"], ["y"], **attrs)], "pool",
+            [helper.make_tensor_value_info("x", TensorProto.DOUBLE, shape)],
+            [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        x = rng.standard_normal(shape).astype(np.float32).astype(np.float64)
+        ours = ReferenceEvaluator(model, new_ops=[netgen.MaxPool, netgen.AveragePool]).run(None, {"x": x})[0]
+        model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
+        model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT
+        session = netgen.ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        theirs = session.run(None, {"x": x.astype(np.float32)})[0]
+        assert ours.shape == theirs.shape, attrs
+        assert np.allclose(ours, theirs, rtol=1e-6, atol=1e-6), attrs
