@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.ops import op_average_pool, op_max_pool
@@ -813,50 +812,38 @@ def max_ratio(f, x0: np.ndarray, points: np.ndarray, noise: float = 1e-12) -> fl
     return float(np.max(num / den))
 
 
-def _pool_2d(x: np.ndarray, kind: str, kernel_shape, pads, strides, count_include_pad: int = 0
-             ) -> np.ndarray:
-    """A 2-D max or average pool (no ceil mode, no dilation) by a strided window view."""
-    kh, kw = kernel_shape
-    top, left, bottom, right = pads or (0, 0, 0, 0)
-    sh, sw = strides or (1, 1)
-    spread = ((0, 0), (0, 0), (top, bottom), (left, right))
-
-    def windows(a):
-        return sliding_window_view(a, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
-
-    if kind == "max":
-        return windows(np.pad(x, spread, constant_values=-np.inf)).max(axis=(-2, -1))
-    total = windows(np.pad(x, spread)).sum(axis=(-2, -1))
-    if count_include_pad:
-        return total / (kh * kw)
-    return total / windows(np.pad(np.ones((1, 1) + x.shape[2:]), spread)).sum(axis=(-2, -1))
-
-
 def _fast(attributes: dict, x: np.ndarray, outputs: int) -> bool:
-    """Whether _pool_2d computes this pool: 2-D, one output, explicit pads, no ceil mode or dilation."""
-    return (x.ndim == 4 and outputs == 1 and attributes.get("auto_pad") in (None, "NOTSET", b"NOTSET")
+    """Whether _pool computes this pool: one output, explicit pads, no ceil mode or dilation."""
+    return (x.ndim >= 3 and outputs == 1 and attributes.get("auto_pad") in (None, "NOTSET", b"NOTSET")
             and not attributes.get("ceil_mode") and all(d == 1 for d in attributes.get("dilations") or ()))
 
 
+def _pool(kind: str, x: np.ndarray, attributes: dict) -> tuple[np.ndarray]:
+    """An ONNX pool's attributes run by the numpy nets' own pooling (_apply)."""
+    rank = x.ndim - 2
+    p = {"kernel": attributes["kernel_shape"], "strides": attributes.get("strides") or (1,) * rank,
+         "pads": attributes.get("pads") or (0,) * (2 * rank),
+         "count_include_pad": attributes.get("count_include_pad") or 0}
+    return (_apply(Op(kind, p), x, linear=False).astype(x.dtype),)
+
+
 class MaxPool(op_max_pool.MaxPool):
-    """onnx's reference MaxPool (~1 ms per window row), 2-D by _pool_2d where it applies."""
+    """onnx's reference MaxPool (~1 ms per window row), by the numpy nets' pooling where it applies."""
 
     def _run(self, x, **attributes):
         if not _fast(attributes, x, len(self.output)):
             return super()._run(x, **attributes)
-        return (_pool_2d(x, "max", attributes["kernel_shape"], attributes.get("pads"),
-                         attributes.get("strides")).astype(x.dtype),)
+        return _pool("maxpool", x, attributes)
 
 
 class AveragePool(op_average_pool.AveragePool_19):
-    """onnx's reference AveragePool (a Python loop over windows), 2-D by _pool_2d where it applies."""
+    """onnx's reference AveragePool (a Python loop over windows), by the numpy nets' pooling
+    where it applies."""
 
     def _run(self, x, **attributes):
         if not _fast(attributes, x, 1):
             return super()._run(x, **attributes)
-        return (_pool_2d(x, "avg", attributes["kernel_shape"], attributes.get("pads"),
-                         attributes.get("strides"), attributes.get("count_include_pad") or 0
-                         ).astype(x.dtype),)
+        return _pool("avgpool", x, attributes)
 
 
 def float64_twin(path: str | Path):
@@ -888,28 +875,23 @@ def float64_twin(path: str | Path):
     def one(p: np.ndarray) -> np.ndarray:
         return session.run(None, {x.name: p.reshape(shape)})[0].ravel()
 
-    batched = []  # [True] once a batch of points along the leading axis of size 1 ran as point by point
+    def many(points: np.ndarray) -> np.ndarray:
+        out = session.run(None, {x.name: points.reshape((-1, *shape[1:]))})[0]
+        return out.reshape(points.shape[0], -1)
+
+    # points along the leading axis (of size 1) as one batch, where a probe of two
+    # points runs as point by point (not where the graph fixes its batch size)
+    probe = np.random.default_rng(0).standard_normal((2, math.prod(shape)))
+    try:
+        batched = shape[0] == 1 and np.allclose(many(probe), [one(p) for p in probe], rtol=1e-12, atol=1e-12)
+    except Exception:  # a Reshape to 1 × …
+        batched = False
 
     def f(points: np.ndarray) -> np.ndarray:
         points = np.asarray(points, np.float64).reshape(-1, math.prod(shape))
-        if shape[0] != 1 or points.shape[0] < 2 or batched == [False]:
+        if not batched:
             return np.stack([one(p) for p in points])
-        rows = []
-        for start in range(0, points.shape[0], 256):
-            chunk = points[start:start + 256]
-            try:
-                out = session.run(None, {x.name: chunk.reshape((-1, *shape[1:]))})[0]
-                out = out.reshape(chunk.shape[0], -1)
-            except Exception:  # the graph fixes its batch size (a Reshape to 1 × …)
-                batched[:] = [False]
-                return np.stack([one(p) for p in points])
-            if not batched:  # the first batch is checked against point-by-point runs
-                expected = np.stack([one(chunk[0]), one(chunk[-1])])
-                batched[:] = [bool(np.allclose(out[[0, -1]], expected, rtol=1e-12, atol=1e-12))]
-                if not batched[0]:
-                    return np.stack([one(p) for p in points])
-            rows.append(out)
-        return np.concatenate(rows)
+        return np.concatenate([many(points[i:i + 256]) for i in range(0, points.shape[0], 256)])
 
     return f
 

@@ -145,8 +145,8 @@ def test_user_errors_are_onnxlip_errors(tmp_path):
 
 @pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
 def test_twin_pools_agree_with_onnxruntime(op):
-    """The float64 twins' own 2-D pools (netgen.MaxPool / AveragePool: strided
-    windows, in place of onnx's reference loops) against onnxruntime on random
+    """The float64 twins' own pools (netgen.MaxPool / AveragePool: the numpy nets'
+    pooling, in place of onnx's reference loops) against onnxruntime on random
     windows, strides, asymmetric pads and count_include_pad: the same shapes and
     values within float32's rounding. (onnx 1.23's reference reads asymmetric
     pads wrongly: pads [1, 1, 0, 0] with a 3x2 window on 7x5 gives it 7x4, the
