@@ -467,10 +467,13 @@ def _affine(linear: LinearMap, state: Linear, dtype: np.dtype, memory: _Memory) 
     with np.errstate(over="ignore", invalid="ignore"):
         for start in range(0, n0, width):
             part = slice(start, start + width)
-            product = linear.matmat_local(state.L[:, part].astype(feed, copy=False))
-            L[:, part] = product
-            stored = product if exact else L[:, part]
-            if not exact:
+            columns = state.L[:, part].astype(feed, copy=False)
+            if exact:  # the products are values of L's type: written in place
+                stored = linear.matmat_local(columns, out=L[:, part])
+            else:
+                product = linear.matmat_local(columns)
+                L[:, part] = product
+                stored = L[:, part]
                 inexact |= (stored != product).any(axis=1)
             norms += _squares(stored)
     norms = np.sqrt(norms) * (1 + gamma(n0 + 4, U64))  # the chunks' sums added in float64 (≤ n0)

@@ -176,6 +176,11 @@ def test_conv_matmat_local_crops_to_the_support(config, monkeypatch):
         assert local.shape == (conv.out_size, 3) and local.dtype == x.dtype
         _close(local, full(x))
         assert np.all(local[~support] == 0)
+        # written into a buffer that held garbage: in place where Fortran-ordered, else copied
+        for order, dtype in (("F", np.float32), ("F", np.float64), ("C", np.float32)):
+            out = np.full((conv.out_size, 3), np.nan, dtype, order=order)
+            assert conv.matmat_local(x, out=out) is out
+            assert np.array_equal(out, local)
         # the box of the reached outputs, widened by the taps' stride classes per axis
         reached = support.any(axis=1).reshape(conv.out_shape[1], -1).any(axis=0).reshape(conv.out_shape[2:])
         widen = [d * k // s + 1 for k, s, d in zip(config[3], config[4], config[6])]
@@ -201,6 +206,22 @@ def test_conv_matmat_local_takes_the_crop_on_a_band(monkeypatch):
     _close(local, expected.reshape(5, 30, 30, 6))
     assert np.all(local[:, :9] == 0) and np.all(local[:, 15:] == 0)
     assert np.all(local[:, 9:15].any(axis=(0, 2, 3)))
+
+
+def test_matmat_local_writes_chains_and_stacks_into_out():
+    """A chain writes its last map's product into `out`, a stack its parts' sum:
+    equal to the products made without a buffer."""
+    conv, _ = _conv_map(((1, 2, 6, 6), 2, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)))
+    dense = DenseMap(np.arange(3 * conv.in_size, dtype=np.float32).reshape(3, -1) / 50,
+                     (1, conv.in_size), (1, 3))
+    x = np.asfortranarray(np.random.default_rng(4).standard_normal((conv.in_size, 5)).astype(np.float32))
+    shuffle = MonomialMap(np.arange(conv.out_size)[::-1].copy(), None, conv.out_shape, conv.out_shape)
+    for linear in (ChainMap([conv, shuffle]), ChainMap([shuffle, conv]), StackMap([conv, conv]), dense):
+        part = x[: linear.in_size] if linear.in_size <= x.shape[0] else np.vstack([x, x])
+        expected = linear.matmat(part)
+        out = np.full((linear.out_size, 5), np.nan, np.float32, order="F")
+        assert linear.matmat_local(part, out=out) is out
+        _close(out, expected)
 
 
 def test_local_columns_follow_the_convolutions():

@@ -76,12 +76,13 @@ class LinearMap(ABC):
     def matmat(self, x: np.ndarray) -> np.ndarray:
         """A @ x for x of shape (in_size, k)."""
 
-    def matmat_local(self, x: np.ndarray) -> np.ndarray:
+    def matmat_local(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """A @ x for columns whose nonzeros may all lie in a small part of the input
         (the identity pushed through a few local layers: the reach analysis' L).
         The same products as matmat; maps that can skip the zeros' outputs
-        (convolutions: only the outputs the columns' joint support reaches) do."""
-        return self.matmat(x)
+        (convolutions: only the outputs the columns' joint support reaches) do.
+        out: an (out_size, k) array to write the product into (returned), else a new one."""
+        return _into(self.matmat(x), out)
 
     #: The most columns matmat_local should take at once, where fewer columns have
     #: a smaller joint support (None: no limit, as many as memory allows).
@@ -254,3 +255,11 @@ class FixedMap(LinearMap, ABC):
 
     def fixed_cap(self) -> float:
         return LinearMap.norm_cap(self)
+
+
+def _into(product: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """The product, written into `out` where one is given."""
+    if out is None:
+        return product
+    out[...] = product
+    return out

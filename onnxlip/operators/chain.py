@@ -58,10 +58,10 @@ class ChainMap(LinearMap):
             x = m.matmat(x)
         return x
 
-    def matmat_local(self, x):
-        for m in self.maps:
+    def matmat_local(self, x, out=None):
+        for m in self.maps[:-1]:
             x = m.matmat_local(x)
-        return x
+        return self.maps[-1].matmat_local(x, out)
 
     def rmatmat(self, u):
         for m in reversed(self.maps):

@@ -9,7 +9,7 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-from .base import BLAS_THREADS, U32, U64, FixedMap, LinearMap, gamma
+from .base import BLAS_THREADS, U32, U64, FixedMap, LinearMap, _into, gamma
 from .ort import NodeSession
 
 
@@ -99,19 +99,34 @@ class ConvMap(LinearMap):
     def matmat(self, x):
         return _run(self._forward, x, self.in_shape, self.out_size)
 
-    def matmat_local(self, x):
+    def matmat_local(self, x, out=None):
         """A x on the outputs the columns' joint support reaches: the input cropped to
         the box of those outputs' receptive fields (zero outside the support, so
         the padding is explicit), convolved by an unpadded session, the other
-        outputs exactly 0. The full product where the box holds most outputs."""
+        outputs exactly 0. The full product where the box holds most outputs.
+        out: as LinearMap's; written in place where it is Fortran-ordered (the
+        reach analysis' L: a column chunk is one block of memory)."""
         batch = x.shape[1]
         images = x.T.reshape(batch, *self.in_shape[1:])
         box = self._reached(images)
-        if box is None:
-            return np.zeros((self.out_size, batch), x.dtype)
         spatial = self.out_shape[2:]
-        if math.prod(hi - lo for lo, hi in box) > CROP_MAX * math.prod(spatial):
-            return self.matmat(x)
+        if box is not None and math.prod(hi - lo for lo, hi in box) > CROP_MAX * math.prod(spatial):
+            return _into(self.matmat(x), out)
+        if out is None or not out.flags.f_contiguous:
+            target = np.empty((batch, self.out_shape[1], *spatial), self._cropped.dtype)
+        else:
+            target = out.T.reshape(batch, self.out_shape[1], *spatial)  # a view
+        target[...] = 0
+        if box is not None:
+            target[(slice(None), slice(None), *(slice(lo, hi) for lo, hi in box))] = self._crop_product(
+                images, box)
+        if out is None or not out.flags.f_contiguous:
+            return _into(target.reshape(batch, self.out_size).T.astype(x.dtype, copy=False), out)
+        return out
+
+    def _crop_product(self, images: np.ndarray, box: list[tuple[int, int]]) -> np.ndarray:
+        """The outputs in `box`, from the input cropped to their receptive fields."""
+        batch = images.shape[0]
         crop, source, target = [], [], []
         for i, (lo, hi) in enumerate(box):
             s, p, d, k = self._axis(i)
@@ -120,13 +135,10 @@ class ConvMap(LinearMap):
             crop.append(stop - start)
             source.append(slice(*inside))
             target.append(slice(inside[0] - start, inside[1] - start))
-        dtype = self._cropped.dtype
-        cropped = np.zeros((batch, self.in_shape[1], *crop), dtype)
+        cropped = np.zeros((batch, self.in_shape[1], *crop), self._cropped.dtype)
         with np.errstate(over="ignore"):  # inf past float32, as in _run
             cropped[(slice(None), slice(None), *target)] = images[(slice(None), slice(None), *source)]
-        out = np.zeros((batch, self.out_shape[1], *spatial), dtype)
-        out[(slice(None), slice(None), *(slice(lo, hi) for lo, hi in box))] = self._cropped(cropped)
-        return out.reshape(batch, self.out_size).T.astype(x.dtype, copy=False)
+        return self._cropped(cropped)
 
     def _reached(self, images: np.ndarray) -> list[tuple[int, int]] | None:
         """Per spatial axis, the range [lo, hi) of output positions some tap reads a

@@ -48,8 +48,12 @@ class StackMap(LinearMap):
     def matmat(self, x):
         return sum(p.matmat(xj) for p, xj in zip(self.parts, self.split(x)))
 
-    def matmat_local(self, x):
-        return sum(p.matmat_local(xj) for p, xj in zip(self.parts, self.split(x)))
+    def matmat_local(self, x, out=None):
+        first, *rest = zip(self.parts, self.split(x))
+        out = first[0].matmat_local(first[1], out)
+        for p, xj in rest:
+            out += p.matmat_local(xj)
+        return out
 
     def rmatmat(self, u):
         return np.concatenate([p.rmatmat(u) for p in self.parts])
