@@ -104,6 +104,8 @@ def solve(program: Program, y0: np.ndarray, deadline: float, iterations: int = 8
     units = program.V.shape[1] + head
     con = np.concatenate([program.con, np.full(program.head, count)])
     p, q = np.concatenate([program.p, units]), np.concatenate([program.q, units])
+    used, where = np.unique(np.concatenate([p, q]), return_inverse=True)  # the vectors any term reads
+    V, p, q = V[:, used], where[:p.size], where[p.size:]
     coef = np.concatenate([program.coef, np.ones(program.head)])
     full = Program(V, con, p, q, coef, program.C, 0)
     collect = sp.csr_matrix((np.ones(con.size), (con, np.arange(con.size))), shape=(count + 1, con.size))
@@ -114,7 +116,7 @@ def solve(program: Program, y0: np.ndarray, deadline: float, iterations: int = 8
     done, last, began = 0, 0.0, time.perf_counter()
     while done < iterations:
         done += 1
-        GX = V.T @ X @ V
+        GX = V.T @ (X @ V)
         mu = (np.sum(X * S) + y @ w) / (n + count)
         if np.sum(X * S) + y @ w < gap * abs(t) and abs(1.0 - full.inner(GX, count + 1)[count]) < 1e-7:
             break
@@ -126,11 +128,11 @@ def solve(program: Program, y0: np.ndarray, deadline: float, iterations: int = 8
             lower_X = la.cholesky(X, lower=True, check_finite=False)
             Sinv = la.cho_solve((lower_S, True), np.eye(n), check_finite=False)
             Sinv = (Sinv + Sinv.T) / 2
-            GS = V.T @ Sinv @ V
-            T = GX[np.ix_(q, p)] * GS[np.ix_(p, q)]
+            GS = V.T @ (Sinv @ V)
+            T = _gather(GX, q, p) * _gather(GS, q, p).T  # GS is symmetric: GS[p, q] = GS[q, p]ᵀ
             T += T.T
-            T += GX[np.ix_(q, q)] * GS[np.ix_(p, p)]
-            T += GX[np.ix_(p, p)] * GS[np.ix_(q, q)]
+            T += _gather(GX, q, q) * _gather(GS, p, p)
+            T += _gather(GX, p, p) * _gather(GS, q, q)
             T *= np.outer(coef, coef) / 4
             M = np.asarray((collect @ (collect @ T).T).T)
             M[np.arange(count), np.arange(count)] += w / y
@@ -179,7 +181,7 @@ def _direction(program: Program, full: Program, factor, base: np.ndarray, point:
         pX, pS, pw, py = predicted
         cross = pX @ pS @ Sinv
         cross = (cross + cross.T) / 2
-        rhs -= full.inner(full.V.T @ cross @ full.V, count + 1)
+        rhs -= full.inner(full.V.T @ (cross @ full.V), count + 1)
         rhs[:count] -= pw * py / y
     d = la.cho_solve(factor, rhs, check_finite=False)
     dy, dt = d[:count], d[count]
@@ -195,6 +197,11 @@ def _direction(program: Program, full: Program, factor, base: np.ndarray, point:
     except la.LinAlgError:
         primal = dual = 0.0
     return dX, dS, dw, dy, dt, primal, dual
+
+
+def _gather(G: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """G[np.ix_(rows, cols)], by two takes (a third of the time)."""
+    return G.take(rows, axis=0).take(cols, axis=1)
 
 
 def _cone_step(lower: np.ndarray, dZ: np.ndarray) -> float:
