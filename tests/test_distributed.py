@@ -22,6 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: each xdist worker makes its own reference rows
+    fcntl = None
+
 pytest.importorskip("distributed")
 
 from onnxlip import distributed  # noqa: E402
@@ -59,11 +64,23 @@ def digits():
 
 
 @pytest.fixture(scope="session")
-def clean(tmp_path_factory, digits):
-    """The first COUNT digits certified in this process, without interruption: the reference rows."""
-    out = tmp_path_factory.mktemp("clean") / "clean.jsonl"
-    certify_dataset(OPTIONS, *digits, workers=1, out=out, source=str(DATA), end=COUNT)
-    return rows_of(out)
+def clean(tmp_path_factory, digits, worker_id):
+    """The first COUNT digits certified in one process, without interruption: the
+    reference rows. Made once per run: under pytest-xdist the first worker to need
+    them writes them in the run's shared temporary directory, under a lock, and
+    the others read them (pytest-xdist's recipe for session data)."""
+    if worker_id == "master" or fcntl is None:
+        out = tmp_path_factory.mktemp("clean") / "clean.jsonl"
+        certify_dataset(OPTIONS, *digits, workers=1, out=out, source=str(DATA), end=COUNT)
+        return rows_of(out)
+    shared = tmp_path_factory.getbasetemp().parent / "dask_clean.jsonl"
+    with open(shared.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not shared.exists():
+            partial = shared.with_suffix(".partial")
+            certify_dataset(OPTIONS, *digits, workers=1, out=partial, source=str(DATA), end=COUNT)
+            partial.replace(shared)
+    return rows_of(shared)
 
 
 def rows_of(path) -> list[dict]:
@@ -278,6 +295,7 @@ def test_local_cluster_keeps_malloc_thresholds_dynamic(client):
     """Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which fixes glibc's mmap threshold
     (each large array then mapped and unmapped afresh: twice the CPU of a sweep). The
     LocalCluster unsets it, in its workers and in this process's environment."""
+    client.wait_for_workers(2, timeout=WAIT)  # a worker killed by an earlier test comes back
     assert set(client.run(trim_setting()).values()) == {None}
     assert distributed.TRIM_VARIABLE not in os.environ
 
