@@ -116,11 +116,11 @@ class Relaxation:
         shifted = self._shifted
         if self._picked * 8 > coeff.shape[0]:
             slope, shift = self.lines(coeff >= 0)
-            return (self.gather @ coeff if slope is None else coeff * slope), coeff * shift
+            return (self.gathered(coeff) if slope is None else coeff * slope), coeff * shift
         sub = coeff[shifted]
         terms = sub * self.lines(sub >= 0, rows=shifted)[1]
         if self.select is not None:
-            return self.gather @ coeff, terms
+            return self.gathered(coeff), terms
         out = coeff * self.upper[:, None]
         sub = coeff[self._bent]
         out[self._bent] = sub * self.lines(sub >= 0, rows=self._bent)[0]
@@ -140,6 +140,25 @@ class Relaxation:
     def _bent(self) -> np.ndarray:
         """Rows whose upper and lower slopes differ."""
         return np.flatnonzero(self.upper != self.lower)
+
+    def gathered(self, coeff: np.ndarray) -> np.ndarray:
+        """Max-pooling: gather @ coeff, in coeff's memory order (a column-major coeff
+        stays so: the convolution before reads it without a transposing copy).
+        Where windows share an input their coefficients add (as the product's sums)."""
+        targets, windows = self._routes
+        out = np.zeros((self.in_size, *coeff.shape[1:]), np.result_type(coeff, np.float64),
+                       order="F" if coeff.flags.f_contiguous else "C")
+        if targets.size == np.unique(targets).size:
+            out[targets] = coeff[windows]
+        else:
+            np.add.at(out, targets, coeff[windows])
+        return out
+
+    @cached_property
+    def _routes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The input each moving window follows, and the window."""
+        moves = np.flatnonzero(self.select >= 0)
+        return self.select[moves], moves
 
     @cached_property
     def gather(self) -> sp.csr_matrix:
@@ -198,7 +217,7 @@ def refine(blocks: list[Block], relaxations: list[Relaxation | None], linear: Li
     of the blocks before it (`relaxations`, theirs) read back through the graph
     (blocks.flow_t); `in_bound` ≥ ||Δ(linear's input)||, `in_size` the input's size."""
     r = rows.size
-    unit = np.zeros((linear.out_size, 2 * r))
+    unit = np.zeros((linear.out_size, 2 * r), order="F")  # column-major: what convolutions read fastest
     unit[rows, np.arange(r)] = 1.0
     unit[rows, r + np.arange(r)] = -1.0
     top = upper_bounds(blocks, relaxations, unit, eps, in_size, first=(linear, in_bound))

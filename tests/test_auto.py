@@ -772,3 +772,20 @@ def test_carry_capped_by_the_paper_suffix(tmp_path, monkeypatch):
     assert netgen.max_ratio(twin, x0, points) <= capped.bound * SLACK
     lower = engine.lower_bounds(x0, [eps], samples=32, ascent_steps=20)[0]
     assert lower.best <= capped.bound * SLACK
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_maxpool_relaxation_gathers_like_its_matrix(order):
+    """A max-pooling relaxation reads coefficients back to the inputs its windows
+    follow as its 0/1 matrix does, windows sharing an input adding up (overlapping
+    windows) and still windows dropping out, in the coefficients' memory order."""
+    from onnxlip.refine import maxpool_relaxation
+
+    rng = np.random.default_rng(5)
+    for select in (rng.permutation(12)[:8], np.array([0, 0, 3, -1, 3, 3, 7, 11, 0]), np.full(4, -1)):
+        step = maxpool_relaxation(select, np.zeros(select.size), np.zeros(select.size), 12, 1.0, 1.0)
+        coeff = np.asarray(rng.standard_normal((select.size, 3)), order=order)
+        gathered = step.gathered(coeff)
+        assert np.allclose(gathered, step.gather @ coeff, rtol=1e-15, atol=0)
+        assert gathered.flags.f_contiguous if order == "F" else gathered.flags.c_contiguous
+        assert np.all(gathered[np.setdiff1d(np.arange(12), select)] == 0)
