@@ -2,6 +2,7 @@
 
     python tools/bench.py                          # reference networks + AlexNet/VGG16 if cached
     python tools/bench.py --networks cifar10_avant alexnet --sweep-points 30
+    python tools/bench.py --networks vgg16 --sweep-points 1 --tol 5e-3 --delta 1e-6  # time vs guarantee
     python tools/bench.py --model m.onnx --input x.npy --name mine --json bench.json
     python tools/bench.py --parallel                # Dask: 1,000 digits, a 30-radius sweep
     python tools/bench.py --zoo resnet18_32 resnet18_224  # exported ResNets (both exporters)
@@ -51,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onnxlip  # noqa: E402
 from onnxlip import bounds  # noqa: E402
 from onnxlip.report import table  # noqa: E402
+from onnxlip.spectral import DEFAULT_DELTA, DEFAULT_TOL  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -93,14 +95,15 @@ FIRST_ROUND = {"alexnet": 185.0, "vgg16": 214.0}
 
 
 def bench_one(name: str, model: str, x0_path: str, published: str | None, eps: float,
-              sweep_points: int, repeat: int, tolerance_check: bool) -> dict:
+              sweep_points: int, repeat: int, tolerance_check: bool,
+              tol: float = DEFAULT_TOL, delta: float = DEFAULT_DELTA) -> dict:
     x0 = np.load(x0_path, allow_pickle=False)
     start = time.perf_counter()
-    net = onnxlip.load(model)
+    net = onnxlip.load(model, tol=tol, delta=delta)
     load_s = time.perf_counter() - start
     nominal = net.trace(x0)
-    local = bounds.local_bound(net.blocks, nominal, eps, net.tol)  # also warms sessions up
-    glob = bounds.global_bound(net.blocks, net.tol)
+    local = bounds.local_bound(net.blocks, nominal, eps, net.solver)  # also warms sessions up
+    glob = bounds.global_bound(net.blocks, net.solver)
     reference = json.loads(Path(published).read_text()) if published else None
     sweep = reference["eps"][:sweep_points] if reference else list(
         np.geomspace(eps, 1.0, sweep_points))
@@ -119,7 +122,7 @@ def bench_one(name: str, model: str, x0_path: str, published: str | None, eps: f
     fwd, local_s = statistics.median(forwards), statistics.median(locals_)
     ratio = statistics.median(lo / fo for lo, fo in zip(locals_, forwards))
     row = {
-        "network": name, "forward_s": fwd, "load_s": load_s, "eps": eps,
+        "network": name, "forward_s": fwd, "load_s": load_s, "eps": eps, "tol": tol, "delta": delta,
         "local_bound": local.bound, "local_s": local_s,
         "global_bound": glob.bound, "global_s": glob.seconds,
         "sweep_points": len(sweep), "sweep_s": sweep_s,
@@ -371,6 +374,10 @@ def main() -> int:
     parser.add_argument("--eps", type=float, default=1e-3, help="radius of the single bound")
     parser.add_argument("--sweep-points", type=int, default=30)
     parser.add_argument("--repeat", type=int, default=3, help="repetitions per timing (median)")
+    parser.add_argument("--tol", type=float, default=DEFAULT_TOL,
+                        help="spectral norms' tolerance (onnxlip.load's tol)")
+    parser.add_argument("--delta", type=float, default=DEFAULT_DELTA,
+                        help="spectral norms' failure probability (onnxlip.load's delta)")
     parser.add_argument("--tolerance-check", action="store_true",
                         help="compare every block with a 10x tighter tolerance")
     parser.add_argument("--json", help="also write the results to this file")
@@ -389,7 +396,8 @@ def main() -> int:
     if args.one:
         name, model, x0, published = args.one
         print(json.dumps(bench_one(name, model, x0, None if published == "-" else published,
-                                   args.eps, args.sweep_points, args.repeat, args.tolerance_check)))
+                                   args.eps, args.sweep_points, args.repeat, args.tolerance_check,
+                                   args.tol, args.delta)))
         return 0
     if args.zoo_one:
         print(json.dumps(bench_zoo_one(*args.zoo_one, args.eps, args.zoo_rel_tol)))
@@ -422,7 +430,8 @@ def main() -> int:
         name = args.name[i] if i < len(args.name) else Path(model).stem
         cases[name] = (Path(model), Path(args.input[i]), None)
     common = ["--eps", str(args.eps), "--sweep-points", str(args.sweep_points),
-              "--repeat", str(args.repeat)] + (["--tolerance-check"] if args.tolerance_check else [])
+              "--repeat", str(args.repeat), "--tol", str(args.tol), "--delta", str(args.delta)] + (
+                  ["--tolerance-check"] if args.tolerance_check else [])
     rows = []
     for name, (model, x0, published) in cases.items():
         rows.append(run_in_subprocess([name, str(model), str(x0), str(published or "-"), *common]))
