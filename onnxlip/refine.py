@@ -145,26 +145,31 @@ class Relaxation:
         """Max-pooling: gather @ coeff, in coeff's memory order (a column-major coeff
         stays so: the convolution before reads it without a transposing copy).
         Where windows share an input their coefficients add (as the product's sums)."""
-        targets, windows = self._routes
+        targets, windows = self.routes
         out = np.zeros((self.in_size, *coeff.shape[1:]), np.result_type(coeff, np.float64),
                        order="F" if coeff.flags.f_contiguous else "C")
-        if targets.size == np.unique(targets).size:
+        if self.shared <= 1:
             out[targets] = coeff[windows]
         else:
             np.add.at(out, targets, coeff[windows])
         return out
 
     @cached_property
-    def _routes(self) -> tuple[np.ndarray, np.ndarray]:
-        """The input each moving window follows, and the window."""
+    def routes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Max-pooling: the input each moving window follows, and the window."""
         moves = np.flatnonzero(self.select >= 0)
         return self.select[moves], moves
 
     @cached_property
+    def shared(self) -> int:
+        """Max-pooling: the most moving windows that follow one input."""
+        return int(np.bincount(self.routes[0], minlength=1).max())
+
+    @cached_property
     def gather(self) -> sp.csr_matrix:
         """Max-pooling: the 0/1 matrix taking a window's coefficient to the input it follows."""
-        moves = np.flatnonzero(self.select >= 0)
-        return sp.csr_matrix((np.ones(moves.size), (self.select[moves], moves)),
+        targets, windows = self.routes
+        return sp.csr_matrix((np.ones(windows.size), (targets, windows)),
                              shape=(self.in_size, self.select.size))
 
     def with_slopes(self, alpha: np.ndarray) -> Relaxation:
@@ -358,7 +363,5 @@ def _relaxed(step: Relaxation, coeff: np.ndarray) -> tuple[np.ndarray, np.ndarra
     if step.select is None:
         error = 2 * U64 * _norms(out)
     else:  # max-pooling: each window's coefficient to the input it follows (a 0/1 matrix's product)
-        moves = np.flatnonzero(step.select >= 0)
-        shared = int(np.bincount(step.select[moves], minlength=1).max())
-        error = gamma(shared + 1, U64) * np.sqrt(max(shared, 1)) * _norms(coeff)
+        error = gamma(step.shared + 1, U64) * np.sqrt(max(step.shared, 1)) * _norms(coeff)
     return out, intercept + error * step.bound * (1 + 4 * U64)
