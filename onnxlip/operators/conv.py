@@ -112,17 +112,18 @@ class ConvMap(LinearMap):
         spatial = self.out_shape[2:]
         if box is not None and math.prod(hi - lo for lo, hi in box) > CROP_MAX * math.prod(spatial):
             return _into(self.matmat(x), out)
-        if out is None or not out.flags.f_contiguous:
-            target = np.empty((batch, self.out_shape[1], *spatial), self._cropped.dtype)
-        else:
+        in_place = out is not None and out.flags.f_contiguous
+        if in_place:
             target = out.T.reshape(batch, self.out_shape[1], *spatial)  # a view
-        target[...] = 0
+            target[...] = 0
+        else:
+            target = np.zeros((batch, self.out_shape[1], *spatial), self._cropped.dtype)
         if box is not None:
             target[(slice(None), slice(None), *(slice(lo, hi) for lo, hi in box))] = self._crop_product(
                 images, box)
-        if out is None or not out.flags.f_contiguous:
-            return _into(target.reshape(batch, self.out_size).T.astype(x.dtype, copy=False), out)
-        return out
+        if in_place:
+            return out
+        return _into(target.reshape(batch, self.out_size).T.astype(x.dtype, copy=False), out)
 
     def _crop_product(self, images: np.ndarray, box: list[tuple[int, int]]) -> np.ndarray:
         """The outputs in `box`, from the input cropped to their receptive fields."""
