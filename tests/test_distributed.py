@@ -69,18 +69,17 @@ def clean(tmp_path_factory, digits, worker_id):
     reference rows. Made once per run: under pytest-xdist the first worker to need
     them writes them in the run's shared temporary directory, under a lock, and
     the others read them (pytest-xdist's recipe for session data)."""
-    if worker_id == "master" or fcntl is None:
-        out = tmp_path_factory.mktemp("clean") / "clean.jsonl"
-        certify_dataset(OPTIONS, *digits, workers=1, out=out, source=str(DATA), end=COUNT)
-        return rows_of(out)
-    shared = tmp_path_factory.getbasetemp().parent / "dask_clean.jsonl"
-    with open(shared.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not shared.exists():
-            partial = shared.with_suffix(".partial")
+    alone = worker_id == "master" or fcntl is None
+    home = tmp_path_factory.mktemp("clean") if alone else tmp_path_factory.getbasetemp().parent
+    rows = home / "clean.jsonl"
+    with open(rows.with_suffix(".lock"), "w") as lock:
+        if not alone:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not rows.exists():
+            partial = rows.with_suffix(".partial")
             certify_dataset(OPTIONS, *digits, workers=1, out=partial, source=str(DATA), end=COUNT)
-            partial.replace(shared)
-    return rows_of(shared)
+            partial.replace(rows)
+    return rows_of(rows)
 
 
 def rows_of(path) -> list[dict]:
