@@ -220,10 +220,12 @@ def main() -> int:
         "by_kind": dict(Counter(v["what"] for v in violations)),
         "families": dict(Counter(o.family for o in outcomes)),
         "activations": dict(Counter(o.activation for o in outcomes)), "skipped": skipped,
-        "median_paper_over_sampled": float(np.median([r["paper"] / r["sampled"] for r in rows
-                                                      if r["sampled"] > 0])) if rows else None,
-        "median_tight_over_paper": float(np.median([r["tight"] / r["paper"] for r in rows]))
-        if rows else None,
+        "median_paper_over_sampled": float(np.median(over)) if (
+            over := [r["paper"] / r["sampled"] for r in rows if r["sampled"] > 0]) else None,
+        # a net whose every ReLU is off over the ball has paper = tight = 0: no ratio
+        "median_tight_over_paper": float(np.median(tight)) if (
+            tight := [r["tight"] / r["paper"] for r in rows if r["paper"] > 0]) else None,
+        "zero_bounds": sum(r["paper"] == 0 for r in rows),
         "seconds": round(seconds, 1),
     }
     print(json.dumps(summary, indent=1))
