@@ -351,11 +351,30 @@ def parallel_sweep(workers: int, repeat: int) -> dict:
     return out
 
 
-def machine() -> dict:
-    return {"python": platform.python_version(), "platform": platform.platform(),
+def memory_touch(size: int = 1 << 28) -> list[float]:
+    """Seconds per GB to fill a fresh array, twice in a row: [first, again]. The
+    first can cost far more where the machine is a VM whose freed memory goes back
+    to the host after a few idle seconds (free page reporting, virtio-balloon):
+    each page is then faulted in from the host again (measured here on
+    2026-11-29: 400 MB in 0.66-0.91 s after 3 s idle, 0.045 s at once). The
+    reach analysis and the suite make such arrays; read their times with it."""
+    out = []
+    for _ in range(2):
+        start = time.perf_counter()
+        np.ones(size // 8)
+        out.append(round((time.perf_counter() - start) * 2**30 / size, 3))
+    return out
+
+
+def machine(touch: list[float] | None = None) -> dict:
+    """The machine, and `touch` (memory_touch, measured before the work) where given."""
+    info = {"python": platform.python_version(), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "onnxruntime": ort.__version__, "onnxlip": onnxlip.__version__,
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+    if touch is not None:
+        info["fill_s_per_gb"] = touch
+    return info
 
 
 def run_in_subprocess(args: list[str], one: bool = True) -> dict:
@@ -424,6 +443,7 @@ def main() -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
         return 0
+    touch = memory_touch()  # before any work: the machine's state as the runs find it
     cases = known_networks()
     if args.networks is not None:
         cases = {k: v for k, v in cases.items() if k in args.networks}
@@ -437,7 +457,7 @@ def main() -> int:
     for name, (model, x0, published) in cases.items():
         rows.append(run_in_subprocess([name, str(model), str(x0), str(published or "-"), *common]))
         print(f"{name}: done", file=sys.stderr)
-    result = {"machine": machine(), "results": rows}
+    result = {"machine": machine(touch), "results": rows}
     print(json.dumps(result["machine"]))
     headers = ["network", "forward_s", "local_s", "global_s", "sweep_points", "sweep_s",
                "local_over_forward", "local_vs_first_round", "sweep_over_local",
