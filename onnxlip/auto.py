@@ -69,11 +69,11 @@ def auto_local_bound(blocks: list[Block], nominal: Trace, eps: float,
             sum(c[2] for c, _ in reached) > TIGHT_UNCERTAIN_MAX * sum(n for _, n in reached):
         result = tight_local_bound(blocks, nominal, eps, solver, reach=reach.changes, telescope=False,
                                    target=target, seconds=seconds)
-        notes = reach.notes
+        notes = reach.notes + result.notes
     else:
         result = tight_local_bound(blocks, nominal, eps, solver, reach=reach.changes, target=target,
                                    seconds=seconds)
-        notes = reach.notes
+        notes = reach.notes + result.notes
     return replace(result, layers=annotate(result.layers, reach), notes=notes,
                    seconds=time.perf_counter() - start)
 

@@ -516,6 +516,8 @@ def test_budget_refines_where_the_plain_joint_bound_gives_up(tmp_path, monkeypat
         monkeypatch.setattr(joint, "EVALS_MIN", 1)
         monkeypatch.setattr(joint, "EVALS_MAX", 1)
     monkeypatch.setattr(joint, "ROUNDS_MAX", 1)
+    # a tail's joint bound (7.5-11.3 here) would stand in for the whole one given up
+    monkeypatch.setattr(tight, "_split_joint", lambda *args: (math.inf, 0))
     net, plain, x0 = _chain("conv", 6, tmp_path)
     _, budgeted, _ = _chain("conv", 6, tmp_path, time_budget=600)
     eps = 0.03 * float(np.linalg.norm(x0))
@@ -543,3 +545,64 @@ def test_search_stops_at_its_deadline(monkeypatch):
     assert math.isfinite(late) and free <= late
     assert late == pytest.approx(real(forms, lam_late)[0])
     assert _proven(forms, lam_late, late) is not None
+
+
+def _wide_chain(seed: int) -> tuple[netgen.RefNet, list[int]]:
+    """An MLP whose first layers hold too many units for one joint bound (260 + 260)
+    and whose last ones fit, and the number of ops before each block."""
+    rng = np.random.default_rng(7000 + seed)
+    widths = [12, 260, 260, 40, 24, 6]
+    ops, starts = [], []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        starts.append(len(ops))
+        ops += netgen._dense_layer(rng, a, b)
+        if i < len(widths) - 2:
+            ops.append(netgen.Op("relu"))
+    return netgen.RefNet((1, widths[0]), ops, f"wide{seed}"), starts
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_chain_split_joint_bound_is_sound(tmp_path, monkeypatch, seed):
+    """Where a chain's uncertain units are too many for one joint bound, the joint
+    bound of a tail times the paper's bounds of the blocks before it: below the
+    paper's bound, above every ratio sampled or found by ascent, and each factor
+    holds on its own at sampled points (the tail's ||Δf|| / ||Δv_k|| and the
+    head's ||Δv_k|| / ||Δx||)."""
+    net, starts = _wide_chain(seed)
+    engine = onnxlip.load(net.save(tmp_path / f"{net.name}.onnx"))
+    x0 = np.random.default_rng(seed).standard_normal(net.input_shape)
+    calls = []
+
+    def spy(tail, limit, *args, **kwargs):
+        result = joint_bound(tail, limit, *args, **kwargs)
+        calls.append((len(tail.blocks), result[0]))
+        return result
+
+    joint_bound = tight.joint_bound
+    monkeypatch.setattr(tight, "joint_bound", spy)
+    rng = np.random.default_rng(seed)
+    split = 0
+    for level in (0.3, 1.0, 3.0):
+        eps = level * float(np.linalg.norm(x0))
+        calls.clear()
+        auto = engine.local_bound(x0, eps)
+        paper = engine.local_bound(x0, eps, method="paper")
+        assert auto.bound <= paper.bound * (1 + 2e-3)
+        points = netgen.ball_points(rng, x0, eps, 300, 300)
+        assert netgen.max_ratio(net, x0, points) <= auto.bound * SLACK
+        assert engine.lower_bounds(x0, [eps], samples=16, ascent_steps=5)[0].best <= auto.bound * SLACK
+        notes = [n for n in auto.notes if "the joint bound of the blocks from" in n]
+        if not notes:
+            continue
+        k = next(i for i, b in enumerate(engine.blocks) if f"from {b.name} on" in notes[0])
+        split += 1
+        tail_value = min(v for n, v in calls if n == len(engine.blocks) - k)
+        head = math.prod(r.bound for r in auto.layers[:k])  # the paper's, with the analysed radii
+        assert auto.bound == pytest.approx(head * tail_value, rel=1e-9)
+        prefix = netgen.RefNet(net.input_shape, net.ops[:starts[k]])
+        dv = np.linalg.norm(prefix(points) - prefix(x0), axis=1)
+        df = np.linalg.norm(net(points) - net(x0), axis=1)
+        dx = np.linalg.norm(points - x0.ravel(), axis=1)
+        assert np.all(dv <= head * dx * SLACK)
+        assert np.all(df <= tail_value * dv * SLACK + 1e-12)
+    assert split >= 2  # the split bound is what these radii exercise
