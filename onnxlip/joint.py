@@ -72,6 +72,9 @@ FORMS_MAX = 800
 #: ... and with a time budget (refine): its interior-point method handles
 #: larger programs (MNIST reference at ε = 0.1, side 1215: 613 → 138 in 30 s).
 FORMS_MAX_REFINED = 1500
+#: ... and for a tail of a chain with a time budget (onnxlip.tight): the CIFAR-10
+#: reference's fc1 (all 512 units uncertain from ε = 0.07 on, side 1546).
+FORMS_MAX_TAIL = 2000
 #: Largest d-part of the forms, forms × inputs in float64.
 FORMS_BYTES = 256e6
 #: Evaluations of t(λ) in the multipliers' search (each a Cholesky and an
@@ -228,8 +231,8 @@ class _Forms:
         return np.hstack([self.R.T, self.P])
 
 
-def joint_bound(net, limit: float = math.inf, budget: float = 0.0, enough: float = 0.0
-                ) -> tuple[float, bool]:
+def joint_bound(net, limit: float = math.inf, budget: float = 0.0, enough: float = 0.0,
+                forms_max: int | None = None) -> tuple[float, bool]:
     """(bound, refined): √t proven as in the module's docstring, or inf where it does not apply
     (nothing uncertain, too large) or does not beat `limit`. `net`: tight's
     _Linearized, whose uncertain steps carry a Spread. `budget` > 0: seconds
@@ -237,9 +240,10 @@ def joint_bound(net, limit: float = math.inf, budget: float = 0.0, enough: float
     (refine, from the search's multipliers whether or not they beat `limit`;
     with products of floors where there are some; where the bound is above
     `enough`, what the caller needs); programs up to FORMS_MAX_REFINED then
-    qualify. `refined`: the refinement's multipliers gave the bound."""
+    qualify (`forms_max`: another limit). `refined`: the refinement's multipliers gave
+    the bound."""
     deadline = time.perf_counter() + budget
-    dense = _dense(net, FORMS_MAX_REFINED if budget > 0 else FORMS_MAX)
+    dense = _dense(net, forms_max or (FORMS_MAX_REFINED if budget > 0 else FORMS_MAX))
     if dense is None:
         return math.inf, False
     forms = _forms(dense)

@@ -517,7 +517,7 @@ def test_budget_refines_where_the_plain_joint_bound_gives_up(tmp_path, monkeypat
         monkeypatch.setattr(joint, "EVALS_MAX", 1)
     monkeypatch.setattr(joint, "ROUNDS_MAX", 1)
     # a tail's joint bound (7.5-11.3 here) would stand in for the whole one given up
-    monkeypatch.setattr(tight, "_split_joint", lambda *args: (math.inf, 0))
+    monkeypatch.setattr(tight, "_split_joint", lambda *args: (math.inf, 0, False))
     net, plain, x0 = _chain("conv", 6, tmp_path)
     _, budgeted, _ = _chain("conv", 6, tmp_path, time_budget=600)
     eps = 0.03 * float(np.linalg.norm(x0))
@@ -606,3 +606,23 @@ def test_chain_split_joint_bound_is_sound(tmp_path, monkeypatch, seed):
         assert np.all(dv <= head * dx * SLACK)
         assert np.all(df <= tail_value * dv * SLACK + 1e-12)
     assert split >= 2  # the split bound is what these radii exercise
+
+
+def test_budget_admits_larger_tails(tmp_path, monkeypatch):
+    """A tail whose forms exceed FORMS_MAX is bounded jointly only under a time
+    budget (up to FORMS_MAX_TAIL, searched and refined within the budget): then
+    below the bound without it, and still above every ratio found."""
+    monkeypatch.setattr(joint, "FORMS_MAX", 50)  # below the shortest tail's 78 forms
+    monkeypatch.setattr(tight, "FORMS_MAX", 50)
+    net, _ = _wide_chain(0)
+    path = net.save(tmp_path / f"{net.name}.onnx")
+    plain, budgeted = onnxlip.load(path), onnxlip.load(path, time_budget=3)
+    x0 = np.random.default_rng(0).standard_normal(net.input_shape)
+    eps = 1.0 * float(np.linalg.norm(x0))
+    without, within = plain.local_bound(x0, eps), budgeted.local_bound(x0, eps)
+    assert not any("the joint bound of the blocks from" in n for n in without.notes)
+    assert any("the joint bound of the blocks from" in n for n in within.notes)
+    assert within.bound < 0.8 * without.bound
+    points = netgen.ball_points(np.random.default_rng(1), x0, eps, 300, 300)
+    assert netgen.max_ratio(net, x0, points) <= within.bound * SLACK
+    assert plain.lower_bounds(x0, [eps], samples=16, ascent_steps=10)[0].best <= within.bound * SLACK
