@@ -323,6 +323,14 @@ def _forms(dense: _Dense, floors: bool = False) -> _Forms:
     return _Forms(reduced, P, dense.outputs, dense.owner, dense.level, eta, dense.DN.shape[0])
 
 
+def search_side(net) -> int:
+    """The side of the search's matrices for `net` (tight's _Linearized): the output's
+    rows, each uncertain unit's centre and radius rows, and the units (compared
+    with FORMS_MAX and kin)."""
+    spreads = [s.spread for s in net.steps if s.spread is not None and s.spread.units.size]
+    return net.size(len(net.blocks) - 1) + sum(2 * s.units.size + s.rows.shape[0] for s in spreads)
+
+
 def _dense(net, forms_max: int = FORMS_MAX) -> _Dense | None:
     """The forms, pulled back through the network (float32 maps as their exact
     float64 matrices, _Linearized.precise): None where nothing is uncertain, the
@@ -335,7 +343,7 @@ def _dense(net, forms_max: int = FORMS_MAX) -> _Dense | None:
     spreads = [steps[k].spread for k in uncertain]
     sizes = [s.units.size for s in spreads]
     p = o + sum(sizes) + sum(s.rows.shape[0] for s in spreads)
-    if o > OUT_MAX or p + sum(sizes) > forms_max or 8.0 * p * (n + p) > FORMS_BYTES:
+    if o > OUT_MAX or search_side(net) > forms_max or 8.0 * p * (n + p) > FORMS_BYTES:
         return None
     net = net.precise()
     spreads = [net.steps[k].spread for k in uncertain]

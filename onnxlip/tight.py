@@ -70,6 +70,7 @@ from .joint import (
     Spread,
     joint_bound,
     relu_spread,
+    search_side,
     window_spread,
 )
 from .operators.base import U64, LinearMap, gamma
@@ -362,13 +363,13 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
         steps = _stable_steps(blocks, nominal, paper, widths, eps, solves, reach, centered)
         net = _Linearized(blocks, steps, nominal.x.size)
         if centered:
-            deadline = time.perf_counter() + seconds  # the budget counts from the joint bound's start
+            # the budget counts from the joint bound's start
+            deadline = time.perf_counter() + seconds if seconds > 0 else None
             joint, refined = joint_bound(net, min(bound, target), seconds,
                                          target if math.isfinite(target) else 0.0)
             whole = FORMS_MAX_REFINED if seconds > 0 else FORMS_MAX
-            if joint >= bound and suffix is not None and _tail_too_large(net, whole):  # too many units
-                left = max(deadline - time.perf_counter(), 1e-9) if seconds > 0 else 0.0
-                joint, split, refined = _split_joint(net, paper, min(bound, target), left)
+            if joint >= bound and suffix is not None and search_side(net) > whole:  # too many units for one
+                joint, split, refined = _split_joint(net, paper, min(bound, target), deadline)
                 if joint < bound:
                     notes = [f"the joint bound of the blocks from {blocks[split].name} on, times the "
                              "paper's bounds of the blocks before"]
@@ -384,7 +385,7 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
                        paper.delta + solves.delta, solver.seed, source=source, notes=notes)
 
 
-def _split_joint(net: _Linearized, paper: BoundResult, limit: float, budget: float = 0.0
+def _split_joint(net: _Linearized, paper: BoundResult, limit: float, deadline: float | None = None
                  ) -> tuple[float, int, bool]:
     """On a chain whose uncertain units are too many for one joint bound: g_k · J_k,
     its k and whether a refinement gave J_k (inf where it is not below `limit`),
@@ -393,23 +394,23 @@ def _split_joint(net: _Linearized, paper: BoundResult, limit: float, budget: flo
     bounds ||Δf|| / ||Δv_k|| for every x of the ball) and g_k the product of
     the paper's block bounds before k, which bounds ||Δv_k|| / ||Δx||. The
     longest tail whose uncertain units fit joint.FORMS_MAX first (its g_k has
-    the fewest factors), shorter ones only where it gives nothing; then, with a
-    time `budget` (seconds), the longest of the larger tails up to
-    joint.FORMS_MAX_TAIL, searched and refined within what is left of it (the
+    the fewest factors), shorter ones only where it gives nothing; then, where a
+    time budget sets a `deadline` (time.perf_counter()), the longest of the
+    larger tails up to joint.FORMS_MAX_TAIL, searched and refined until it (the
     CIFAR-10 reference's fc1). The MNIST reference at ε = 2.173: 0.65x the
     paper's composition."""
     factors = [math.inf if record.bound is None else record.bound for record in paper.layers]
     lift = 1 + gamma(len(factors) + 2, U64)
-    deadline = time.perf_counter() + budget
     small, large = [], []
     for k in range(len(net.blocks) - 1, 0, -1):
         tail = _Linearized([replace(b, inputs=(j - 1,)) for j, b in enumerate(net.blocks[k:])],
                            net.steps[k:], net.blocks[k - 1].out_size)
         if not any(s.spread is not None and s.spread.units.size for s in tail.steps):
             continue  # a stable tail: the joint bound does not apply
-        if _tail_too_large(tail, FORMS_MAX_TAIL if budget > 0 else FORMS_MAX):
+        forms = search_side(tail)
+        if forms > (FORMS_MAX if deadline is None else FORMS_MAX_TAIL):
             break  # longer tails only add units
-        (large if _tail_too_large(tail, FORMS_MAX) else small).append((k, tail))
+        (small if forms <= FORMS_MAX else large).append((k, tail))
     best = (math.inf, 0, False)
     for k, tail in reversed(small):
         head = math.prod(factors[:k]) * lift
@@ -418,7 +419,7 @@ def _split_joint(net: _Linearized, paper: BoundResult, limit: float, budget: flo
             if head * value * lift < limit:
                 best = (head * value * lift, k, False)
                 break
-    for k, tail in reversed(large):
+    for k, tail in reversed(large):  # only where a deadline is set
         head, left = math.prod(factors[:k]) * lift, deadline - time.perf_counter()
         if left <= 0:
             break
@@ -428,13 +429,6 @@ def _split_joint(net: _Linearized, paper: BoundResult, limit: float, budget: flo
                 best = (head * value * lift, k, refined)
                 break
     return best if best[0] < limit else (math.inf, 0, False)
-
-
-def _tail_too_large(net: _Linearized, forms_max: int) -> bool:
-    """Whether the joint bound's forms exceed `forms_max` (joint.FORMS_MAX and kin)."""
-    spreads = [s.spread for s in net.steps if s.spread is not None and s.spread.units.size]
-    forms = net.size(len(net.blocks) - 1) + sum(2 * s.units.size + s.rows.shape[0] for s in spreads)
-    return forms > forms_max
 
 
 def _suffix_products(paper: BoundResult) -> list[float]:
