@@ -35,7 +35,10 @@ most CHUNK_BYTES and the map's local_columns (float32 convolutions in float32,
 whose products are stored exactly in float32; the other maps in float64) and
 stored in float64 where that fits the memory budget, else in float32 (half
 the memory: the CIFAR-10 reference's L, 28,800 × 3,072 after conv1, fits in
-the default budget so); a dead L's memory is carved for the next (_Memory).
+the default budget so); a dead L's memory is carved for the next (_Memory). An L
+at least LAZY_GROWTH times its input's that only the next affine block reads
+is not stored but recomputed there, by the same column chunks (_Lazy: the
+CIFAR-10 reference's first convolution, 354 MB; peak memory 1.28 -> 1.02 GB).
 ρ also covers the rounding of every stored entry (u relative plus TINY below
 the normal range, only on rows that did not convert exactly), and the rows'
 norms are upper bounds (float32 rows' squares summed in float32 within γ_w of
@@ -47,7 +50,7 @@ the paper's radii.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -78,6 +81,9 @@ COMPACT = np.dtype(np.float32)
 #: reaches a crop of it (matmat_local: the CIFAR-10 reference's convolutions
 #: 0.5 s -> 0.2 s).
 CHUNK_BYTES = 64e6
+#: An affine block's L is recomputed where read, not stored (_Lazy), where it has at
+#: least this many times the rows of its input's.
+LAZY_GROWTH = 4
 #: Uncertain rows are scaled in one pass over L where they are more than
 #: 1/SCALE_ALL_ABOVE of them (gathering rows of a column-major L is slow).
 SCALE_ALL_ABOVE = 20
@@ -89,7 +95,7 @@ ROUNDING = {np.dtype(np.float32): (U32, 2.0**-150), np.dtype(np.float64): (U64, 
 class Linear:
     """Δz = L Δx + e over the ball: rows of L, their rounding bound, e's interval."""
 
-    L: np.ndarray  # float64 or COMPACT, in Fortran order (column chunks contiguous)
+    L: np.ndarray | None  # float64 or COMPACT, in Fortran order (column chunks contiguous)
     rho: np.ndarray  # ||stored row − exact row|| ≤ rho
     lo: np.ndarray
     hi: np.ndarray
@@ -98,12 +104,61 @@ class Linear:
     moving: np.ndarray
     #: Upper bounds of the stored rows' norms ||L_i||.
     norms: np.ndarray
+    #: Where L is not stored (None above): how its column chunks are recomputed.
+    lazy: _Lazy | None = None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.L.dtype if self.lazy is None else self.lazy.dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rho.size, self.L.shape[1] if self.lazy is None else self.lazy.source.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """The memory it holds (a lazy L: its source's)."""
+        return self.L.nbytes if self.lazy is None else self.lazy.source.nbytes
+
+    def chunks(self, width: int):
+        """(columns, L's columns there), in chunks of at most `width` columns (within a
+        lazy L's own chunks: each recomputed from the same columns as first computed)."""
+        parts = [slice(0, self.shape[1])] if self.lazy is None else self.lazy.parts
+        for part in parts:
+            block = self.L[:, part] if self.lazy is None else self.lazy.columns(part)
+            for first in range(0, block.shape[1], width):
+                yield (slice(part.start + first, min(part.start + first + width, part.stop)),
+                       block[:, first:first + width])
+
+    def stored(self, memory: _Memory | None = None) -> Linear:
+        """The same with L stored (in `memory` where given): in place."""
+        if self.lazy is not None:
+            L = (memory or _Memory()).take(self.shape, self.lazy.dtype)
+            for part in self.lazy.parts:
+                L[:, part] = self.lazy.columns(part)
+            self.L, self.lazy = L, None
+        return self
+
+    def scale(self, factors: np.ndarray) -> None:
+        """Row i of L times factors[i] (one rounding to L's type; 0 and 1 exact), in place."""
+        if self.lazy is not None and np.all((factors == 0) | (factors == 1)):
+            self.lazy.scale = self.lazy.scale * factors  # one factor not 0 or 1 at most: exact
+        elif self.lazy is not None and np.all((self.lazy.scale == 0) | (self.lazy.scale == 1)):
+            self.lazy.scale = self.lazy.scale * factors
+        else:
+            self.stored()
+            self.L *= factors[:, None].astype(self.L.dtype)
+
+    def copy(self) -> Linear:
+        """A copy whose L (or lazy scaling) can be changed apart."""
+        lazy = self.lazy and replace(self.lazy, scale=self.lazy.scale.copy())
+        return replace(self, L=None if self.L is None else self.L.copy(order="F"), lazy=lazy)
 
     def still(self) -> Linear:
         """The same, with the rows that cannot move set exactly to Δz = 0."""
         fixed = ~self.moving
         if fixed.any():  # one pass over L (L is finite: multiplying by 0 zeroes exactly)
-            self.L *= self.moving[:, None].astype(self.L.dtype)
+            self.scale(self.moving.astype(float))
         self.rho[fixed], self.lo[fixed], self.hi[fixed], self.norms[fixed] = 0.0, 0.0, 0.0, 0.0
         return self
 
@@ -114,10 +169,39 @@ class Linear:
 
     def rows(self, index: np.ndarray, memory: _Memory | None = None) -> Linear:
         """The rows `index` (L's in `memory` where given)."""
+        self.stored(memory)
         L = (memory or _Memory()).take((index.size, self.L.shape[1]), self.L.dtype)
         np.take(self.L.T, index, axis=1, out=L.T, mode="clip")  # index is in range: no buffered check
         return Linear(L, self.rho[index], self.lo[index], self.hi[index], self.moving[index],
                       self.norms[index])
+
+
+@dataclass
+class _Lazy:
+    """L = diag(scale) · fl(A · (the source's L)), not stored: recomputed by the
+    column chunks `parts` it was first computed in (the same inputs, so the same
+    values), rounded to `dtype` as a stored L would be, then scaled there (at most
+    one factor not 0 or 1: one rounding, as a stored L's ReLU slopes). For an L
+    far larger than its source's, read once by the next affine block (the first
+    convolution's: the CIFAR-10 reference's 354 MB of 1 GB)."""
+
+    source: Linear
+    linear: LinearMap
+    feed: np.dtype
+    dtype: np.dtype
+    parts: list[slice]
+    scale: np.ndarray
+
+    def columns(self, part: slice) -> np.ndarray:
+        columns = self.source.L[:, part]  # a stored L (one level of laziness)
+        with np.errstate(over="ignore", invalid="ignore"):
+            block = np.asarray(self.linear.matmat_local(columns.astype(self.feed, copy=False)),
+                               dtype=self.dtype, order="F")
+        if np.may_share_memory(block, self.source.L):  # a map that hands its input back
+            block = block.copy(order="F")
+        if not np.all(self.scale == 1):
+            block *= self.scale[:, None].astype(self.dtype)
+        return block
 
 
 class _Memory:
@@ -238,6 +322,10 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
                   for b, e, i in zip(blocks, nominal.pre_errors, nominal.in_errors)]
     n0 = nominal.x.size
     last_read = {j: k for k, block in enumerate(blocks) for j in block.inputs}
+    readers: dict[int, list[int]] = {}
+    for k, block in enumerate(blocks):
+        for j in set(block.inputs):
+            readers.setdefault(j, []).append(k)
     if COMPACT.itemsize * n0 * n0 > budget:  # not even the input's identity fits
         return Reach([None] * len(blocks), [None] * len(blocks), None, [
             f"the exact reach needs more than the memory budget ({budget:.3g} bytes) from the "
@@ -268,7 +356,7 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
         else:
             state = _stack([states[j] for j in block.inputs])
             if isinstance(block, AffineBlock):
-                state = _affine(block.map, state, dtype, memory)
+                state = _affine(block.map, state, dtype, memory, _lazy(blocks, k, readers, state))
                 if state is None:
                     why = "its rows of L leave float32's range"
         if state is not None:
@@ -309,8 +397,10 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
         states[k] = state
         for j in set(block.inputs):
             if last_read[j] == k and j in states:
-                memory.give(states.pop(j).L)  # no other state or relaxation holds it
+                _release(states.pop(j), states, memory)
     last = states.get(len(blocks) - 1)
+    if last is not None:
+        last.stored()
     if last is not None:  # the output's columns back in the input's order
         L = np.empty_like(last.L, order="F")
         L[:, order] = last.L
@@ -321,6 +411,30 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
         notes.append(f"the exact reach stops at block {k} ({blocks[k].name}): {why}; "
                      "the paper's radii from there on")
     return Reach(changes, counts, last, notes, relaxations, blocks)
+
+
+def _lazy(blocks: list[Block], k: int, readers: dict[int, list[int]], state: Linear) -> int | None:
+    """Whether block k's L is left to be recomputed (_Lazy), and then its reader's
+    chunk width: an affine block with one stored input, read by one affine block
+    only, whose L is at least LAZY_GROWTH times as large as its input's."""
+    later = readers.get(k, [])
+    if (state.lazy is None and len(blocks[k].inputs) == 1 and len(later) == 1
+            and isinstance(blocks[later[0]], AffineBlock) and list(blocks[later[0]].inputs) == [k]
+            and blocks[k].out_size >= LAZY_GROWTH * state.shape[0]):
+        return _width(blocks[later[0]].map, blocks[k].out_size, state.shape[1])
+    return None
+
+
+def _release(state: Linear, states: dict, memory: _Memory) -> None:
+    """Give a state's L, no longer read, to `memory`: not while a lazy L still reads
+    it; a lazy state's source once nothing else holds it (no other state or relaxation
+    holds an L)."""
+    if state.lazy is not None:
+        state = state.lazy.source
+        if any(s is state for s in states.values()):
+            return
+    if not any(s.lazy is not None and s.lazy.source is state for s in states.values()):
+        memory.give(state.L)
 
 
 def _column_order(shape: tuple[int, ...]) -> np.ndarray:
@@ -428,14 +542,14 @@ def _storage(states: dict, block: Block, n0: int, budget: float) -> np.dtype | N
     for affine blocks (their products are rounded to it; the other blocks keep
     their input's), None where nothing fits. Maps computing in COMPACT (float32
     convolutions) store in it: their products are exact there."""
-    widest = max(states[j].L.shape[0] for j in block.inputs) + 2 * block.out_size
-    live = sum(s.L.nbytes for s in states.values()) + min(CHUNK_BYTES, 8.0 * n0 * widest)
+    widest = max(states[j].shape[0] for j in block.inputs) + 2 * block.out_size
+    live = sum(s.nbytes for s in states.values()) + min(CHUNK_BYTES, 8.0 * n0 * widest)
     if isinstance(block, AffineBlock) and block.map.compute_dtype == COMPACT:
         options = [(COMPACT, budget)]  # its products are exact there: half the memory for nothing
     elif isinstance(block, AffineBlock):
         options = [(np.dtype(np.float64), budget / 4), (COMPACT, budget)]
     else:
-        options = [(np.result_type(*(states[j].L.dtype for j in block.inputs)), budget)]
+        options = [(np.result_type(*(states[j].dtype for j in block.inputs)), budget)]
     return next((d for d, room in options if live + d.itemsize * n0 * block.out_size <= room), None)
 
 
@@ -443,11 +557,12 @@ def _stack(parts: list[Linear]) -> Linear:
     if len(parts) == 1:
         return parts[0]
     fields = ("rho", "lo", "hi", "moving", "norms")
-    return Linear(np.concatenate([p.L.T for p in parts], axis=1).T,
+    return Linear(np.concatenate([p.stored().L.T for p in parts], axis=1).T,
                   *(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
 
-def _affine(linear: LinearMap, state: Linear, dtype: np.dtype, memory: _Memory) -> Linear | None:
+def _affine(linear: LinearMap, state: Linear, dtype: np.dtype, memory: _Memory,
+            lazy: int | None = None) -> Linear | None:
     """Δz = A Δy: L and e mapped exactly, the rounding of every product bounded.
     L by column chunks (in float64, or as stored where the map computes in that
     type: float32 convolutions), without incoming error: the products' rounding
@@ -455,27 +570,30 @@ def _affine(linear: LinearMap, state: Linear, dtype: np.dtype, memory: _Memory) 
     rows' incoming error is pushed by |A|; stored in `dtype`, with its rounding
     added to ρ on the rows it changed (none where the map's products are values
     of `dtype`: float32 kernels stored in float32). None where an entry leaves
-    the storage's range."""
-    n_in, n0 = state.L.shape
+the storage's range. `lazy`: L is not stored but recomputed where read (_Lazy),
+    by chunks of at most that many columns (the reader's, _width)."""
+    n_in, n0 = state.shape
     n_out = linear.out_size
-    L = memory.take((n_out, n0), dtype)
-    norms, inexact = np.zeros(n_out), np.zeros(n_out, bool)
     native = linear.compute_dtype
     exact = np.can_cast(native, dtype, "safe")
-    feed = native if state.L.dtype == native else np.dtype(np.float64)
-    width = min(linear.local_columns or n0, max(1, int(CHUNK_BYTES // (8 * (n_in + 2 * n_out)))))
+    feed = native if state.dtype == native else np.dtype(np.float64)
+    width = min(_width(linear, n_in, n0), lazy or n0)
+    L = None if lazy else memory.take((n_out, n0), dtype)
+    scratch = np.empty((n_out, width), dtype, order="F") if lazy else None
+    norms, inexact, parts = np.zeros(n_out), np.zeros(n_out, bool), []
     with np.errstate(over="ignore", invalid="ignore"):
-        for start in range(0, n0, width):
-            part = slice(start, start + width)
-            columns = state.L[:, part].astype(feed, copy=False)
+        for part, columns in state.chunks(width):
+            columns = columns.astype(feed, copy=False)
+            target = L[:, part] if L is not None else scratch[:, :part.stop - part.start]
             if exact:  # the products are values of L's type: written in place
-                stored = linear.matmat_local(columns, out=L[:, part])
+                stored = linear.matmat_local(columns, out=target)
             else:
                 product = linear.matmat_local(columns)
-                L[:, part] = product
-                stored = L[:, part]
+                target[...] = product
+                stored = target
                 inexact |= (stored != product).any(axis=1)
             norms += _squares(stored)
+            parts.append(part)
     norms = np.sqrt(norms) * (1 + gamma(n0 + 4, U64))  # the chunks' sums added in float64 (≤ n0)
     rounding = linear.product_rounding(state.norms, state.rho)
     if not (np.all(np.isfinite(norms)) and np.all(np.isfinite(rounding))):
@@ -488,7 +606,13 @@ def _affine(linear: LinearMap, state: Linear, dtype: np.dtype, memory: _Memory) 
     image, (mid_err,) = linear.matvec_bounded(mid, [np.zeros(mid.size)])
     radius = linear.abs_bound(radius) + mid_err
     moving = linear.sq_matvec(state.moving.astype(float)) > 0
-    return Linear(L, rho, _down(image - radius), _up(image + radius), moving, norms).still()
+    later = _Lazy(state, linear, feed, np.dtype(dtype), parts, np.ones(n_out)) if lazy else None
+    return Linear(L, rho, _down(image - radius), _up(image + radius), moving, norms, later).still()
+
+
+def _width(linear: LinearMap, n_in: int, n0: int) -> int:
+    """The columns of L one chunk of the map's product takes (CHUNK_BYTES)."""
+    return min(linear.local_columns or n0, max(1, int(CHUNK_BYTES // (8 * (n_in + 2 * linear.out_size)))))
 
 
 def _squares(rows: np.ndarray) -> np.ndarray:
@@ -540,17 +664,17 @@ def _relu(state: Linear, nominal: tuple[np.ndarray, np.ndarray],
     d_hi = np.where(uncertain, np.maximum.reduce([upper(low), upper(high), upper(kink)]), 0.0)
     slack = np.where(uncertain, WIDEN * (np.abs(d_lo) + np.abs(d_hi) + np.abs(y_lo) + np.abs(y_hi))
                      + 1e-300, 0.0)
-    L = state.L if own else state.L.copy(order="F")
-    if uncertain.sum() * SCALE_ALL_ABOVE > L.shape[0]:  # one pass over L (×1 is exact)
-        L *= np.where(uncertain, lam, 1.0)[:, None].astype(L.dtype)
+    scaled = state if own else state.copy()
+    if scaled.L is None or uncertain.sum() * SCALE_ALL_ABOVE > lam.size:  # one pass (×1 is exact)
+        scaled.scale(np.where(uncertain, lam, 1.0))
     elif uncertain.any():  # the inactive and still rows are zeroed by still()
-        L[uncertain] *= lam[uncertain, None].astype(L.dtype)
-    u, tiny = ROUNDING[L.dtype]
-    tiny = np.where(uncertain, np.sqrt(L.shape[1]) * tiny, 0.0)
+        scaled.L[uncertain] *= lam[uncertain, None].astype(scaled.L.dtype)
+    u, tiny = ROUNDING[scaled.dtype]
+    tiny = np.where(uncertain, np.sqrt(scaled.shape[1]) * tiny, 0.0)
     rho = np.where(active, state.rho, (state.rho + 3 * u * state.norms) * lam * (1 + 2 * U64) + tiny)
     norms = np.where(active, state.norms, state.norms * lam * (1 + 3 * u) + tiny)
-    out = Linear(L, rho, _down(lam * state.lo + d_lo - slack),
-                 _up(lam * state.hi + d_hi + slack), active | uncertain, norms).still()
+    out = Linear(scaled.L, rho, _down(lam * state.lo + d_lo - slack),
+                 _up(lam * state.hi + d_hi + slack), active | uncertain, norms, scaled.lazy).still()
     out.lo[active], out.hi[active] = state.lo[active], state.hi[active]
     relaxation = relu_relaxation(linear, lam, _up(d_hi + slack), low, high, y_lo, y_hi, active, uncertain,
                                  in_bound, _bound(change, active | uncertain))
@@ -582,6 +706,7 @@ def _maxpool(block: MaxPoolBlock, state: Linear, nominal: tuple[np.ndarray, np.n
     from the rows' difference L_j − L_w (members that move together: far below
     y_hi_j − y_lo_w, which counts the winner's own move twice)."""
     zlo, zhi = nominal
+    state.stored(memory)
     windows = block.windows
     padded = windows < 0
     index = np.where(padded, 0, windows)

@@ -718,6 +718,42 @@ def test_reach_memory_reuse_changes_nothing(tmp_path, monkeypatch, kind, family,
     np.testing.assert_array_equal(reused.output.L, fresh.output.L)
 
 
+LAZY_CASES = [("chain", f, s) for f in ("dense", "conv") for s in (0, 2, 5)] + \
+    [("graph", f, 1) for f in dagnets.FAMILIES]
+
+
+@pytest.mark.parametrize(("kind", "family", "seed"), LAZY_CASES, ids=[f"{f}{s}" for _, f, s in LAZY_CASES])
+def test_lazy_L_changes_nothing(tmp_path, monkeypatch, kind, family, seed):
+    """With every L that only an affine block reads recomputed where read (_Lazy),
+    dead memory reused down to the smallest buffer, the analysis is the one of
+    stored L matrices: the same counts, and intervals and the output's Δz = LΔx + e
+    equal up to the order of the chunks' sums (a recomputed L is read in its
+    reader's chunks), from radii where all is stable to mostly uncertain ones
+    (ReLU slopes scaling a lazy L)."""
+    _, engine, x0 = (_chain if kind == "chain" else _graph)(family, seed, tmp_path)
+    nominal = engine.trace(x0)
+    monkeypatch.setattr(reach_module._Memory, "SMALLEST", 1)
+    recomputed, columns = [], reach_module._Lazy.columns
+    monkeypatch.setattr(reach_module._Lazy, "columns",
+                        lambda self, part: recomputed.append(part) or columns(self, part))
+    for level in (1e-4, 0.01, 0.3):
+        eps = level * float(np.linalg.norm(x0))
+        monkeypatch.setattr(reach_module, "LAZY_GROWTH", 0)
+        lazy = analyse(engine.blocks, nominal, eps, 1e9)
+        monkeypatch.setattr(reach_module, "LAZY_GROWTH", math.inf)
+        stored = analyse(engine.blocks, nominal, eps, 1e9)
+        assert lazy.counts == stored.counts
+        for x, y in zip(lazy.changes, stored.changes):
+            assert (x is None) == (y is None)
+            if x is not None:
+                np.testing.assert_allclose(x, y, rtol=1e-12, atol=0)
+        for field in ("L", "rho", "lo", "hi", "norms", "moving"):
+            want = getattr(stored.output, field)
+            np.testing.assert_allclose(getattr(lazy.output, field), want, rtol=1e-12,
+                                       atol=1e-12 * float(np.abs(want).max(initial=0)))
+    assert recomputed or family != "dense"  # an MLP's hidden layers are read by affine blocks only
+
+
 def test_cli_defaults_to_auto_and_reports_it(tmp_path):
     model, x0 = ROOT / "models" / "tight_mlp6x50.onnx", ROOT / "models" / "tight_mlp6x50_x0.npy"
     out = subprocess.run([sys.executable, "-m", "onnxlip", "bound", str(model), "-x", str(x0),
