@@ -125,10 +125,14 @@ class Linear:
         lazy L's own chunks: each recomputed from the same columns as first computed)."""
         parts = [slice(0, self.shape[1])] if self.lazy is None else self.lazy.parts
         for part in parts:
-            block = self.L[:, part] if self.lazy is None else self.lazy.columns(part)
+            block = self.columns(part)
             for first in range(0, block.shape[1], width):
                 yield (slice(part.start + first, min(part.start + first + width, part.stop)),
                        block[:, first:first + width])
+
+    def columns(self, part: slice) -> np.ndarray:
+        """L's columns `part`: within one chunk of a lazy L, which is recomputed whole."""
+        return self.L[:, part] if self.lazy is None else self.lazy.within(part)
 
     def stored(self, memory: _Memory | None = None) -> Linear:
         """The same with L stored (in `memory` where given): in place."""
@@ -141,17 +145,17 @@ class Linear:
 
     def scale(self, factors: np.ndarray) -> None:
         """Row i of L times factors[i] (one rounding to L's type; 0 and 1 exact), in place."""
-        if self.lazy is not None and np.all((factors == 0) | (factors == 1)):
-            self.lazy.scale = self.lazy.scale * factors  # one factor not 0 or 1 at most: exact
-        elif self.lazy is not None and np.all((self.lazy.scale == 0) | (self.lazy.scale == 1)):
-            self.lazy.scale = self.lazy.scale * factors
+        lazy = self.lazy
+        if lazy is not None and (np.all((factors == 0) | (factors == 1))
+                                 or np.all((lazy.scale == 0) | (lazy.scale == 1))):
+            lazy.scale, lazy._last = lazy.scale * factors, None  # one factor not 0 or 1 at most: exact
         else:
             self.stored()
             self.L *= factors[:, None].astype(self.L.dtype)
 
     def copy(self) -> Linear:
         """A copy whose L (or lazy scaling) can be changed apart."""
-        lazy = self.lazy and replace(self.lazy, scale=self.lazy.scale.copy())
+        lazy = self.lazy and replace(self.lazy, scale=self.lazy.scale.copy(), _last=None)
         return replace(self, L=None if self.L is None else self.L.copy(order="F"), lazy=lazy)
 
     def still(self) -> Linear:
@@ -167,13 +171,10 @@ class Linear:
         radius = eps * (self.norms + self.rho) * (1 + WIDEN)
         return _down(self.lo - radius), _up(self.hi + radius)
 
-    def rows(self, index: np.ndarray, memory: _Memory | None = None) -> Linear:
-        """The rows `index` (L's in `memory` where given)."""
-        self.stored(memory)
-        L = (memory or _Memory()).take((index.size, self.L.shape[1]), self.L.dtype)
-        np.take(self.L.T, index, axis=1, out=L.T, mode="clip")  # index is in range: no buffered check
-        return Linear(L, self.rho[index], self.lo[index], self.hi[index], self.moving[index],
-                      self.norms[index])
+    @property
+    def root(self) -> Linear:
+        """The stored L a lazy one is recomputed from (itself where stored)."""
+        return self if self.lazy is None else self.lazy.source.root
 
 
 @dataclass
@@ -182,8 +183,9 @@ class _Lazy:
     column chunks `parts` it was first computed in (the same inputs, so the same
     values), rounded to `dtype` as a stored L would be, then scaled there (at most
     one factor not 0 or 1: one rounding, as a stored L's ReLU slopes). For an L
-    far larger than its source's, read once by the next affine block (the first
-    convolution's: the CIFAR-10 reference's 354 MB of 1 GB)."""
+    far larger than the stored one it comes from, read once by the next block
+    (the CIFAR-10 reference's first two convolutions: 662 MB of 1 GB). The
+    source may itself be lazy (its parts hold the chunks of this one)."""
 
     source: Linear
     linear: LinearMap
@@ -191,13 +193,23 @@ class _Lazy:
     dtype: np.dtype
     parts: list[slice]
     scale: np.ndarray
+    _last: tuple[slice, np.ndarray] | None = None
+
+    def within(self, part: slice) -> np.ndarray:
+        """L's columns `part`, which lie in one of `parts`: that chunk recomputed (the
+        last one kept, for the next part within it)."""
+        if self._last is None or not (self._last[0].start <= part.start and part.stop <= self._last[0].stop):
+            whole = next(p for p in self.parts if p.start <= part.start and part.stop <= p.stop)
+            self._last = (whole, self.columns(whole))
+        whole, block = self._last
+        return block[:, part.start - whole.start:part.stop - whole.start]
 
     def columns(self, part: slice) -> np.ndarray:
-        columns = self.source.L[:, part]  # a stored L (one level of laziness)
+        columns = self.source.columns(part)
         with np.errstate(over="ignore", invalid="ignore"):
             block = np.asarray(self.linear.matmat_local(columns.astype(self.feed, copy=False)),
                                dtype=self.dtype, order="F")
-        if np.may_share_memory(block, self.source.L):  # a map that hands its input back
+        if np.may_share_memory(block, columns):  # a map that hands its input back
             block = block.copy(order="F")
         if not np.all(self.scale == 1):
             block *= self.scale[:, None].astype(self.dtype)
@@ -414,27 +426,29 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
 
 
 def _lazy(blocks: list[Block], k: int, readers: dict[int, list[int]], state: Linear) -> int | None:
-    """Whether block k's L is left to be recomputed (_Lazy), and then its reader's
-    chunk width: an affine block with one stored input, read by one affine block
-    only, whose L is at least LAZY_GROWTH times as large as its input's."""
+    """Whether block k's L is left to be recomputed (_Lazy), and then the chunk width
+    its reader takes: an affine block with one input, stored or recomputed from a
+    stored L (two levels at most), read by one affine or max-pooling block only,
+    reading it alone, whose L has at least LAZY_GROWTH times the rows of that
+    stored L."""
     later = readers.get(k, [])
-    if (state.lazy is None and len(blocks[k].inputs) == 1 and len(later) == 1
-            and isinstance(blocks[later[0]], AffineBlock) and list(blocks[later[0]].inputs) == [k]
-            and blocks[k].out_size >= LAZY_GROWTH * state.shape[0]):
-        return _width(blocks[later[0]].map, blocks[k].out_size, state.shape[1])
+    if len(later) != 1 or len(blocks[k].inputs) != 1 or list(blocks[later[0]].inputs) != [k]:
+        return None
+    reader, root = blocks[later[0]], state.root
+    if (isinstance(reader, (AffineBlock, MaxPoolBlock)) and (state.lazy is None or state.lazy.source is root)
+            and blocks[k].out_size >= LAZY_GROWTH * root.shape[0]):
+        return _width(reader.map, blocks[k].out_size, state.shape[1]) if isinstance(reader, AffineBlock) \
+            else state.shape[1]
     return None
 
 
 def _release(state: Linear, states: dict, memory: _Memory) -> None:
-    """Give a state's L, no longer read, to `memory`: not while a lazy L still reads
-    it; a lazy state's source once nothing else holds it (no other state or relaxation
+    """Give the stored L of a state no longer read (a lazy state's: the one it is
+    recomputed from) to `memory`, unless a live state still reads it (no relaxation
     holds an L)."""
-    if state.lazy is not None:
-        state = state.lazy.source
-        if any(s is state for s in states.values()):
-            return
-    if not any(s.lazy is not None and s.lazy.source is state for s in states.values()):
-        memory.give(state.L)
+    root = state.root
+    if not any(s.root is root for s in states.values()):
+        memory.give(root.L)
 
 
 def _column_order(shape: tuple[int, ...]) -> np.ndarray:
@@ -500,25 +514,37 @@ def _refined(blocks: list[Block], relaxations: list[Relaxation | None], linear: 
     return change
 
 
+def _pairs(members: np.ndarray, padded: np.ndarray, winner: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per member of each window that is not its winner: (its window, its row, the winner's row)."""
+    pairs = np.argwhere(~padded & (members != winner[:, None]))
+    return pairs[:, 0], members[pairs[:, 0], pairs[:, 1]], winner[pairs[:, 0]]
+
+
+def _apart(block: np.ndarray, j: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Σ over the block's columns of (L_j − L_w)², in float64, a chunk of pairs at a time."""
+    out = np.empty(j.size)
+    step = max(1, int(CHUNK_BYTES // (8 * max(block.shape[1], 1))))
+    for first in range(0, j.size, step):
+        part = slice(first, first + step)
+        diff = block[j[part]].astype(np.float64) - block[w[part]]
+        out[part] = np.einsum("ij,ij->i", diff, diff)
+    return out
+
+
 def _rise(state: Linear, zlo: np.ndarray, zhi: np.ndarray, members: np.ndarray, padded: np.ndarray,
-          winner: np.ndarray, eps: float) -> np.ndarray:
+          winner: np.ndarray, eps: float, squares: np.ndarray) -> np.ndarray:
     """Per window (its `members`, `padded` marks, `winner`), an upper bound of
     max(0, max_j (y_j − y_w)) over the ball, y the members' values: the highest
     of z_j − z_w at x0 plus the highest of Δz_j − Δz_w = (L_j − L_w)Δx + e_j − e_w
-    (rows of members that cannot move are 0, and so are their e)."""
-    pairs = np.argwhere(~padded & (members != winner[:, None]))
-    j, w = members[pairs[:, 0], pairs[:, 1]], winner[pairs[:, 0]]
-    n0 = state.L.shape[1]
-    apart = np.empty(j.size)
-    step = max(1, int(CHUNK_BYTES // (8 * max(n0, 1))))
-    for first in range(0, j.size, step):  # ||L_j − L_w||, a chunk of pairs at a time
-        part = slice(first, first + step)
-        apart[part] = np.linalg.norm(state.L[j[part]].astype(np.float64) - state.L[w[part]], axis=1)
-    apart *= 1 + gamma(n0 + 2, U64)
+    (rows of members that cannot move are 0, and so are their e). `squares`:
+    ||L_j − L_w||² per pair (_pairs, _apart), summed in float64 over chunks."""
+    pairs, j, w = _pairs(members, padded, winner)
+    n0 = state.shape[1]
+    apart = np.sqrt(squares) * (1 + gamma(n0 + 2, U64))
     reach = eps * (apart + state.rho[j] + state.rho[w]) * (1 + WIDEN)
     rise = _up(zhi[j] - zlo[w] + state.hi[j] - state.lo[w] + reach)
     top = np.zeros(len(members))
-    np.maximum.at(top, pairs[:, 0], rise)
+    np.maximum.at(top, pairs, rise)
     return top
 
 
@@ -706,7 +732,6 @@ def _maxpool(block: MaxPoolBlock, state: Linear, nominal: tuple[np.ndarray, np.n
     from the rows' difference L_j − L_w (members that move together: far below
     y_hi_j − y_lo_w, which counts the winner's own move twice)."""
     zlo, zhi = nominal
-    state.stored(memory)
     windows = block.windows
     padded = windows < 0
     index = np.where(padded, 0, windows)
@@ -729,10 +754,17 @@ def _maxpool(block: MaxPoolBlock, state: Linear, nominal: tuple[np.ndarray, np.n
     t_lo = np.where(stable, 0.0, _down(-(top_z - zlo[winner])))
     t_hi = np.where(stable, 0.0, _up(top_y - y_lo[winner]))
     loose = np.flatnonzero(~stable)
+    _, j, w = _pairs(index[loose], padded[loose], winner[loose])
+    L = memory.take((winner.size, state.shape[1]), state.dtype)
+    squares = np.zeros(j.size)
+    for part, columns in state.chunks(state.shape[1]):  # one pass (a lazy L: recomputed once)
+        np.take(columns.T, winner, axis=1, out=L[:, part].T, mode="clip")  # in range: no buffered check
+        squares += _apart(columns, j, w)
     if loose.size:
         t_hi[loose] = np.minimum(t_hi[loose], _rise(state, zlo, zhi, index[loose], padded[loose],
-                                                    winner[loose], eps))
-    out = state.rows(winner, memory)
+                                                    winner[loose], eps, squares))
+    out = Linear(L, state.rho[winner], state.lo[winner], state.hi[winner], state.moving[winner],
+                 state.norms[winner])
     follows = moves.any(axis=1) & ~constant
     out = Linear(out.L, out.rho, _down(out.lo + t_lo), _up(out.hi + t_hi), follows, out.norms).still()
     # |Δ max| ≤ the largest |Δ| of a moving member

@@ -484,6 +484,21 @@ def dense_net(seed: int) -> RefNet:
     return RefNet(input_shape, ops, f"dense{seed}")
 
 
+def wide_net(seed: int) -> tuple[RefNet, list[int]]:
+    """A 12-260-260-40-24-6 ReLU MLP (its first layers hold too many units for one
+    joint bound, its last ones fit), and the number of ops before each block."""
+    rng = np.random.default_rng(7000 + seed)
+    widths = [12, 260, 260, 40, 24, 6]
+    ops: list[Op] = []
+    starts = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        starts.append(len(ops))
+        ops += _dense_layer(rng, a, b)
+        if i < len(widths) - 2:
+            ops.append(Op("relu"))
+    return RefNet((1, widths[0]), ops, f"wide{seed}"), starts
+
+
 def shallow_net(seed: int) -> RefNet:
     """One affine map (dense or conv), with or without a ReLU: bounds are nearly tight."""
     rng = np.random.default_rng(5000 + seed)

@@ -547,20 +547,6 @@ def test_search_stops_at_its_deadline(monkeypatch):
     assert _proven(forms, lam_late, late) is not None
 
 
-def _wide_chain(seed: int) -> tuple[netgen.RefNet, list[int]]:
-    """An MLP whose first layers hold too many units for one joint bound (260 + 260)
-    and whose last ones fit, and the number of ops before each block."""
-    rng = np.random.default_rng(7000 + seed)
-    widths = [12, 260, 260, 40, 24, 6]
-    ops, starts = [], []
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
-        starts.append(len(ops))
-        ops += netgen._dense_layer(rng, a, b)
-        if i < len(widths) - 2:
-            ops.append(netgen.Op("relu"))
-    return netgen.RefNet((1, widths[0]), ops, f"wide{seed}"), starts
-
-
 @pytest.mark.parametrize("seed", range(3))
 def test_chain_split_joint_bound_is_sound(tmp_path, monkeypatch, seed):
     """Where a chain's uncertain units are too many for one joint bound, the joint
@@ -568,7 +554,7 @@ def test_chain_split_joint_bound_is_sound(tmp_path, monkeypatch, seed):
     paper's bound, above every ratio sampled or found by ascent, and each factor
     holds on its own at sampled points (the tail's ||Δf|| / ||Δv_k|| and the
     head's ||Δv_k|| / ||Δx||)."""
-    net, starts = _wide_chain(seed)
+    net, starts = netgen.wide_net(seed)
     engine = onnxlip.load(net.save(tmp_path / f"{net.name}.onnx"))
     x0 = np.random.default_rng(seed).standard_normal(net.input_shape)
     calls = []
@@ -614,7 +600,7 @@ def test_budget_admits_larger_tails(tmp_path, monkeypatch):
     below the bound without it, and still above every ratio found."""
     monkeypatch.setattr(joint, "FORMS_MAX", 50)  # below the shortest tail's 78 forms
     monkeypatch.setattr(tight, "FORMS_MAX", 50)
-    net, _ = _wide_chain(0)
+    net, _ = netgen.wide_net(0)
     path = net.save(tmp_path / f"{net.name}.onnx")
     plain, budgeted = onnxlip.load(path), onnxlip.load(path, time_budget=3)
     x0 = np.random.default_rng(0).standard_normal(net.input_shape)
