@@ -75,6 +75,11 @@ FORMS_MAX_REFINED = 1500
 #: ... and for a tail of a chain with a time budget (onnxlip.tight): the CIFAR-10
 #: reference's fc1 (all 512 units uncertain from ε = 0.07 on, side 1546).
 FORMS_MAX_TAIL = 2000
+#: Seconds per side³ of one proof try (_proven: the test matrix built and its
+#: smallest eigenvalue), as last measured in this process on a side of at least
+#: 500 (before: a first guess): a time budget's refinement rounds start only
+#: with time left to prove their result (a side of 2,800: ~2.5 s).
+_PROOF_RATE = [1.2e-10]
 #: Largest d-part of the forms, forms × inputs in float64.
 FORMS_BYTES = 256e6
 #: Evaluations of t(λ) in the multipliers' search (each a Cholesky and an
@@ -221,6 +226,11 @@ class _Forms:
     def units(self) -> int:
         return self.P.shape[1]
 
+    @property
+    def proof_seconds(self) -> float:
+        """The expected time of one proof try (_PROOF_RATE)."""
+        return _PROOF_RATE[0] * (self.R.shape[0] + self.units + self.L.shape[0]) ** 3
+
     def weights(self, lam: np.ndarray) -> np.ndarray:
         """Ω: −1 on the outputs, λ_u on the centres, −λ_owner on the radii (0 on floors)."""
         return np.concatenate([-np.ones(self.outputs), lam, -lam[self.owner], np.zeros(self.floors)])
@@ -249,19 +259,22 @@ def joint_bound(net, limit: float = math.inf, budget: float = 0.0, enough: float
     forms = _forms(dense)
     with BLAS_THREADS.limit(limits=1, user_api="blas"):  # small problems: threads only contend
         # with a budget, the search's multipliers are the refinement's start even where
-        # they do not beat `limit` (the interior-point method often does: MNIST at 0.1)
-        found = _multipliers(forms, math.inf, deadline) if budget > 0 else _multipliers(forms, limit)
+        # they do not beat `limit` (the interior-point method often does: MNIST at 0.1);
+        # the search stops with time left for a proof
+        found = _multipliers(forms, math.inf, deadline - forms.proof_seconds) if budget > 0 else \
+            _multipliers(forms, limit)
         if found is None:
             return math.inf, False
         lam, value = found
         bound = math.inf
+        stop = deadline if budget > 0 else math.inf
         if math.isfinite(value) and math.sqrt(value) < limit:
-            t = _proven(forms, lam, value)
+            t = _proven(forms, lam, value, deadline=stop)
             if t is None:  # multipliers many decades apart leave a radius block nearly singular
                 lam = np.maximum(lam, LAMBDA_FLOOR * lam.max())
                 value = _value(forms, lam)[0]
                 if math.isfinite(value) and math.sqrt(value) < limit:
-                    t = _proven(forms, lam, value)
+                    t = _proven(forms, lam, value, deadline=stop)
             bound = math.inf if t is None else math.sqrt(t) * (1 + 4 * U64)
         refined = False
         if budget > 0 and bound > enough:
@@ -503,13 +516,16 @@ class _Deadline(Exception):
     """The search's deadline passed (caught in _multipliers)."""
 
 
-def _proven(forms: _Forms, lam: np.ndarray, value: float, omega: np.ndarray | None = None
-            ) -> float | None:
+def _proven(forms: _Forms, lam: np.ndarray, value: float, omega: np.ndarray | None = None,
+            deadline: float = math.inf) -> float | None:
     """A t ≥ value for which the test matrix over (a, r, w) (w the forms'
     rounding, ||w|| ≤ η||z||, multiplier μ = s², w scaled by s) is proven
     positive semidefinite: its computed smallest eigenvalue exceeds bounds of
     the entries' float64 errors and of LAPACK's (Weyl). `omega`: as in _value
-    (its w-block I + Ω/s², its coupling LᵀΩ/s)."""
+    (its w-block I + Ω/s², its coupling LᵀΩ/s). Past `deadline`
+    (time.perf_counter()) no further (s, t) is tried: None (each try is one
+    eigenvalue problem of the test matrix, ~1 s for 2,000 forms: a budget is
+    overrun by one try at most)."""
     L = forms.L
     na, m, p = forms.R.shape[0], forms.units, L.shape[0]
     side = na + m + p
@@ -532,6 +548,7 @@ def _proven(forms: _Forms, lam: np.ndarray, value: float, omega: np.ndarray | No
     for s in (math.sqrt(big) * 1e3, math.sqrt(big) * 1e5, math.sqrt(big) * 1e7):
         mu_eta = s * s * forms.eta * forms.eta
         for lift in (1e-9, 1e-6, 1e-4, 1e-2):
+            tic = time.perf_counter()
             t = value * (1 + lift) + mu_eta + 1e-300
             W = np.empty((side, side))
             W[:na + m, :na + m] = -base
@@ -548,9 +565,13 @@ def _proven(forms: _Forms, lam: np.ndarray, value: float, omega: np.ndarray | No
             bound[na + m:, na + m:] = 4 * U64 * (np.eye(p) + omega_abs / (s * s))
             entries = float(np.linalg.norm(bound)) * (1 + 1e-6)
             lowest = float(la.eigh(W, eigvals_only=True, subset_by_index=[0, 0], check_finite=False)[0])
+            if side >= 500:
+                _PROOF_RATE[0] = (time.perf_counter() - tic) / side**3
             lapack = EIG_C * side * U64 * float(np.linalg.norm(W))
             if lowest > entries + lapack:
                 return t * (1 + 4 * U64)
+            if time.perf_counter() > deadline:
+                return None
     return None
 
 
@@ -575,8 +596,9 @@ def refine(forms: _Forms, lam: np.ndarray, deadline: float) -> float:
     chosen = np.zeros((0, 2), dtype=int)
     y, fresh = lam.copy(), 0
     best = math.inf
+    proof = forms.proof_seconds  # a round starts, and solves, only with time left for its proof
     for _ in range(ROUNDS_MAX):
-        if time.perf_counter() >= deadline:
+        if time.perf_counter() + proof >= deadline:
             break
         count = chosen.shape[0]
         program = Program(base.V, np.concatenate([base.con, m + np.arange(count)]),
@@ -585,12 +607,13 @@ def refine(forms: _Forms, lam: np.ndarray, deadline: float) -> float:
                           np.concatenate([base.coef, -np.ones(count)]), base.C, base.head)
         found = None
         for share in (1.0, 1e-3, 1e-6):  # new products' first multipliers: smaller where no start is found
-            found = solve(program, np.concatenate([y[:y.size - fresh], y[y.size - fresh:] * share]), deadline)
+            found = solve(program, np.concatenate([y[:y.size - fresh], y[y.size - fresh:] * share]),
+                          deadline - proof)
             if found is not None or not fresh:
                 break
         if found is None:
             break
-        best = min(best, _proven_products(forms, found.y[:m], found.y[m:], chosen))
+        best = min(best, _proven_products(forms, found.y[:m], found.y[m:], chosen, deadline))
         gram = L[floors] @ found.X @ L[floors].T
         gram[np.tril_indices(forms.floors)] = np.inf
         gram[chosen[:, 0], chosen[:, 1]] = np.inf
@@ -605,8 +628,10 @@ def refine(forms: _Forms, lam: np.ndarray, deadline: float) -> float:
     return best
 
 
-def _proven_products(forms: _Forms, lam: np.ndarray, nu: np.ndarray, pairs: np.ndarray) -> float:
-    """√t proven for multipliers λ (units) and ν (products of the floors `pairs`)."""
+def _proven_products(forms: _Forms, lam: np.ndarray, nu: np.ndarray, pairs: np.ndarray,
+                     deadline: float = math.inf) -> float:
+    """√t proven for multipliers λ (units) and ν (products of the floors `pairs`),
+    tried until `deadline` (_proven)."""
     if not (np.isfinite(lam).all() and np.isfinite(nu).all()) or lam.max() <= 0:
         return math.inf
     lam = np.maximum(lam, LAMBDA_FLOOR * lam.max())
@@ -618,5 +643,5 @@ def _proven_products(forms: _Forms, lam: np.ndarray, nu: np.ndarray, pairs: np.n
     value = _value(forms, lam, omega)[0]
     if not math.isfinite(value):
         return math.inf
-    t = _proven(forms, lam, value, omega)
+    t = _proven(forms, lam, value, omega, deadline)
     return math.inf if t is None else math.sqrt(t) * (1 + 4 * U64)

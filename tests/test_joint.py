@@ -6,6 +6,7 @@ and on networks it stays above every ratio found and below the telescoping."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import netgen
@@ -612,3 +613,27 @@ def test_budget_admits_larger_tails(tmp_path, monkeypatch):
     points = netgen.ball_points(np.random.default_rng(1), x0, eps, 300, 300)
     assert netgen.max_ratio(net, x0, points) <= within.bound * SLACK
     assert plain.lower_bounds(x0, [eps], samples=16, ascent_steps=10)[0].best <= within.bound * SLACK
+
+
+def test_budget_leaves_time_for_the_proof(monkeypatch):
+    """Under a budget no proof try after the first starts past the deadline (each
+    is an eigenvalue problem of the test matrix: seconds at 2,000 forms), and no
+    refinement round starts, or solves into, the time one proof takes
+    (_PROOF_RATE): a budget is overrun by one try at most."""
+    forms, _ = _random_forms(np.random.default_rng(7), n=8, o=3, blocks=(2, 2))
+    lam, value = _multipliers(forms)
+    tries, eigh = [], joint.la.eigh
+    monkeypatch.setattr(joint.la, "eigh", lambda *a, **k: tries.append(1) or eigh(*a, **k))
+    assert _proven(forms, lam, 0.5 * value) is None and len(tries) == 12  # below the optimum: every try fails
+    tries.clear()
+    assert _proven(forms, lam, 0.5 * value, deadline=-math.inf) is None and len(tries) == 1
+    assert _proven(forms, lam, 1.1 * value, deadline=-math.inf) is not None  # the first try is made
+    solves, solve = [], joint.solve
+    monkeypatch.setattr(joint, "solve", lambda *a: solves.append(a[-1]) or solve(*a))
+    deadline = time.perf_counter() + 60
+    monkeypatch.setattr(joint, "_PROOF_RATE", [1e9])  # a proof would take longer than the budget
+    assert joint.refine(forms, lam, deadline) == math.inf and not solves
+    monkeypatch.setattr(joint, "_PROOF_RATE", [1e-3])
+    proof = forms.proof_seconds
+    assert 0 < proof < 60 and math.isfinite(joint.refine(forms, lam, deadline))
+    assert solves and all(d == pytest.approx(deadline - proof) for d in solves)
