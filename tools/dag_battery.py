@@ -73,32 +73,75 @@ class Outcome:
             self.violations.append({"what": what, **values})
 
 
+def climb(x0: np.ndarray, eps: float, starts: np.ndarray, steps: int, ratio) -> tuple[float, int]:
+    """Projected gradient ascent in the ball from each start, steps shrinking by 0.8:
+    `ratio(x)` gives (r, ∇r) or None where it stops. The largest r and the evaluations."""
+    best, evaluations = 0.0, 0
+    for start in starts:
+        x, step = start.copy(), 0.25 * eps
+        for _ in range(steps):
+            found = ratio(x)
+            evaluations += 1
+            if found is None:
+                break
+            r, g = found
+            best = max(best, r)
+            if not np.all(np.isfinite(g)) or np.linalg.norm(g) == 0:
+                break
+            s = x - x0 + step * g / np.linalg.norm(g)
+            if np.linalg.norm(s) > eps:
+                s *= eps / np.linalg.norm(s)
+            x, step = x0 + s, step * 0.8
+    return best, evaluations
+
+
 def ascent(engine: onnxlip.Network, twin, x0: np.ndarray, eps: float, starts: np.ndarray,
            steps: int) -> tuple[float, int]:
     """Projected gradient ascent of r(x) = ||f(x) − f(x0)|| / ||x − x0|| in the ball,
     from each start; f is the float64 twin, the gradient Jᵀ(x) d / (||d|| ||s||) − r s / ||s||²
     comes from the engine. The largest ratio the twin gave and the evaluations."""
     f0 = twin(x0[None])[0]
-    best, evaluations = 0.0, 0
-    for start in starts:
-        x, step = start.copy(), 0.25 * eps
-        for _ in range(steps):
-            s = x - x0
-            d = twin(x[None])[0] - f0
-            evaluations += 1
-            ns, nd = np.linalg.norm(s), np.linalg.norm(d)
-            if ns == 0 or nd == 0:
-                break
-            r = nd / ns
-            best = max(best, r)
-            g = engine.jacobian(x).rmatvec(d) / (nd * ns) - r * s / ns**2
-            if not np.all(np.isfinite(g)) or np.linalg.norm(g) == 0:
-                break
-            s = s + step * g / np.linalg.norm(g)
-            if np.linalg.norm(s) > eps:
-                s *= eps / np.linalg.norm(s)
-            x, step = x0 + s, step * 0.8
-    return best, evaluations
+
+    def ratio(x):
+        s, d = x - x0, twin(x[None])[0] - f0
+        ns, nd = np.linalg.norm(s), np.linalg.norm(d)
+        if ns == 0 or nd == 0:
+            return None
+        r = nd / ns
+        return r, engine.jacobian(x).rmatvec(d) / (nd * ns) - r * s / ns**2
+
+    return climb(x0, eps, starts, steps, ratio)
+
+
+def probes(engine: onnxlip.Network, x0: np.ndarray, seed: int, out) -> tuple:
+    """(J(x0), ||J(x0)||, its top two right singular vectors: directions to sample
+    along, the network's lower-bound search: None where the network's own check
+    failed, recorded in `out`)."""
+    jacobian = engine.jacobian(x0)
+    dense = jacobian.dense()
+    try:  # the network checks every lower bound it finds against its upper bounds
+        search = engine.lower_bound_search(x0, seed)
+    except OnnxlipError as exc:
+        search = None
+        out.check(False, "onnxlip's own check: a lower bound above an upper bound", error=str(exc))
+    return jacobian, float(np.linalg.norm(dense, 2)), list(np.linalg.svd(dense)[2][:2]), search
+
+
+def ratios_found(engine: onnxlip.Network, twin, x0: np.ndarray, eps: float, rng, directions: list,
+                 search, samples: int, ascent_steps: int, out) -> tuple:
+    """(points of the ball, the largest twin ratio there, after ascent from the best
+    three, the network's own lower bound: 0 where its check failed, recorded in
+    `out`, which counts the evaluations)."""
+    points = netgen.ball_points(rng, x0, eps, samples, samples, directions)
+    ratios = np.linalg.norm(twin(points) - twin(x0[None])[0], axis=1) / np.linalg.norm(points - x0, axis=1)
+    climbed, evaluations = ascent(engine, twin, x0, eps, points[np.argsort(ratios)[-3:]], ascent_steps)
+    try:
+        lower = search.at(eps, samples=16, ascent_steps=10).best if search else 0.0
+    except OnnxlipError as exc:
+        lower = 0.0
+        out.check(False, "onnxlip's own check: a lower bound above an upper bound", error=str(exc))
+    out.points += len(points) + evaluations
+    return points, netgen.max_ratio(twin, x0, points), climbed, lower
 
 
 def run_one(family: str, activation: str, seed: int, workdir: Path, samples: int,
@@ -121,29 +164,11 @@ def run_one(family: str, activation: str, seed: int, workdir: Path, samples: int
     tight = [(r.bound, r.ritz) for r in engine.local_bounds(x0, radii, "tight")]
     auto = [(r.bound, r.ritz) for r in engine.local_bounds(x0, radii, "auto")]
     glob = engine.global_bound().bound
-    jacobian = engine.jacobian(x0)
-    dense = jacobian.dense()
-    jac_norm = float(np.linalg.norm(dense, 2))
-    directions = list(np.linalg.svd(dense)[2][:2])
+    jacobian, jac_norm, directions, search = probes(engine, x0, seed, out)
     rng = np.random.default_rng(seed)
-    try:  # the network checks every lower bound it finds against its upper bounds
-        search = engine.lower_bound_search(x0, seed)
-    except OnnxlipError as exc:
-        search = None
-        out.check(False, "onnxlip's own check: a lower bound above an upper bound", error=str(exc))
     for k, eps in enumerate(radii):
-        points = netgen.ball_points(rng, x0, eps, samples, samples, directions)
-        ratios = np.linalg.norm(twin(points) - twin(x0[None])[0], axis=1) / np.linalg.norm(
-            points - x0, axis=1)
-        sampled = netgen.max_ratio(twin, x0, points)
-        starts = points[np.argsort(ratios)[-3:]]
-        climbed, evaluations = ascent(engine, twin, x0, eps, starts, ascent_steps)
-        try:
-            lower = search.at(eps, samples=16, ascent_steps=10).best if search else 0.0
-        except OnnxlipError as exc:
-            lower = 0.0
-            out.check(False, "onnxlip's own check: a lower bound above an upper bound", error=str(exc))
-        out.points += len(points) + evaluations
+        points, sampled, climbed, lower = ratios_found(engine, twin, x0, eps, rng, directions, search,
+                                                       samples, ascent_steps, out)
         (pb, pr), (tb, tr), (ab, ar) = paper[k], tight[k], auto[k]
         smallest = min(pb, tb, ab)
         row = {"eps": eps, "paper": pb, "tight": tb, "auto": ab, "global": glob, "sampled": sampled,
@@ -228,11 +253,17 @@ def main() -> int:
         "zero_bounds": sum(r["paper"] == 0 for r in rows),
         "seconds": round(seconds, 1),
     }
+    return report(summary, outcomes, args.json)
+
+
+def report(summary: dict, outcomes: list, path: str | None) -> int:
+    """Print the summary, write every net's record to `path` (JSON) where given; the
+    exit status: 1 where there are violations."""
     print(json.dumps(summary, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(
+    if path:
+        Path(path).write_text(json.dumps(
             {"summary": summary, "nets": [vars(o) for o in outcomes]}, indent=1, default=float))
-    return 1 if violations else 0
+    return 1 if summary["violations"] else 0
 
 
 if __name__ == "__main__":
