@@ -368,13 +368,16 @@ def run_sweep_command(args) -> int:
     if args.json:
         print(json.dumps(_header(args, net, args.input, args.method) | result.to_dict()))
     else:
-        columns = ["eps", "local_bound", "lower_bound", "lower_bound_eps", "lower_jacobian_norm",
-                   "global_bound"]
-        rows = [[row.get(c) for c in columns] for row in result.rows()]
+        rows = result.rows()
+        # a bound at a larger radius is the smaller somewhere: show it, and where it is from
+        better = any(r["upper_bound"] < r["local_bound"] for r in rows)
+        columns = ["eps", "local_bound"] + (["upper_bound", "upper_bound_eps"] if better else []) + \
+            ["lower_bound", "lower_bound_eps", "lower_jacobian_norm", "global_bound"]
         print(_title(args, net, f", x0 = {args.input}, method {args.method}: {len(grid)} radii "
                                 f"in {result.seconds:.3g} s (upper bounds {result.upper_seconds:.3g} s)"))
-        print(table(["eps", "local bound", "lower bound", "(found at eps)", "||J(x0)||",
-                     "global bound"], rows))
+        print(table(["eps", "local bound"] + (["upper bound", "(from eps)"] if better else []) +
+                    ["lower bound", "(found at eps)", "||J(x0)||", "global bound"],
+                    [[row.get(c) for c in columns] for row in rows]))
     if args.csv:
         _write(args.csv, "--csv", write_csv, result)
     if args.plot:

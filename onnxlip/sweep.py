@@ -53,18 +53,35 @@ class Sweep:
             out[i] = best
         return out
 
+    def upper_bounds(self) -> list[tuple[float, float]]:
+        """At each ε, the smallest local bound at any radius from ε on, and that radius:
+        for the same reason, an upper bound at one radius holds at every smaller one
+        (a bound at a larger radius can be the smaller: its joint bounds, whose tails
+        differ between radii, are not monotone in ε)."""
+        out: list = [None] * len(self.points)
+        best = (float("inf"), float("inf"))
+        for i in sorted(range(len(self.points)), key=lambda i: -self.points[i].eps):
+            p = self.points[i]
+            if p.local.bound < best[0]:
+                best = (p.local.bound, p.eps)
+            out[i] = best
+        return out
+
     def rows(self) -> list[dict]:
-        """One row per ε: `lower_bound` is the running maximum (from `lower_bound_eps`);
-        the `lower_*` columns are what the search found at this ε itself."""
+        """One row per ε: `local_bound` is the bound at this ε itself, `upper_bound` the
+        running minimum over the radii from ε on (from `upper_bound_eps`);
+        `lower_bound` is the running maximum (from `lower_bound_eps`), the `lower_*`
+        columns are what the search found at this ε itself; `ratio` is upper ÷ lower."""
         out = []
         running = self.lower_bounds()
-        for p, (best, where) in zip(self.points, running):
-            row = {"eps": p.eps, "local_bound": p.local.bound, "source": p.local.source,
+        for p, (best, where), (upper, above) in zip(self.points, running, self.upper_bounds()):
+            row = {"eps": p.eps, "local_bound": p.local.bound, "upper_bound": upper,
+                   "upper_bound_eps": above, "source": p.local.source,
                    "guarantee": p.local.guarantee, "delta": p.local.delta,
                    "global_bound": self.global_bound, "notes": p.local.notes}
             if p.lower is not None:
                 row.update({"lower_bound": best, "lower_bound_eps": where,
-                            "ratio": p.local.bound / best if best > 0 else None})
+                            "ratio": upper / best if best > 0 else None})
                 low = p.lower.to_dict()
                 row.update({f"lower_{k}": v for k, v in low.items() if k != "eps"})
             row["seconds"] = p.local.seconds
@@ -195,6 +212,9 @@ def plot(sweep: Sweep, path: str | Path, title: str | None = None) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     ax.plot(eps, [p.local.bound for p in sweep.points], "o-", color="C0", ms=3,
             label=f"local bound ({method_label(sweep.method)})")
+    upper = [u for u, _ in sweep.upper_bounds()]
+    if any(u < p.local.bound for u, p in zip(upper, sweep.points)):
+        ax.plot(eps, upper, "--", color="C0", label="upper bound (best at any radius ≥ ε)")
     ax.axhline(sweep.global_bound, color="C3", ls="--", label="global bound (product of norms)")
     if all(p.lower is not None for p in sweep.points):
         ax.plot(eps, [best for best, _ in sweep.lower_bounds()], "s-", color="C2", ms=3,

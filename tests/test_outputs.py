@@ -8,6 +8,7 @@ import errno
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.figure
@@ -126,7 +127,8 @@ def test_plots_and_files_are_written(tmp_path, capsys):
     code, _, err = run(capsys, "sweep", MLP, "-x", MLP_X0, "-n", "3", "--csv", files["csv"],
                        "--plot", files["plot"])
     assert code == 0, err
-    assert files["csv"].read_text().startswith("eps,local_bound,source,guarantee,delta,global_bound,notes,")
+    assert files["csv"].read_text().startswith(
+        "eps,local_bound,upper_bound,upper_bound_eps,source,guarantee,delta,global_bound,notes,")
     assert files["plot"].read_text().lstrip().startswith("<?xml")
 
 
@@ -228,6 +230,39 @@ def test_sweep_lower_bound_is_the_running_maximum():
     for eps, (best, where) in expected.items():
         assert (rows[eps]["lower_bound"], rows[eps]["lower_bound_eps"]) == (best, where)
         assert rows[eps]["lower_best"] == found[eps]  # what this radius's own search found
+
+
+def test_sweep_upper_bound_is_the_running_minimum():
+    """L(x0, ε) never decreases in ε: a bound at a larger radius holds at every
+    smaller one, and the smallest from ε on is the sweep's upper bound there;
+    the ratio is upper ÷ lower."""
+    own = {0.1: 7.0, 0.01: 9.0, 0.3: 8.0, 0.03: 5.0, 1.0: 12.0}  # not monotone, not sorted
+    sweep = Sweep("m.onnx", "x.npy", 20.0, [SweepPoint(e, bounds.BoundResult(b, [], 0.0), _lower(e, 1.0))
+                                            for e, b in own.items()], 0.0, 0.0)
+    rows = {r["eps"]: r for r in sweep.rows()}
+    expected = {0.01: (5.0, 0.03), 0.03: (5.0, 0.03), 0.1: (7.0, 0.1), 0.3: (8.0, 0.3), 1.0: (12.0, 1.0)}
+    for eps, (best, where) in expected.items():
+        assert (rows[eps]["upper_bound"], rows[eps]["upper_bound_eps"]) == (best, where)
+        assert rows[eps]["local_bound"] == own[eps] and rows[eps]["ratio"] == best
+
+
+def test_sweep_command_shows_a_smaller_bound_from_a_larger_radius(capsys, monkeypatch):
+    """Where a larger radius's bound is the smaller, the table shows it and its radius."""
+    original = onnxlip.Network.local_bound_from
+
+    def shrinking(self, nominal, eps, *args, **kwargs):  # a sound bound, scaled up at small radii
+        result = original(self, nominal, eps, *args, **kwargs)
+        return replace(result, bound=result.bound * (1 + 0.1 / eps))
+
+    monkeypatch.setattr(onnxlip.Network, "local_bound_from", shrinking)
+    code, out, _ = run(capsys, "sweep", MLP, "-x", MLP_X0, "--eps-min", "0.01", "--eps-max", "3", "-n", "4",
+                       "--no-lower")
+    assert code == 0 and "upper bound" in out and "(from eps)" in out
+    code, out, _ = run(capsys, "sweep", MLP, "-x", MLP_X0, "--eps-min", "0.01", "--eps-max", "3", "-n", "4",
+                       "--no-lower", "--json")
+    points = json.loads(out)["points"]
+    assert all(p["upper_bound"] <= p["local_bound"] for p in points)
+    assert any(p["upper_bound"] < p["local_bound"] and p["upper_bound_eps"] > p["eps"] for p in points)
 
 
 def test_sweep_command_lower_bounds_never_decrease(capsys):
