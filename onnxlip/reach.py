@@ -59,6 +59,7 @@ from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock
 from .bounds import Trace
 from .operators.base import U32, U64, LinearMap, gamma
 from .refine import (
+    REFINE_PROBE,
     REFINE_ROWS,
     REFINE_WORK,
     REFINE_WORK_MIN,
@@ -500,16 +501,23 @@ def _refined(blocks: list[Block], relaxations: list[Relaxation | None], linear: 
     count = max(1, min(REFINE_ROWS, int(CHUNK_BYTES // (16 * widest))))
     change = change[0].copy(), change[1].copy()
     depth = sum(b.out_size for b in blocks[:-1])  # what one column passes, at most
-    for first in range(0, order.size, count):
-        rows = order[first:first + count]
-        if 2 * rows.size * depth > work.left:
+    # the first chunk in two: a probe of the rows nearest to a decision, which decide
+    # nothing at large radii (all uncertain): the pass then costs a few rows, not a chunk
+    done, first = 0, []
+    for end in sorted({min(count, REFINE_PROBE), *range(count, order.size + count, count)}):
+        rows = order[done:end]
+        done = end
+        if not rows.size or 2 * rows.size * depth > work.left:
             break
         work.left -= 2 * rows.size * depth
         lo, hi = refine(blocks, relaxations, linear, rows, in_bound, eps, n0)
         change[0][rows] = np.fmax(change[0][rows], lo)  # fmax, fmin: a NaN bound (inf·0) is ignored
         change[1][rows] = np.fmin(change[1][rows], hi)
         decided = (_down(low[rows] + change[0][rows]) >= 0) | (_up(high[rows] + change[1][rows]) <= 0)
-        if decided.mean() < REFINE_YIELD:
+        if end <= count:  # the first chunk's yield counts the probe's rows
+            first.append(decided)
+            decided = np.concatenate(first)
+        if decided.mean() < REFINE_YIELD if end >= count else REFINE_YIELD > 0 and not decided.any():
             break
     return change
 

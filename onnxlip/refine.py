@@ -54,8 +54,10 @@ import scipy.sparse as sp
 from .blocks import Block, flow, flow_t
 from .operators.base import U64, LinearMap, gamma
 
-#: At most this many uncertain rows are refined at once (2 columns each)...
+#: At most this many uncertain rows are refined at once (2 columns each), the
+#: first chunk of a block at most REFINE_PROBE...
 REFINE_ROWS = 256
+REFINE_PROBE = 32
 #: ...and the next chunk of a block's rows only while a chunk decides this share...
 REFINE_YIELD = 0.1
 #: ...and while the refinement has cost at most this many times the forward

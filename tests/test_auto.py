@@ -835,3 +835,34 @@ def test_maxpool_relaxation_gathers_like_its_matrix(order):
         assert np.allclose(gathered, step.gather @ coeff, rtol=1e-15, atol=0)
         assert gathered.flags.f_contiguous if order == "F" else gathered.flags.c_contiguous
         assert np.all(gathered[np.setdiff1d(np.arange(12), select)] == 0)
+
+
+def test_refinement_probe_stops_where_nothing_is_decided(tmp_path, monkeypatch):
+    """A block's refinement starts with a probe of its REFINE_PROBE rows nearest to a
+    decision: at a radius where they decide nothing it stops there (a few rows'
+    passes, not a chunk's), and where they decide some it goes on in whole chunks,
+    the probe's rows counted in the first chunk's yield: the same rows refined,
+    and the same intervals, as without a probe."""
+    _, engine, x0 = _chain("wide", 0, tmp_path)
+    nominal = engine.trace(x0)
+    sizes, refine_ = [], reach_module.refine
+
+    def counted(graph, relaxations, linear, rows, *args):
+        sizes.append(rows.size)
+        return refine_(graph, relaxations, linear, rows, *args)
+
+    monkeypatch.setattr(reach_module, "refine", counted)
+    monkeypatch.setattr(reach_module, "REFINE_ROWS", 40)
+    monkeypatch.setattr(reach_module, "REFINE_PROBE", 8)
+    for level, stops in ((30.0, True), (0.05, False)):
+        eps = level * float(np.linalg.norm(x0))
+        sizes.clear()
+        probed = analyse(engine.blocks, nominal, eps, 1e9)
+        assert sizes and sizes[0] == 8 and (all(s == 8 for s in sizes) if stops else 32 in sizes), sizes
+        monkeypatch.setattr(reach_module, "REFINE_PROBE", 40)  # no probe: whole chunks from the start
+        plain = analyse(engine.blocks, nominal, eps, 1e9)
+        monkeypatch.setattr(reach_module, "REFINE_PROBE", 8)
+        assert probed.counts == plain.counts
+        if not stops:
+            for a, b in zip(probed.changes, plain.changes):
+                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)

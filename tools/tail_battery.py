@@ -34,7 +34,8 @@ A violation is any of:
 - ||J(x0)|| (exact: no unit at its kink) above an 'auto' bound;
 - 'auto' above 'paper' (slack 2·tol, as dag_battery);
 - a split bound that is not g_k · J_k (rel. 1e-9), or a factor exceeded at a point;
-- the forward pass off onnxruntime's by more than 1e-5 relative, or an error.
+- the forward pass off the float64 twin's by more than 1e-9 relative, or an error
+  (onnxruntime's float32 pass off by more than 1e-5: a note).
 
 Not unsound, but noted: a budgeted bound above the unbudgeted one, a budgeted
 bound taking more than twice its budget, 'auto' L(ε) above L(ε') at ε < ε'.
@@ -67,6 +68,7 @@ from onnxlip import joint, tight  # noqa: E402
 
 SLACK = dag_battery.SLACK
 FORWARD_TOL = dag_battery.FORWARD_TOL
+EXACT_TOL = 1e-9  # float64 evaluations of the same float32 weights
 LEVELS = (0.01, 0.05, 0.3, 1.0, 3.0, 10.0)  # radii relative to ||x0||
 BUDGET_LEVELS = (0.3, 1.0, 3.0)
 SPLIT_NOTE = "the joint bound of the blocks from"
@@ -357,11 +359,15 @@ def run_one(family: str, seed: int, workdir: Path, samples: int, ascent_steps: i
     out.units = sum(b.out_size for b in engine.blocks[:-1])
     twin = netgen.float64_twin(path)
     x0 = x0.ravel().astype(np.float64)
-    y_ort = netgen.ort_run(netgen.ort_session(path), x0)
-    out.check(netgen.rel_err(engine.forward(x0), y_ort) <= FORWARD_TOL, "forward pass vs onnxruntime",
-              rel_err=netgen.rel_err(engine.forward(x0), y_ort))
-    out.check(netgen.rel_err(twin(x0[None])[0], y_ort) <= FORWARD_TOL, "twin vs onnxruntime")
-    out.check(netgen.rel_err(net(x0[None])[0], y_ort) <= FORWARD_TOL, "numpy net vs onnxruntime")
+    # the engine's float64 pass against the float64 evaluations; onnxruntime's float32
+    # one may be further off (kink nets cancel: 1.7e-5 relative on kink35), a note
+    y_twin, y_ort = twin(x0[None])[0], netgen.ort_run(netgen.ort_session(path), x0)
+    out.check(netgen.rel_err(engine.forward(x0), y_twin) <= EXACT_TOL, "forward pass vs the float64 twin",
+              rel_err=netgen.rel_err(engine.forward(x0), y_twin))
+    out.check(netgen.rel_err(net(x0[None])[0], y_twin) <= EXACT_TOL, "numpy net vs the float64 twin")
+    if netgen.rel_err(y_twin, y_ort) > FORWARD_TOL:
+        out.notes.append({"what": "onnxruntime's float32 pass off the float64 one",
+                          "rel_err": netgen.rel_err(y_twin, y_ort)})
     ends = prefix_ends(net, engine, x0)
     radii = [level * float(np.linalg.norm(x0)) for level in LEVELS]
     # upper bounds first, as plain floats (a lower bound found later may re-solve them)
