@@ -85,6 +85,9 @@ CHUNK_BYTES = 64e6
 #: An affine block's L is recomputed where read, not stored (_Lazy), where it has at
 #: least this many times the rows of its input's.
 LAZY_GROWTH = 4
+#: A block's refinement goes on past its probe (REFINE_PROBE rows) where it decides
+#: one of them or narrows their intervals to below this share (median).
+PROBE_NARROWS = 0.9
 #: Uncertain rows are scaled in one pass over L where they are more than
 #: 1/SCALE_ALL_ABOVE of them (gathering rows of a column-major L is slow).
 SCALE_ALL_ABOVE = 20
@@ -501,23 +504,30 @@ def _refined(blocks: list[Block], relaxations: list[Relaxation | None], linear: 
     count = max(1, min(REFINE_ROWS, int(CHUNK_BYTES // (16 * widest))))
     change = change[0].copy(), change[1].copy()
     depth = sum(b.out_size for b in blocks[:-1])  # what one column passes, at most
-    # the first chunk in two: a probe of the rows nearest to a decision, which decide
-    # nothing at large radii (all uncertain): the pass then costs a few rows, not a chunk
+    # the first of several chunks in two: a probe of the rows nearest to a decision, which
+    # at large radii (all uncertain) it neither decides nor narrows much: the pass then
+    # costs a few rows, not a chunk
     done, first = 0, []
-    for end in sorted({min(count, REFINE_PROBE), *range(count, order.size + count, count)}):
+    probe = min(count, REFINE_PROBE) if order.size > count else count  # rows for one chunk: no probe
+    for end in sorted({probe, *range(count, order.size + count, count)}):
         rows = order[done:end]
         done = end
         if not rows.size or 2 * rows.size * depth > work.left:
             break
         work.left -= 2 * rows.size * depth
+        before = change[1][rows] - change[0][rows]
         lo, hi = refine(blocks, relaxations, linear, rows, in_bound, eps, n0)
         change[0][rows] = np.fmax(change[0][rows], lo)  # fmax, fmin: a NaN bound (inf·0) is ignored
         change[1][rows] = np.fmin(change[1][rows], hi)
         decided = (_down(low[rows] + change[0][rows]) >= 0) | (_up(high[rows] + change[1][rows]) <= 0)
+        if end < count:  # the probe: on where it decides some rows or narrows them
+            narrowed = np.median((change[1][rows] - change[0][rows]) / before) < PROBE_NARROWS
+            if REFINE_YIELD > 0 and not decided.any() and not narrowed:
+                break
         if end <= count:  # the first chunk's yield counts the probe's rows
             first.append(decided)
             decided = np.concatenate(first)
-        if decided.mean() < REFINE_YIELD if end >= count else REFINE_YIELD > 0 and not decided.any():
+        if end >= count and decided.mean() < REFINE_YIELD:
             break
     return change
 

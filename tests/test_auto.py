@@ -838,13 +838,14 @@ def test_maxpool_relaxation_gathers_like_its_matrix(order):
 
 
 def test_refinement_probe_stops_where_nothing_is_decided(tmp_path, monkeypatch):
-    """A block's refinement starts with a probe of its REFINE_PROBE rows nearest to a
-    decision: at a radius where they decide nothing it stops there (a few rows'
-    passes, not a chunk's), and where they decide some it goes on in whole chunks,
-    the probe's rows counted in the first chunk's yield: the same rows refined,
-    and the same intervals, as without a probe."""
+    """A block with more uncertain rows than a chunk starts its refinement with a
+    probe of its REFINE_PROBE rows nearest to a decision: where the backward pass
+    neither decides nor narrows them it stops there (a few rows' passes, not a
+    chunk's); where it does it goes on in whole chunks, the probe's rows counted
+    in the first chunk's yield: the same intervals as without a probe."""
     _, engine, x0 = _chain("wide", 0, tmp_path)
     nominal = engine.trace(x0)
+    eps = 0.05 * float(np.linalg.norm(x0))
     sizes, refine_ = [], reach_module.refine
 
     def counted(graph, relaxations, linear, rows, *args):
@@ -854,15 +855,18 @@ def test_refinement_probe_stops_where_nothing_is_decided(tmp_path, monkeypatch):
     monkeypatch.setattr(reach_module, "refine", counted)
     monkeypatch.setattr(reach_module, "REFINE_ROWS", 40)
     monkeypatch.setattr(reach_module, "REFINE_PROBE", 8)
-    for level, stops in ((30.0, True), (0.05, False)):
-        eps = level * float(np.linalg.norm(x0))
-        sizes.clear()
-        probed = analyse(engine.blocks, nominal, eps, 1e9)
-        assert sizes and sizes[0] == 8 and (all(s == 8 for s in sizes) if stops else 32 in sizes), sizes
-        monkeypatch.setattr(reach_module, "REFINE_PROBE", 40)  # no probe: whole chunks from the start
-        plain = analyse(engine.blocks, nominal, eps, 1e9)
-        monkeypatch.setattr(reach_module, "REFINE_PROBE", 8)
-        assert probed.counts == plain.counts
-        if not stops:
-            for a, b in zip(probed.changes, plain.changes):
-                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    probed = analyse(engine.blocks, nominal, eps, 1e9)
+    assert sizes[0] == 8 and 32 in sizes, sizes  # on past the probe, to the first chunk's end
+    monkeypatch.setattr(reach_module, "REFINE_PROBE", 40)  # no probe: whole chunks from the start
+    plain = analyse(engine.blocks, nominal, eps, 1e9)
+    assert probed.counts == plain.counts
+    for a, b in zip(probed.changes, plain.changes):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    # a backward pass that gains nothing: one probe per block with more rows than a chunk
+    monkeypatch.setattr(reach_module, "REFINE_PROBE", 8)
+    calls = []  # (block, rows)
+    monkeypatch.setattr(reach_module, "refine", lambda graph, relaxations, linear, rows, *args: (
+        calls.append((len(graph), rows.size)), (np.full(rows.size, -np.inf), np.full(rows.size, np.inf)))[1])
+    analyse(engine.blocks, nominal, eps, 1e9)
+    blocks = [k for k, _ in calls]
+    assert len(set(blocks)) == len(blocks) and (8 in dict(calls).values()), calls  # one pass per block
