@@ -614,8 +614,8 @@ def _affine(linear: LinearMap, state: Linear, dtype: np.dtype, memory: _Memory,
     rows' incoming error is pushed by |A|; stored in `dtype`, with its rounding
     added to ρ on the rows it changed (none where the map's products are values
     of `dtype`: float32 kernels stored in float32). None where an entry leaves
-the storage's range. `lazy`: L is not stored but recomputed where read (_Lazy),
-    by chunks of at most that many columns (the reader's, _width)."""
+    the storage's range. `lazy`: L is not stored but recomputed where read
+    (_Lazy), by chunks of at most that many columns (the reader's, _width)."""
     n_in, n0 = state.shape
     n_out = linear.out_size
     native = linear.compute_dtype
