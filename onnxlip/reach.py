@@ -36,9 +36,10 @@ whose products are stored exactly in float32; the other maps in float64) and
 stored in float64 where that fits the memory budget, else in float32 (half
 the memory: the CIFAR-10 reference's L, 28,800 × 3,072 after conv1, fits in
 the default budget so); a dead L's memory is carved for the next (_Memory). An L
-at least LAZY_GROWTH times its input's that only the next affine block reads
-is not stored but recomputed there, by the same column chunks (_Lazy: the
-CIFAR-10 reference's first convolution, 354 MB; peak memory 1.28 -> 1.02 GB).
+with at least LAZY_GROWTH times the rows of the stored L it comes from, read by
+one affine or max-pooling block only, is not stored but recomputed there, by
+the same column chunks (_Lazy: the CIFAR-10 reference's conv1 and conv2, 662
+MB; peak memory of repeated bounds 1.28 -> 0.84 GB).
 ρ also covers the rounding of every stored entry (u relative plus TINY below
 the normal range, only on rows that did not convert exactly), and the rows'
 norms are upper bounds (float32 rows' squares summed in float32 within γ_w of
@@ -415,9 +416,8 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
             if last_read[j] == k and j in states:
                 _release(states.pop(j), states, memory)
     last = states.get(len(blocks) - 1)
-    if last is not None:
+    if last is not None:  # stored, its columns back in the input's order
         last.stored()
-    if last is not None:  # the output's columns back in the input's order
         L = np.empty_like(last.L, order="F")
         L[:, order] = last.L
         last.L = L

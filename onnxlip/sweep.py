@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import math
+import operator
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,26 +46,24 @@ class Sweep:
         L(x0, ε) never decreases in ε (the ball only grows), so a lower bound
         found at one radius holds at every larger one.
         """
-        out: list = [None] * len(self.points)
-        best: tuple[float, float | None] = (0.0, None)
-        for i in sorted(range(len(self.points)), key=lambda i: self.points[i].eps):
-            p = self.points[i]
-            if p.lower is not None and p.lower.best > best[0]:
-                best = (p.lower.best, p.eps)
-            out[i] = best
-        return out
+        return self._running(lambda p: p.lower and p.lower.best, operator.gt, (0.0, None))
 
     def upper_bounds(self) -> list[tuple[float, float]]:
         """At each ε, the smallest local bound at any radius from ε on, and that radius:
         for the same reason, an upper bound at one radius holds at every smaller one
         (a bound at a larger radius can be the smaller: its joint bounds, whose tails
         differ between radii, are not monotone in ε)."""
+        return self._running(lambda p: p.local.bound, operator.lt, (math.inf, math.inf), downwards=True)
+
+    def _running(self, value, better, start: tuple, downwards: bool = False) -> list[tuple]:
+        """Per point, the best (value, ε) of the points met so far in order of ε
+        (decreasing where `downwards`); `value` None where a point has none."""
         out: list = [None] * len(self.points)
-        best = (float("inf"), float("inf"))
-        for i in sorted(range(len(self.points)), key=lambda i: -self.points[i].eps):
-            p = self.points[i]
-            if p.local.bound < best[0]:
-                best = (p.local.bound, p.eps)
+        best = start
+        for i in sorted(range(len(self.points)), key=lambda i: self.points[i].eps, reverse=downwards):
+            found = value(self.points[i])
+            if found is not None and better(found, best[0]):
+                best = (found, self.points[i].eps)
             out[i] = best
         return out
 

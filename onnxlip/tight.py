@@ -399,8 +399,7 @@ def _split_joint(net: _Linearized, paper: BoundResult, limit: float, deadline: f
     larger tails up to joint.FORMS_MAX_TAIL, searched and refined until it (the
     CIFAR-10 reference's fc1). The MNIST reference at ε = 2.173: 0.65x the
     paper's composition."""
-    factors = [math.inf if record.bound is None else record.bound for record in paper.layers]
-    lift = 1 + gamma(len(factors) + 2, U64)
+    factors, lift = _factors(paper)
     small, large = [], []
     for k in range(len(net.blocks) - 1, 0, -1):
         tail = _Linearized([replace(b, inputs=(j - 1,)) for j, b in enumerate(net.blocks[k:])],
@@ -435,9 +434,15 @@ def _suffix_products(paper: BoundResult) -> list[float]:
     """On a chain, per block l: Π_{k>l} of the paper's block bounds, each a bound of
     ||S_k A_k D_{k−1}|| for every slope the ball allows, so their product bounds
     ||Post_l||, the true network after block l (rounded upwards)."""
-    factors = [math.inf if record.bound is None else record.bound for record in paper.layers]
-    lift = 1 + gamma(len(factors) + 2, U64)
+    factors, lift = _factors(paper)
     return [math.prod(factors[k + 1:]) * lift for k in range(len(factors))]
+
+
+def _factors(paper: BoundResult) -> tuple[list[float], float]:
+    """The paper's block bounds (inf where a block has none), and the factor that
+    rounds a product of them (and of one more bound) upwards."""
+    factors = [math.inf if record.bound is None else record.bound for record in paper.layers]
+    return factors, 1 + gamma(len(factors) + 2, U64)
 
 
 def _telescoped(net: _Linearized, solves: Solves, variant, limit: float = math.inf,
