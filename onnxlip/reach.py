@@ -27,19 +27,16 @@ computed trace ± its rigorous elementwise rounding-error bounds
 distance to the exact rows (LinearMap.product_rounding); error terms are pushed
 with |A| rounded upwards, and every interval is widened by WIDEN relative.
 
-L's columns (the input's coordinates) are in channels-last order for images
-until the output (_column_order), so that a chunk of consecutive columns is
-nonzero on a few rows of the image only: a convolution computes the outputs
-it reaches (LinearMap.matmat_local). L is multiplied by column chunks of at
-most CHUNK_BYTES and the map's local_columns (float32 convolutions in float32,
-whose products are stored exactly in float32; the other maps in float64) and
-stored in float64 where that fits the memory budget, else in float32 (half
-the memory: the CIFAR-10 reference's L, 28,800 × 3,072 after conv1, fits in
-the default budget so); a dead L's memory is carved for the next (_Memory). An L
-with at least LAZY_GROWTH times the rows of the stored L it comes from, read by
-one affine or max-pooling block only, is not stored but recomputed there, by
-the same column chunks (_Lazy: the CIFAR-10 reference's conv1 and conv2, 662
-MB; peak memory of repeated bounds 1.28 -> 0.84 GB).
+L is kept by boxes: for a tile of its columns (the input's coordinates; for
+images a tile of 4 × 4 positions with their channels, _column_order), the rows
+they reach and those rows' values, the other rows 0. Convolutions and
+selections (LinearMap.boxed) compute only the outputs a box reaches
+(LinearMap.matmat_box: the input cropped to their receptive fields), so L
+holds the receptive fields and no zeros (the CIFAR-10 reference: 2.8% of
+conv1's 28,800 × 3,072 entries are nonzero); other maps take dense column
+chunks of at most CHUNK_BYTES. Products are made in float64, or in float32 for
+float32 convolutions (their products are values of float32), and stored in
+float64 where a dense L would fit the memory budget, else in float32.
 ρ also covers the rounding of every stored entry (u relative plus TINY below
 the normal range, only on rows that did not convert exactly), and the rows'
 norms are upper bounds (float32 rows' squares summed in float32 within γ_w of
@@ -50,6 +47,7 @@ the paper's radii.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -77,30 +75,40 @@ from .refine import (
 WIDEN = 1e-12
 #: The compact storage of L, where float64 does not fit (see the module's docstring).
 COMPACT = np.dtype(np.float32)
-#: float64 temporaries of one column chunk of a product (input, output, the map's
-#: own copies); at most the map's local_columns: in channels-last order
-#: (_column_order) a chunk then sits in a row or so of the image, and a convolution
-#: reaches a crop of it (matmat_local: the CIFAR-10 reference's convolutions
-#: 0.5 s -> 0.2 s).
+#: float64 temporaries of one column chunk of a dense map's product (input, output,
+#: the map's own copies).
 CHUNK_BYTES = 64e6
-#: An affine block's L is recomputed where read, not stored (_Lazy), where it has at
-#: least this many times the rows of its input's.
-LAZY_GROWTH = 4
+#: Positions (2-d images: 4 × 4) or columns of a tile of L's columns (_column_order): a
+#: tile through a 3 × 3 convolution reaches 6 × 6 outputs (per column 2.25x its 9,
+#: against 5x for a row of the image).
+TILE = 16
 #: A block's refinement goes on past its probe (REFINE_PROBE rows) where it decides
 #: one of them or narrows their intervals to below this share (median).
 PROBE_NARROWS = 0.9
-#: Uncertain rows are scaled in one pass over L where they are more than
-#: 1/SCALE_ALL_ABOVE of them (gathering rows of a column-major L is slow).
-SCALE_ALL_ABOVE = 20
 #: (u, tiny) of rounding to each storage: |fl(t) − t| ≤ u·|t| + tiny within its range.
 ROUNDING = {np.dtype(np.float32): (U32, 2.0**-150), np.dtype(np.float64): (U64, 2.0**-1075)}
 
 
 @dataclass
-class Linear:
-    """Δz = L Δx + e over the ball: rows of L, their rounding bound, e's interval."""
+class Box:
+    """L's columns `part`: its rows `rows` (increasing; None: every row) are `block`
+    (Fortran order), every other row is 0 there."""
 
-    L: np.ndarray | None  # float64 or COMPACT, in Fortran order (column chunks contiguous)
+    part: slice
+    rows: np.ndarray | None
+    block: np.ndarray
+
+    def of(self, values: np.ndarray) -> np.ndarray:
+        """Per-row values at the box's rows."""
+        return values if self.rows is None else values[self.rows]
+
+
+@dataclass
+class Linear:
+    """Δz = L Δx + e over the ball: L by boxes of columns, the rows' rounding bound,
+    e's interval."""
+
+    boxes: list[Box]  # increasing, disjoint column ranges; columns in none are 0
     rho: np.ndarray  # ||stored row − exact row|| ≤ rho
     lo: np.ndarray
     hi: np.ndarray
@@ -109,64 +117,77 @@ class Linear:
     moving: np.ndarray
     #: Upper bounds of the stored rows' norms ||L_i||.
     norms: np.ndarray
-    #: Where L is not stored (None above): how its column chunks are recomputed.
-    lazy: _Lazy | None = None
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.L.dtype if self.lazy is None else self.lazy.dtype
+    #: Columns of L (the input's size).
+    n0: int
+    #: L's storage (float64, or COMPACT: see _storage).
+    dtype: np.dtype
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.rho.size, self.L.shape[1] if self.lazy is None else self.lazy.source.shape[1])
+        return (self.rho.size, self.n0)
 
     @property
     def nbytes(self) -> int:
-        """The memory it holds (a lazy L: its source's)."""
-        return self.L.nbytes if self.lazy is None else self.lazy.source.nbytes
+        return sum(b.block.nbytes + (0 if b.rows is None else b.rows.nbytes) for b in self.boxes)
 
-    def chunks(self, width: int):
-        """(columns, L's columns there), in chunks of at most `width` columns (within a
-        lazy L's own chunks: each recomputed from the same columns as first computed)."""
-        parts = [slice(0, self.shape[1])] if self.lazy is None else self.lazy.parts
-        for part in parts:
-            block = self.columns(part)
-            for first in range(0, block.shape[1], width):
-                yield (slice(part.start + first, min(part.start + first + width, part.stop)),
-                       block[:, first:first + width])
+    def split(self, width: int):
+        """The boxes, cut into at most `width` columns each."""
+        for box in self.boxes:
+            start, stop = box.part.start, box.part.stop
+            for first in range(start, stop, width):
+                last = min(first + width, stop)
+                yield Box(slice(first, last), box.rows, box.block[:, first - start:last - start])
 
-    def columns(self, part: slice) -> np.ndarray:
-        """L's columns `part`: within one chunk of a lazy L, which is recomputed whole."""
-        return self.L[:, part] if self.lazy is None else self.lazy.within(part)
+    def columns(self, width: int):
+        """(columns, L there as a dense array), at most `width` columns at a time: whole
+        boxes put together (columns in no box are skipped: a linear map sends them to 0)."""
+        group: list[Box] = []
+        for box in self.split(width):
+            apart = group and box.part.start != group[-1].part.stop
+            if group and (apart or box.part.stop - group[0].part.start > width):
+                yield self._dense(group)
+                group = []
+            group.append(box)
+        if group:
+            yield self._dense(group)
 
-    def stored(self, memory: _Memory | None = None) -> Linear:
-        """The same with L stored (in `memory` where given): in place."""
-        if self.lazy is not None:
-            L = (memory or _Memory()).take(self.shape, self.lazy.dtype)
-            for part in self.lazy.parts:
-                L[:, part] = self.lazy.columns(part)
-            self.L, self.lazy = L, None
-        return self
+    def _dense(self, group: list[Box]) -> tuple[slice, np.ndarray]:
+        part = slice(group[0].part.start, group[-1].part.stop)
+        if len(group) == 1 and group[0].rows is None:
+            return part, group[0].block
+        out = np.zeros((self.shape[0], part.stop - part.start), self.dtype, order="F")
+        for box in group:
+            cut = slice(box.part.start - part.start, box.part.stop - part.start)
+            if box.rows is None:
+                out[:, cut] = box.block
+            else:
+                out[box.rows, cut] = box.block
+        return part, out
+
+    @property
+    def L(self) -> np.ndarray:
+        """L as a dense array."""
+        if len(self.boxes) == 1 and self.boxes[0].rows is None and self.boxes[0].part == slice(0, self.n0):
+            return self.boxes[0].block
+        out = np.zeros(self.shape, self.dtype, order="F")
+        for part, block in self.columns(self.n0):
+            out[:, part] = block
+        return out
 
     def scale(self, factors: np.ndarray) -> None:
         """Row i of L times factors[i] (one rounding to L's type; 0 and 1 exact), in place."""
-        lazy = self.lazy
-        if lazy is not None and (np.all((factors == 0) | (factors == 1))
-                                 or np.all((lazy.scale == 0) | (lazy.scale == 1))):
-            lazy.scale, lazy._last = lazy.scale * factors, None  # one factor not 0 or 1 at most: exact
-        else:
-            self.stored()
-            self.L *= factors[:, None].astype(self.L.dtype)
+        for box in self.boxes:
+            box.block *= box.of(factors)[:, None].astype(self.dtype)
 
     def copy(self) -> Linear:
-        """A copy whose L (or lazy scaling) can be changed apart."""
-        lazy = self.lazy and replace(self.lazy, scale=self.lazy.scale.copy(), _last=None)
-        return replace(self, L=None if self.L is None else self.L.copy(order="F"), lazy=lazy)
+        """A copy whose L can be changed apart."""
+        return replace(self, boxes=[replace(b, block=b.block.copy(order="F")) for b in self.boxes])
 
-    def still(self) -> Linear:
-        """The same, with the rows that cannot move set exactly to Δz = 0."""
+    def still(self, scaled: bool = False) -> Linear:
+        """The same, with the rows that cannot move set exactly to Δz = 0 (`scaled`:
+        L's rows there are 0 already)."""
         fixed = ~self.moving
-        if fixed.any():  # one pass over L (L is finite: multiplying by 0 zeroes exactly)
+        if fixed.any() and not scaled:  # L is finite: multiplying by 0 zeroes exactly
             self.scale(self.moving.astype(float))
         self.rho[fixed], self.lo[fixed], self.hi[fixed], self.norms[fixed] = 0.0, 0.0, 0.0, 0.0
         return self
@@ -175,82 +196,6 @@ class Linear:
         """Bounds of Δz over the ball."""
         radius = eps * (self.norms + self.rho) * (1 + WIDEN)
         return _down(self.lo - radius), _up(self.hi + radius)
-
-    @property
-    def root(self) -> Linear:
-        """The stored L a lazy one is recomputed from (itself where stored)."""
-        return self if self.lazy is None else self.lazy.source.root
-
-
-@dataclass
-class _Lazy:
-    """L = diag(scale) · fl(A · (the source's L)), not stored: recomputed by the
-    column chunks `parts` it was first computed in (the same inputs, so the same
-    values), rounded to `dtype` as a stored L would be, then scaled there (at most
-    one factor not 0 or 1: one rounding, as a stored L's ReLU slopes). For an L
-    far larger than the stored one it comes from, read once by the next block
-    (the CIFAR-10 reference's first two convolutions: 662 MB of 1 GB). The
-    source may itself be lazy (its parts hold the chunks of this one)."""
-
-    source: Linear
-    linear: LinearMap
-    feed: np.dtype
-    dtype: np.dtype
-    parts: list[slice]
-    scale: np.ndarray
-    _last: tuple[slice, np.ndarray] | None = None
-
-    def within(self, part: slice) -> np.ndarray:
-        """L's columns `part`, which lie in one of `parts`: that chunk recomputed (the
-        last one kept, for the next part within it)."""
-        if self._last is None or not (self._last[0].start <= part.start and part.stop <= self._last[0].stop):
-            whole = next(p for p in self.parts if p.start <= part.start and part.stop <= p.stop)
-            self._last = (whole, self.columns(whole))
-        whole, block = self._last
-        return block[:, part.start - whole.start:part.stop - whole.start]
-
-    def columns(self, part: slice) -> np.ndarray:
-        columns = self.source.columns(part)
-        with np.errstate(over="ignore", invalid="ignore"):
-            block = np.asarray(self.linear.matmat_local(columns.astype(self.feed, copy=False)),
-                               dtype=self.dtype, order="F")
-        if np.may_share_memory(block, columns):  # a map that hands its input back
-            block = block.copy(order="F")
-        if not np.all(self.scale == 1):
-            block *= self.scale[:, None].astype(self.dtype)
-        return block
-
-
-class _Memory:
-    """The memory of the L matrices that died in this analysis, reused for the next
-    ones: the kernel zeroes a fresh array's pages on first touch (0.1-0.6 s of the
-    CIFAR-10 reference's bound, where 1 GB of L is made). Where no dead buffer
-    fits, they are all released before a fresh array is made, so that what is
-    held never exceeds the live L matrices plus the new one (the budget)."""
-
-    SMALLEST = 1 << 20  # bytes: smaller buffers are left to the allocator
-
-    def __init__(self):
-        self._free: list[np.ndarray] = []  # flat uint8 views
-
-    def give(self, array: np.ndarray) -> None:
-        if array.nbytes >= self.SMALLEST and array.flags.f_contiguous:
-            self._free.append(array.reshape(-1, order="F").view(np.uint8))
-
-    def take(self, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
-        """An uninitialized Fortran-ordered array."""
-        need = math.prod(shape) * np.dtype(dtype).itemsize
-        fits = [b for b in self._free if b.size >= need] if need >= self.SMALLEST else None
-        if not fits:
-            if fits is not None:  # a large array that nothing fits: release the spares first
-                self._free.clear()
-            return np.empty(shape, dtype, order="F")
-        buffer = min(fits, key=len)
-        self._free = [b for b in self._free if b is not buffer]
-        cut = -(-need // 64) * 64  # the rest starts at a 64-byte offset
-        if buffer.size - cut >= self.SMALLEST:
-            self._free.append(buffer[cut:])
-        return buffer[:need].view(dtype).reshape(shape, order="F")
 
 
 @dataclass
@@ -339,23 +284,16 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
                   for b, e, i in zip(blocks, nominal.pre_errors, nominal.in_errors)]
     n0 = nominal.x.size
     last_read = {j: k for k, block in enumerate(blocks) for j in block.inputs}
-    readers: dict[int, list[int]] = {}
-    for k, block in enumerate(blocks):
-        for j in set(block.inputs):
-            readers.setdefault(j, []).append(k)
     if COMPACT.itemsize * n0 * n0 > budget:  # not even the input's identity fits
         return Reach([None] * len(blocks), [None] * len(blocks), None, [
             f"the exact reach needs more than the memory budget ({budget:.3g} bytes) from the "
             "input on: the paper's radii"])
     shape = next((tuple(b.in_shape) for b in blocks if list(b.inputs) == [INPUT]), (n0,))
-    order = _column_order(shape if math.prod(shape) == n0 else (n0,))
-    eye = np.zeros((n0, n0), COMPACT, order="F")
-    eye[order, np.arange(n0)] = 1
-    states = {INPUT: Linear(eye, np.zeros(n0), np.zeros(n0), np.zeros(n0),
-                            np.ones(n0, bool), np.ones(n0))}
+    order, tile = _column_order(shape if math.prod(shape) == n0 else (n0,))
+    states = {INPUT: Linear(_identity(order, tile), np.zeros(n0), np.zeros(n0), np.zeros(n0),
+                            np.ones(n0, bool), np.ones(n0), n0, COMPACT)}
     changes: list = []
     counts: list = []
-    memory = _Memory()
     stop = None  # (block, why the analysis stopped there)
     # the blocks' relaxations for the backward refinement (None where not analysed),
     # and bounds of ||Δ(each block's output)||
@@ -373,7 +311,7 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
         else:
             state = _stack([states[j] for j in block.inputs])
             if isinstance(block, AffineBlock):
-                state = _affine(block.map, state, dtype, memory, _lazy(blocks, k, readers, state))
+                state = _affine(block.map, state, dtype, tile)
                 if state is None:
                     why = "its rows of L leave float32's range"
         if state is not None:
@@ -404,7 +342,7 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
                                         _bound(change))
         elif isinstance(block, MaxPoolBlock):
             changes.append(change)
-            state, count, relaxation = _maxpool(block, state, interval, change, in_bound, memory, eps)
+            state, count, relaxation = _maxpool(block, state, interval, change, in_bound, eps)
         else:  # a lone ReLU
             changes.append(change)
             state, count, relaxation = _relu(state, interval, change, False, None, in_bound)
@@ -413,14 +351,13 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
         counts.append(count)
         states[k] = state
         for j in set(block.inputs):
-            if last_read[j] == k and j in states:
-                _release(states.pop(j), states, memory)
+            if last_read[j] == k:
+                states.pop(j, None)
     last = states.get(len(blocks) - 1)
-    if last is not None:  # stored, its columns back in the input's order
-        last.stored()
-        L = np.empty_like(last.L, order="F")
+    if last is not None:  # dense, its columns back in the input's order
+        L = np.empty(last.shape, last.dtype, order="F")
         L[:, order] = last.L
-        last.L = L
+        last.boxes = [Box(slice(0, n0), None, L)]
     notes = []
     if stop is not None:
         k, why = stop
@@ -429,41 +366,34 @@ def analyse(blocks: list[Block], nominal: Trace, eps: float, budget: float = 1e9
     return Reach(changes, counts, last, notes, relaxations, blocks)
 
 
-def _lazy(blocks: list[Block], k: int, readers: dict[int, list[int]], state: Linear) -> int | None:
-    """Whether block k's L is left to be recomputed (_Lazy), and then the chunk width
-    its reader takes: an affine block with one input, stored or recomputed from a
-    stored L (two levels at most), read by one affine or max-pooling block only,
-    reading it alone, whose L has at least LAZY_GROWTH times the rows of that
-    stored L."""
-    later = readers.get(k, [])
-    if len(later) != 1 or len(blocks[k].inputs) != 1 or list(blocks[later[0]].inputs) != [k]:
-        return None
-    reader, root = blocks[later[0]], state.root
-    if (isinstance(reader, (AffineBlock, MaxPoolBlock)) and (state.lazy is None or state.lazy.source is root)
-            and blocks[k].out_size >= LAZY_GROWTH * root.shape[0]):
-        return _width(reader.map, blocks[k].out_size, state.shape[1]) if isinstance(reader, AffineBlock) \
-            else state.shape[1]
-    return None
+def _column_order(shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """The input coordinate of each column of L, and the columns of a tile: for
+    images (N, C, *spatial), tiles of about TILE positions (4 × 4 in 2-d), each
+    position's channels together, so that a tile's columns reach a small box of
+    every convolution's outputs (LinearMap.matmat_box); else the input's order,
+    in tiles of TILE columns. L is used by rows only until the output's, whose
+    columns are put back in the input's order."""
+    n = math.prod(shape)
+    if len(shape) < 3 or shape[0] != 1:
+        return np.arange(n), min(TILE, n)
+    channels, spatial = shape[1], shape[2:]
+    edge = max(1, round(TILE ** (1 / len(spatial))))
+    grid = np.moveaxis(np.arange(n).reshape(shape[1:]), 0, -1)  # positions, then channels
+    tiles = [grid[tuple(slice(s, s + edge) for s in start)].reshape(-1, channels)
+             for start in itertools.product(*(range(0, size, edge) for size in spatial))]
+    return np.concatenate(tiles).ravel(), edge ** len(spatial) * channels
 
 
-def _release(state: Linear, states: dict, memory: _Memory) -> None:
-    """Give the stored L of a state no longer read (a lazy state's: the one it is
-    recomputed from) to `memory`, unless a live state still reads it (no relaxation
-    holds an L)."""
-    root = state.root
-    if not any(s.root is root for s in states.values()):
-        memory.give(root.L)
-
-
-def _column_order(shape: tuple[int, ...]) -> np.ndarray:
-    """The input coordinate of each column of L: channels-last for images (N, C,
-    *spatial), so that a chunk of consecutive columns sits in a few rows of the
-    image, which convolutions exploit (LinearMap.matmat_local). L is used by rows
-    only until the output's, whose columns are put back in the input's order."""
-    order = np.arange(math.prod(shape))
-    if len(shape) >= 3 and shape[0] == 1:
-        order = np.moveaxis(order.reshape(shape), 1, -1).ravel()
-    return order
+def _identity(order: np.ndarray, tile: int) -> list[Box]:
+    """The input's identity in column order `order`, a box per tile."""
+    boxes = []
+    for start in range(0, order.size, tile):
+        columns = order[start:start + tile]
+        rows = np.sort(columns)
+        block = np.zeros((rows.size, columns.size), COMPACT, order="F")
+        block[np.searchsorted(rows, columns), np.arange(columns.size)] = 1
+        boxes.append(Box(slice(start, start + columns.size), rows, block))
+    return boxes
 
 
 @dataclass
@@ -538,8 +468,13 @@ def _pairs(members: np.ndarray, padded: np.ndarray, winner: np.ndarray) -> tuple
     return pairs[:, 0], members[pairs[:, 0], pairs[:, 1]], winner[pairs[:, 0]]
 
 
+def _gather(block: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """block[rows] in Fortran order (gathered along the contiguous columns)."""
+    return np.take(block.T, rows, axis=1).T
+
+
 def _apart(block: np.ndarray, j: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Σ over the block's columns of (L_j − L_w)², in float64, a chunk of pairs at a time."""
+    """Σ over the block's columns of (row j − row w)², in float64, a chunk of pairs at a time."""
     out = np.empty(j.size)
     step = max(1, int(CHUNK_BYTES // (8 * max(block.shape[1], 1))))
     for first in range(0, j.size, step):
@@ -555,7 +490,7 @@ def _rise(state: Linear, zlo: np.ndarray, zhi: np.ndarray, members: np.ndarray, 
     max(0, max_j (y_j − y_w)) over the ball, y the members' values: the highest
     of z_j − z_w at x0 plus the highest of Δz_j − Δz_w = (L_j − L_w)Δx + e_j − e_w
     (rows of members that cannot move are 0, and so are their e). `squares`:
-    ||L_j − L_w||² per pair (_pairs, _apart), summed in float64 over chunks."""
+    ||L_j − L_w||² per pair (_pairs, _apart), summed in float64 over the boxes."""
     pairs, j, w = _pairs(members, padded, winner)
     n0 = state.shape[1]
     apart = np.sqrt(squares) * (1 + gamma(n0 + 2, U64))
@@ -580,12 +515,13 @@ def _up(x: np.ndarray) -> np.ndarray:
 
 
 def _storage(states: dict, block: Block, n0: int, budget: float) -> np.dtype | None:
-    """The storage of the block's L with the L matrices alive while it runs and the
-    float64 temporaries of one column chunk: float64 within a quarter of the
-    budget (room left for the blocks after it), else COMPACT within the budget
-    for affine blocks (their products are rounded to it; the other blocks keep
-    their input's), None where nothing fits. Maps computing in COMPACT (float32
-    convolutions) store in it: their products are exact there."""
+    """The storage of the block's L (counted dense: at most that) with the L matrices
+    alive while it runs (their boxes) and the float64 temporaries of one column
+    chunk: float64 within a quarter of the budget (room left for the blocks after
+    it), else COMPACT within the budget for affine blocks (their products are
+    rounded to it; the other blocks keep their input's), None where nothing
+    fits. Maps computing in COMPACT (float32 convolutions) store in it: their
+    products are exact there."""
     widest = max(states[j].shape[0] for j in block.inputs) + 2 * block.out_size
     live = sum(s.nbytes for s in states.values()) + min(CHUNK_BYTES, 8.0 * n0 * widest)
     if isinstance(block, AffineBlock) and block.map.compute_dtype == COMPACT:
@@ -598,47 +534,66 @@ def _storage(states: dict, block: Block, n0: int, budget: float) -> np.dtype | N
 
 
 def _stack(parts: list[Linear]) -> Linear:
+    """The states one above the other (a block reading several): their boxes cut at
+    one another's column edges, rows offset."""
     if len(parts) == 1:
         return parts[0]
+    edges = sorted({e for p in parts for b in p.boxes for e in (b.part.start, b.part.stop)})
+    offsets = np.cumsum([0] + [p.shape[0] for p in parts])
+    dtype = np.result_type(*(p.dtype for p in parts))
+    pieces: dict[int, list] = {}
+    for p, offset in zip(parts, offsets):
+        for box in p.boxes:
+            cuts = [e for e in edges if box.part.start <= e <= box.part.stop]
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                rows = np.arange(p.shape[0]) if box.rows is None else box.rows
+                block = box.block[:, a - box.part.start:b - box.part.start]
+                pieces.setdefault(a, []).append((b, rows + offset, block))
+    boxes = []
+    for a in sorted(pieces):
+        stop, rows, blocks = zip(*pieces[a])
+        boxes.append(Box(slice(a, stop[0]), np.concatenate(rows),
+                         np.asarray(np.concatenate(blocks), dtype, order="F")))
     fields = ("rho", "lo", "hi", "moving", "norms")
-    return Linear(np.concatenate([p.stored().L.T for p in parts], axis=1).T,
-                  *(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
+    return Linear(boxes, *(np.concatenate([getattr(p, f) for p in parts]) for f in fields),
+                  parts[0].n0, dtype)
 
 
-def _affine(linear: LinearMap, state: Linear, dtype: np.dtype, memory: _Memory,
-            lazy: int | None = None) -> Linear | None:
+def _affine(linear: LinearMap, state: Linear, dtype: np.dtype, tile: int) -> Linear | None:
     """Δz = A Δy: L and e mapped exactly, the rounding of every product bounded.
-    L by column chunks (in float64, or as stored where the map computes in that
-    type: float32 convolutions), without incoming error: the products' rounding
-    is bounded once from the rows' norms (LinearMap.product_rounding) and the
-    rows' incoming error is pushed by |A|; stored in `dtype`, with its rounding
-    added to ρ on the rows it changed (none where the map's products are values
-    of `dtype`: float32 kernels stored in float32). None where an entry leaves
-    the storage's range. `lazy`: L is not stored but recomputed where read
-    (_Lazy), by chunks of at most that many columns (the reader's, _width)."""
+    L by its boxes (maps that compute only the outputs a box reaches: convolutions,
+    selections; LinearMap.boxed) or by dense column chunks (in float64, or as stored
+    where the map computes in that type: float32 convolutions), without incoming
+    error: the products' rounding is bounded once from the rows' norms
+    (LinearMap.product_rounding) and the rows' incoming error is pushed by |A|;
+    stored in `dtype`, with its rounding added to ρ on the rows it changed (none
+    where the map's products are values of `dtype`: float32 kernels stored in
+    float32). None where an entry leaves the storage's range."""
     n_in, n0 = state.shape
     n_out = linear.out_size
-    native = linear.compute_dtype
-    exact = np.can_cast(native, dtype, "safe")
-    feed = native if state.dtype == native else np.dtype(np.float64)
-    width = min(_width(linear, n_in, n0), lazy or n0)
-    L = None if lazy else memory.take((n_out, n0), dtype)
-    scratch = np.empty((n_out, width), dtype, order="F") if lazy else None
-    norms, inexact, parts = np.zeros(n_out), np.zeros(n_out, bool), []
+    exact = np.can_cast(linear.compute_dtype, dtype, "safe")
+    feed = linear.compute_dtype if state.dtype == linear.compute_dtype else np.dtype(np.float64)
+    width = _width(linear, n_in, n0, tile)
+    if linear.boxed:
+        products = ((b.part, b.block, *linear.matmat_box(b.rows, b.block.astype(feed, copy=False)))
+                    for b in state.split(width))
+    else:
+        products = ((part, columns, None, linear.matmat_local(columns.astype(feed, copy=False)))
+                    for part, columns in state.columns(width))
+    boxes, squares, inexact = [], np.zeros(n_out), np.zeros(n_out, bool)
     with np.errstate(over="ignore", invalid="ignore"):
-        for part, columns in state.chunks(width):
-            columns = columns.astype(feed, copy=False)
-            target = L[:, part] if L is not None else scratch[:, :part.stop - part.start]
-            if exact:  # the products are values of L's type: written in place
-                stored = linear.matmat_local(columns, out=target)
-            else:
-                product = linear.matmat_local(columns)
-                target[...] = product
-                stored = target
-                inexact |= (stored != product).any(axis=1)
-            norms += _squares(stored)
-            parts.append(part)
-    norms = np.sqrt(norms) * (1 + gamma(n0 + 4, U64))  # the chunks' sums added in float64 (≤ n0)
+        for part, source, rows, product in products:
+            if rows is not None and not rows.size:  # reaches no output
+                continue
+            block = np.asarray(product, dtype, order="F")
+            if np.may_share_memory(block, source):  # a map that hands its input back
+                block = block.copy(order="F")
+            every = slice(None) if rows is None else rows
+            if not exact:
+                inexact[every] |= (block != product).any(axis=1)
+            squares[every] += _squares(block)
+            boxes.append(Box(part, rows, block))
+    norms = np.sqrt(squares) * (1 + gamma(n0 + 4, U64))  # the boxes' sums added in float64 (≤ n0)
     rounding = linear.product_rounding(state.norms, state.rho)
     if not (np.all(np.isfinite(norms)) and np.all(np.isfinite(rounding))):
         return None
@@ -650,13 +605,17 @@ def _affine(linear: LinearMap, state: Linear, dtype: np.dtype, memory: _Memory,
     image, (mid_err,) = linear.matvec_bounded(mid, [np.zeros(mid.size)])
     radius = linear.abs_bound(radius) + mid_err
     moving = linear.sq_matvec(state.moving.astype(float)) > 0
-    later = _Lazy(state, linear, feed, np.dtype(dtype), parts, np.ones(n_out)) if lazy else None
-    return Linear(L, rho, _down(image - radius), _up(image + radius), moving, norms, later).still()
+    return Linear(boxes, rho, _down(image - radius), _up(image + radius), moving, norms, n0,
+                  np.dtype(dtype)).still()
 
 
-def _width(linear: LinearMap, n_in: int, n0: int) -> int:
-    """The columns of L one chunk of the map's product takes (CHUNK_BYTES)."""
-    return min(linear.local_columns or n0, max(1, int(CHUNK_BYTES // (8 * (n_in + 2 * linear.out_size)))))
+def _width(linear: LinearMap, n_in: int, n0: int, tile: int) -> int:
+    """The columns of L one product takes: within CHUNK_BYTES, and for maps with
+    local_columns whole tiles, about that many columns (at least one tile)."""
+    width = max(1, int(CHUNK_BYTES // (8 * (n_in + 2 * linear.out_size))))
+    if linear.local_columns:
+        width = min(width, max(tile, linear.local_columns // tile * tile))
+    return min(width, n0)
 
 
 def _squares(rows: np.ndarray) -> np.ndarray:
@@ -709,16 +668,14 @@ def _relu(state: Linear, nominal: tuple[np.ndarray, np.ndarray],
     slack = np.where(uncertain, WIDEN * (np.abs(d_lo) + np.abs(d_hi) + np.abs(y_lo) + np.abs(y_hi))
                      + 1e-300, 0.0)
     scaled = state if own else state.copy()
-    if scaled.L is None or uncertain.sum() * SCALE_ALL_ABOVE > lam.size:  # one pass (×1 is exact)
-        scaled.scale(np.where(uncertain, lam, 1.0))
-    elif uncertain.any():  # the inactive and still rows are zeroed by still()
-        scaled.L[uncertain] *= lam[uncertain, None].astype(scaled.L.dtype)
+    scaled.scale(lam)  # one pass: the slopes, 0 where inactive or still (×1 and ×0 are exact)
     u, tiny = ROUNDING[scaled.dtype]
     tiny = np.where(uncertain, np.sqrt(scaled.shape[1]) * tiny, 0.0)
     rho = np.where(active, state.rho, (state.rho + 3 * u * state.norms) * lam * (1 + 2 * U64) + tiny)
     norms = np.where(active, state.norms, state.norms * lam * (1 + 3 * u) + tiny)
-    out = Linear(scaled.L, rho, _down(lam * state.lo + d_lo - slack),
-                 _up(lam * state.hi + d_hi + slack), active | uncertain, norms, scaled.lazy).still()
+    out = Linear(scaled.boxes, rho, _down(lam * state.lo + d_lo - slack),
+                 _up(lam * state.hi + d_hi + slack), active | uncertain, norms, state.n0,
+                 state.dtype).still(scaled=True)
     out.lo[active], out.hi[active] = state.lo[active], state.hi[active]
     relaxation = relu_relaxation(linear, lam, _up(d_hi + slack), low, high, y_lo, y_hi, active, uncertain,
                                  in_bound, _bound(change, active | uncertain))
@@ -736,7 +693,7 @@ def _bound(change: tuple[np.ndarray, np.ndarray], rows: np.ndarray | None = None
 
 def _maxpool(block: MaxPoolBlock, state: Linear, nominal: tuple[np.ndarray, np.ndarray],
              change: tuple[np.ndarray, np.ndarray], in_bound: float,
-             memory: _Memory, eps: float) -> tuple[Linear, tuple[int, int, int], Relaxation]:
+             eps: float) -> tuple[Linear, tuple[int, int, int], Relaxation]:
     """Each window as its nominal winner w plus t: out − out* = Δz_w + t with
     t = (out − z_w) − (out* − z*_w).
 
@@ -773,18 +730,25 @@ def _maxpool(block: MaxPoolBlock, state: Linear, nominal: tuple[np.ndarray, np.n
     t_hi = np.where(stable, 0.0, _up(top_y - y_lo[winner]))
     loose = np.flatnonzero(~stable)
     _, j, w = _pairs(index[loose], padded[loose], winner[loose])
-    L = memory.take((winner.size, state.shape[1]), state.dtype)
-    squares = np.zeros(j.size)
-    for part, columns in state.chunks(state.shape[1]):  # one pass (a lazy L: recomputed once)
-        np.take(columns.T, winner, axis=1, out=L[:, part].T, mode="clip")  # in range: no buffered check
-        squares += _apart(columns, j, w)
+    boxes, squares = [], np.zeros(j.size)
+    at = np.full(state.shape[0] + 1, -1)  # a row's place in a box (the last: rows it has not, 0)
+    for box in state.boxes:
+        rows = np.arange(state.shape[0]) if box.rows is None else box.rows
+        at[rows] = np.arange(rows.size)
+        out_rows = np.flatnonzero(at[winner] >= 0)
+        if out_rows.size:
+            kept = None if box.rows is None else out_rows
+            boxes.append(Box(box.part, kept, _gather(box.block, at[winner[out_rows]])))
+        if j.size:  # the members' rows less the winners', a row not in the box 0
+            squares += _apart(np.concatenate([box.block, np.zeros((1, box.block.shape[1]), state.dtype)]),
+                              at[j], at[w])
+        at[rows] = -1
     if loose.size:
         t_hi[loose] = np.minimum(t_hi[loose], _rise(state, zlo, zhi, index[loose], padded[loose],
                                                     winner[loose], eps, squares))
-    out = Linear(L, state.rho[winner], state.lo[winner], state.hi[winner], state.moving[winner],
-                 state.norms[winner])
     follows = moves.any(axis=1) & ~constant
-    out = Linear(out.L, out.rho, _down(out.lo + t_lo), _up(out.hi + t_hi), follows, out.norms).still()
+    out = Linear(boxes, state.rho[winner], _down(state.lo[winner] + t_lo), _up(state.hi[winner] + t_hi),
+                 follows, state.norms[winner], state.n0, state.dtype).still()
     # |Δ max| ≤ the largest |Δ| of a moving member
     reach = np.where(moves, np.maximum(-change[0], change[1])[index], 0.0).max(axis=1)
     relaxation = maxpool_relaxation(np.where(follows, winner, -1), t_lo, t_hi, zlo.size, in_bound,

@@ -27,7 +27,8 @@ from propnets import build, networks, nominal
 
 import onnxlip
 from onnxlip import reach as reach_module
-from onnxlip.blocks import AffineBlock
+from onnxlip.blocks import INPUT, AffineBlock
+from onnxlip.operators import conv as conv_module
 from onnxlip.reach import analyse
 from onnxlip.refine import Relaxation, refine
 
@@ -524,8 +525,9 @@ def test_relu_relaxation_lines_hold():
     high = low + width
     fall = rng.random(n) * 10.0 ** rng.integers(-3, 1, n)
     rise = rng.random(n) * 10.0 ** rng.integers(-3, 1, n)
-    state = reach_module.Linear(np.zeros((n, 1)), np.zeros(n), np.zeros(n), np.zeros(n), np.ones(n, bool),
-                                np.ones(n))
+    boxes = [reach_module.Box(slice(0, 1), None, np.zeros((n, 1)))]
+    state = reach_module.Linear(boxes, np.zeros(n), np.zeros(n), np.zeros(n), np.ones(n, bool), np.ones(n), 1,
+                                np.dtype(np.float64))
     _, counts, relax = reach_module._relu(state, (low, high), (-fall, rise), True)
     assert counts[2] > 1000
     for _ in range(20):
@@ -678,90 +680,74 @@ def test_input_past_the_budget_allocates_nothing(tmp_path, monkeypatch):
     assert any("from the input on" in n for n in result.notes)
 
 
-def test_reach_memory_carves_dead_buffers():
-    """A dead L's memory is carved for the next ones (disjoint, Fortran-ordered,
-    at 64-byte offsets); a request no dead buffer fits releases them all."""
-    memory = reach_module._Memory()
-    first = memory.take((2000, 600), np.float32)  # 4.8 MB, fresh
-    assert first.flags.f_contiguous and first.shape == (2000, 600)
-    memory.give(first)
-    a = memory.take((1000, 300), np.float64)  # 2.4 MB of it
-    b = memory.take((500, 600), np.float32)  # 1.2 MB more
-    assert np.shares_memory(a, first) and np.shares_memory(b, first) and not np.shares_memory(a, b)
-    assert a.flags.f_contiguous and b.flags.f_contiguous and (b.ctypes.data - first.ctypes.data) % 64 == 0
-    a[:], b[:] = 1.0, 2.0
-    assert np.all(a == 1.0) and np.all(b == 2.0)
-    c = memory.take((2000, 600), np.float32)  # nothing left fits: fresh, spares released
-    assert not np.shares_memory(c, first) and not memory._free
+BOX_CASES = [("chain", f, s) for f in ("dense", "conv", "wide") for s in (0, 2, 5)] + \
+    [("graph", f, s) for f in dagnets.FAMILIES for s in (0, 1)]
 
 
-REUSE_CASES = [("chain", "conv", s) for s in (1, 3, 6)] + [("graph", f, 0) for f in dagnets.FAMILIES]
+def _expand(boxes: list, rows: int) -> None:
+    """The boxes expanded to all `rows` rows (the others 0), in place."""
+    for box in boxes:
+        if box.rows is not None:
+            full = np.zeros((rows, box.block.shape[1]), box.block.dtype, order="F")
+            full[box.rows] = box.block
+            box.rows, box.block = None, full
 
 
-@pytest.mark.parametrize(("kind", "family", "seed"), REUSE_CASES, ids=[f"{f}{s}" for _, f, s in REUSE_CASES])
-def test_reach_memory_reuse_changes_nothing(tmp_path, monkeypatch, kind, family, seed):
-    """The analysis with every dead L's memory reused (even the smallest) gives the
-    same intervals, counts and output as with fresh arrays throughout: no buffer
-    is reused while a state still reads it (graphs: states read by several blocks)."""
-    _, engine, x0 = (_chain if kind == "chain" else _graph)(family, seed, tmp_path)
-    eps = 0.01 * float(np.linalg.norm(x0))
-    nominal = engine.trace(x0)
-    monkeypatch.setattr(reach_module._Memory, "SMALLEST", 1)
-    reused = analyse(engine.blocks, nominal, eps, 1e9)
-    monkeypatch.setattr(reach_module._Memory, "give", lambda self, array: None)
-    fresh = analyse(engine.blocks, nominal, eps, 1e9)
-    assert reused.counts == fresh.counts
-    for x, y in zip(reused.changes, fresh.changes):
-        assert (x is None) == (y is None)
-        if x is not None:
-            np.testing.assert_array_equal(x[0], y[0])
-            np.testing.assert_array_equal(x[1], y[1])
-    np.testing.assert_array_equal(reused.output.L, fresh.output.L)
+def _expanded(make):
+    """reach's `make` (_identity, _affine or _maxpool) with the boxes of what it returns expanded."""
+    def expanded(*args):
+        result = make(*args)
+        if isinstance(result, list):  # _identity(order, tile)
+            _expand(result, args[0].size)
+        elif result is not None:
+            state = result[0] if isinstance(result, tuple) else result
+            _expand(state.boxes, state.shape[0])
+        return result
+    return expanded
 
 
-LAZY_CASES = [("chain", f, s) for f in ("dense", "conv", "wide") for s in (0, 2, 5)] + \
-    [("graph", f, 1) for f in dagnets.FAMILIES]
-
-
-@pytest.mark.parametrize(("kind", "family", "seed"), LAZY_CASES, ids=[f"{f}{s}" for _, f, s in LAZY_CASES])
-def test_lazy_L_changes_nothing(tmp_path, monkeypatch, kind, family, seed):
-    """With every L that only one affine or max-pooling block reads recomputed
-    where read (_Lazy, nested), dead memory reused down to the smallest buffer,
-    the analysis is the one of stored L matrices: the same counts, and intervals
-    and the output's Δz = LΔx + e equal up to the order of the chunks' sums,
-    from radii where all is stable to mostly uncertain ones (ReLU slopes scaling
-    a lazy L); also where a lazy L's chunks are wider than its reader's (read
-    in parts of a recomputed chunk)."""
+@pytest.mark.parametrize(("kind", "family", "seed"), BOX_CASES, ids=[f"{f}{s}" for _, f, s in BOX_CASES])
+def test_boxes_change_nothing(tmp_path, monkeypatch, kind, family, seed):
+    """L kept by boxes (the rows a tile of columns reaches through convolutions,
+    max-pooling, stacks and ReLU slopes) is L: the analysis equals (up to the
+    order of dense products' sums) the one where every box is expanded to all
+    rows (the other rows 0), at radii
+    from all stable to mostly uncertain, also with column chunks of a few
+    columns; and where the first map keeps boxes (convolutions, selections), boxes
+    of a part of the rows are kept."""
     _, engine, x0 = (_chain if kind == "chain" else _graph)(family, seed, tmp_path)
     nominal = engine.trace(x0)
-    monkeypatch.setattr(reach_module._Memory, "SMALLEST", 1)
-    recomputed, within = [], reach_module._Lazy.within  # per read: a part of a recomputed chunk?
-    monkeypatch.setattr(reach_module._Lazy, "within",
-                        lambda self, part: recomputed.append(part not in self.parts) or within(self, part))
-    decide = reach_module._lazy
-    for level, wide in ((1e-4, False), (0.01, False), (0.3, False), (0.3, True)):
+    partial, affine = [], reach_module._affine
+
+    def watched(linear, state, *args):
+        out = affine(linear, state, *args)
+        partial.extend(b.rows is not None and b.rows.size < out.shape[0] for b in getattr(out, "boxes", []))
+        return out
+
+    for level, small in ((1e-4, False), (0.01, False), (0.3, False), (0.01, True), (0.3, True)):
         eps = level * float(np.linalg.norm(x0))
-        if wide:  # chunks of a few columns, of each block's own width
+        if small:  # tiles of 2 × 2 positions, every convolution cropped, products of a few columns
+            monkeypatch.setattr(reach_module, "TILE", 4)
+            monkeypatch.setattr(conv_module, "CROP_MAX", 1.0)
             monkeypatch.setattr(reach_module, "CHUNK_BYTES", 8 * 20 * max(b.out_size for b in engine.blocks))
-        monkeypatch.setattr(reach_module, "LAZY_GROWTH", 0)
-        monkeypatch.setattr(reach_module, "_lazy",
-                            lambda *a, wide=wide: decide(*a) and (10**9 if wide else decide(*a)))
-        lazy = analyse(engine.blocks, nominal, eps, 1e9)
-        monkeypatch.setattr(reach_module, "LAZY_GROWTH", math.inf)
-        stored = analyse(engine.blocks, nominal, eps, 1e9)
-        assert lazy.counts == stored.counts
-        # other chunks of a float32 convolution's product round differently (within ρ)
-        rtol = 1e-5 if wide else 1e-12
-        for x, y in zip(lazy.changes, stored.changes):
+        with monkeypatch.context() as m:
+            for name in ("_identity", "_affine", "_maxpool"):
+                m.setattr(reach_module, name, _expanded(getattr(reach_module, name)))
+            dense = analyse(engine.blocks, nominal, eps, 1e9)
+        monkeypatch.setattr(reach_module, "_affine", watched)
+        result = analyse(engine.blocks, nominal, eps, 1e9)
+        assert result.counts == dense.counts
+        for x, y in zip(result.changes, dense.changes):
             assert (x is None) == (y is None)
-            if x is not None:
-                np.testing.assert_allclose(x, y, rtol=rtol, atol=0)
+            if x is not None:  # a dense map's products grouped by other columns: BLAS may round apart
+                np.testing.assert_allclose(x, y, rtol=1e-13, atol=0)
         for field in ("L", "rho", "lo", "hi", "norms", "moving"):
-            want = getattr(stored.output, field)
-            np.testing.assert_allclose(getattr(lazy.output, field), want, rtol=rtol,
-                                       atol=rtol * float(np.abs(want).max(initial=0)))
-    # a wide MLP's hidden layers are read by affine blocks only, the narrower ones in parts
-    assert family != "wide" or (recomputed and any(recomputed))
+            want = getattr(dense.output, field)
+            np.testing.assert_allclose(getattr(result.output, field), want, rtol=1e-13,
+                                       atol=1e-13 * float(np.abs(want).max(initial=0)))
+    # a boxed map reading the input (its boxes: a tile's rows) keeps boxes
+    assert any(partial) or not any(isinstance(b, AffineBlock) and b.map.boxed and list(b.inputs) == [INPUT]
+                                   for b in engine.blocks)
 
 
 def test_cli_defaults_to_auto_and_reports_it(tmp_path):

@@ -176,11 +176,15 @@ def test_conv_matmat_local_crops_to_the_support(config, monkeypatch):
         assert local.shape == (conv.out_size, 3) and local.dtype == x.dtype
         _close(local, full(x))
         assert np.all(local[~support] == 0)
-        # written into a buffer that held garbage: in place where Fortran-ordered, else copied
-        for order, dtype in (("F", np.float32), ("F", np.float64), ("C", np.float32)):
-            out = np.full((conv.out_size, 3), np.nan, dtype, order=order)
-            assert conv.matmat_local(x, out=out) is out
-            assert np.array_equal(out, local)
+        # the box of the support's rows: the rows it reaches, the others 0 (or all of them)
+        rows = np.flatnonzero(x.any(axis=1))
+        reached, block = conv.matmat_box(rows, x[rows])
+        assert block.dtype == x.dtype
+        if reached is None:
+            assert np.array_equal(block, local)
+        else:
+            assert np.array_equal(block, local[reached]) and not local[np.setdiff1d(
+                np.arange(conv.out_size), reached)].any()
         # the box of the reached outputs, widened by the taps' stride classes per axis
         reached = support.any(axis=1).reshape(conv.out_shape[1], -1).any(axis=0).reshape(conv.out_shape[2:])
         widen = [d * k // s + 1 for k, s, d in zip(config[3], config[4], config[6])]
@@ -208,20 +212,30 @@ def test_conv_matmat_local_takes_the_crop_on_a_band(monkeypatch):
     assert np.all(local[:, 9:15].any(axis=(0, 2, 3)))
 
 
-def test_matmat_local_writes_chains_and_stacks_into_out():
-    """A chain writes its last map's product into `out`, a stack its parts' sum:
-    equal to the products made without a buffer."""
-    conv, _ = _conv_map(((1, 2, 6, 6), 2, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)))
+def test_matmat_box_of_chains_stacks_and_selections():
+    """A box of rows through a convolution, a selection, chains and stacks of them
+    and a dense map: the product of the columns zero outside the rows, on the rows
+    it says it reaches (all of them for a dense map), the others exactly 0."""
+    conv, _ = _conv_map(((1, 2, 9, 9), 2, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)))
     dense = DenseMap(np.arange(3 * conv.in_size, dtype=np.float32).reshape(3, -1) / 50,
                      (1, conv.in_size), (1, 3))
-    x = np.asfortranarray(np.random.default_rng(4).standard_normal((conv.in_size, 5)).astype(np.float32))
-    shuffle = MonomialMap(np.arange(conv.out_size)[::-1].copy(), None, conv.out_shape, conv.out_shape)
-    for linear in (ChainMap([conv, shuffle]), ChainMap([shuffle, conv]), StackMap([conv, conv]), dense):
-        part = x if linear.in_size == x.shape[0] else np.vstack([x, x])  # a stack reads two inputs
-        expected = linear.matmat(part)
-        out = np.full((linear.out_size, 5), np.nan, np.float32, order="F")
-        assert linear.matmat_local(part, out=out) is out
-        _close(out, expected)
+    rng = np.random.default_rng(4)
+    shuffle = MonomialMap(np.arange(conv.out_size)[::-1].copy(), rng.standard_normal(conv.out_size),
+                          conv.out_shape, conv.out_shape)  # the image turned around, scaled
+    rows = np.flatnonzero(np.isin(np.arange(conv.in_size) % 81, [30, 31, 39, 40]))  # 2 x 2 positions
+    block = rng.standard_normal((rows.size, 5))
+    for linear in (conv, shuffle, ChainMap([conv, shuffle]), ChainMap([shuffle, conv]),
+                   StackMap([conv, conv]), StackMap([conv, shuffle]), dense):
+        x = np.zeros((linear.in_size, 5))
+        x[rows] = block
+        expected = linear.matmat(x)
+        reached, values = linear.matmat_box(rows, block)
+        assert linear.boxed == (reached is not None) and values.dtype == np.float64
+        full = np.zeros_like(expected)
+        full[slice(None) if reached is None else reached] = values
+        _close(full, expected)
+        if reached is not None:
+            assert reached.size < linear.out_size and np.all(np.diff(reached) > 0)
 
 
 def test_local_columns_follow_the_convolutions():

@@ -76,13 +76,29 @@ class LinearMap(ABC):
     def matmat(self, x: np.ndarray) -> np.ndarray:
         """A @ x for x of shape (in_size, k)."""
 
-    def matmat_local(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def matmat_local(self, x: np.ndarray) -> np.ndarray:
         """A @ x for columns whose nonzeros may all lie in a small part of the input
         (the identity pushed through a few local layers: the reach analysis' L).
         The same products as matmat; maps that can skip the zeros' outputs
-        (convolutions: only the outputs the columns' joint support reaches) do.
-        out: an (out_size, k) array to write the product into (returned), else a new one."""
-        return _into(self.matmat(x), out)
+        (convolutions: only the outputs the columns' joint support reaches) do."""
+        return self.matmat(x)
+
+    def matmat_box(self, rows: np.ndarray | None, block: np.ndarray
+                   ) -> tuple[np.ndarray | None, np.ndarray]:
+        """A @ x for columns x that are 0 outside `rows` (increasing; None: all), whose
+        values there are `block` (rows × k): (the output rows that can be nonzero, None
+        for all, and their values), the reach analysis' boxed L (onnxlip.reach). Maps
+        whose outputs depend on a part of the input (convolutions) compute only the
+        outputs the rows reach; here all, through matmat_local."""
+        if rows is not None:
+            x = np.zeros((self.in_size, block.shape[1]), block.dtype)
+            x[rows] = block
+            block = x
+        return None, self.matmat_local(block)
+
+    #: matmat_box gives the outputs a box of rows reaches only (convolutions,
+    #: selections), not all of them.
+    boxed: bool = False
 
     #: The most columns matmat_local should take at once, where fewer columns have
     #: a smaller joint support (None: no limit, as many as memory allows).
@@ -255,11 +271,3 @@ class FixedMap(LinearMap, ABC):
 
     def fixed_cap(self) -> float:
         return LinearMap.norm_cap(self)
-
-
-def _into(product: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-    """The product, written into `out` where one is given."""
-    if out is None:
-        return product
-    out[...] = product
-    return out

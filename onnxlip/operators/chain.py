@@ -58,10 +58,17 @@ class ChainMap(LinearMap):
             x = m.matmat(x)
         return x
 
-    def matmat_local(self, x, out=None):
-        for m in self.maps[:-1]:
+    def matmat_local(self, x):
+        for m in self.maps:
             x = m.matmat_local(x)
-        return self.maps[-1].matmat_local(x, out)
+        return x
+
+    def matmat_box(self, rows, block):
+        for m in self.maps:
+            if rows is not None and not rows.size:
+                return np.zeros(0, np.intp), np.zeros((0, block.shape[1]), block.dtype)
+            rows, block = m.matmat_box(rows, block)
+        return rows, block
 
     def rmatmat(self, u):
         for m in reversed(self.maps):
@@ -106,6 +113,10 @@ class ChainMap(LinearMap):
     @property
     def compute_dtype(self) -> np.dtype:
         return np.result_type(*(m.compute_dtype for m in self.maps))
+
+    @property
+    def boxed(self) -> bool:
+        return all(m.boxed for m in self.maps)
 
     @property
     def local_columns(self) -> int | None:

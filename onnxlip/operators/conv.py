@@ -9,7 +9,7 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-from .base import BLAS_THREADS, U32, U64, FixedMap, LinearMap, _into, gamma
+from .base import BLAS_THREADS, U32, U64, FixedMap, LinearMap, gamma
 from .ort import NodeSession
 
 
@@ -26,6 +26,7 @@ class ConvMap(LinearMap):
     compute_dtype = np.dtype(np.float32)
     #: In channels-last order 64 columns sit in a row or so of an image (onnxlip.reach).
     local_columns = 64
+    boxed = True
 
     def __init__(self, weight, in_shape, strides, pads, dilations, group: int):
         given = np.asarray(weight)
@@ -99,65 +100,67 @@ class ConvMap(LinearMap):
     def matmat(self, x):
         return _run(self._forward, x, self.in_shape, self.out_size)
 
-    def matmat_local(self, x, out=None):
-        """A x on the outputs the columns' joint support reaches: the input cropped to
-        the box of those outputs' receptive fields (zero outside the support, so
-        the padding is explicit), convolved by an unpadded session, the other
-        outputs exactly 0. The full product where the box holds most outputs.
-        out: as LinearMap's; written in place where it is Fortran-ordered (the
-        reach analysis' L: a column chunk is one block of memory)."""
-        batch = x.shape[1]
-        images = x.T.reshape(batch, *self.in_shape[1:])
-        box = self._reached(images)
-        spatial = self.out_shape[2:]
-        if box is not None and math.prod(hi - lo for lo, hi in box) > CROP_MAX * math.prod(spatial):
-            return _into(self.matmat(x), out)
-        in_place = out is not None and out.flags.f_contiguous
-        if in_place:
-            target = out.T.reshape(batch, self.out_shape[1], *spatial)  # a view
-            target[...] = 0
-        else:
-            target = np.zeros((batch, self.out_shape[1], *spatial), self._cropped.dtype)
-        if box is not None:
-            target[(slice(None), slice(None), *(slice(lo, hi) for lo, hi in box))] = self._crop_product(
-                images, box)
-        if in_place:
-            return out
-        return _into(target.reshape(batch, self.out_size).T.astype(x.dtype, copy=False), out)
+    def matmat_local(self, x):
+        """A x through matmat_box on the rows where x is nonzero: the outputs they
+        cannot reach are exactly 0."""
+        rows = np.flatnonzero(x.any(axis=1))
+        reached, block = self.matmat_box(rows, x[rows])
+        if reached is None:
+            return block.astype(x.dtype, copy=False)
+        out = np.zeros((self.out_size, x.shape[1]), x.dtype)
+        out[reached] = block
+        return out
 
-    def _crop_product(self, images: np.ndarray, box: list[tuple[int, int]]) -> np.ndarray:
-        """The outputs in `box`, from the input cropped to their receptive fields."""
-        batch = images.shape[0]
-        crop, source, target = [], [], []
-        for i, (lo, hi) in enumerate(box):
-            s, p, d, k = self._axis(i)
-            start, stop = lo * s - p, (hi - 1) * s - p + d * (k - 1) + 1  # the inputs they read
-            inside = max(start, 0), min(stop, self.in_shape[2 + i])
-            crop.append(stop - start)
-            source.append(slice(*inside))
-            target.append(slice(inside[0] - start, inside[1] - start))
+    def matmat_box(self, rows, block):
+        """The outputs whose receptive fields meet the rows' positions (a box per
+        spatial axis), from the input cropped to the box's receptive fields;
+        all outputs where the box holds most of them (CROP_MAX)."""
+        if rows is None:
+            return None, self.matmat_local(block)
+        where = np.unravel_index(rows, self.in_shape[1:])
+        box = self._box([(int(p.min()), int(p.max())) for p in where[1:]]) if rows.size else None
+        if box is None:
+            return np.zeros(0, np.intp), np.zeros((0, block.shape[1]), self._cropped.dtype)
+        if math.prod(hi - lo for lo, hi in box) > CROP_MAX * math.prod(self.out_shape[2:]):
+            x = np.zeros((self.in_size, block.shape[1]), block.dtype)
+            x[rows] = block
+            return None, self.matmat(x)
+        starts, crop = self._crop(box)
+        at = [p - start for p, start in zip(where[1:], starts)]
+        inside = np.logical_and.reduce([(a >= 0) & (a < n) for a, n in zip(at, crop)])
+        batch = block.shape[1]
         cropped = np.zeros((batch, self.in_shape[1], *crop), self._cropped.dtype)
         with np.errstate(over="ignore"):  # inf past float32, as in _run
-            cropped[(slice(None), slice(None), *target)] = images[(slice(None), slice(None), *source)]
-        return self._cropped(cropped)
+            cropped[(slice(None), where[0][inside], *(a[inside] for a in at))] = block[inside].T
+        out = self._cropped(cropped)
+        index = np.arange(self.out_size).reshape(self.out_shape[1:])
+        reached = index[(slice(None), *(slice(lo, hi) for lo, hi in box))].ravel()
+        return reached, out.reshape(batch, reached.size).T.astype(block.dtype, copy=False)
 
-    def _reached(self, images: np.ndarray) -> list[tuple[int, int]] | None:
-        """Per spatial axis, the range [lo, hi) of output positions some tap reads a
-        nonzero of the images through (None where they are all zero). Output o
+    def _box(self, extent: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+        """Per spatial axis, the range [lo, hi) of output positions some tap reads an
+        input position in [first, last] through (None where none does). Output o
         reads input o·s − p + j·d for the taps j < k."""
-        support = images.any(axis=0).any(axis=0)  # over the batch first: the fast reduction
         box = []
-        for i in range(self.rank):
-            rows = np.flatnonzero(support.any(axis=tuple(a for a in range(self.rank) if a != i)))
-            if not rows.size:
-                return None
+        for i, (first, last) in enumerate(extent):
             s, p, d, k = self._axis(i)
-            lo = max(0, -(-(rows[0] + p - d * (k - 1)) // s))
-            hi = min(self.out_shape[2 + i], (rows[-1] + p) // s + 1)
+            lo = max(0, -(-(first + p - d * (k - 1)) // s))
+            hi = min(self.out_shape[2 + i], (last + p) // s + 1)
             if hi <= lo:
                 return None
             box.append((lo, hi))
         return box
+
+    def _crop(self, box: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """Per spatial axis, the first input position the box's outputs read and
+        how many they span (past the image's edge: padding)."""
+        starts, crop = [], []
+        for i, (lo, hi) in enumerate(box):
+            s, p, d, k = self._axis(i)
+            start, stop = lo * s - p, (hi - 1) * s - p + d * (k - 1) + 1
+            starts.append(start)
+            crop.append(stop - start)
+        return starts, crop
 
     def _axis(self, i: int) -> tuple[int, int, int, int]:
         """Spatial axis i's (stride, leading pad, dilation, kernel length)."""
@@ -165,7 +168,7 @@ class ConvMap(LinearMap):
 
     @cached_property
     def _cropped(self) -> NodeSession:
-        """The convolution without padding, for inputs padded explicitly (matmat_local)."""
+        """The convolution without padding, for inputs padded explicitly (matmat_box)."""
         return NodeSession("Conv", {"W": self.weight}, self.rank + 2, strides=list(self.strides),
                            pads=[0] * (2 * self.rank), dilations=list(self.dilations), group=self.group)
 
@@ -314,7 +317,7 @@ class ConvMap(LinearMap):
         return sp.csr_matrix((vals, (rows, cols)), shape=(self.out_size, self.in_size))
 
 
-#: matmat_local convolves a crop where it holds at most this share of the outputs.
+#: matmat_box convolves a crop where it holds at most this share of the outputs.
 CROP_MAX = 0.5
 #: Largest work (frequencies × c_out × c_in × min(c_out, c_in)) spent on the Fourier cap.
 FOURIER_WORK_MAX = 2e9

@@ -21,6 +21,7 @@ class MonomialMap(LinearMap):
     """out = scale * in[source] with source = -1 meaning a constant-zero output."""
 
     representation = "monomial"
+    boxed = True
 
     def __init__(self, source: np.ndarray, scale: np.ndarray | None, in_shape, out_shape):
         super().__init__(in_shape, out_shape)
@@ -67,6 +68,16 @@ class MonomialMap(LinearMap):
         out = np.zeros((self.out_size, x.shape[1]), dtype=x.dtype)
         out[self._rows] = x[self._cols] * self.scale[self._rows, None]
         return out
+
+    def matmat_box(self, rows, block):
+        """The outputs whose source is one of the rows."""
+        if rows is None:
+            return None, self.matmat(block)
+        at = np.full(self.in_size + 1, -1)  # the last: no source
+        at[rows] = np.arange(rows.size)
+        where = at[self.source]
+        reached = np.flatnonzero(where >= 0)
+        return reached, (block[where[reached]] * self.scale[reached, None]).astype(block.dtype, copy=False)
 
     def rmatmat(self, u):
         out = np.zeros((self.in_size, u.shape[1]), dtype=u.dtype)

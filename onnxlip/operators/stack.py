@@ -48,12 +48,25 @@ class StackMap(LinearMap):
     def matmat(self, x):
         return sum(p.matmat(xj) for p, xj in zip(self.parts, self.split(x)))
 
-    def matmat_local(self, x, out=None):
-        first, *rest = zip(self.parts, self.split(x))
-        out = first[0].matmat_local(first[1], out)
-        for p, xj in rest:
-            out += p.matmat_local(xj)
-        return out
+    def matmat_local(self, x):
+        return sum(p.matmat_local(xj) for p, xj in zip(self.parts, self.split(x)))
+
+    def matmat_box(self, rows, block):
+        """The parts' boxes on their rows, added on the union of the rows they reach."""
+        if rows is None:
+            return None, self.matmat_local(block)
+        products = []
+        for p, start, stop in zip(self.parts, self.offsets[:-1], self.offsets[1:]):
+            lo, hi = np.searchsorted(rows, [start, stop])
+            if hi > lo:
+                products.append(p.matmat_box(rows[lo:hi] - start, block[lo:hi]))
+        reached = None if any(r is None for r, _ in products) else \
+            np.unique(np.concatenate([r for r, _ in products] + [np.zeros(0, np.intp)]))
+        out = np.zeros((self.out_size if reached is None else reached.size, block.shape[1]),
+                       np.result_type(block, *(v for _, v in products)))
+        for r, v in products:
+            out[slice(None) if r is None else r if reached is None else np.searchsorted(reached, r)] += v
+        return reached, out
 
     def rmatmat(self, u):
         return np.concatenate([p.rmatmat(u) for p in self.parts])
@@ -95,6 +108,10 @@ class StackMap(LinearMap):
     @property
     def compute_dtype(self) -> np.dtype:
         return self.parts[0].compute_dtype if len(self.parts) == 1 else np.dtype(np.float64)
+
+    @property
+    def boxed(self) -> bool:
+        return all(m.boxed for m in self.parts)
 
     @property
     def local_columns(self) -> int | None:
