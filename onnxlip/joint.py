@@ -63,6 +63,7 @@ from .blocks import INPUT
 from .bounds import BLAS_THREADS
 from .operators.base import U64, LinearMap, gamma
 from .sdp import Program, solve
+from .spectral import extreme_eigen
 
 #: Largest network output (rows of E) and side of the search's matrices (forms:
 #: output, centres and radii rows; plus units) the joint bound takes on; past
@@ -438,10 +439,9 @@ def _value(forms: _Forms, lam: np.ndarray, omega: np.ndarray | None = None
         return math.inf, None
     solved = la.cho_solve(factor, Kar.T, check_finite=False)
     schur = Kaa + Kar @ solved
-    side = schur.shape[0]
     if not np.isfinite(schur).all():
         return math.inf, None
-    values, vectors = la.eigh(schur, check_finite=False, subset_by_index=[side - 1, side - 1])
+    values, vectors = extreme_eigen(schur, vectors=True, check_finite=False)
     if vectors.shape[1] == 0:  # LAPACK found no eigenvalue (an extreme λ)
         return math.inf, None
     a = vectors[:, -1]
@@ -564,7 +564,7 @@ def _proven(forms: _Forms, lam: np.ndarray, value: float, omega: np.ndarray | No
             bound[na + m:, :na + m] = bound[:na + m, na + m:].T
             bound[na + m:, na + m:] = 4 * U64 * (np.eye(p) + omega_abs / (s * s))
             entries = float(np.linalg.norm(bound)) * (1 + 1e-6)
-            lowest = float(la.eigh(W, eigvals_only=True, subset_by_index=[0, 0], check_finite=False)[0])
+            lowest = float(extreme_eigen(W, largest=False, check_finite=False)[0])
             if side >= 500:
                 _PROOF_RATE[0] = (time.perf_counter() - tic) / side**3
             lapack = EIG_C * side * U64 * float(np.linalg.norm(W))

@@ -32,6 +32,8 @@ import numpy as np
 import scipy.linalg as la
 import scipy.sparse as sp
 
+from .spectral import extreme_eigen
+
 #: Fraction of the step to the boundary of the cone taken.
 STEP = 0.95
 
@@ -95,7 +97,7 @@ def solve(program: Program, y0: np.ndarray, deadline: float, iterations: int = 8
         return None
     schur = F[np.ix_(head, head)] - F[np.ix_(head, tail)] @ la.cho_solve(factor, F[np.ix_(tail, head)])
     scale = float(np.abs(program.C).max()) + 1.0
-    t = -float(la.eigvalsh(schur, subset_by_index=[0, 0])[0]) + 0.1 * scale
+    t = -float(extreme_eigen(schur, largest=False)[0]) + 0.1 * scale
     S = program.apply(y, t) - program.C
     X = np.eye(n) / program.head  # ⟨E, X⟩ = 1
     w = (np.sum(X * S) / n) / y
@@ -208,7 +210,7 @@ def _cone_step(lower: np.ndarray, dZ: np.ndarray) -> float:
     """The largest α ≤ 1 with Z + α dZ ⪰ 0, Z = lower·lowerᵀ ≻ 0."""
     half = la.solve_triangular(lower, dZ, lower=True, check_finite=False)
     inner = la.solve_triangular(lower, half.T, lower=True, check_finite=False)
-    lowest = float(la.eigvalsh((inner + inner.T) / 2, subset_by_index=[0, 0], check_finite=False)[0])
+    lowest = float(extreme_eigen((inner + inner.T) / 2, largest=False, check_finite=False)[0])
     return 1.0 if lowest >= 0 else min(1.0, -1.0 / lowest)
 
 

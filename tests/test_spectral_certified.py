@@ -531,3 +531,52 @@ def test_masked_solves_start_and_stay_in_the_masks_span(basis_bytes):
     exact = np.linalg.norm(a * mask[None, :], 2)
     assert exact <= result.value <= exact * (1 + 2e-4)
     assert len(seen) == result.iterations and max(seen) == 0.0
+
+
+def test_extreme_eigenvalue_survives_lapacks_internal_error(monkeypatch):
+    """Where LAPACK's MRRR for one eigenvalue fails (dsyevr's "Internal Error", met
+    on a clustered Gram matrix), the whole spectrum by divide and conquer gives
+    the same extreme eigenvalues and eigenvectors."""
+    rng = np.random.default_rng(9)
+    blocks = [rng.standard_normal((2, 2)) for _ in range(3)] * 5  # repeated eigenvalues
+    matrix = np.zeros((30, 30))
+    for i, b in enumerate(blocks):
+        matrix[2 * i:2 * i + 2, 2 * i:2 * i + 2] = b @ b.T
+    perm = rng.permutation(30)
+    matrix = matrix[np.ix_(perm, perm)]
+    expected = np.linalg.eigvalsh(matrix)
+    calls, eigh = [], spectral.eigh
+
+    def failing(a, **kwargs):
+        calls.append(kwargs.get("driver"))
+        if "subset_by_index" in kwargs:
+            raise np.linalg.LinAlgError("Internal Error.")
+        return eigh(a, **kwargs)
+
+    monkeypatch.setattr(spectral, "eigh", failing)
+    for largest, want in ((True, expected[-1]), (False, expected[0])):
+        value = spectral.extreme_eigen(matrix, largest)
+        assert value.shape == (1,) and value[0] == pytest.approx(want, rel=1e-13, abs=1e-13)
+        values, vectors = spectral.extreme_eigen(matrix, largest, vectors=True)
+        assert vectors.shape == (30, 1)
+        np.testing.assert_allclose(matrix @ vectors[:, 0], values[0] * vectors[:, 0], atol=1e-12)
+    assert calls == ["evr", "evd"] * 4
+    gram = spectral.dense_gram_norm(matrix)
+    assert gram.value ** 2 >= expected[-1]
+
+
+def test_clustered_gram_of_a_dag_net_is_bounded(tmp_path):
+    """The DAG battery's invres net 1903 (ReLU), whose paper bound meets a 61 × 61
+    Gram matrix with eigenvalues repeated up to 8 times (dsyevr for the top one
+    alone raised LinAlgError on scipy 1.17's LAPACK): every method bounds it."""
+    import dagnets
+
+    net = dagnets.FAMILIES["invres"](1903, "relu")
+    path = net.save(tmp_path / "invres1903.onnx")
+    engine = onnxlip.load(path, seed=1903)
+    x0 = np.random.default_rng(2903).standard_normal(net.input_shape).ravel()
+    radii = [level * float(np.linalg.norm(x0)) for level in (0.003, 0.03, 0.3, 1.0)]
+    jacobian = np.linalg.norm(engine.jacobian(x0).dense(), 2)
+    for method in ("paper", "tight", "auto"):
+        for result in engine.local_bounds(x0, radii, method):
+            assert result.bound >= jacobian * (1 - 1e-9)
