@@ -229,21 +229,42 @@ class ConvMap(LinearMap):
 
     def float64_rmatmat(self, u: np.ndarray) -> np.ndarray:
         """Aᵀ U in float64 for columns U: float64_matmat's products transposed, each
-        kernel offset's scattered back onto its strided window."""
+        kernel offset's scattered back onto its strided window; on the box of
+        output positions where U is nonzero (the pulls of a few units), the
+        inputs it reads (the other terms are exact zeros)."""
         weight = self.weight.astype(np.float64) if self._exact is None else self._exact
-        rank, spatial, k = self.rank, self.out_shape[2:], u.shape[1]
-        padded = [self.in_shape[2 + i] + self.pads[i] + self.pads[rank + i] for i in range(rank)]
-        image = np.zeros((self.in_shape[1], *padded, k))
+        rank, k = self.rank, u.shape[1]
         m, cg = weight.shape[:2]
+        grid = u.reshape(m, *self.out_shape[2:], k)
+        support = grid.any(axis=(0, rank + 1)) if u.size else np.zeros(self.out_shape[2:], bool)
+        box = []
+        for i in range(rank):
+            where = np.flatnonzero(support.any(axis=tuple(j for j in range(rank) if j != i)))
+            box.append((int(where[0]), int(where[-1]) + 1) if where.size else (0, 0))
+        spatial = [hi - lo for lo, hi in box]
+        first = [lo * s for (lo, _), s in zip(box, self.strides)]  # of the padded input
+        reach = [s * (n - 1) + d * (w - 1) + 1 if n else 0
+                 for s, n, d, w in zip(self.strides, spatial, self.dilations, weight.shape[2:])]
+        image = np.zeros((self.in_shape[1], *reach, k))
         mg, positions = m // self.group, math.prod(spatial) * k
-        grad = u.reshape(m, positions)
+        grad = grid[(slice(None), *(slice(lo, hi) for lo, hi in box))].reshape(m, positions)
         for g in range(self.group):
             rows, chans = slice(g * mg, (g + 1) * mg), slice(g * cg, (g + 1) * cg)
             for offset in itertools.product(*[range(n) for n in weight.shape[2:]]):
                 part = weight[(rows, slice(None), *offset)].T @ grad[rows]
-                image[(chans, *self._window(offset))] += part.reshape(cg, *spatial, k)
-        crop = tuple(slice(self.pads[i], self.pads[i] + self.in_shape[2 + i]) for i in range(rank))
-        return image[(slice(None), *crop)].reshape(self.in_size, k)
+                window = tuple(slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in
+                               zip(offset, self.dilations, self.strides, spatial))
+                image[(chans, *window)] += part.reshape(cg, *spatial, k)
+        out = np.zeros((self.in_shape[1], *self.in_shape[2:], k))
+        source, target = [], []
+        for i in range(rank):  # padded position a + j is input position a + j − pad
+            lo = max(first[i] - self.pads[i], 0)
+            hi = min(first[i] + reach[i] - self.pads[i], self.in_shape[2 + i])
+            lo, hi = (lo, hi) if hi > lo else (0, 0)
+            target.append(slice(lo, hi))
+            source.append(slice(lo + self.pads[i] - first[i], hi + self.pads[i] - first[i]))
+        out[(slice(None), *target)] = image[(slice(None), *source)]
+        return out.reshape(self.in_size, k)
 
     @cached_property
     def exact64(self) -> LinearMap:
