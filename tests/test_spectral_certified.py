@@ -241,7 +241,7 @@ def test_conv_float64_products_match_the_matrix(config):
     np.testing.assert_allclose(conv.float64_matvec(x), matrix @ x, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(conv.float64_rmatvec(u), matrix.T @ u, rtol=1e-12, atol=1e-12)
     # columns nonzero on a few output positions (a corner, the far edge, one inside, none):
-    # the transpose on their box equals the whole one
+    # per kernel offset, and through the CSR matrix (exact64, where u is sparse)
     grid = np.arange(conv.out_size).reshape(conv.out_shape[1:])
     picks = [grid[(slice(None), *(slice(0, 2) for _ in spatial))].ravel(),
              grid[(slice(None), *(slice(-1, None) for _ in spatial))].ravel(),
@@ -250,10 +250,12 @@ def test_conv_float64_products_match_the_matrix(config):
     columns = np.zeros((conv.out_size, len(picks)))
     for j, rows in enumerate(picks):
         columns[rows, j] = rng.standard_normal(rows.size)
-    np.testing.assert_allclose(conv.float64_rmatmat(columns), matrix.T @ columns, rtol=1e-12, atol=1e-12)
-    for j in range(len(picks)):
-        np.testing.assert_allclose(conv.float64_rmatmat(columns[:, j:j + 1])[:, 0], matrix.T @ columns[:, j],
-                                   rtol=1e-12, atol=1e-12)
+    for product in (conv.float64_rmatmat, conv.exact64.rmatmat):
+        np.testing.assert_allclose(product(columns), matrix.T @ columns, rtol=1e-12, atol=1e-12)
+        for j in range(len(picks)):
+            np.testing.assert_allclose(product(columns[:, j:j + 1])[:, 0], matrix.T @ columns[:, j],
+                                       rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(conv.exact64.rmatmat(u[:, None])[:, 0], matrix.T @ u, rtol=1e-12, atol=1e-12)
 
 
 def test_exact_paths_match_lapack():

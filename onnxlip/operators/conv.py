@@ -229,42 +229,21 @@ class ConvMap(LinearMap):
 
     def float64_rmatmat(self, u: np.ndarray) -> np.ndarray:
         """Aᵀ U in float64 for columns U: float64_matmat's products transposed, each
-        kernel offset's scattered back onto its strided window; on the box of
-        output positions where U is nonzero (the pulls of a few units), the
-        inputs it reads (the other terms are exact zeros)."""
+        kernel offset's scattered back onto its strided window."""
         weight = self.weight.astype(np.float64) if self._exact is None else self._exact
-        rank, k = self.rank, u.shape[1]
+        rank, spatial, k = self.rank, self.out_shape[2:], u.shape[1]
+        padded = [self.in_shape[2 + i] + self.pads[i] + self.pads[rank + i] for i in range(rank)]
+        image = np.zeros((self.in_shape[1], *padded, k))
         m, cg = weight.shape[:2]
-        grid = u.reshape(m, *self.out_shape[2:], k)
-        support = grid.any(axis=(0, rank + 1)) if u.size else np.zeros(self.out_shape[2:], bool)
-        box = []
-        for i in range(rank):
-            where = np.flatnonzero(support.any(axis=tuple(j for j in range(rank) if j != i)))
-            box.append((int(where[0]), int(where[-1]) + 1) if where.size else (0, 0))
-        spatial = [hi - lo for lo, hi in box]
-        first = [lo * s for (lo, _), s in zip(box, self.strides)]  # of the padded input
-        reach = [s * (n - 1) + d * (w - 1) + 1 if n else 0
-                 for s, n, d, w in zip(self.strides, spatial, self.dilations, weight.shape[2:])]
-        image = np.zeros((self.in_shape[1], *reach, k))
         mg, positions = m // self.group, math.prod(spatial) * k
-        grad = grid[(slice(None), *(slice(lo, hi) for lo, hi in box))].reshape(m, positions)
+        grad = u.reshape(m, positions)
         for g in range(self.group):
             rows, chans = slice(g * mg, (g + 1) * mg), slice(g * cg, (g + 1) * cg)
             for offset in itertools.product(*[range(n) for n in weight.shape[2:]]):
                 part = weight[(rows, slice(None), *offset)].T @ grad[rows]
-                window = tuple(slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in
-                               zip(offset, self.dilations, self.strides, spatial))
-                image[(chans, *window)] += part.reshape(cg, *spatial, k)
-        out = np.zeros((self.in_shape[1], *self.in_shape[2:], k))
-        source, target = [], []
-        for i in range(rank):  # padded position a + j is input position a + j − pad
-            lo = max(first[i] - self.pads[i], 0)
-            hi = min(first[i] + reach[i] - self.pads[i], self.in_shape[2 + i])
-            lo, hi = (lo, hi) if hi > lo else (0, 0)
-            target.append(slice(lo, hi))
-            source.append(slice(lo + self.pads[i] - first[i], hi + self.pads[i] - first[i]))
-        out[(slice(None), *target)] = image[(slice(None), *source)]
-        return out.reshape(self.in_size, k)
+                image[(chans, *self._window(offset))] += part.reshape(cg, *spatial, k)
+        crop = tuple(slice(self.pads[i], self.pads[i] + self.in_shape[2 + i]) for i in range(rank))
+        return image[(slice(None), *crop)].reshape(self.in_size, k)
 
     @cached_property
     def exact64(self) -> LinearMap:
@@ -334,10 +313,12 @@ class ConvMap(LinearMap):
 
     def to_sparse(self) -> sp.csr_matrix:
         """The exact matrix, built by vectorized index arithmetic."""
-        rows, cols, vals = conv_matrix_entries(self)
-        return sp.csr_matrix((vals, (rows, cols)), shape=(self.out_size, self.in_size))
+        return conv_matrix(self)
 
 
+#: Float64Conv.rmatmat goes through the CSR matrix where at most 1/SPARSE_PULL of the
+#: entries are nonzero.
+SPARSE_PULL = 8
 #: matmat_box convolves a crop where it holds at most this share of the outputs.
 CROP_MAX = 0.5
 #: Largest work (frequencies × c_out × c_in × min(c_out, c_in)) spent on the Fourier cap.
@@ -407,35 +388,34 @@ def _run(session: NodeSession, x: np.ndarray, shape, out_size: int) -> np.ndarra
     return session(images).reshape(batch, out_size).T.astype(x.dtype, copy=False)
 
 
-def conv_matrix_entries(conv: ConvMap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, column, value) of every nonzero of a convolution's matrix."""
+def conv_matrix(conv: ConvMap) -> sp.csr_matrix:
+    """The convolution's exact matrix (float64), built in CSR order: row by row
+    (output channel, then position), each row's columns increasing (input
+    channel, then kernel offset), so no sort is needed (CIFAR-10's 25,088 ×
+    28,800 conv2, 7.2M entries: 0.85 s through COO before)."""
     w = conv.weight
     m, cg = w.shape[:2]
     out_sp, in_sp, ker = conv.out_shape[2:], conv.in_shape[2:], w.shape[2:]
+    rank = conv.rank
     grids = np.meshgrid(
-        np.arange(m), np.arange(cg), *[np.arange(k) for k in ker], *[np.arange(o) for o in out_sp],
+        np.arange(m), *[np.arange(o) for o in out_sp], np.arange(cg), *[np.arange(k) for k in ker],
         indexing="ij", sparse=True,
     )
-    oc, ic, kpos, opos = grids[0], grids[1], grids[2:2 + conv.rank], grids[2 + conv.rank:]
+    oc, opos, ic, kpos = grids[0], grids[1:1 + rank], grids[1 + rank], grids[2 + rank:]
     channel = (oc // (m // conv.group)) * cg + ic
     valid = np.ones((), dtype=bool)
-    ipos = []
-    for i in range(conv.rank):
+    col = channel
+    for i in range(rank):
         p = opos[i] * conv.strides[i] - conv.pads[i] + kpos[i] * conv.dilations[i]
         valid = valid & (p >= 0) & (p < in_sp[i])
-        ipos.append(p)
+        col = col * in_sp[i] + p
     shape = np.broadcast_shapes(*(g.shape for g in grids))
     valid = np.broadcast_to(valid, shape)
-    row = np.ravel_multi_index(
-        [np.broadcast_to(oc, shape)[valid]] + [np.broadcast_to(o, shape)[valid] for o in opos],
-        (m, *out_sp),
-    )
-    col = np.ravel_multi_index(
-        [np.broadcast_to(channel, shape)[valid]] + [np.broadcast_to(p, shape)[valid] for p in ipos],
-        (conv.in_shape[1], *in_sp),
-    )
-    values = np.broadcast_to(w.reshape(m, cg, *ker, *([1] * conv.rank)), shape)[valid]
-    return row, col, values.astype(np.float64)
+    counts = valid.reshape(conv.out_size, -1).sum(axis=1)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    values = np.broadcast_to(w.reshape(m, *([1] * rank), cg, *ker), shape)[valid]
+    return sp.csr_matrix((values.astype(np.float64), np.broadcast_to(col, shape)[valid], indptr),
+                         shape=(conv.out_size, conv.in_size))
 
 
 class ConvTransposeMap(LinearMap):
@@ -524,7 +504,12 @@ class Float64Conv(FixedMap):
         return self.conv.float64_matmat(np.asarray(x, dtype=np.float64))
 
     def rmatmat(self, u):
-        return self.conv.float64_rmatmat(np.asarray(u, dtype=np.float64))
+        """Aᵀ u: through the CSR matrix where u is sparse (a few units pulled back to the
+        input: their nonzeros' columns only), else per kernel offset."""
+        u = np.asarray(u, dtype=np.float64)
+        if np.count_nonzero(u) * SPARSE_PULL <= u.size:
+            return (self._sparse.T @ sp.csc_matrix(u)).toarray()
+        return self.conv.float64_rmatmat(u)
 
     def sq_matvec(self, d):
         return np.asarray(self._sparse.multiply(self._sparse) @ d)
