@@ -12,7 +12,10 @@
    where they are few) or apart (onnxlip.tight's telescoping: on chains and on
    graphs with residual, concat and fan-out), with the analysis' bounds
    wherever they are tighter than the paper's radii; never above the paper's
-   own composition with those radii (the smallest is kept).
+   own composition with those radii (the smallest is kept). Where nothing beats
+   that composition, on a chain its factors of consecutive dense blocks are
+   taken with diagonal scalings between them (onnxlip.scaling: the CIFAR-10
+   reference's fc1 and fc2 at the larger radii, 1.13-1.15x lower).
 4. Past the memory budget of the analysis (ImageNet-sized inputs), or at
    activations it does not follow, the blocks from there on keep the paper's
    radii, and a note says so; where nothing was analysed and the network has

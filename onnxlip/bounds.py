@@ -437,9 +437,11 @@ def local_bound(blocks: list[Block], nominal: Trace, eps: float,
 
 def local_bound_detail(blocks: list[Block], nominal: Trace, eps: float,
                        solver: Solver | float | None = None, reach: list | None = None
-                       ) -> tuple[BoundResult, list[np.ndarray]]:
-    """The local bound, and per block the rounding-error bound its decisions used
-    (elementwise, of its pre-activations for affine blocks, else of its inputs).
+                       ) -> tuple[BoundResult, list[np.ndarray], list[tuple | None]]:
+    """The local bound, per block the rounding-error bound its decisions used
+    (elementwise, of its pre-activations for affine blocks, else of its inputs),
+    and per affine block reading one block the weights of its factor ||R A D||:
+    (R, D), the row weights (slopes) and the column mask (None elsewhere).
 
     `reach` (optional, per block (lo, hi) or None, see onnxlip.reach): proven
     bounds of the change of each block's pre-activation over the ball, used
@@ -469,6 +471,7 @@ def local_bound_detail(blocks: list[Block], nominal: Trace, eps: float,
     n = nominal.x.size
     gains, masks, records, widths = {INPUT: 1.0}, {INPUT: np.ones(n)}, [], []
     elems, carries = {INPUT: np.zeros(n)}, {INPUT: 0.0}  # elementwise and 2-norm errors
+    weights: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a one-input affine block's (R, D)
     for k, block in enumerate(blocks):
         tic = time.perf_counter()
         record = block_record(k, block)
@@ -481,8 +484,10 @@ def local_bound_detail(blocks: list[Block], nominal: Trace, eps: float,
         if isinstance(block, AffineBlock):
             changes = [eps * gains[j] for j in block.inputs]
             limit = None if reach is None or reach[k] is None else reach[k][1]
-            norms, masks[k], elem, carried, width = _affine_local(
+            norms, masks[k], elem, carried, width, rows = _affine_local(
                 block, nominal, k, masks, changes, solver, record, carried, limit)
+            if len(block.inputs) == 1:
+                weights[k] = (rows, masks[block.inputs[0]])
         else:
             mask = masks[block.inputs[0]]
             width = elem
@@ -504,7 +509,7 @@ def local_bound_detail(blocks: list[Block], nominal: Trace, eps: float,
         record.seconds = time.perf_counter() - tic
         records.append(record)
     result = _result(gains[len(blocks) - 1], records, time.perf_counter() - start, eps, solver)
-    return result, widths
+    return result, widths, [weights.get(k) for k in range(len(blocks))]
 
 
 def _compose(gains: dict, block: Block, norms: list[float]) -> tuple[float, float]:
@@ -585,7 +590,7 @@ def _affine_local(block: AffineBlock, nominal: Trace, index: int, masks, changes
         carried = (min(sum(norms) * carried + float(np.linalg.norm(rows * local)),
                        float(np.linalg.norm(rows * width))) + extra) * SLACK
     carried = math.inf if math.isnan(carried) else carried
-    return norms, next_mask, out, carried, width
+    return norms, next_mask, out, carried, width, rows
 
 
 def slope_bounds(activation: Activation, y0: np.ndarray, width, reach: np.ndarray):

@@ -65,7 +65,7 @@ def test_auto_is_sound_and_below_paper(tmp_path, kind, family, seed):
     for level in (1e-4, 1e-2, 0.3):
         eps = level * float(np.linalg.norm(x0))
         auto = engine.local_bound(x0, eps)
-        assert auto.source in ("exact", "joint", "tight", "paper")
+        assert auto.source in ("exact", "joint", "tight", "scaled", "paper")
         paper = engine.local_bound(x0, eps, method="paper")
         assert auto.bound <= paper.bound * (1 + 2 * TOL)
         points = netgen.ball_points(rng, x0, eps, 200, 200, directions)
