@@ -21,6 +21,7 @@ uncertain, one scaling between fc1 and fc2 takes their product from 26.0 to
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
@@ -28,7 +29,7 @@ from scipy.sparse.linalg import eigsh
 
 from .blocks import AffineBlock, Block
 from .bounds import BoundResult, _matrix, dense_norm
-from .operators.base import U64, gamma
+from .operators.base import U64, LinearMap, gamma
 from .spectral import extreme_eigen
 
 #: Largest smaller side of a block's active matrix the scaling search takes (an
@@ -46,6 +47,19 @@ SPAN = 30.0
 GIVE_UP_AFTER, GIVE_UP = 6, 1.0
 
 
+@dataclass
+class _Factor:
+    """A dense block's factor ||R A D||: its weights and its active matrix."""
+
+    index: int
+    linear: LinearMap
+    rows: np.ndarray  # R
+    cols: np.ndarray  # D
+    matrix: np.ndarray  # R A D on the active rows and columns, dense float64
+    active_rows: np.ndarray
+    active_cols: np.ndarray
+
+
 def scaled_bound(blocks: list[Block], paper: BoundResult, weights: list,
                  limit: float = math.inf) -> tuple[float, list[str]]:
     """The paper's product on a chain with scalings between consecutive dense blocks
@@ -53,15 +67,16 @@ def scaled_bound(blocks: list[Block], paper: BoundResult, weights: list,
     the names of the scaled runs' blocks. `weights`: per block (R, D) of its
     factor (bounds.local_bound_detail)."""
     factors = [math.inf if r.bound is None else r.bound for r in paper.layers]
-    runs, run = [], []
+    runs: list[list[_Factor]] = []
+    run: list[_Factor] = []
     for k, block in enumerate(blocks):
-        dense = _dense(block, weights[k])
-        if dense is not None and run and list(block.inputs) == [run[-1][0]]:
-            run.append((k, *dense))
+        factor = _factor(k, block, weights[k])
+        if factor is not None and run and list(block.inputs) == [run[-1].index]:
+            run.append(factor)
         else:
             if len(run) > 1:
                 runs.append(run)
-            run = [(k, *dense)] if dense is not None else []
+            run = [factor] if factor is not None else []
     if len(run) > 1:
         runs.append(run)
     if not runs or not all(math.isfinite(f) for f in factors):
@@ -70,43 +85,42 @@ def scaled_bound(blocks: list[Block], paper: BoundResult, weights: list,
     # leaves the bound above `limit`, the search would be in vain
     floor = math.prod(factors)
     for run in runs:
-        floor *= _product_norm(run) / math.prod(factors[k] for k, *_ in run)
+        floor *= _product_norm(run) / math.prod(factors[f.index] for f in run)
     if floor >= limit:
         return math.inf, []
     names = []
     for run in runs:  # a run's scaled factors hold together only: all of them or none
-        own = math.prod(factors[k] for k, *_ in run)
+        own = math.prod(factors[f.index] for f in run)
         found = _scaled(run, limit * own / (math.prod(factors) * (1 + gamma(len(factors) + 2, U64))))
         if found is None or math.prod(found[0]) >= own:
             continue
         proven = found[0]
-        for (k, *_), value in zip(run, proven):
-            factors[k] = value
-        names += [blocks[k].name for k, *_ in run]
+        for f, value in zip(run, proven):
+            factors[f.index] = value
+        names += [blocks[f.index].name for f in run]
     if not names:
         return math.inf, []
     return math.prod(factors) * (1 + gamma(len(factors) + 2, U64)), names
 
 
-def _product_norm(run: list[tuple]) -> float:
+def _product_norm(run: list[_Factor]) -> float:
     """||M_m ⋯ M_1|| of a run's matrices (float64; a floor for the search only)."""
     product = None
-    for _, _, rows, cols, matrix, active_rows, active_cols in run:
-        full = np.zeros((rows.size, cols.size))
-        full[np.ix_(active_rows, active_cols)] = matrix
+    for f in run:
+        full = np.zeros((f.rows.size, f.cols.size))
+        full[np.ix_(f.active_rows, f.active_cols)] = f.matrix
         product = full if product is None else full @ product
     return float(np.linalg.norm(product, 2))
 
 
-def _dense(block: Block, weight) -> tuple | None:
-    """(the block's map, R, D, the active matrix R A D as a dense array, its active rows
-    and columns) where small enough for the search, else None."""
+def _factor(index: int, block: Block, weight) -> _Factor | None:
+    """The block's factor where it is dense and small enough for the search, else None."""
     if not isinstance(block, AffineBlock) or weight is None:
         return None
     rows, cols = weight
     active_rows, active_cols = np.flatnonzero(rows), np.flatnonzero(cols)
-    entries = active_rows.size * active_cols.size
-    if not entries or entries > ENTRIES_MAX or min(active_rows.size, active_cols.size) > SIDE_MAX:
+    size = active_rows.size * active_cols.size
+    if not size or size > ENTRIES_MAX or min(active_rows.size, active_cols.size) > SIDE_MAX:
         return None
     entries = _matrix(block.map)
     if entries is None:
@@ -114,18 +128,18 @@ def _dense(block: Block, weight) -> tuple | None:
     sub = entries[active_rows][:, active_cols]
     sub = sub.toarray() if hasattr(sub, "toarray") else np.asarray(sub, dtype=np.float64)
     matrix = sub * rows[active_rows, None] * cols[None, active_cols]
-    return block.map, rows, cols, matrix, active_rows, active_cols
+    return _Factor(index, block.map, rows, cols, matrix, active_rows, active_cols)
 
 
-def _scaled(run: list[tuple], limit: float = math.inf) -> tuple[list[float], list[np.ndarray | None]] | None:
+def _scaled(run: list[_Factor], limit: float = math.inf
+            ) -> tuple[list[float], list[np.ndarray | None]] | None:
     """The proven factors of a run of dense blocks with the scalings the search chose,
     and those scalings (per block of the run, of its outputs; None for the last);
     None where a factor cannot be proven, or where the search gives up on getting
     below `limit` (GIVE_UP_AFTER)."""
-    sizes = [rows.size for _, _, rows, _, _, _, _ in run[:-1]]  # the scaled outputs
+    sizes = [f.rows.size for f in run[:-1]]  # the scaled outputs
     cut = np.concatenate([[0], np.cumsum(sizes)])
-    tops = [_Top(matrix, left=i < len(run) - 1, right=i > 0)
-            for i, (_, _, _, _, matrix, _, _) in enumerate(run)]
+    tops = [_Top(f.matrix, left=i < len(run) - 1, right=i > 0) for i, f in enumerate(run)]
 
     def scales(t: np.ndarray) -> list[np.ndarray | None]:
         """Per block of the run, the scaling of its outputs (None: the last, unscaled)."""
@@ -136,17 +150,17 @@ def _scaled(run: list[tuple], limit: float = math.inf) -> tuple[list[float], lis
     def objective(t: np.ndarray) -> tuple[float, np.ndarray]:
         s = scales(t)
         value, grad = 0.0, np.zeros_like(t)
-        for i, (_, _, _, _, _, active_rows, active_cols) in enumerate(run):
-            left = s[i][active_rows] if s[i] is not None else None
-            right = 1.0 / s[i - 1][active_cols] if i > 0 else None
+        for i, f in enumerate(run):
+            left = s[i][f.active_rows] if s[i] is not None else None
+            right = 1.0 / s[i - 1][f.active_cols] if i > 0 else None
             sigma, u, v = tops[i](left, right)
             if sigma <= 0:
                 continue
             value += math.log(sigma)
             if left is not None:
-                grad[cut[i] + active_rows] += u * u
+                grad[cut[i] + f.active_rows] += u * u
             if right is not None:
-                grad[cut[i - 1] + active_cols] -= v * v
+                grad[cut[i - 1] + f.active_cols] -= v * v
         first.append(value)
         if len(first) >= GIVE_UP_AFTER and value - math.log(limit) > GIVE_UP * (first[0] - min(first)):
             raise _GiveUp
@@ -160,10 +174,10 @@ def _scaled(run: list[tuple], limit: float = math.inf) -> tuple[list[float], lis
         return None
     s = scales(found.x)
     proven = []
-    for i, (_, linear, rows, cols, *_) in enumerate(run):
-        row_weights = rows if s[i] is None else _up(rows * s[i])
-        col_weights = cols if i == 0 else _up(cols / s[i - 1])
-        norm = dense_norm(linear, row_weights, col_weights)
+    for i, f in enumerate(run):
+        row_weights = f.rows if s[i] is None else _up(f.rows * s[i])
+        col_weights = f.cols if i == 0 else _up(f.cols / s[i - 1])
+        norm = dense_norm(f.linear, row_weights, col_weights)
         if norm is None:
             return None
         proven.append(norm.value)

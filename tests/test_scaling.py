@@ -61,18 +61,18 @@ def test_scaled_factors_cover_their_exact_norms(tmp_path):
     paper, _, weights = local_bound_detail(engine.blocks, engine.trace(x0), eps, engine.solver)
     runs = []
     for k, block in enumerate(engine.blocks):
-        dense = scaling._dense(block, weights[k])
-        if dense is not None:
-            runs.append((k, *dense))
+        factor = scaling._factor(k, block, weights[k])
+        if factor is not None:
+            runs.append(factor)
     assert len(runs) >= 3
     proven, scales = scaling._scaled(runs)
-    for i, (_, linear, rows, cols, *_) in enumerate(runs):
-        matrix = linear.to_sparse().toarray()
-        left = rows * (scales[i] if scales[i] is not None else 1.0)
-        right = cols / (scales[i - 1] if i > 0 else 1.0)
+    for i, f in enumerate(runs):
+        matrix = f.linear.to_sparse().toarray()
+        left = f.rows * (scales[i] if scales[i] is not None else 1.0)
+        right = f.cols / (scales[i - 1] if i > 0 else 1.0)
         exact = np.linalg.norm(left[:, None] * matrix * right[None, :], 2)
         assert exact <= proven[i] <= exact * (1 + 1e-9)
-    assert math.prod(proven) < math.prod(paper.layers[k].bound for k, *_ in runs)
+    assert math.prod(proven) < math.prod(paper.layers[f.index].bound for f in runs)
 
 
 def test_scaled_bound_is_sound_and_below_paper(tmp_path):
