@@ -680,6 +680,13 @@ def _result(total: float, records: list[LayerRecord], seconds: float, eps: float
     return BoundResult(total, records, seconds, eps, sum(r.delta for r in records), solver.seed)
 
 
+def block_factors(result: BoundResult) -> tuple[list[float], float]:
+    """A result's block bounds (inf where a block has none), and the factor that
+    rounds a product of them (and of one more bound) upwards."""
+    factors = [math.inf if record.bound is None else record.bound for record in result.layers]
+    return factors, 1 + gamma(len(factors) + 2, U64)
+
+
 def block_record(index: int, block: Block, bound: float | None = 1.0) -> LayerRecord:
     """A fresh record of a block."""
     return LayerRecord(index, block.name, block.kind, list(block.ops), tuple(block.in_shape),

@@ -151,9 +151,10 @@ class Linear:
         if group:
             yield self._dense(group)
 
-    def _dense(self, group: list[Box]) -> tuple[slice, np.ndarray]:
-        part = slice(group[0].part.start, group[-1].part.stop)
-        if len(group) == 1 and group[0].rows is None:
+    def _dense(self, group: list[Box], part: slice | None = None) -> tuple[slice, np.ndarray]:
+        """The columns `part` (default: the group's span) as a dense array, from the group's boxes."""
+        part = part or slice(group[0].part.start, group[-1].part.stop)
+        if len(group) == 1 and group[0].rows is None and group[0].part == part:
             return part, group[0].block
         out = np.zeros((self.shape[0], part.stop - part.start), self.dtype, order="F")
         for box in group:
@@ -167,12 +168,7 @@ class Linear:
     @property
     def L(self) -> np.ndarray:
         """L as a dense array."""
-        if len(self.boxes) == 1 and self.boxes[0].rows is None and self.boxes[0].part == slice(0, self.n0):
-            return self.boxes[0].block
-        out = np.zeros(self.shape, self.dtype, order="F")
-        for part, block in self.columns(self.n0):
-            out[:, part] = block
-        return out
+        return self._dense(self.boxes, slice(0, self.n0))[1]
 
     def scale(self, factors: np.ndarray) -> None:
         """Row i of L times factors[i] (one rounding to L's type; 0 and 1 exact), in place."""
@@ -546,9 +542,8 @@ def _stack(parts: list[Linear]) -> Linear:
         for box in p.boxes:
             cuts = [e for e in edges if box.part.start <= e <= box.part.stop]
             for a, b in zip(cuts[:-1], cuts[1:]):
-                rows = np.arange(p.shape[0]) if box.rows is None else box.rows
                 block = box.block[:, a - box.part.start:b - box.part.start]
-                pieces.setdefault(a, []).append((b, rows + offset, block))
+                pieces.setdefault(a, []).append((b, box.of(np.arange(p.shape[0])) + offset, block))
     boxes = []
     for a in sorted(pieces):
         stop, rows, blocks = zip(*pieces[a])
@@ -733,7 +728,7 @@ def _maxpool(block: MaxPoolBlock, state: Linear, nominal: tuple[np.ndarray, np.n
     boxes, squares = [], np.zeros(j.size)
     at = np.full(state.shape[0] + 1, -1)  # a row's place in a box (the last: rows it has not, 0)
     for box in state.boxes:
-        rows = np.arange(state.shape[0]) if box.rows is None else box.rows
+        rows = box.of(np.arange(state.shape[0]))
         at[rows] = np.arange(rows.size)
         out_rows = np.flatnonzero(at[winner] >= 0)
         if out_rows.size:

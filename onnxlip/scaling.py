@@ -28,8 +28,8 @@ from scipy.optimize import minimize
 from scipy.sparse.linalg import eigsh
 
 from .blocks import AffineBlock, Block
-from .bounds import BoundResult, _matrix, dense_norm
-from .operators.base import U64, LinearMap, gamma
+from .bounds import BoundResult, _matrix, block_factors, dense_norm
+from .operators.base import LinearMap
 from .spectral import extreme_eigen
 
 #: Largest smaller side of a block's active matrix the scaling search takes (an
@@ -66,7 +66,7 @@ def scaled_bound(blocks: list[Block], paper: BoundResult, weights: list,
     (inf where there are none, or where no scaling could get below `limit`), and
     the names of the scaled runs' blocks. `weights`: per block (R, D) of its
     factor (bounds.local_bound_detail)."""
-    factors = [math.inf if r.bound is None else r.bound for r in paper.layers]
+    factors, lift = block_factors(paper)
     runs: list[list[_Factor]] = []
     run: list[_Factor] = []
     for k, block in enumerate(blocks):
@@ -91,7 +91,7 @@ def scaled_bound(blocks: list[Block], paper: BoundResult, weights: list,
     names = []
     for run in runs:  # a run's scaled factors hold together only: all of them or none
         own = math.prod(factors[f.index] for f in run)
-        found = _scaled(run, limit * own / (math.prod(factors) * (1 + gamma(len(factors) + 2, U64))))
+        found = _scaled(run, limit * own / (math.prod(factors) * lift))
         if found is None or math.prod(found[0]) >= own:
             continue
         proven = found[0]
@@ -100,7 +100,7 @@ def scaled_bound(blocks: list[Block], paper: BoundResult, weights: list,
         names += [blocks[f.index].name for f in run]
     if not names:
         return math.inf, []
-    return math.prod(factors) * (1 + gamma(len(factors) + 2, U64)), names
+    return math.prod(factors) * lift, names
 
 
 def _product_norm(run: list[_Factor]) -> float:

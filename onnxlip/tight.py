@@ -62,7 +62,16 @@ import numpy as np
 import scipy.sparse as sp
 
 from .blocks import INPUT, AffineBlock, Block, MaxPoolBlock, flow, flow_t, is_chain
-from .bounds import BoundResult, Solves, Trace, as_solver, cached_norm, chord_slopes, local_bound_detail
+from .bounds import (
+    BoundResult,
+    Solves,
+    Trace,
+    as_solver,
+    block_factors,
+    cached_norm,
+    chord_slopes,
+    local_bound_detail,
+)
 from .joint import (
     FORMS_MAX,
     FORMS_MAX_REFINED,
@@ -363,6 +372,7 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
     bound = paper.bound
     suffix = _suffix_products(paper) if is_chain(blocks) else None
     source, notes = "tight", []
+    headed = False  # a tail's joint bound times the paper's head won
     for centered in (True, False):
         steps = _stable_steps(blocks, nominal, paper, widths, eps, solves, reach, centered)
         net = _Linearized(blocks, steps, nominal.x.size)
@@ -374,7 +384,8 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
             whole = FORMS_MAX_REFINED if seconds > 0 else FORMS_MAX
             if joint >= bound and suffix is not None and search_side(net) > whole:  # too many units for one
                 joint, split, refined = _split_joint(net, paper, min(bound, target), deadline)
-                if joint < bound:
+                headed = joint < bound
+                if headed:
                     notes = [f"the joint bound of the blocks from {blocks[split].name} on, times the "
                              "paper's bounds of the blocks before"]
             if joint < bound:
@@ -385,7 +396,7 @@ def tight_local_bound(blocks: list[Block], nominal: Trace, eps: float,
         bound = min(bound, _telescoped(net, solves, centered, bound, suffix))
     # where the paper's product stands, alone or as a tail's head (not where one joint
     # bound of the whole network won: far below it, and the search costs ~0.3 s)
-    if suffix is not None and (bound >= paper.bound or notes):
+    if suffix is not None and (bound >= paper.bound or headed):
         scaled, names = scaled_bound(blocks, paper, weights, bound)
         if scaled < bound:
             bound, source = scaled, "scaled"
@@ -410,7 +421,7 @@ def _split_joint(net: _Linearized, paper: BoundResult, limit: float, deadline: f
     larger tails up to joint.FORMS_MAX_TAIL, searched and refined until it (the
     CIFAR-10 reference's fc1). The MNIST reference at ε = 2.173: 0.65x the
     paper's composition."""
-    factors, lift = _factors(paper)
+    factors, lift = block_factors(paper)
     small, large = [], []
     for k in range(len(net.blocks) - 1, 0, -1):
         tail = _Linearized([replace(b, inputs=(j - 1,)) for j, b in enumerate(net.blocks[k:])],
@@ -445,15 +456,8 @@ def _suffix_products(paper: BoundResult) -> list[float]:
     """On a chain, per block l: Π_{k>l} of the paper's block bounds, each a bound of
     ||S_k A_k D_{k−1}|| for every slope the ball allows, so their product bounds
     ||Post_l||, the true network after block l (rounded upwards)."""
-    factors, lift = _factors(paper)
+    factors, lift = block_factors(paper)
     return [math.prod(factors[k + 1:]) * lift for k in range(len(factors))]
-
-
-def _factors(paper: BoundResult) -> tuple[list[float], float]:
-    """The paper's block bounds (inf where a block has none), and the factor that
-    rounds a product of them (and of one more bound) upwards."""
-    factors = [math.inf if record.bound is None else record.bound for record in paper.layers]
-    return factors, 1 + gamma(len(factors) + 2, U64)
 
 
 def _telescoped(net: _Linearized, solves: Solves, variant, limit: float = math.inf,

@@ -90,11 +90,7 @@ class LinearMap(ABC):
         for all, and their values), the reach analysis' boxed L (onnxlip.reach). Maps
         whose outputs depend on a part of the input (convolutions) compute only the
         outputs the rows reach; here all, through matmat_local."""
-        if rows is not None:
-            x = np.zeros((self.in_size, block.shape[1]), block.dtype)
-            x[rows] = block
-            block = x
-        return None, self.matmat_local(block)
+        return None, self.matmat_local(block if rows is None else scattered(rows, block, self.in_size))
 
     #: matmat_box gives the outputs a box of rows reaches only (convolutions,
     #: selections), not all of them.
@@ -271,3 +267,10 @@ class FixedMap(LinearMap, ABC):
 
     def fixed_cap(self) -> float:
         return LinearMap.norm_cap(self)
+
+
+def scattered(rows: np.ndarray, block: np.ndarray, size: int) -> np.ndarray:
+    """The columns that are `block` on `rows` and 0 elsewhere (size × k)."""
+    x = np.zeros((size, block.shape[1]), block.dtype)
+    x[rows] = block
+    return x

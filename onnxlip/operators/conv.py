@@ -9,7 +9,7 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-from .base import BLAS_THREADS, U32, U64, FixedMap, LinearMap, gamma
+from .base import BLAS_THREADS, U32, U64, FixedMap, LinearMap, gamma, scattered
 from .ort import NodeSession
 
 
@@ -122,9 +122,7 @@ class ConvMap(LinearMap):
         if box is None:
             return np.zeros(0, np.intp), np.zeros((0, block.shape[1]), self._cropped.dtype)
         if math.prod(hi - lo for lo, hi in box) > CROP_MAX * math.prod(self.out_shape[2:]):
-            x = np.zeros((self.in_size, block.shape[1]), block.dtype)
-            x[rows] = block
-            return None, self.matmat(x)
+            return None, self.matmat(scattered(rows, block, self.in_size))
         starts, crop = self._crop(box)
         at = [p - start for p, start in zip(where[1:], starts)]
         inside = np.logical_and.reduce([(a >= 0) & (a < n) for a, n in zip(at, crop)])

@@ -60,12 +60,16 @@ class StackMap(LinearMap):
             lo, hi = np.searchsorted(rows, [start, stop])
             if hi > lo:
                 products.append(p.matmat_box(rows[lo:hi] - start, block[lo:hi]))
-        reached = None if any(r is None for r, _ in products) else \
-            np.unique(np.concatenate([r for r, _ in products] + [np.zeros(0, np.intp)]))
-        out = np.zeros((self.out_size if reached is None else reached.size, block.shape[1]),
-                       np.result_type(block, *(v for _, v in products)))
+        dtype = np.result_type(block, *(v for _, v in products))
+        if any(r is None for r, _ in products):  # some part reaches every output
+            out = np.zeros((self.out_size, block.shape[1]), dtype)
+            for r, v in products:
+                out[slice(None) if r is None else r] += v
+            return None, out
+        reached = np.unique(np.concatenate([r for r, _ in products] + [np.zeros(0, np.intp)]))
+        out = np.zeros((reached.size, block.shape[1]), dtype)
         for r, v in products:
-            out[slice(None) if r is None else r if reached is None else np.searchsorted(reached, r)] += v
+            out[np.searchsorted(reached, r)] += v
         return reached, out
 
     def rmatmat(self, u):
