@@ -222,10 +222,13 @@ class _Top:
 
 def _largest(gram: np.ndarray, start: np.ndarray | None) -> tuple[float, np.ndarray]:
     """The largest eigenvalue of a PSD matrix and its eigenvector: LAPACK up to a side
-    of 256, else Lanczos (ARPACK) from `start` (the last one: a few steps)."""
+    of 256, else Lanczos (ARPACK) from `start` (the last one: a few steps; at first
+    a seeded random vector)."""
     if gram.shape[0] <= 256:
         values, vectors = extreme_eigen(gram, vectors=True, check_finite=False)
         return float(values[0]), vectors[:, 0]
+    if start is None:  # a fixed start: ARPACK's own is random, and a replay must be identical
+        start = np.random.default_rng(0).standard_normal(gram.shape[0])
     values, vectors = eigsh(gram, k=1, which="LA", v0=start, tol=1e-6)
     return float(values[0]), vectors[:, 0]
 
