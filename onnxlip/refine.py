@@ -107,26 +107,40 @@ class Relaxation:
         lower = self.lower[pick, None] if lower is None else lower
         return np.where(positive, self.upper[pick, None], lower), shift
 
-    def through(self, coeff: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def through(self, coeff: np.ndarray, scratch: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """coeff read back through the lines (`lines`): the coefficients on the
-        relaxation's input change, and the intercepts' terms (of the rows that
-        have any, or of every row). Where the two lines differ on few rows (the
-        uncertain ones, at small radii a few of a block's), the line is chosen
-        on those rows only: the same products as on every row, without two full
-        matrices per block; where on many (1/8 of the rows), on every row at once,
-        which then costs less than picking the rows out."""
+        relaxation's input change, and per column the sum of the intercepts' terms
+        and of their magnitudes (within γ_{rows+1} of the exact sums: see
+        _relaxed). Where the two lines differ on few rows (the uncertain ones, at
+        small radii a few of a block's), the line is chosen on those rows only;
+        where on many (1/8 of the rows), on every row at once, from the exact
+        split coeff = P + N (P = max(coeff, 0), N = min(coeff, 0)): the
+        coefficients P·upper + N·lower (one of the two products is 0, so each
+        entry is the one rounded product of choosing), the intercepts two
+        matrix products, upper_cᵀP + lower_cᵀN, and no matrix of slopes or terms
+        (`scratch`: coeff's memory may hold N)."""
         shifted = self._shifted
         if self._picked * 8 > coeff.shape[0]:
-            slope, shift = self.lines(coeff >= 0)
-            return (self.gathered(coeff) if slope is None else coeff * slope), coeff * shift
+            positive = np.maximum(coeff, 0.0)
+            gathered = None if self.select is None else self.gathered(coeff)
+            negative = np.minimum(coeff, 0.0, out=coeff if scratch else None)
+            up = np.stack([self.upper_c, np.abs(self.upper_c)]) @ positive
+            down = np.stack([self.lower_c, np.abs(self.lower_c)]) @ negative
+            if gathered is not None:
+                out = gathered
+            else:
+                out = np.multiply(positive, self.upper[:, None], out=positive)
+                out += np.multiply(negative, self.lower[:, None], out=negative)
+            return out, up[0] + down[0], up[1] - down[1]
         sub = coeff[shifted]
         terms = sub * self.lines(sub >= 0, rows=shifted)[1]
+        sums, magnitudes = terms.sum(axis=0), np.abs(terms).sum(axis=0)
         if self.select is not None:
-            return self.gathered(coeff), terms
+            return self.gathered(coeff), sums, magnitudes
         out = coeff * self.upper[:, None]
         sub = coeff[self._bent]
         out[self._bent] = sub * self.lines(sub >= 0, rows=self._bent)[0]
-        return out, terms
+        return out, sums, magnitudes
 
     @cached_property
     def _picked(self) -> int:
@@ -245,7 +259,7 @@ def upper_bounds(blocks: list[Block], relaxations: list[Relaxation | None], coef
             extra = extra + added
             return u
         step = relaxations[k]
-        u, added = _relaxed(step, u)
+        u, added = _relaxed(step, u, scratch=not np.may_share_memory(u, coeff))
         extra = extra + added
         if step.linear is not None:
             u, added = _pushed(step.linear, u, step.in_bound)
@@ -356,14 +370,18 @@ def _pushed(linear: LinearMap, coeff: np.ndarray, in_bound: float) -> tuple[np.n
     return linear.rmatmat(coeff), adjoint * _norms(coeff) * in_bound * (1 + 4 * U64)
 
 
-def _relaxed(step: Relaxation, coeff: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _relaxed(step: Relaxation, coeff: np.ndarray, scratch: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The coefficients on the relaxation's input change, and per column the
     intercepts (upper line where a coefficient is ≥ 0, lower line elsewhere) plus
-    the rounding of the products times step.bound."""
-    out, terms = step.through(coeff)
-    intercept = terms.sum(axis=0) + gamma(coeff.shape[0] + 2, U64) * np.abs(terms, out=terms).sum(axis=0)
+    the rounding of the products times step.bound. `scratch`: coeff's memory may
+    be overwritten."""
+    if step.select is not None:  # max-pooling: each window's coefficient to the input it follows
+        error = gamma(step.shared + 1, U64) * np.sqrt(max(step.shared, 1)) * _norms(coeff)  # (a 0/1 product)
+    rows = coeff.shape[0]
+    out, sums, magnitudes = step.through(coeff, scratch)
+    # the sums of n rounded products, in any order (BLAS: blocked, with FMA), and one
+    # addition: within γ_{n+1} of the exact sum, itself ≤ magnitudes/(1 − γ_{n+1})
+    intercept = sums + gamma(rows + 4, U64) * magnitudes
     if step.select is None:
         error = 2 * U64 * _norms(out)
-    else:  # max-pooling: each window's coefficient to the input it follows (a 0/1 matrix's product)
-        error = gamma(step.shared + 1, U64) * np.sqrt(max(step.shared, 1)) * _norms(coeff)
     return out, intercept + error * step.bound * (1 + 4 * U64)

@@ -29,8 +29,9 @@ import onnxlip
 from onnxlip import reach as reach_module
 from onnxlip.blocks import INPUT, AffineBlock
 from onnxlip.operators import conv as conv_module
+from onnxlip.operators.base import U64, gamma
 from onnxlip.reach import analyse
-from onnxlip.refine import Relaxation, refine
+from onnxlip.refine import Relaxation, refine, upper_bounds
 
 ROOT = Path(__file__).resolve().parent.parent
 SLACK = 1 + 1e-6
@@ -549,15 +550,25 @@ def test_relu_relaxation_lines_hold():
 @pytest.mark.parametrize(("family", "seed"), [("dense", 1), ("conv", 0)])
 def test_through_is_every_rows_line_choice(tmp_path, family, seed):
     """Relaxation.through (the backward pass: a line chosen only on the rows where
-    the two differ) gives the products of choosing on every row: the same
-    coefficients, and intercepts that are the full matrix's nonzero terms; for
+    the two differ, or from the split into positive and negative parts) gives the
+    products of choosing on every row: the same coefficients, and per column the
+    sums of the intercepts' terms and of their magnitudes within γ_{n+1}; for
     every ReLU and max-pooling relaxation of nets with many uncertain rows, on
-    coefficients with zeros, both signs and -0.0."""
+    coefficients with zeros, both signs and -0.0. The backward pass reuses the
+    memory of its own coefficients only: a caller's are left as they were."""
     _, engine, x0 = _chain(family, seed, tmp_path)
     eps = 0.3 * float(np.linalg.norm(x0))
-    relaxations = [r for r in analyse(engine.blocks, engine.trace(x0), eps, 1e9).relaxations if r is not None]
+    every_block = analyse(engine.blocks, engine.trace(x0), eps, 1e9).relaxations
+    relaxations = [r for r in every_block if r is not None]
     assert any(r.free is not None and r.free.any() for r in relaxations)
     rng = np.random.default_rng(seed)
+    last = max(k for k, r in enumerate(every_block) if r is not None and r._picked * 8 > r.upper_c.size)
+    coeff = rng.standard_normal((engine.blocks[last].out_size, 3))
+    given = coeff.copy()
+    first = upper_bounds(engine.blocks[:last + 1], every_block[:last + 1], coeff, eps, x0.size)
+    assert np.array_equal(coeff, given)
+    assert np.array_equal(upper_bounds(engine.blocks[:last + 1], every_block[:last + 1], coeff, eps, x0.size),
+                          first)
     # and lines set apart: either slope or intercept alone differing or nonzero, on
     # many rows (chosen on every row at once) and on few (chosen on those rows only)
     for every in (3, 97):
@@ -574,14 +585,20 @@ def test_through_is_every_rows_line_choice(tmp_path, family, seed):
         coeff[rng.random(coeff.shape) < 0.2] = 0.0
         coeff[:, 0] = -0.0
         slope, shift = r.lines(coeff >= 0)
-        out, terms = r.through(coeff)
+        out, sums, magnitudes = r.through(coeff)
         expected = r.gather @ coeff if slope is None else coeff * slope
         assert np.array_equal(out, expected)
         full = coeff * shift
-        kept = r._shifted
-        assert np.array_equal(terms, full[kept] if terms.shape[0] < coeff.shape[0] else full)
-        assert not np.delete(full, kept, axis=0).any()
-        picked += terms.shape[0] < coeff.shape[0]
+        exact = [math.fsum(column) for column in full.T]
+        size = [math.fsum(column) for column in np.abs(full).T]
+        slack = gamma(coeff.shape[0] + 1, U64) * np.array(size)
+        assert np.all(np.abs(sums - exact) <= slack)
+        assert np.all(np.abs(magnitudes - size) <= slack)
+        picked += r._picked * 8 <= coeff.shape[0]
+        spent = coeff.copy()  # the same where the coefficients' memory may be reused
+        again = r.through(spent, scratch=True)
+        assert np.array_equal(again[0], out) and np.array_equal(again[1], sums)
+        assert np.array_equal(again[2], magnitudes)
     assert 0 < picked < len(relaxations)  # both ways of choosing ran
 
 
