@@ -307,9 +307,13 @@ class _Dense:
 
 def _forms(dense: _Dense, floors: bool = False) -> _Forms:
     """The reduced forms (Householder QR of the d-part; its backward error joins η);
-    with the floors as the last rows where asked for."""
-    D, P, error = dense.D, dense.P, dense.error
+    with the floors as the last rows where asked for. Only the inputs some form
+    reads enter the QR (Dd = D̂d̂, d̂ those entries of d, ||d̂|| ≤ ||d||): a tail's
+    forms read the receptive fields of its few uncertain units (CIFAR-10 at
+    ε = 0.00316: 2,244 of conv1's 25,088 outputs, the QR 0.06 s instead of 0.6 s)."""
+    P, error = dense.P, dense.error
     if not floors:
+        D = _read(dense.D)
         p, n = D.shape
         with BLAS_THREADS.limit(limits=1, user_api="blas"):  # onnxruntime's threads may still spin
             R = la.qr(D.T, mode="r", overwrite_a=False, check_finite=False)[0]
@@ -321,7 +325,8 @@ def _forms(dense: _Dense, floors: bool = False) -> _Forms:
     # and the trailing rows of R whose Frobenius norm is below DROP·||D|| are
     # dropped, their norm added to η (the dropped coordinates of a = Qᵀd only
     # shorten it)
-    D, P, error = np.vstack([D, dense.DN]), np.vstack([P, dense.PN]), math.hypot(error, dense.floor_error)
+    D, P = _read(np.vstack([dense.D, dense.DN])), np.vstack([P, dense.PN])
+    error = math.hypot(error, dense.floor_error)
     p, n = D.shape
     with BLAS_THREADS.limit(limits=1, user_api="blas"):
         R, pivots = la.qr(D.T, mode="r", pivoting=True, overwrite_a=False, check_finite=False)
@@ -335,6 +340,12 @@ def _forms(dense: _Dense, floors: bool = False) -> _Forms:
     qr_error = QR_C * n * p * U64 * total
     eta = (error + qr_error + dropped) * (1 + 1e-6)
     return _Forms(reduced, P, dense.outputs, dense.owner, dense.level, eta, dense.DN.shape[0])
+
+
+def _read(D: np.ndarray) -> np.ndarray:
+    """D's columns that are not all zero (a NaN counts as read)."""
+    used = D.any(axis=0)
+    return D if used.all() else D[:, used]
 
 
 def search_side(net) -> int:

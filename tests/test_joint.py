@@ -266,6 +266,34 @@ def test_float32_maps_are_pulled_in_float64(tmp_path, monkeypatch):
     assert forms.eta < 1e-9 * max(1.0, float(np.abs(forms.R).max()))
 
 
+@pytest.mark.parametrize("floors", [False, True])
+def test_forms_reduce_over_the_inputs_they_read(monkeypatch, floors):
+    """The QR of the forms' d-part runs on the inputs some form reads: the reduced
+    forms give the same Gram matrix D Dᵀ = Rᵀ R (so ||Dd|| = ||Rᵀa||, a = Qᵀd̂),
+    from a smaller factorization whose rounding term η is no larger; with the
+    floors (pivoted QR) too."""
+    rng = np.random.default_rng(11)
+    p, n = 9, 400
+    D = np.zeros((p, n))
+    read = rng.choice(n, 30, replace=False)
+    D[:, read] = rng.standard_normal((p, read.size))
+    extra = {}
+    if floors:
+        DN = np.zeros((3, n))
+        DN[:, read[:10]] = rng.standard_normal((3, 10))
+        extra = dict(DN=DN, PN=rng.standard_normal((3, 4)), floor_error=1e-12)
+    dense = joint._Dense(D, rng.standard_normal((p, 4)), 2, np.array([0, 1, 2, 3]), np.ones(4), 1e-12, [0],
+                         [np.arange(4)], **extra)
+    reduced = joint._forms(dense, floors)
+    monkeypatch.setattr(joint, "_read", lambda D: D)
+    whole = joint._forms(dense, floors)
+    every = np.vstack([D, extra["DN"]]) if floors else D
+    gram = every @ every.T
+    for forms in (reduced, whole):
+        assert np.allclose(forms.R.T @ forms.R, gram, rtol=0, atol=1e-12 * np.abs(gram).max())
+    assert reduced.eta < whole.eta
+
+
 @pytest.mark.skipif(not (REFERENCE / "mnist_avant.onnx").is_file(), reason="../shared/reference absent")
 def test_mnist_reference_ties_bounded_jointly():
     """MNIST reference at ε = 1e-3: only tied max-pooling windows are uncertain;
