@@ -310,7 +310,7 @@ def _forms(dense: _Dense, floors: bool = False) -> _Forms:
     with the floors as the last rows where asked for. Only the inputs some form
     reads enter the QR (Dd = D̂d̂, d̂ those entries of d, ||d̂|| ≤ ||d||): a tail's
     forms read the receptive fields of its few uncertain units (CIFAR-10 at
-    ε = 0.00316: 2,244 of conv1's 25,088 outputs, the QR 0.05 s instead of 0.6 s)."""
+    ε = 0.00316: 2,244 of conv2's 25,088 outputs, the QR 0.05 s instead of 0.6 s)."""
     P, error = dense.P, dense.error
     if not floors:
         D = _read(dense.D)
