@@ -265,7 +265,7 @@ class MaxPoolBlock(Block):
         return NodeSession("MaxPool", {}, len(p.in_shape), kernel_shape=list(p.kernel),
                            strides=list(p.strides), pads=list(p.pads),
                            dilations=list(p.dilations), ceil_mode=p.ceil_mode,
-                           dtype=np.float64, outputs=("y", "argmax"))
+                           dtype=np.float64, outputs=("y", "argmax"), entries=math.prod(p.in_shape))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return self._session(x.reshape(self.in_shape)).ravel()

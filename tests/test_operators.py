@@ -327,6 +327,26 @@ def test_node_models_take_the_lowest_ir_version_of_their_opset():
     assert OPSET == 17 and model.ir_version == 8
 
 
+def test_only_small_nodes_keep_a_memory_arena():
+    """onnxruntime's arena keeps a session's largest buffers for good: maps past
+    ARENA_ENTRIES_MAX entries per input or output (VGG16's 224x224 layers) run
+    without one, every session of theirs; smaller ones keep it (it saves time on
+    their many small runs). The products are the same either way."""
+    from onnxlip.operators.ort import ARENA_ENTRIES_MAX
+
+    def arenas(conv):
+        sessions = (conv._forward, conv._transpose, conv._squared, conv._absolute, conv._cropped)
+        return {s._session.get_session_options().enable_cpu_mem_arena for s in sessions}
+
+    side = math.isqrt(ARENA_ENTRIES_MAX // 2) + 1  # two channels: just past the limit
+    large = ConvMap(np.ones((2, 2, 3, 3)), (1, 2, side, side), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    small = ConvMap(np.ones((2, 2, 3, 3)), (1, 2, 16, 16), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    assert large.in_size > ARENA_ENTRIES_MAX >= small.in_size
+    assert arenas(large) == {False} and arenas(small) == {True}
+    x = np.random.default_rng(0).standard_normal(large.in_size)
+    _close(large.matvec(x), large.to_sparse() @ x)
+
+
 def _coefficient_cases() -> dict[str, LinearMap]:
     """One map of each operator class, some built so that the cheap bound is tight."""
     rng = np.random.default_rng(11)

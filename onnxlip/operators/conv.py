@@ -50,7 +50,12 @@ class ConvMap(LinearMap):
 
     def _attrs(self) -> dict:
         return dict(strides=list(self.strides), pads=list(self.pads),
-                    dilations=list(self.dilations), group=self.group)
+                    dilations=list(self.dilations), group=self.group, entries=self._entries)
+
+    @property
+    def _entries(self) -> int:
+        """The larger side, which decides whether its sessions keep a memory arena."""
+        return max(self.in_size, self.out_size)
 
     @cached_property
     def _forward(self) -> NodeSession:
@@ -81,7 +86,8 @@ class ConvMap(LinearMap):
         if all(s == 1 for s in self.strides) and min(flip_pads) >= 0 and similar:
             return NodeSession("Conv", {"W": self._flipped_weight()}, self.rank + 2,
                                strides=list(self.strides), pads=flip_pads,
-                               dilations=list(self.dilations), group=self.group)
+                               dilations=list(self.dilations), group=self.group,
+                               entries=self._entries)
         full = [
             self.strides[i] * (self.out_shape[2 + i] - 1) + reach[i] + 1
             - self.pads[i] - self.pads[self.rank + i]
@@ -168,7 +174,8 @@ class ConvMap(LinearMap):
     def _cropped(self) -> NodeSession:
         """The convolution without padding, for inputs padded explicitly (matmat_box)."""
         return NodeSession("Conv", {"W": self.weight}, self.rank + 2, strides=list(self.strides),
-                           pads=[0] * (2 * self.rank), dilations=list(self.dilations), group=self.group)
+                           pads=[0] * (2 * self.rank), dilations=list(self.dilations), group=self.group,
+                           entries=self._entries)
 
     def rmatmat(self, u):
         return _run(self._transpose, u, self.out_shape, self.in_size)

@@ -16,6 +16,13 @@ OPSET = 17
 #: threads on 2 cores). Dask workers set 1 (onnxlip.distributed.single_threaded) so
 #: that they share the cores.
 THREADS = os.cpu_count() or 1
+#: Entries of one input or output (per batch item) above which a node runs without
+#: onnxruntime's memory arena. An arena keeps the largest buffers a session ever
+#: ran with, one arena per session: on VGG16's 224x224 convolutions (four sessions
+#: each) they held 0.5 GB for the whole run. Large buffers cost no time to allocate
+#: afresh; small ones (the CIFAR-10 reference's analysis, column chunks through its
+#: 32x32 maps) did: its bounds took 0-10% longer without arenas.
+ARENA_ENTRIES_MAX = 2**19
 
 
 def node_model(op_type: str, weights: dict[str, np.ndarray], rank: int, dtype: np.dtype,
@@ -42,17 +49,21 @@ class NodeSession:
     """One ONNX node over an input 'x' with a dynamic batch dimension.
 
     float32 by default (onnxruntime's fast kernels); float64 where the op has a
-    double kernel and exactness matters (max-pooling selects values).
+    double kernel and exactness matters (max-pooling selects values). `entries`:
+    the larger of the node's input and output sizes per batch item, which decides
+    whether it gets a memory arena (ARENA_ENTRIES_MAX).
     """
 
     def __init__(self, op_type: str, weights: dict[str, np.ndarray], rank: int,
-                 dtype: type = np.float32, outputs: tuple[str, ...] = ("y",), **attrs):
+                 dtype: type = np.float32, outputs: tuple[str, ...] = ("y",),
+                 entries: int = 0, **attrs):
         self._dtype = np.dtype(dtype)
         self.op_type = op_type
         model = node_model(op_type, weights, rank, self._dtype, outputs, **attrs)
         options = ort.SessionOptions()
         options.log_severity_level = 4  # fatal only: failures reach the caller as exceptions
         options.intra_op_num_threads = THREADS
+        options.enable_cpu_mem_arena = entries <= ARENA_ENTRIES_MAX
         # Spinning worker threads would steal the cores from numpy's BLAS between runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(
