@@ -2,6 +2,9 @@
 
     python tools/spectral_reference.py alexnet            # from $ONNXLIP_CACHE or ~/.cache/onnxlip
     python tools/spectral_reference.py path/to/model.onnx --blocks features.0 classifier.1
+    python tools/spectral_reference.py vgg16 --blocks features.24 --json ref.json
+    python tools/spectral_reference.py vgg16 --blocks features.24 --references ref.json \
+        --solver-tol 2.5e-3 --delta 1e-6   # other solver settings against the same references
 
 For every affine block (each part of one that reads several): the certified
 norm onnxlip's global bound uses (bounds.masked_norm, unmasked: LAPACK, a proven
@@ -77,12 +80,21 @@ def main() -> int:
     parser.add_argument("--blocks", nargs="*", help="only these blocks (by name)")
     parser.add_argument("--tol", type=float, default=1e-12, help="ARPACK tolerance (1e-12)")
     parser.add_argument("--seed", type=int, default=None, help="onnxlip's seed (fresh by default)")
+    parser.add_argument("--solver-tol", type=float, default=None,
+                        help="onnxlip's tolerance (load's tol; its default otherwise)")
+    parser.add_argument("--delta", type=float, default=None,
+                        help="onnxlip's failure probability (load's delta; its default otherwise)")
+    parser.add_argument("--references", help="reuse the references of an earlier --json (by block and part)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     path = Path(args.model)
     if not path.is_file():
         path = CACHE / f"{args.model}.onnx"
-    net = onnxlip.load(str(path), seed=args.seed)
+    settings = {k: v for k, v in (("tol", args.solver_tol), ("delta", args.delta)) if v is not None}
+    net = onnxlip.load(str(path), seed=args.seed, **settings)
+    known = {}
+    if args.references:
+        known = {(r["block"], r["part"]): r for r in json.loads(Path(args.references).read_text())}
     solver = bounds.as_solver(net.solver)
     rows, worst_low, worst_high = [], math.inf, 0.0
     for k, block in enumerate(net.blocks):
@@ -94,8 +106,13 @@ def main() -> int:
                                            solver, key=(k, p))
             certified_s = time.perf_counter() - tic
             tic = time.perf_counter()
-            reference, residual = reference_norm(part, args.tol, seed=k)
-            reference_s = time.perf_counter() - tic
+            if (block.name, p) in known:  # computed by an earlier run
+                earlier = known[block.name, p]
+                reference, residual = earlier["reference"], earlier["reference_residual"]
+                reference_s = earlier["reference_s"]
+            else:
+                reference, residual = reference_norm(part, args.tol, seed=k)
+                reference_s = time.perf_counter() - tic
             ratio = certified.value / reference
             worst_low, worst_high = min(worst_low, ratio), max(worst_high, ratio)
             rows.append({"block": block.name, "part": p, "shape": f"{part.out_size}x{part.in_size}",
