@@ -85,9 +85,7 @@ class ConvMap(LinearMap):
         similar = math.prod(self.in_shape[2:]) <= 4 * math.prod(self.out_shape[2:])
         if all(s == 1 for s in self.strides) and min(flip_pads) >= 0 and similar:
             return NodeSession("Conv", {"W": self._flipped_weight()}, self.rank + 2,
-                               strides=list(self.strides), pads=flip_pads,
-                               dilations=list(self.dilations), group=self.group,
-                               entries=self._entries)
+                               **{**self._attrs(), "pads": flip_pads})
         full = [
             self.strides[i] * (self.out_shape[2 + i] - 1) + reach[i] + 1
             - self.pads[i] - self.pads[self.rank + i]
@@ -173,9 +171,8 @@ class ConvMap(LinearMap):
     @cached_property
     def _cropped(self) -> NodeSession:
         """The convolution without padding, for inputs padded explicitly (matmat_box)."""
-        return NodeSession("Conv", {"W": self.weight}, self.rank + 2, strides=list(self.strides),
-                           pads=[0] * (2 * self.rank), dilations=list(self.dilations), group=self.group,
-                           entries=self._entries)
+        return NodeSession("Conv", {"W": self.weight}, self.rank + 2,
+                           **{**self._attrs(), "pads": [0] * (2 * self.rank)})
 
     def rmatmat(self, u):
         return _run(self._transpose, u, self.out_shape, self.in_size)
